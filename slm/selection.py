@@ -1,0 +1,218 @@
+"""Token selection for selective language modeling: scores -> boolean mask.
+
+Pure torch on purpose: lift this file into any training loop. It imports nothing from
+transformers, accelerate, hydra, wandb or datasets.
+
+Per-token tensors follow Hugging Face's label alignment: entry ``t`` scores the prediction of
+``labels[:, t]``; entry 0 and ``-100`` labels are invalid and never selected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+SCOPES = ("sequence", "batch", "global")
+
+
+def check_ratio(ratio: float, name: str = "ratio") -> float:
+    """Return ``ratio`` as a float, or raise if it is not in (0, 1]."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1], got {ratio!r}") from None
+    if math.isnan(r) or not 0.0 < r <= 1.0:
+        raise ValueError(
+            f"{name} must be in (0, 1] (the fraction of valid tokens that receive loss), got {ratio!r}"
+        )
+    return r
+
+
+def num_to_keep(ratio: float, n_valid: int) -> int:
+    """``round(ratio * n_valid)`` with halves rounded up, and at least one when ``n_valid > 0``."""
+    if n_valid == 0:
+        return 0
+    # The epsilon absorbs float error such as 0.3 * 10 = 3.0000000000000004 or 0.15 * 10 = 1.4999999.
+    return min(n_valid, max(1, math.floor(ratio * n_valid + 0.5 + 1e-9)))
+
+
+def _check_scores(scores: Tensor, valid: Tensor | None) -> Tensor:
+    if not torch.is_tensor(scores) or not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor, got {type(scores).__name__}")
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    elif valid.shape != scores.shape:
+        raise ValueError(
+            f"valid has shape {tuple(valid.shape)} but scores have shape {tuple(scores.shape)}; "
+            "they must match (one entry per token)"
+        )
+    valid = valid.bool()
+    bad = (~torch.isfinite(scores) & valid).sum().item()
+    if bad:
+        raise ValueError(
+            f"{bad} valid token(s) have NaN or inf scores; check the training/reference losses "
+            "(a diverged model or a reference column with missing values)"
+        )
+    return valid
+
+
+def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | None) -> Tensor:
+    """Top-k per row of a 2-D ``scores``, k computed from each row's valid count."""
+    masked = scores.float().masked_fill(~valid, float("-inf"))
+    if tiebreak is not None:
+        masked, tiebreak = masked[:, tiebreak], tiebreak
+    # A stable descending sort keeps the earlier position first among equal scores.
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    ks = torch.tensor(
+        [num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist()], device=scores.device
+    )
+    keep_sorted = torch.arange(scores.shape[1], device=scores.device)[None, :] < ks[:, None]
+    keep = torch.zeros_like(valid)
+    keep.scatter_(1, order, keep_sorted)
+    if tiebreak is not None:
+        keep = keep[:, torch.argsort(tiebreak)]
+    return keep & valid
+
+
+def _gather_global(flat: Tensor) -> tuple[Tensor, int, int]:
+    """All-gather variable-length 1-D tensors; returns (concatenation, my offset, my length)."""
+    import torch.distributed as dist
+
+    n = torch.tensor([flat.numel()], device=flat.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes_l = [int(s.item()) for s in sizes]
+    padded = torch.zeros(max(sizes_l), dtype=flat.dtype, device=flat.device)
+    padded[: flat.numel()] = flat
+    parts = [torch.empty_like(padded) for _ in sizes_l]
+    dist.all_gather(parts, padded)
+    rank = dist.get_rank()
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_l)]), sum(sizes_l[:rank]), sizes_l[rank]
+
+
+def select_tokens(
+    scores: Tensor,
+    ratio: float,
+    valid: Tensor | None = None,
+    scope: str = "batch",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Keep the top ``ratio`` share of valid tokens by score.
+
+    Each scope unit keeps exactly ``k = round(ratio * n_valid)`` tokens (halves round up; at
+    least one when the unit has a valid token). Invalid tokens are never selected.
+
+    Args:
+        scores: float tensor ``[B, T]`` (or any shape for ``"batch"``/``"global"``); higher = keep.
+        ratio: share of valid tokens to keep, in (0, 1]. ``1.0`` selects exactly the valid tokens.
+        valid: bool tensor of the scores' shape; ``None`` means every token is valid.
+        scope: ``"sequence"`` (top-k per row), ``"batch"`` (over all local tokens) or
+            ``"global"`` (over the batch of every process of the initialised
+            ``torch.distributed`` group, exactly as ``"batch"`` over the concatenated global
+            batch; ``"batch"`` when not distributed).
+        generator: if given, ties are broken by a random permutation drawn from it; otherwise
+            the earlier position wins (deterministic).
+
+    Returns:
+        bool tensor of the scores' shape.
+    """
+    ratio = check_ratio(ratio)
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    valid = _check_scores(scores, valid)
+    if scores.numel() == 0:
+        return valid.clone()
+    if ratio == 1.0:
+        return valid.clone()
+
+    if scope == "sequence":
+        if scores.dim() != 2:
+            raise ValueError(f'scope="sequence" needs [B, T] scores, got shape {tuple(scores.shape)}')
+        perm = _permutation(scores.shape[1], generator, scores.device)
+        return _top_k_rows(scores, valid, ratio, perm)
+
+    flat_s, flat_v = scores.reshape(1, -1), valid.reshape(1, -1)
+    if scope == "global" and _distributed():
+        all_s, offset, n = _gather_global(flat_s[0].float())
+        all_v, _, _ = _gather_global(flat_v[0].to(torch.uint8))
+        perm = _permutation(all_s.numel(), generator, scores.device)
+        keep = _top_k_rows(all_s[None], all_v[None].bool(), ratio, perm)[0, offset : offset + n]
+        return keep.reshape(scores.shape)
+    perm = _permutation(flat_s.shape[1], generator, scores.device)
+    return _top_k_rows(flat_s, flat_v, ratio, perm).reshape(scores.shape)
+
+
+def _permutation(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
+    if generator is None:
+        return None
+    return torch.randperm(n, generator=generator, device=generator.device).to(device)
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# --- score functions: higher score = more worth training on -------------------------------------
+
+
+def excess_loss(token_loss: Tensor, ref_loss: Tensor) -> Tensor:
+    """Rho-1's score: the training model's loss minus the reference's. High = learnable, not learnt."""
+    _same_shape(token_loss, ref_loss)
+    return token_loss.float() - ref_loss.float()
+
+
+def train_loss(token_loss: Tensor) -> Tensor:
+    """Reference-free: the tokens the training model currently predicts worst."""
+    return token_loss.float()
+
+
+def reference_loss(ref_loss: Tensor) -> Tensor:
+    """Keep the tokens the reference finds easiest (lowest reference loss)."""
+    return -ref_loss.float()
+
+
+def random_scores(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform random scores: the random-selection ablation. Seed it with ``generator``."""
+    device = generator.device if generator is not None else like.device
+    return torch.rand(like.shape, generator=generator, device=device).to(like.device)
+
+
+def _same_shape(a: Tensor, b: Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"ref_loss has shape {tuple(b.shape)} but the token losses have shape {tuple(a.shape)}; "
+            "reference losses must be aligned with labels, one per token"
+        )
+
+
+ScoreFn = Callable[[Tensor, "Tensor | None", "torch.Generator | None"], Tensor]
+
+SCORERS: dict[str, ScoreFn] = {
+    "excess_loss": lambda tl, ref, g: excess_loss(tl, _need_ref(ref, "excess_loss")),
+    "train_loss": lambda tl, ref, g: train_loss(tl),
+    "reference_loss": lambda tl, ref, g: reference_loss(_need_ref(ref, "reference_loss")),
+    "random": lambda tl, ref, g: random_scores(tl, g),
+}
+
+
+def _need_ref(ref: Tensor | None, name: str) -> Tensor:
+    if ref is None:
+        raise ValueError(f"selector {name!r} needs ref_loss (live or stored reference losses)")
+    return ref
+
+
+def score_tokens(
+    name: str,
+    token_loss: Tensor,
+    ref_loss: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Dispatch to a named score function (``excess_loss``, ``train_loss``, ``reference_loss``, ``random``)."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown selector score {name!r}; choose one of {sorted(SCORERS)}")
+    return SCORERS[name](token_loss, ref_loss, generator)

@@ -1,0 +1,140 @@
+"""slm.selection against plain reference implementations."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from slm.selection import excess_loss, num_to_keep, random_scores, score_tokens, select_tokens
+
+
+def plain_top_k(scores, valid, k):
+    """Reference: walk tokens by (score desc, position asc) and keep the first k valid ones."""
+    flat = [(-s, i) for i, (s, v) in enumerate(zip(scores.flatten().tolist(), valid.flatten().tolist())) if v]
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    for _, i in sorted(flat)[:k]:
+        keep[i] = True
+    return keep.view(scores.shape)
+
+
+def random_case(seed, shape=(4, 9), ties=False):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(shape, generator=g)
+    if ties:
+        scores = scores.round()  # many equal scores
+    valid = torch.rand(shape, generator=g) < 0.7
+    return scores, valid
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("ratio", [0.05, 0.3, 0.5, 0.6, 0.99, 1.0])
+def test_batch_scope_matches_plain_top_k(seed, ratio):
+    scores, valid = random_case(seed, ties=seed % 2 == 0)
+    got = select_tokens(scores, ratio, valid=valid, scope="batch")
+    k = num_to_keep(ratio, int(valid.sum()))
+    assert int(got.sum()) == k
+    assert torch.equal(got, plain_top_k(scores, valid, k))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sequence_scope_is_per_row_top_k(seed):
+    scores, valid = random_case(seed, ties=True)
+    got = select_tokens(scores, 0.4, valid=valid, scope="sequence")
+    for b in range(scores.shape[0]):
+        k = num_to_keep(0.4, int(valid[b].sum()))
+        assert torch.equal(got[b], plain_top_k(scores[b], valid[b], k))
+
+
+def test_rounding_and_minimum_one():
+    assert num_to_keep(0.5, 5) == 3  # halves round up
+    assert num_to_keep(0.3, 10) == 3
+    assert num_to_keep(0.01, 3) == 1  # at least one
+    assert num_to_keep(0.6, 0) == 0
+    valid = torch.zeros(2, 4, dtype=torch.bool)
+    valid[1, 2] = True
+    got = select_tokens(torch.zeros(2, 4), 0.1, valid=valid, scope="sequence")
+    assert torch.equal(got, valid)
+
+
+def test_ratio_one_selects_exactly_valid_and_invalid_never_selected():
+    scores, valid = random_case(0)
+    assert torch.equal(select_tokens(scores, 1.0, valid=valid), valid)
+    scores[~valid] = 1e9  # invalid tokens with the best scores still lose
+    assert not (select_tokens(scores, 0.5, valid=valid) & ~valid).any()
+
+
+def test_generator_breaks_ties_reproducibly():
+    scores = torch.zeros(1, 40)
+    a = select_tokens(scores, 0.25, generator=torch.Generator().manual_seed(1))
+    b = select_tokens(scores, 0.25, generator=torch.Generator().manual_seed(1))
+    c = select_tokens(scores, 0.25)
+    assert torch.equal(a, b) and int(a.sum()) == 10
+    assert torch.equal(c[0, :10], torch.ones(10, dtype=torch.bool))  # earlier position wins without one
+    assert not torch.equal(a, c)
+
+
+def test_score_functions():
+    tl, ref = torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[1.0, 1.5, 0.0]])
+    assert torch.equal(excess_loss(tl, ref), tl - ref)
+    assert torch.equal(score_tokens("train_loss", tl), tl)
+    assert torch.equal(score_tokens("reference_loss", tl, ref), -ref)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(random_scores(tl, g1), random_scores(tl, g2))
+    with pytest.raises(ValueError, match="unknown selector"):
+        score_tokens("oracle", tl)
+    with pytest.raises(ValueError, match="ref_loss has shape"):
+        excess_loss(tl, ref[:, :2])
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.01, float("nan"), "high"])
+def test_bad_ratio(ratio):
+    with pytest.raises(ValueError, match="ratio"):
+        select_tokens(torch.zeros(2, 3), ratio)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="shape"):
+        select_tokens(torch.zeros(2, 3), 0.5, valid=torch.ones(3, 2, dtype=torch.bool))
+    s = torch.zeros(2, 3)
+    s[0, 1], s[1, 2] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match="2 valid token"):
+        select_tokens(s, 0.5)
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    valid[0, 1] = valid[1, 2] = False
+    assert select_tokens(s, 0.5, valid=valid).sum() == 2  # non-finite scores on invalid tokens are fine
+    with pytest.raises(ValueError, match="scope"):
+        select_tokens(torch.zeros(2, 3), 0.5, scope="world")
+
+
+def test_importing_selection_imports_no_framework():
+    code = ("import sys, slm.selection, slm; "
+            "bad = [m for m in ('transformers', 'accelerate', 'hydra', 'wandb', 'datasets') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _global_worker(rank, world, port, scores, valid, ratio, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out[rank] = select_tokens(scores[rank], ratio, valid=valid[rank], scope="global")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_scope_equals_batch_scope_over_concatenated_batch():
+    # Uneven local batches and ties: the selection must still equal "batch" over the concatenation.
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.randn(2, 7, generator=g).round(), torch.randn(3, 7, generator=g).round()]
+    valid = [torch.rand(2, 7, generator=g) < 0.8, torch.rand(3, 7, generator=g) < 0.8]
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_global_worker, args=(2, 29533, scores, valid, 0.37, out), nprocs=2, join=True)
+        got = torch.cat([out[0], out[1]])
+    expected = select_tokens(torch.cat(scores), 0.37, valid=torch.cat(valid), scope="batch")
+    assert torch.equal(got, expected)
+    assert select_tokens(torch.cat(scores), 0.37, valid=torch.cat(valid), scope="global").equal(expected)
