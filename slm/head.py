@@ -57,18 +57,24 @@ class OutputHead:
 
 
 @torch.no_grad()
-def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row cross-entropy and log-sum-exp (float32), one chunk of logits at a time."""
+def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = False):
+    """Per-row cross-entropy and log-sum-exp (float32), one chunk of logits at a time.
+
+    With ``hits=True`` also returns whether each row's target is the arg-max prediction.
+    """
     n = hidden.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(loss)
+    hit = torch.empty(n, dtype=torch.bool, device=hidden.device) if hits else None
     step = head.chunk_rows()
     for i in range(0, n, step):
         logits = head.cap(head.raw_logits(hidden[i : i + step], head.weight, head.bias))
         lse[i : i + step] = torch.logsumexp(logits, dim=-1)
         target_logit = logits.gather(1, targets[i : i + step, None]).squeeze(1)
         loss[i : i + step] = lse[i : i + step] - target_logit
-    return loss, lse
+        if hits:
+            hit[i : i + step] = logits.argmax(-1) == targets[i : i + step]
+    return (loss, lse, hit) if hits else (loss, lse)
 
 
 class _SelectedRowsCE(torch.autograd.Function):

@@ -52,6 +52,7 @@ class SelectiveOutput:
     mask: Tensor  # [B, T] bool: the tokens that received loss
     n_selected: int
     n_valid: int
+    hits: Tensor | None = None  # [B, T] bool, label == arg-max prediction (with return_hits=True)
 
 
 def shifted_valid(labels: Tensor) -> Tensor:
@@ -123,6 +124,7 @@ class SelectiveLM(nn.Module):
         loss_mask: Tensor | None = None,
         ratio: float | None = None,
         num_items_in_batch: Tensor | float | None = None,
+        return_hits: bool = False,
         **model_kwargs,
     ) -> SelectiveOutput:
         """Loss over the selected tokens (see :class:`SelectiveOutput`).
@@ -131,6 +133,7 @@ class SelectiveLM(nn.Module):
         valid token is scored and the top ``ratio`` by the selector's score are trained.
         ``num_items_in_batch`` replaces the default denominator (the number of selected tokens)
         so a trainer can normalise over a whole optimizer step and all processes.
+        ``return_hits=True`` (scoring path only) also reports arg-max hits, for accuracy metrics.
         """
         labels = labels.to(input_ids.device)
         if labels.shape != input_ids.shape or labels.dim() != 2:
@@ -156,13 +159,18 @@ class SelectiveLM(nn.Module):
         head_rows = self._rows(input_ids, attention_mask, rows, targets, model_kwargs)
 
         token_loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+        hits = None
         if loss_mask is not None:
             mask = loss_mask.to(valid.device).bool() & valid
             picked = mask[:, 1:][rows]
             row_loss = head_rows.train(picked)
             token_loss[mask] = row_loss.detach()
         else:
-            token_loss[:, 1:][rows] = head_rows.score()
+            row_loss, row_hits = head_rows.score(return_hits)
+            token_loss[:, 1:][rows] = row_loss
+            if return_hits:
+                hits = torch.zeros_like(valid)
+                hits[:, 1:][rows] = row_hits
             if ratio == 1.0:
                 mask = valid
             else:
@@ -178,7 +186,7 @@ class SelectiveLM(nn.Module):
         denom = num_items_in_batch if num_items_in_batch is not None else max(n_selected, 1)
         if torch.is_tensor(denom):
             denom = denom.to(row_loss.device)
-        return SelectiveOutput(row_loss.sum() / denom, token_loss, mask, n_selected, int(valid.sum()))
+        return SelectiveOutput(row_loss.sum() / denom, token_loss, mask, n_selected, int(valid.sum()), hits)
 
     def _rows(self, input_ids, attention_mask, rows, targets, model_kwargs):
         head = output_head(self.model, self.chunk_elements)
@@ -198,9 +206,10 @@ class _HeadRows:
         self.head, self.hidden, self.targets = head, hidden, targets
         self.loss = self.lse = None
 
-    def score(self) -> Tensor:
-        self.loss, self.lse = score_rows(self.head, self.hidden.detach(), self.targets)
-        return self.loss
+    def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
+        out = score_rows(self.head, self.hidden.detach(), self.targets, hits=hits)
+        self.loss, self.lse = out[0], out[1]
+        return self.loss, out[2] if hits else None
 
     def train(self, picked: Tensor) -> Tensor:
         lse = None if self.lse is None else self.lse[picked]
@@ -213,9 +222,10 @@ class _FullLogitRows:
 
     def __init__(self, logits: Tensor, targets: Tensor):
         self.ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        self.hit = logits.detach().argmax(-1) == targets
 
-    def score(self) -> Tensor:
-        return self.ce.detach()
+    def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
+        return self.ce.detach(), self.hit if hits else None
 
     def train(self, picked: Tensor) -> Tensor:
         return self.ce[picked]
@@ -228,18 +238,21 @@ def token_losses(
     labels: Tensor,
     attention_mask: Tensor | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    return_hits: bool = False,
     **model_kwargs,
-) -> Tensor:
+):
     """Per-token next-token losses ``[B, T]`` (float32), aligned with ``labels``, 0 where invalid.
 
     Never materialises ``B x T x V`` logits: the head runs in row chunks (or, for an
-    architecture without an exact selective head, one sequence at a time).
+    architecture without an exact selective head, one sequence at a time). With
+    ``return_hits=True`` also returns ``[B, T]`` bool: the label is the arg-max prediction.
     """
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
     labels = labels.to(input_ids.device)
     valid = shifted_valid(labels)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
+    hits = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     head = output_head(model, chunk_elements)
     if head is None:
         for b in range(input_ids.shape[0]):
@@ -247,10 +260,13 @@ def token_losses(
             logits = model(input_ids=input_ids[b : b + 1], attention_mask=am, **model_kwargs).logits[0, :-1]
             ce = F.cross_entropy(logits.float(), labels[b, 1:].clamp(min=0), reduction="none")
             out[b, 1:] = ce * valid[b, 1:]
-        return out
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
-    ).last_hidden_state
-    rows = valid[:, 1:]
-    out[:, 1:][rows] = score_rows(head, hidden[:, :-1][rows], labels[:, 1:][rows])[0]
-    return out
+            hits[b, 1:] = (logits.argmax(-1) == labels[b, 1:]) & valid[b, 1:]
+    else:
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+        ).last_hidden_state
+        rows = valid[:, 1:]
+        loss, _, hit = score_rows(head, hidden[:, :-1][rows], labels[:, 1:][rows], hits=True)
+        out[:, 1:][rows] = loss
+        hits[:, 1:][rows] = hit
+    return (out, hits) if return_hits else out

@@ -1,0 +1,168 @@
+"""The frozen reference model: load it, score tokens live, or score a dataset once and store it.
+
+A stored score set is a folder holding the packed dataset with a ``ref_loss`` column (float32,
+aligned with ``labels``) and ``slm_ref.json``: the tokenizer identity, block size, data hash and
+the reference's identity and weight hash. Training refuses a store that disagrees with its data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slm.model import token_losses
+
+log = logging.getLogger(__name__)
+
+META_FILE = "slm_ref.json"
+CHUNK_BLOCKS = 256  # blocks per resumable unit of work
+
+
+def load_reference(path: str, device: torch.device | str = "cpu", dtype: str = "auto") -> nn.Module:
+    """A frozen causal LM in eval mode; bfloat16 on CUDA unless ``dtype`` says otherwise."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype == "auto":
+        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise ValueError(f"reference.path={path!r}: could not load a causal LM from the hub or that path ({e})") from e
+    return freeze(model.to(device))
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def check_vocab(model: nn.Module, reference: nn.Module) -> None:
+    """Refuse a reference whose vocabulary differs: its losses would score other tokens."""
+    v_model = model.get_output_embeddings().weight.shape[0]
+    v_ref = reference.get_output_embeddings().weight.shape[0]
+    if v_model != v_ref:
+        raise ValueError(
+            f"the reference's vocabulary ({v_ref} tokens) differs from the training model's ({v_model}); "
+            "a reference must share the training model's tokenizer (use a model of the same family)"
+        )
+
+
+def weights_hash(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def reference_identity(reference: nn.Module, name: str) -> dict:
+    return {"name": name, "model_type": reference.config.model_type, "weights_sha256": weights_hash(reference)}
+
+
+def _rows_with_progress(n: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=n, desc=desc, unit="tok", unit_scale=True, disable=not enabled)
+
+
+@torch.no_grad()
+def score_blocks(reference: nn.Module, ds, batch_size: int, device, progress=None) -> np.ndarray:
+    """``[len(ds), block]`` float32 reference losses of a packed dataset (0 where invalid)."""
+    out = []
+    for i in range(0, len(ds), batch_size):
+        rows = ds[i : i + batch_size]
+        ids = torch.tensor(rows["input_ids"], device=device)
+        labels = torch.tensor(rows["labels"], device=device)
+        am = torch.tensor(rows["attention_mask"], device=device)
+        out.append(token_losses(reference, ids, labels, attention_mask=am).cpu().numpy())
+        if progress is not None:
+            progress.update(ids.numel())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: dict, batch_size: int = 32,
+                  accelerator=None) -> Path:  # fmt: skip
+    """Score ``ds`` with ``reference`` and store it with a ``ref_loss`` column under ``out_dir``.
+
+    Work is cut into chunks of :data:`CHUNK_BLOCKS` blocks, dealt round-robin to the processes of
+    ``accelerator`` (one process without it). Each finished chunk is saved at once, so a killed
+    run resumes with the chunks still missing. The main process merges and writes the store.
+    """
+    out_dir = Path(out_dir)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(reference.parameters()).device
+    parts = out_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    chunks = list(range(0, len(ds), CHUNK_BLOCKS))
+    mine = [c for j, c in enumerate(chunks) if j % world == rank and not (parts / f"{c:09d}.npy").exists()]
+    done = sum(1 for c in chunks if (parts / f"{c:09d}.npy").exists())
+    if done and rank == 0:
+        log.info("slm-score: resuming; %d of %d chunks already scored", done, len(chunks))
+    block = len(ds[0]["input_ids"])
+    my_tokens = sum(min(CHUNK_BLOCKS, len(ds) - c) for c in mine) * block
+    t0 = time.perf_counter()
+    # Rank 0's bar stands for all processes: they get equal shares of the work.
+    with _rows_with_progress(my_tokens, f"scoring ({world} process{'es' * (world > 1)})", rank == 0) as bar:
+        for c in mine:
+            sub = ds.select(range(c, min(c + CHUNK_BLOCKS, len(ds))))
+            losses = score_blocks(reference, sub, batch_size, device, bar)
+            tmp = parts / f"{c:09d}.tmp{rank}.npy"
+            np.save(tmp, losses.astype(np.float32))
+            os.replace(tmp, parts / f"{c:09d}.npy")
+    seconds = time.perf_counter() - t0
+    if accelerator:
+        accelerator.wait_for_everyone()
+    store = out_dir / "dataset"
+    if rank == 0:
+        ref = np.concatenate([np.load(parts / f"{c:09d}.npy") for c in chunks])
+        scored = ds.add_column("ref_loss", list(ref))
+        scored.save_to_disk(str(store))
+        scored_now = (len(chunks) - done) and min(len(ds) * block, my_tokens * world)
+        meta = {**meta, "processes": world, "seconds": round(seconds, 2),
+                "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None}  # fmt: skip
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
+        for c in chunks:
+            (parts / f"{c:09d}.npy").unlink()
+        parts.rmdir()
+        log.info("slm-score: stored %d blocks with ref_loss in %s", len(scored), store)
+    if accelerator:
+        accelerator.wait_for_everyone()
+    return store
+
+
+def load_stored(out_dir: str | os.PathLike, expected: dict):
+    """The stored dataset with ``ref_loss``, after checking it was made for this data.
+
+    ``expected`` holds ``tokenizer``, ``block_size`` and ``data_hash`` (of the split scored);
+    any disagreement raises with the setting that differs.
+    """
+    from datasets import load_from_disk
+
+    out_dir = Path(out_dir)
+    meta_path = out_dir / META_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(
+            f"reference.scores_dir={str(out_dir)!r} holds no stored reference losses ({META_FILE} missing); "
+            "run slm-score first"
+        )
+    meta = json.loads(meta_path.read_text())
+    for key in ("tokenizer", "block_size", "data_hash"):
+        if meta.get(key) != expected.get(key):
+            raise ValueError(
+                f"stored reference losses in {out_dir} were made with {key}={meta.get(key)!r}, but this run "
+                f"uses {key}={expected.get(key)!r}; rerun slm-score with this run's data settings"
+            )
+    ds = load_from_disk(str(out_dir / "dataset"))
+    if "ref_loss" not in ds.column_names:
+        raise ValueError(f"{out_dir}/dataset has no ref_loss column (columns: {ds.column_names})")
+    return ds, meta
