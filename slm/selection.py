@@ -18,6 +18,10 @@ from torch import Tensor
 SCOPES = ("sequence", "batch", "global")
 
 
+class NonFiniteScores(ValueError):
+    """Scores of valid tokens are NaN or inf (a diverged model or a broken reference column)."""
+
+
 def check_ratio(ratio: float, name: str = "ratio") -> float:
     """Return ``ratio`` as a float, or raise if it is not in (0, 1]."""
     try:
@@ -52,7 +56,7 @@ def _check_scores(scores: Tensor, valid: Tensor | None) -> Tensor:
     valid = valid.bool()
     bad = (~torch.isfinite(scores) & valid).sum().item()
     if bad:
-        raise ValueError(
+        raise NonFiniteScores(
             f"{bad} valid token(s) have NaN or inf scores; check the training/reference losses "
             "(a diverged model or a reference column with missing values)"
         )

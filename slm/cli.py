@@ -1,0 +1,279 @@
+"""Hydra entry points: ``slm-train`` and ``slm-score``, and the pieces they build from config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from slm.data import PackedData, build, check_block_size
+from slm.model import SelectiveLM
+from slm.reference import check_vocab, freeze, load_reference, load_stored, reference_identity, score_dataset
+from slm.tracking import Tracker
+from slm.train import RefSource, Trainer, TrainConfig
+
+log = logging.getLogger("slm")
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _run_stamp() -> str:
+    """One timestamp per launch: every process of an ``accelerate launch``/``torchrun`` job
+    derives it from their common parent's start time, so they share one run directory."""
+    stamp = time.time()
+    if "LOCAL_RANK" in os.environ:
+        import psutil
+
+        stamp = psutil.Process(os.getppid()).create_time()
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(stamp))
+
+
+if not OmegaConf.has_resolver("slm_stamp"):
+    OmegaConf.register_new_resolver("slm_stamp", _run_stamp, use_cache=True)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _container(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def build_model(mcfg, vocab_size: int, seed: int):
+    """An HF causal LM: ``pretrained`` (hub name or path), else built from ``config``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, mcfg.get("dtype", "float32"))
+    if mcfg.get("pretrained"):
+        try:
+            return AutoModelForCausalLM.from_pretrained(mcfg.pretrained, dtype=dtype)
+        except OSError as e:
+            raise ValueError(f"model.pretrained={mcfg.pretrained!r}: could not load it ({e})") from e
+    kwargs = _container(mcfg.config)
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **kwargs)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _cpu_only() -> bool:
+    # Accelerate only sets up multi-process CPU (gloo) runs, e.g. under torchrun, when told cpu=True.
+    return not torch.cuda.is_available()
+
+
+def make_accelerator(tcfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    acc = Accelerator(mixed_precision=tcfg.mixed_precision, step_scheduler_with_optimizer=False, cpu=_cpu_only())
+    set_seed(tcfg.seed)
+    return acc
+
+
+def _locked(path: Path):
+    from filelock import FileLock  # a dependency of datasets and huggingface_hub
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
+    """The built-in demo's reference: trained on the clean split once, then cached and reused."""
+    from accelerate.utils import broadcast_object_list
+
+    rcfg = cfg.reference
+    settings = {"model": _container(cfg.model), "trainer": _container(rcfg.trainer),
+                "clean": data.identity["data_hash"]["clean"], "seed": cfg.seed}  # fmt: skip
+    root = Path(cfg.data.cache_dir or os.environ.get("SLM_CACHE", "~/.cache/slm")).expanduser()
+    where = root / "reference" / _hash(settings)
+    done = where / "model" / "config.json"
+    with _locked(where) if acc.is_main_process else nullcontext():
+        cached = [done.exists()]
+        broadcast_object_list(cached)  # the main process's view decides for everyone
+        if cached[0]:
+            log.info("reference: reusing the cached demo reference %s (trained once, shared by every run "
+                     "and sweep job with these settings)", where)  # fmt: skip
+        else:
+            log.info("reference: training the demo reference on the clean split (first run only) -> %s", where)
+            tcfg = TrainConfig(**_container(rcfg.trainer), seed=cfg.seed)
+            model = build_model(cfg.model, len(data.tokenizer), cfg.seed + 1)
+            lm = SelectiveLM(model, ratio=1.0)
+            t = Trainer(acc, lm, data["clean"], data["validation"], tcfg, where / "run",
+                        tracker=Tracker(where / "run", enabled=acc.is_main_process), name="reference")  # fmt: skip
+            res = t.fit()
+            if acc.is_main_process:
+                acc.unwrap_model(t.lm).save_pretrained(where / "model")
+                (where / "result.json").write_text(json.dumps(res, indent=1))
+            acc.wait_for_everyone()
+            acc.free_memory(t.lm, t.opt, t.sched)  # forget them, or save_state would store them too
+            del t, lm, model
+    return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
+
+
+def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, acc, out_dir=None) -> Path:
+    """Score the training split once per (reference weights, data); reuse the store afterwards."""
+    ident = reference_identity(reference, ref_name)
+    meta = {"tokenizer": data.identity["tokenizer"], "block_size": data.identity["block_size"],
+            "data_hash": data.identity["data_hash"]["train"], "reference": ident}  # fmt: skip
+    root = Path(cfg.data.cache_dir or os.environ.get("SLM_CACHE", "~/.cache/slm")).expanduser()
+    out_dir = Path(out_dir) if out_dir else root / "scores" / _hash(meta)
+    if (out_dir / "slm_ref.json").exists():
+        log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
+        return out_dir
+    score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
+                  accelerator=acc)  # fmt: skip
+    return out_dir
+
+
+def reference_source(cfg: DictConfig, data: PackedData, acc, model) -> tuple:
+    """(train dataset, RefSource) for ``cfg.reference.kind``: none | live | stored | demo."""
+    kind = cfg.reference.kind
+    if kind == "none":
+        if cfg.selector.name in ("excess_loss", "reference_loss") and float(cfg.selector.ratio) < 1.0:
+            if cfg.selector.name == "reference_loss":
+                raise ValueError("selector=reference_loss needs a reference (reference=live, stored or demo)")
+            log.info("reference=none: excess_loss falls back to the training loss (reference-free selection)")
+        return data["train"], RefSource("none")
+    if kind == "live":
+        ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
+        check_vocab(model, ref)
+        return data["train"], RefSource("live", freeze(ref))
+    expected = {"tokenizer": data.identity["tokenizer"], "block_size": data.identity["block_size"],
+                "data_hash": data.identity["data_hash"]["train"]}  # fmt: skip
+    if kind == "stored":
+        ds, meta = load_stored(cfg.reference.scores_dir, expected)
+        return ds, RefSource("stored")
+    if kind == "demo":
+        if cfg.data.source != "builtin":
+            raise ValueError("reference=demo trains on the built-in corpus's clean split; with other data use "
+                             "reference=live or reference=stored")  # fmt: skip
+        name, ref = demo_reference(cfg, data, acc)
+        check_vocab(model, ref)
+        ds, _ = load_stored(stored_scores(cfg, data, ref, name, acc), expected)
+        del ref
+        return ds, RefSource("stored")
+    raise ValueError(f"reference.kind must be none, live, stored or demo, got {kind!r}")
+
+
+def _setup_logging(acc) -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in ("accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not acc.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+        for name in ("slm", "slm.train", "slm.reference", "slm.data", "slm.tracking"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_dir_from_hydra() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run of ``slm-train`` (usable without Hydra's decorator, e.g. from tests)."""
+    tcfg = TrainConfig(**_container(cfg.trainer), seed=cfg.seed)
+    acc = make_accelerator(tcfg)
+    _setup_logging(acc)
+    data = build(cfg.data)
+    model = build_model(cfg.model, len(data.tokenizer), cfg.seed)
+    check_block_size(model.config, int(cfg.data.block_size))
+    train_ds, ref = reference_source(cfg, data, acc, model)
+    sel = cfg.selector
+    ratio = 1.0 if sel.name == "all" else float(sel.ratio)
+    lm = SelectiveLM(model, ratio=ratio, selector="train_loss" if sel.name == "all" else sel.name,
+                     scope=sel.scope, seed=cfg.seed)  # fmt: skip
+    wandb_cfg = None if cfg.logger.kind == "none" else _container(cfg.logger)
+    tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg,
+                      config=_container(cfg), resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip
+    trainer = Trainer(acc, lm, train_ds, data["validation"], tcfg, run_dir, ref=ref, tracker=tracker, name=cfg.name)
+    try:
+        result = trainer.fit()
+    finally:
+        tracker.finish()
+    if acc.is_main_process:
+        acc.unwrap_model(trainer.lm).save_pretrained(run_dir / "model")
+        data.tokenizer.save_pretrained(run_dir / "model")
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        tracker.summary(result)
+        _print_summary(run_dir, result)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _resume_step(run_dir: Path) -> int | None:
+    from slm.train import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    return json.loads((ckpt / "slm_state.json").read_text())["step"] if ckpt else None
+
+
+def _print_summary(run_dir: Path, result: dict) -> None:
+    numbers = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    print(f"\nslm-train finished: {numbers}\n  run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}"
+          f"\n  model: {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
+          f"  plot: slm-curves {run_dir}", flush=True)  # fmt: skip
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def train_app(cfg: DictConfig) -> float | None:
+    result = train(cfg, run_dir_from_hydra())
+    return result.get("eval/loss")
+
+
+def score(cfg: DictConfig) -> Path:
+    """``slm-score``: store reference losses of the training split as a ``ref_loss`` column."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=_cpu_only())
+    _setup_logging(acc)
+    data = build(cfg.data)
+    if cfg.reference.kind == "demo":
+        name, ref = demo_reference(cfg, data, acc)
+    elif cfg.reference.kind != "live":
+        raise ValueError(f"slm-score needs reference=demo or reference=live, got reference.kind={cfg.reference.kind!r}")
+    else:
+        name, ref = cfg.reference.path, load_reference(cfg.reference.path, device=acc.device,
+                                                       dtype=cfg.reference.get("dtype", "auto"))  # fmt: skip
+    if cfg.get("model") is not None and cfg.model.get("pretrained"):
+        from transformers import AutoConfig
+
+        v = AutoConfig.from_pretrained(cfg.model.pretrained).vocab_size
+        if v != ref.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"the reference's vocabulary differs from model.pretrained's ({v}); refusing to score")
+    out = stored_scores(cfg, data, ref, name, acc, out_dir=cfg.get("out_dir"))
+    if acc.is_main_process:
+        meta = json.loads((out / "slm_ref.json").read_text())
+        print(f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out}"
+              f"\n  throughput: {meta.get('tokens_per_s')} tokens/s over {meta.get('processes')} process(es)"
+              f"\n  train with: slm-train reference=stored reference.scores_dir={out}", flush=True)  # fmt: skip
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="score")
+def score_app(cfg: DictConfig) -> None:
+    score(cfg)
+
+
+def main_train() -> None:
+    train_app()
+
+
+def main_score() -> None:
+    score_app()
+
+
+if __name__ == "__main__":
+    main_train()
