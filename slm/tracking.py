@@ -11,6 +11,7 @@ import logging
 import math
 import netrc
 import os
+import secrets
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Tracker:
                 "online" if _wandb_logged_in() else "offline"
             )
             id_file = run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if resume and id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self.wandb = wandb.init(
                 project=cfg.get("project", "slm"), entity=cfg.get("entity"), group=cfg.get("group"),

@@ -1,0 +1,192 @@
+"""slm-train: normalisation, accumulation, resume, NaN handling, logging, multi-process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, compose_train
+
+from slm.cli import train
+from slm.tracking import read_metrics
+from slm.train import BatchStream, NonFiniteLoss, Trainer, answer_accuracy
+
+
+def losses(run_dir, key="train/loss"):
+    return [(e["step"], e[key]) for e in read_metrics(run_dir) if key in e]
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(run_dir) / "model" / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=2e-5):
+    # Adam divides by sqrt(v): float re-association in a near-zero gradient moves a weight by ~1e-6.
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5)
+
+
+def test_batch_stream_is_shared_by_process_count_and_resumable():
+    one = BatchStream(n=10, batch_size=4, world=1, rank=0, seed=3)
+    two = [BatchStream(n=10, batch_size=2, world=2, rank=r, seed=3) for r in range(2)]
+    for j in range(7):  # crosses several epochs
+        assert one.indices(j) == two[0].indices(j) + two[1].indices(j)
+    seen = [i for j in range(5) for i in one.indices(j)]  # 20 draws = 2 epochs: each row twice
+    assert sorted(seen) == sorted(list(range(10)) * 2)
+    assert BatchStream(10, 4, 1, 0, seed=3).indices(5) == one.indices(5)  # no hidden state
+    assert BatchStream(10, 4, 1, 0, seed=4).indices(0) != one.indices(0)
+
+
+def test_answer_accuracy_counts_whole_answers():
+    ans = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    hits = torch.tensor([[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    valid = torch.ones_like(ans)
+    valid[:, 0] = False  # the answer at the start of row 1 has no prediction: not counted
+    assert answer_accuracy(ans, hits, valid) == (2, 3)
+
+
+def test_accumulation_equals_double_batch(tmp_path):
+    common = ("selector.scope=sequence", "selector.ratio=0.6", "trainer.eval_every=100")
+    cfg_a = compose_train(tmp_path / "cache", "trainer.batch_size=2", "trainer.grad_accum=2", *common)
+    cfg_b = compose_train(tmp_path / "cache", "trainer.batch_size=4", "trainer.grad_accum=1", *common)
+    train(cfg_a, tmp_path / "a")
+    train(cfg_b, tmp_path / "b")
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(la) == 6 and [s for s, _ in la] == [s for s, _ in lb]
+    for (_, x), (_, y) in zip(la, lb):
+        assert x == pytest.approx(y, rel=1e-5)
+    assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
+    ea, eb = read_metrics(tmp_path / "a")[-1], read_metrics(tmp_path / "b")[-1]
+    assert ea["tokens_seen"] == eb["tokens_seen"] == 6 * 4 * 32
+    assert ea["tokens_selected"] == eb["tokens_selected"]
+
+
+def test_ratio_one_is_plain_causal_lm_training(tmp_path):
+    """selector=all with no reference = an independent HF loop with AdamW on model(...).loss."""
+    from slm.cli import build_model
+    from slm.data import build
+    from slm.train import lr_lambda, TrainConfig
+
+    cfg = compose_train(tmp_path / "cache", "selector=all", "reference=none", "trainer.grad_clip=0",
+                        "trainer.max_steps=4")
+    train(cfg, tmp_path / "run")
+    data = build(cfg.data)
+    model = build_model(cfg.model, len(data.tokenizer), cfg.seed)
+    tcfg = TrainConfig(**{k: v for k, v in cfg.trainer.items()}, seed=cfg.seed)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=tcfg.lr, betas=tuple(tcfg.betas))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
+    stream = BatchStream(len(data["train"]), 4, 1, 0, cfg.seed)
+    expected = []
+    for step in range(4):
+        rows = data["train"][stream.indices(step)]
+        b = {k: torch.tensor(v) for k, v in rows.items()}
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        loss.backward()
+        opt.step(), sched.step(), opt.zero_grad()
+        expected.append(loss.item())
+    got = [v for _, v in losses(tmp_path / "run")]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert_same_weights(final_weights(tmp_path / "run"), {k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch):
+    overrides = ("trainer.max_steps=8", "trainer.checkpoint_every=100", "selector=random", "selector.ratio=0.5")
+    train(compose_train(tmp_path / "cache", *overrides), tmp_path / "full")
+
+    real_step = Trainer.train_step
+
+    def stop_at_5(self):
+        if self.step == 5:
+            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", stop_at_5)
+    res = train(compose_train(tmp_path / "cache", *overrides), tmp_path / "cut")
+    assert res["interrupted"] and res["step"] == 5
+    assert (tmp_path / "cut" / "checkpoints" / "step_0000005").is_dir()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    train(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
+
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [e["step"] for e in full] == [e["step"] for e in cut]  # same file, no duplicated events
+    for a, b in zip(full, cut):
+        assert a.keys() == b.keys()
+        for k in a:
+            if k != "train/tokens_per_s":
+                assert a[k] == pytest.approx(b[k], rel=1e-6), k
+    assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "cut"))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    real_step = Trainer.train_step
+
+    def poison_at_4(self):
+        if self.step == 3:
+            with torch.no_grad():
+                for p in self.lm.parameters():
+                    p.fill_(float("nan"))
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", poison_at_4)
+    with pytest.raises(NonFiniteLoss, match=r"step 4 .*step_0000003"):
+        train(compose_train(tmp_path / "cache", "reference=none", "trainer.max_steps=6"), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000003"
+
+
+def test_metrics_and_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no stored W&B login
+    cfg = compose_train(tmp_path / "cache", "logger=wandb", "experiment_name=unit")
+    train(cfg, tmp_path / "run")
+    events = read_metrics(tmp_path / "run")
+    train_ev = [e for e in events if "train/loss" in e]
+    eval_ev = [e for e in events if "eval/loss" in e]
+    assert [e["step"] for e in eval_ev] == [0, 3, 6]
+    assert all({"step", "tokens_seen", "tokens_selected"} <= e.keys() for e in events)
+    assert all(0.55 < e["train/selected_frac"] < 0.65 for e in train_ev)
+    assert train_ev[-1]["tokens_seen"] == 6 * 4 * 32
+    assert "eval/answer_acc" in eval_ev[-1]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["step"] == 6
+
+
+def test_stored_reference_refuses_other_data_settings(tmp_path):
+    from slm.cli import score
+
+    cfg = compose_train(tmp_path / "cache", config_name="score")
+    out = score(cfg)
+    with pytest.raises(ValueError, match="block_size"):
+        train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}",
+                            "data.block_size=16"), tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, global top-k."""
+    env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "selector.scope=global", "trainer.eval_every=3"]
+    exe = str(Path(sys.executable).with_name("slm-train"))
+    subprocess.run([exe, *args, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'one'}"], env=env,
+                   check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", exe,
+                    *args, "trainer.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}"], env=env, check=True,
+                   cwd=tmp_path)  # fmt: skip
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [e["step"] for e in one] == [e["step"] for e in two]  # main process wrote once
+    for a, b in zip(one, two):
+        for k in ("train/loss", "eval/loss", "tokens_seen", "tokens_selected"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-5), (a["step"], k)
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
