@@ -142,8 +142,19 @@ def _reset_peak_rss() -> None:
 
 
 def measure_memory_subprocess(args, name: str) -> float:
-    cmd = [sys.executable, "-m", "slm.bench", "--shape", args.shape, "--device", args.device,
-           "--dtype", args.dtype, "--memory-case", name]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slm.bench",
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--memory-case",
+        name,
+    ]
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if args.seq:
@@ -195,18 +206,21 @@ def main(argv: list[str] | None = None) -> None:
     base = results[BASELINE]
     b, t = ids.shape
     mem_kind = "max_memory_allocated" if args.device == "cuda" else "peak RSS growth"
-    print(f"slm-bench: shape={args.shape} ({b}x{t} tokens, vocab {model.config.vocab_size}), "
-          f"{args.device}, {args.dtype}, median of {args.steps} steps; memory = {mem_kind}")
-    print(f"| case | ms/step | tokens/s | peak MiB | time vs HF | memory vs HF |")
+    print(
+        f"slm-bench: shape={args.shape} ({b}x{t} tokens, vocab {model.config.vocab_size}), "
+        f"{args.device}, {args.dtype}, median of {args.steps} steps; memory = {mem_kind}"
+    )
+    print("| case | ms/step | tokens/s | peak MiB | time vs HF | memory vs HF |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
         r["time_ratio"], r["mem_ratio"] = r["ms"] / base["ms"], r["peak_mib"] / base["peak_mib"]
-        print(f"| {name} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:.0f} | "
-              f"{r['time_ratio']:.2f}x | {r['mem_ratio']:.2f}x |")
+        print(
+            f"| {name} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_mib']:.0f} | "
+            f"{r['time_ratio']:.2f}x | {r['mem_ratio']:.2f}x |"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": args.shape, "device": args.device, "dtype": args.dtype, "cases": results}, f,
-                      indent=1)
+            json.dump({"shape": args.shape, "device": args.device, "dtype": args.dtype, "cases": results}, f, indent=1)
 
 
 if __name__ == "__main__":

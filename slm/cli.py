@@ -18,7 +18,7 @@ from slm.data import PackedData, build, check_block_size
 from slm.model import SelectiveLM
 from slm.reference import check_vocab, freeze, load_reference, load_stored, reference_identity, score_dataset
 from slm.tracking import Tracker
-from slm.train import RefSource, Trainer, TrainConfig
+from slm.train import RefSource, TrainConfig, Trainer
 
 log = logging.getLogger("slm")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")

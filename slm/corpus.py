@@ -72,17 +72,20 @@ def _corrupt(rng: random.Random, text: str, answer_at: int, cfg: CorpusConfig) -
 
 
 def document(rng: random.Random, cfg: CorpusConfig, noise: float) -> dict:
-    """``{"text": ..., "answer_spans": [[start, end], ...]}``; spans cover clean answers only."""
-    parts, spans, pos = [], [], 0
+    """``{"text", "answer_spans", "noise_spans"}``: character spans of clean answers and of the
+    corrupted parts (a wrong answer, or a whole junk problem)."""
+    parts, spans, noisy, pos = [], [], [], 0
     for _ in range(rng.randint(cfg.min_problems, cfg.max_problems)):
         text, answer_at = _problem(rng, cfg)
         if noise and rng.random() < noise:
             text = _corrupt(rng, text, answer_at, cfg)
+            start = answer_at if text[answer_at - 1 : answer_at] == "=" else 0
+            noisy.append([pos + start, pos + len(text)])
         else:
             spans.append([pos + answer_at, pos + len(text)])
         parts.append(text)
         pos += len(text)
-    return {"text": "".join(parts), "answer_spans": spans}
+    return {"text": "".join(parts), "answer_spans": spans, "noise_spans": noisy}
 
 
 def generate(cfg: CorpusConfig, split: str) -> list[dict]:

@@ -95,9 +95,7 @@ def _data_files(source: str) -> list[str]:
     else:
         files = [str(p)] if p.exists() else []
     if not files:
-        raise FileNotFoundError(
-            f"data.source={source!r}: no data files found (looked for {sorted(FORMATS)} files)"
-        )
+        raise FileNotFoundError(f"data.source={source!r}: no data files found (looked for {sorted(FORMATS)} files)")
     kinds = {FORMATS.get(Path(f).suffix) for f in files}
     if None in kinds or len(kinds) > 1:
         raise ValueError(f"data.source={source!r}: files must all be one of text/json/parquet, got {files[:5]}")
@@ -105,9 +103,9 @@ def _data_files(source: str) -> list[str]:
 
 
 def _is_local(source: str) -> bool:
-    return os.path.exists(os.path.expanduser(source)) or any(c in source for c in "*?[/") or Path(
-        source
-    ).suffix in FORMATS
+    return (
+        os.path.exists(os.path.expanduser(source)) or any(c in source for c in "*?[/") or Path(source).suffix in FORMATS
+    )
 
 
 def _source_identity(cfg: DataConfig) -> dict:
@@ -130,9 +128,16 @@ def raw_documents(cfg: DataConfig) -> dict:
         return {s: datasets.Dataset.from_list(generate(corpus, s)) for s in ("train", "clean", "validation")}
     if _is_local(cfg.source):
         files = _data_files(cfg.source)
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise ValueError(f"data.source={cfg.source!r}: no documents (every file is empty)")
         builder = FORMATS[Path(files[0]).suffix]
         kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
-        ds = {"train": datasets.load_dataset(builder, data_files=files, split="train", **kwargs)}
+        try:
+            ds = {"train": datasets.load_dataset(builder, data_files=files, split="train", **kwargs)}
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise ValueError(
+                f"data.source={cfg.source!r}: could not read the {builder} files: {e.__cause__ or e}"
+            ) from e
     else:
         try:
             loaded = datasets.load_dataset(cfg.source, cfg.hub_config)
@@ -151,8 +156,11 @@ def raw_documents(cfg: DataConfig) -> dict:
             )
         if len(d) == 0:
             raise ValueError(f"data.source={cfg.source!r}: the {name} split has no documents")
-        ds[name] = d.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text") \
-            if cfg.text_field != "text" else d.select_columns(["text"])
+        ds[name] = (
+            d.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+            if cfg.text_field != "text"
+            else d.select_columns(["text"])
+        )
     if "validation" not in ds:
         parts = ds["train"].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
         ds = {"train": parts["train"], "validation": parts["test"]}

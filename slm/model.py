@@ -193,9 +193,7 @@ class SelectiveLM(nn.Module):
         if head is None:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
             return _FullLogitRows(logits[:, :-1][rows], targets)
-        out = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
-        )
+        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
         return _HeadRows(head, out.last_hidden_state[:, :-1][rows], targets)
 
 

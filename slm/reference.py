@@ -125,7 +125,9 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
     store = out_dir / "dataset"
     if rank == 0:
         ref = np.concatenate([np.load(parts / f"{c:09d}.npy") for c in chunks])
-        scored = ds.add_column("ref_loss", list(ref))
+        from datasets import Sequence, Value
+
+        scored = ds.add_column("ref_loss", list(ref), feature=Sequence(Value("float32")))
         scored.save_to_disk(str(store))
         scored_now = (len(chunks) - done) and min(len(ds) * block, my_tokens * world)
         meta = {**meta, "processes": world, "seconds": round(seconds, 2),

@@ -29,9 +29,7 @@ def check_ratio(ratio: float, name: str = "ratio") -> float:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number in (0, 1], got {ratio!r}") from None
     if math.isnan(r) or not 0.0 < r <= 1.0:
-        raise ValueError(
-            f"{name} must be in (0, 1] (the fraction of valid tokens that receive loss), got {ratio!r}"
-        )
+        raise ValueError(f"{name} must be in (0, 1] (the fraction of valid tokens that receive loss), got {ratio!r}")
     return r
 
 
@@ -70,9 +68,7 @@ def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | 
         masked, tiebreak = masked[:, tiebreak], tiebreak
     # A stable descending sort keeps the earlier position first among equal scores.
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    ks = torch.tensor(
-        [num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist()], device=scores.device
-    )
+    ks = torch.tensor([num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist()], device=scores.device)
     keep_sorted = torch.arange(scores.shape[1], device=scores.device)[None, :] < ks[:, None]
     keep = torch.zeros_like(valid)
     keep.scatter_(1, order, keep_sorted)

@@ -65,9 +65,7 @@ class Tracker:
         try:
             import wandb
 
-            mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or (
-                "online" if _wandb_logged_in() else "offline"
-            )
+            mode = cfg.get("mode") or os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
             id_file = run_dir / "wandb_id.txt"
             run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)

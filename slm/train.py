@@ -179,8 +179,11 @@ class Trainer:
         self.tracker = tracker or Tracker(run_dir, enabled=False)
         decay = [p for n, p in lm.named_parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for n, p in lm.named_parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=tuple(cfg.betas))
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+        )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
         self.lm, self.opt, self.sched = accelerator.prepare(lm, opt, sched)
         columns = ["input_ids", "labels", "attention_mask"] + (["ref_loss"] if self.ref.kind == "stored" else [])
@@ -208,7 +211,11 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         self.acc.load_state(str(path))
         state = json.loads((path / "slm_state.json").read_text())
-        self.step, self.tokens_seen, self.tokens_selected = state["step"], state["tokens_seen"], state["tokens_selected"]
+        self.step, self.tokens_seen, self.tokens_selected = (
+            state["step"],
+            state["tokens_seen"],
+            state["tokens_selected"],
+        )
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
         log.info("resumed from %s at step %d", path, self.step)
 
@@ -222,8 +229,14 @@ class Trainer:
             sync = nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(self.lm)
             with sync, acc.autocast():
                 try:
-                    out = self.lm(input_ids=batch["input_ids"], labels=batch["labels"],
-                                  attention_mask=batch["attention_mask"], ref_loss=ref, num_items_in_batch=1)  # fmt: skip
+                    # num_items_in_batch=1: a sum; the step's global count divides the grads below.
+                    out = self.lm(
+                        input_ids=batch["input_ids"],
+                        labels=batch["labels"],
+                        attention_mask=batch["attention_mask"],
+                        ref_loss=ref,
+                        num_items_in_batch=1,
+                    )
                 except NonFiniteScores as e:
                     raise self._non_finite(str(e)) from e
                 acc.backward(out.loss)

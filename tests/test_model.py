@@ -19,9 +19,10 @@ def hf_token_ce(model, ids, labels, am=None):
 
 
 def grads(loss, model):
-    return [g if g is not None else torch.zeros_like(p)
-            for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()),
-                                                                     allow_unused=True))]
+    return [
+        g if g is not None else torch.zeros_like(p)
+        for p, g in zip(model.parameters(), torch.autograd.grad(loss, list(model.parameters()), allow_unused=True))
+    ]
 
 
 def assert_grads_close(ga, gb):
@@ -163,8 +164,7 @@ def test_reference_loss_selector_keeps_easiest_reference_tokens(batch):
     ids, am, labels = batch
     model = tiny_model("llama")
     ref_loss = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2))
-    out = slm.SelectiveLM(model, selector="reference_loss")(input_ids=ids, labels=labels, ref_loss=ref_loss,
-                                                            ratio=0.3)
+    out = slm.SelectiveLM(model, selector="reference_loss")(input_ids=ids, labels=labels, ref_loss=ref_loss, ratio=0.3)
     valid = shifted_valid(labels)
     assert torch.equal(out.mask, slm.select_tokens(-ref_loss, 0.3, valid=valid))
     with pytest.raises(ValueError, match="needs ref_loss"):

@@ -111,9 +111,11 @@ def test_bad_inputs():
 
 
 def test_importing_selection_imports_no_framework():
-    code = ("import sys, slm.selection, slm; "
-            "bad = [m for m in ('transformers', 'accelerate', 'hydra', 'wandb', 'datasets') if m in sys.modules]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, slm.selection, slm; "
+        "bad = [m for m in ('transformers', 'accelerate', 'hydra', 'wandb', 'datasets') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

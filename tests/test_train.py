@@ -71,18 +71,22 @@ def test_ratio_one_is_plain_causal_lm_training(tmp_path):
     """selector=all with no reference = an independent HF loop with AdamW on model(...).loss."""
     from slm.cli import build_model
     from slm.data import build
-    from slm.train import lr_lambda, TrainConfig
+    from slm.train import TrainConfig, lr_lambda
 
-    cfg = compose_train(tmp_path / "cache", "selector=all", "reference=none", "trainer.grad_clip=0",
-                        "trainer.max_steps=4")
+    cfg = compose_train(
+        tmp_path / "cache", "selector=all", "reference=none", "trainer.grad_clip=0", "trainer.max_steps=4"
+    )
     train(cfg, tmp_path / "run")
     data = build(cfg.data)
     model = build_model(cfg.model, len(data.tokenizer), cfg.seed)
     tcfg = TrainConfig(**{k: v for k, v in cfg.trainer.items()}, seed=cfg.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=tcfg.lr, betas=tuple(tcfg.betas))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=tcfg.lr,
+        betas=tuple(tcfg.betas),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     stream = BatchStream(len(data["train"]), 4, 1, 0, cfg.seed)
     expected = []
@@ -168,8 +172,10 @@ def test_stored_reference_refuses_other_data_settings(tmp_path):
     cfg = compose_train(tmp_path / "cache", config_name="score")
     out = score(cfg)
     with pytest.raises(ValueError, match="block_size"):
-        train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}",
-                            "data.block_size=16"), tmp_path / "run")
+        train(
+            compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}", "data.block_size=16"),
+            tmp_path / "run",
+        )
 
 
 @pytest.mark.slow
@@ -178,8 +184,9 @@ def test_two_processes_equal_one_process(tmp_path):
     env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     args = [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "selector.scope=global", "trainer.eval_every=3"]
     exe = str(Path(sys.executable).with_name("slm-train"))
-    subprocess.run([exe, *args, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'one'}"], env=env,
-                   check=True, cwd=tmp_path)
+    subprocess.run(
+        [exe, *args, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'one'}"], env=env, check=True, cwd=tmp_path
+    )
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", exe,
                     *args, "trainer.batch_size=2", f"hydra.run.dir={tmp_path / 'two'}"], env=env, check=True,
                    cwd=tmp_path)  # fmt: skip

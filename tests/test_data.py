@@ -1,0 +1,240 @@
+"""Data loading, packing, the built-in corpus, and stored reference losses."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_model
+from helpers import compose_train
+
+import slm
+from slm.corpus import CorpusConfig, generate, solve
+from slm.data import DataConfig, build, check_block_size
+from slm.reference import check_vocab, load_stored, score_dataset
+from slm.tokenizer import builtin_tokenizer
+
+DOCS = ["first doc\nwith two lines", "second", "third document is a bit longer than the rest", "4th"]
+
+
+def unpack(ds):
+    """Every real token of a packed split, in order (padding dropped)."""
+    return [t for row in ds for t, m in zip(row["input_ids"], row["attention_mask"]) if m]
+
+
+def test_packing_round_trip_keeps_every_token_in_order(tmp_path):
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
+    cfg = DataConfig(
+        source=str(tmp_path / "d.jsonl"),
+        text_field="body",
+        block_size=8,
+        cache_dir=str(tmp_path / "c"),
+        val_fraction=0.25,
+        seed=1,
+    )
+    data = build(cfg)
+    tok = data.tokenizer
+    texts = []
+    for split in ("validation", "train"):
+        ds = data[split]
+        assert all(len(r["input_ids"]) == 8 for r in ds)
+        for r in ds:  # labels are the ids, -100 exactly on padding
+            assert r["labels"] == [t if m else -100 for t, m in zip(r["input_ids"], r["attention_mask"])]
+        texts.append(unpack(ds))
+    # train blocks are shuffled: compare as multisets; validation keeps document order.
+    val_docs = tok.decode(texts[0]).split(tok.eos_token)[:-1]
+    assert len(val_docs) == 1 and val_docs[0] in DOCS
+    all_ids = sorted(texts[0] + texts[1])
+    expected = []
+    for d in DOCS:
+        expected += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert all_ids == sorted(expected)
+
+
+def test_unshuffled_packing_is_exact_concatenation():
+    import datasets
+
+    from slm.data import pack
+
+    tok = builtin_tokenizer()
+    ds = pack(datasets.Dataset.from_dict({"text": DOCS}), tok, block_size=5)
+    flat = [t for r in ds for t in r["input_ids"]]
+    n = sum(len(d) + 1 for d in DOCS)
+    assert tok.decode(flat[:n]) == "<eos>".join(DOCS) + "<eos>"
+    assert set(flat[n:]) <= {tok.pad_token_id} and len(flat) - n < 5
+
+
+def test_order_is_deterministic_for_a_seed_and_cached(tmp_path):
+    cfg = dict(builtin={"n_train_docs": 60, "n_clean_docs": 10, "n_val_docs": 5}, block_size=32)
+    a = build(DataConfig(**cfg, seed=0, cache_dir=str(tmp_path / "a")))
+    b = build(DataConfig(**cfg, seed=0, cache_dir=str(tmp_path / "b")))
+    c = build(DataConfig(**cfg, seed=1, cache_dir=str(tmp_path / "a")))
+    assert a["train"]["input_ids"] == b["train"]["input_ids"]
+    assert a["train"]["input_ids"] != c["train"]["input_ids"]
+    assert sorted(map(tuple, a["train"]["input_ids"])) == sorted(map(tuple, c["train"]["input_ids"]))
+    again = build(DataConfig(**cfg, seed=0, cache_dir=str(tmp_path / "a")))
+    assert again["train"].cache_files[0]["filename"].startswith(str(tmp_path / "a" / "packed"))
+    assert again.identity == a.identity
+
+
+@pytest.mark.parametrize("fmt", ["txt", "parquet", "folder"])
+def test_local_formats(tmp_path, fmt):
+    if fmt == "txt":
+        (tmp_path / "a.txt").write_text("\n\n".join(DOCS))
+        src = str(tmp_path / "a.txt")
+    elif fmt == "parquet":
+        pd.DataFrame({"text": DOCS}).to_parquet(tmp_path / "a.parquet")
+        src = str(tmp_path / "*.parquet")
+    else:
+        (tmp_path / "f").mkdir()
+        for i, d in enumerate(DOCS):
+            (tmp_path / "f" / f"{i}.jsonl").write_text(json.dumps({"text": d}) + "\n")
+        src = str(tmp_path / "f")
+    data = build(DataConfig(source=src, block_size=16, val_fraction=0.25, cache_dir=str(tmp_path / "c")))
+    n_tokens = sum(len(d) + 1 for d in DOCS)  # the built-in tokenizer is one token per character
+    assert sum(sum(r["attention_mask"]) for s in ("train", "validation") for r in data[s]) == n_tokens
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no data files"):
+        build(DataConfig(source=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path)))
+    (tmp_path / "e.jsonl").write_text(json.dumps({"content": "x"}) + "\n")
+    with pytest.raises(ValueError, match="text_field='text'.*content"):
+        build(DataConfig(source=str(tmp_path / "e.jsonl"), cache_dir=str(tmp_path)))
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="no documents"):
+        build(DataConfig(source=str(tmp_path / "empty.txt"), cache_dir=str(tmp_path)))
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="could not read"):
+        build(DataConfig(source=str(tmp_path / "bad.jsonl"), cache_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="block_size"):
+        DataConfig(block_size=1)
+    with pytest.raises(ValueError, match="larger than the model allows"):
+        check_block_size(tiny_model("gpt2").config, 65)
+    with pytest.raises(ValueError, match="noise"):
+        CorpusConfig(noise=1.5)
+
+
+def test_corpus_answers_follow_from_prompts():
+    docs = generate(CorpusConfig(n_val_docs=20), "validation")
+    for d in docs:
+        for start, end in d["answer_spans"]:
+            expr = d["text"][:start].rsplit(";", 1)[-1].rstrip("=")  # e.g. "7*8"
+            op = next(o for o in "+-*" if o in expr)
+            a, b = expr.split(op)
+            assert d["text"][start:end] == f"{solve(int(a), op, int(b))};"
+    train = generate(CorpusConfig(n_train_docs=200, noise=0.5), "train")
+    n_noise = sum(len(d["noise_spans"]) for d in train)
+    n_clean = sum(len(d["answer_spans"]) for d in train)
+    assert 0.4 < n_noise / (n_noise + n_clean) < 0.6
+
+
+def test_reference_trained_on_clean_split_separates_answers_from_noise(tmp_path):
+    """The built-in corpus's point: a reference trained on clean data finds noise hard."""
+    from slm.cli import build_model
+
+    cfg = compose_train(
+        tmp_path / "cache",
+        "reference=none",
+        "selector=all",
+        "trainer.max_steps=150",
+        "trainer.eval_every=150",
+        "trainer.checkpoint_every=1000",
+        "trainer.lr=1e-2",
+        "model.config.hidden_size=64",
+        "model.config.intermediate_size=128",
+    )
+    data = build(cfg.data)
+    from accelerate import Accelerator
+
+    from slm.train import TrainConfig, Trainer
+
+    model = build_model(cfg.model, len(data.tokenizer), 0)
+    tcfg = TrainConfig(**cfg.trainer)
+    Trainer(
+        Accelerator(cpu=True),
+        slm.SelectiveLM(model, ratio=1.0),
+        data["clean"],
+        data["validation"],
+        tcfg,
+        tmp_path / "ref",
+    ).fit()
+    tok = data.tokenizer
+    clean, noise = [], []
+    for d in generate(CorpusConfig(n_train_docs=40), "train"):
+        enc = tok(d["text"], add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([enc["input_ids"]])
+        tl = slm.token_losses(model.eval(), ids, ids)[0]
+        for spans, out in ((d["answer_spans"], clean), (d["noise_spans"], noise)):
+            for s, e in spans:
+                out += [tl[i].item() for i, (a, b) in enumerate(enc["offset_mapping"]) if s <= a and b <= e and i]
+    assert np.mean(noise) > np.mean(clean) + 1.5, (np.mean(clean), np.mean(noise))
+
+
+def test_stored_column_equals_live_scores_and_survives_disk(tmp_path):
+    data = build(DataConfig(builtin={"n_train_docs": 30, "n_clean_docs": 5, "n_val_docs": 5}, block_size=32,
+                            cache_dir=str(tmp_path / "c")))  # fmt: skip
+    ref = tiny_model("llama", vocab=len(data.tokenizer))
+    expected = {"tokenizer": data.identity["tokenizer"], "block_size": 32,
+                "data_hash": data.identity["data_hash"]["train"]}  # fmt: skip
+    out = tmp_path / "scores"
+    score_dataset(ref, data["train"], out, expected, batch_size=7)
+    stored, meta = load_stored(out, expected)
+    assert stored["input_ids"] == data["train"]["input_ids"]
+    live = slm.token_losses(ref, torch.tensor(data["train"]["input_ids"]), torch.tensor(data["train"]["labels"]),
+                            attention_mask=torch.tensor(data["train"]["attention_mask"]))  # fmt: skip
+    assert stored.features["ref_loss"].feature.dtype == "float32"
+    col = torch.tensor(np.array(stored["ref_loss"], dtype=np.float32))
+    assert torch.equal(col, live)  # float32 column: bit-exact after save_to_disk / load_from_disk
+    with pytest.raises(ValueError, match="data_hash"):
+        load_stored(out, {**expected, "data_hash": "other"})
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_stored(out, {**expected, "tokenizer": {"name": "gpt2"}})
+    with pytest.raises(FileNotFoundError, match="run slm-score first"):
+        load_stored(tmp_path / "nothing", expected)
+
+
+def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
+    import slm.reference as reference
+
+    data = build(DataConfig(builtin={"n_train_docs": 200, "n_clean_docs": 5, "n_val_docs": 5}, block_size=16,
+                            cache_dir=str(tmp_path / "c")))  # fmt: skip
+    monkeypatch.setattr(reference, "CHUNK_BLOCKS", 100)
+    ref = tiny_model("llama", vocab=len(data.tokenizer))
+    n_chunks = -(-len(data["train"]) // 100)
+    assert n_chunks >= 3
+    calls = []
+    real = reference.score_blocks
+
+    def dies_on_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "score_blocks", dies_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        score_dataset(ref, data["train"], tmp_path / "s", {})
+    assert len(list((tmp_path / "s" / "parts").glob("*.npy"))) == 2
+    monkeypatch.setattr(reference, "score_blocks", real)
+    calls.clear()
+    monkeypatch.setattr(reference, "score_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    score_dataset(ref, data["train"], tmp_path / "s", {})
+    assert len(calls) == n_chunks - 2  # only the missing chunks
+    stored, _ = load_stored(tmp_path / "s", {})
+    live = slm.token_losses(ref, torch.tensor(stored["input_ids"]), torch.tensor(stored["labels"]))
+    assert torch.equal(torch.tensor(np.array(stored["ref_loss"], dtype=np.float32)), live)
+
+
+def test_vocabulary_mismatch_refused(tmp_path):
+    with pytest.raises(ValueError, match="vocabulary"):
+        check_vocab(tiny_model("llama", vocab=100), tiny_model("llama", vocab=120))
+    from slm.cli import train
+
+    ref = tiny_model("llama", vocab=50)
+    ref.save_pretrained(tmp_path / "ref")
+    with pytest.raises(ValueError, match="vocabulary"):
+        train(
+            compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / 'ref'}"), tmp_path / "run"
+        )
