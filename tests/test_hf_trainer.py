@@ -1,0 +1,127 @@
+"""SelectiveTrainer against a plain Trainer subclass that computes the full-logits masked loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from datasets import Dataset
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+from slm import SelectiveTrainer
+from slm.hf_trainer import SelectiveDataCollator
+from slm.tokenizer import builtin_tokenizer
+
+
+class MaskedLossTrainer(Trainer):
+    """What users write today: full logits, per-token CE, zero where loss_mask is False."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[:, :-1]
+        labels, mask = inputs["labels"][:, 1:], inputs["loss_mask"][:, 1:].bool()
+        mask = mask & (labels != -100)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none")
+        total = (ce * mask).sum()
+        return total / num_items_in_batch if num_items_in_batch is not None else total / mask.sum()
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        return sum(((b["loss_mask"][:, 1:].bool()) & (b["labels"][:, 1:] != -100)).sum() for b in batch_samples)
+
+
+def dataset(n=16, seed=0, with_mask=True):
+    g = torch.Generator().manual_seed(seed)
+    tok = builtin_tokenizer()
+    rows = []
+    for _ in range(n):
+        length = int(torch.randint(6, 14, (1,), generator=g))
+        ids = torch.randint(3, len(tok), (length,), generator=g).tolist()
+        row = {"input_ids": ids}
+        if with_mask:
+            row["loss_mask"] = (torch.rand(length, generator=g) < 0.4).tolist()
+        rows.append(row)
+    return Dataset.from_list(rows), tok
+
+
+def args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+                report_to=[], use_cpu=True, logging_steps=1, save_strategy="no", seed=0, data_seed=0,
+                lr_scheduler_type="constant", dataloader_drop_last=True)  # fmt: skip
+    return TrainingArguments(**{**base, **kw})
+
+
+def collator(tok):
+    return SelectiveDataCollator(DataCollatorForLanguageModeling(tok, mlm=False))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_same_updates_as_full_logits_masked_trainer(tmp_path, accum):
+    ds, tok = dataset()
+    plain = tiny_model("llama", vocab=len(tok))
+    ours = tiny_model("llama", vocab=len(tok))
+    MaskedLossTrainer(plain, args(tmp_path / "p", per_device_train_batch_size=4, remove_unused_columns=False),
+                      train_dataset=ds, data_collator=collator(tok)).train()  # fmt: skip
+    SelectiveTrainer(ours, args(tmp_path / "o", per_device_train_batch_size=4 // accum,
+                                gradient_accumulation_steps=accum),
+                     train_dataset=ds, data_collator=collator(tok)).train()  # fmt: skip
+    for (n, a), b in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=n)
+
+
+def test_ten_steps_with_eval_save_and_reload(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ds, tok = dataset(n=48)
+    ev, _ = dataset(n=8, seed=1)
+    trainer = SelectiveTrainer(
+        tiny_model("gpt2", vocab=len(tok)),
+        args(tmp_path, max_steps=10, eval_strategy="steps", eval_steps=5),
+        train_dataset=ds,
+        eval_dataset=ev,
+        data_collator=collator(tok),
+        processing_class=tok,
+    )
+    trainer.train()
+    logs = trainer.state.log_history
+    train_logs = [e for e in logs if "loss" in e]
+    assert len(train_logs) == 10 and all(0 < e["selected_frac"] < 0.7 for e in train_logs)
+    assert [e["step"] for e in logs if "eval_loss" in e] == [5, 10]
+    trainer.save_model(str(tmp_path / "saved"))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    inner = trainer.model.model
+    for a, b in zip(inner.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    # Eval loss = mean CE over the eval set's loss_mask tokens (one batch of 8), from HF's own logits.
+    trainer.args.per_device_eval_batch_size = 8
+    metrics = trainer.evaluate()
+    batch = collator(tok)([dict(r) for r in ev])
+    with torch.no_grad():
+        logits = again(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels, mask = batch["labels"][:, 1:], batch["loss_mask"][:, 1:] & (batch["labels"][:, 1:] != -100)
+    ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    assert metrics["eval_loss"] == pytest.approx(ce[mask].mean().item(), rel=1e-5)
+
+
+def test_selection_by_ratio_and_flops(tmp_path):
+    ds, tok = dataset(with_mask=False)
+    model = tiny_model("llama", vocab=len(tok))
+    trainer = SelectiveTrainer(model, args(tmp_path, max_steps=2), train_dataset=ds, data_collator=collator(tok),
+                               selection_ratio=0.3)  # fmt: skip
+    trainer.train()
+    assert all(e["selected_frac"] < 0.35 for e in trainer.state.log_history if "loss" in e)
+    batch = collator(tok)([dict(r) for r in ds.select(range(4))])
+    ours = trainer.floating_point_ops(batch)
+    hf = 6 * batch["input_ids"].numel() * model.num_parameters(exclude_embeddings=True)  # what Trainer counts
+    assert ours < hf
+    # exact accounting: decoder 6*N*T, head 2HV on every valid token + 6HV on the selected ones
+    H, V = model.config.hidden_size, model.config.vocab_size
+    body = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
+    valid = int((batch["labels"][:, 1:] != -100).sum())
+    k = round(0.3 * valid + 1e-9)
+    assert ours == 6 * body * batch["input_ids"].numel() + 2 * H * V * valid + 6 * H * V * k
+
+
+def test_no_loss_mask_and_no_ratio_is_a_clear_error(tmp_path):
+    ds, tok = dataset(with_mask=False)
+    trainer = SelectiveTrainer(tiny_model("llama", vocab=len(tok)), args(tmp_path), train_dataset=ds,
+                               data_collator=collator(tok))  # fmt: skip
+    with pytest.raises(ValueError, match="no loss_mask column and selection_ratio is not set"):
+        trainer.train()
