@@ -14,6 +14,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from slm.curves import RUN_INFO
 from slm.data import PackedData, build, check_block_size
 from slm.model import SelectiveLM
 from slm.reference import check_vocab, freeze, load_reference, load_stored, reference_identity, score_dataset
@@ -69,10 +70,22 @@ def _cpu_only() -> bool:
     return not torch.cuda.is_available()
 
 
+def _export_slurm_distributed_env() -> None:
+    """Under a multi-task submitit/SLURM job, set RANK, WORLD_SIZE, MASTER_ADDR, ... for Accelerate."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export()
+        except (ImportError, RuntimeError) as e:  # not inside a submitit job: leave the environment alone
+            log.warning("SLURM_NTASKS>1 but the distributed environment could not be set from submitit: %s", e)
+
+
 def make_accelerator(tcfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    _export_slurm_distributed_env()
     acc = Accelerator(mixed_precision=tcfg.mixed_precision, step_scheduler_with_optimizer=False, cpu=_cpu_only())
     set_seed(tcfg.seed)
     return acc
@@ -90,8 +103,9 @@ def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.n
     from accelerate.utils import broadcast_object_list
 
     rcfg = cfg.reference
+    seed = int(rcfg.get("seed", 0))  # not the run's seed: every seed of a sweep shares one reference
     settings = {"model": _container(cfg.model), "trainer": _container(rcfg.trainer),
-                "clean": data.identity["data_hash"]["clean"], "seed": cfg.seed}  # fmt: skip
+                "clean": data.identity["data_hash"]["clean"], "seed": seed}  # fmt: skip
     root = Path(cfg.data.cache_dir or os.environ.get("SLM_CACHE", "~/.cache/slm")).expanduser()
     where = root / "reference" / _hash(settings)
     done = where / "model" / "config.json"
@@ -103,8 +117,8 @@ def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.n
                      "and sweep job with these settings)", where)  # fmt: skip
         else:
             log.info("reference: training the demo reference on the clean split (first run only) -> %s", where)
-            tcfg = TrainConfig(**_container(rcfg.trainer), seed=cfg.seed)
-            model = build_model(cfg.model, len(data.tokenizer), cfg.seed + 1)
+            tcfg = TrainConfig(**_container(rcfg.trainer), seed=seed)
+            model = build_model(cfg.model, len(data.tokenizer), seed + 1)
             lm = SelectiveLM(model, ratio=1.0)
             t = Trainer(acc, lm, data["clean"], data["validation"], tcfg, where / "run",
                         tracker=Tracker(where / "run", enabled=acc.is_main_process), name="reference")  # fmt: skip
@@ -150,16 +164,16 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model) -> tuple:
                 "data_hash": data.identity["data_hash"]["train"]}  # fmt: skip
     if kind == "stored":
         ds, meta = load_stored(cfg.reference.scores_dir, expected)
-        return ds, RefSource("stored")
+        return ds, RefSource("stored", scores_dir=str(cfg.reference.scores_dir))
     if kind == "demo":
         if cfg.data.source != "builtin":
             raise ValueError("reference=demo trains on the built-in corpus's clean split; with other data use "
                              "reference=live or reference=stored")  # fmt: skip
         name, ref = demo_reference(cfg, data, acc)
         check_vocab(model, ref)
-        ds, _ = load_stored(stored_scores(cfg, data, ref, name, acc), expected)
-        del ref
-        return ds, RefSource("stored")
+        store = stored_scores(cfg, data, ref, name, acc)
+        ds, _ = load_stored(store, expected)
+        return ds, RefSource("stored", scores_dir=str(store))
     raise ValueError(f"reference.kind must be none, live, stored or demo, got {kind!r}")
 
 
@@ -194,6 +208,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     ratio = 1.0 if sel.name == "all" else float(sel.ratio)
     lm = SelectiveLM(model, ratio=ratio, selector="train_loss" if sel.name == "all" else sel.name,
                      scope=sel.scope, seed=cfg.seed)  # fmt: skip
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=sel.name, ratio=ratio, scope=sel.scope,
+                    reference=cfg.reference.kind, seed=cfg.seed, scores_dir=ref.scores_dir)  # fmt: skip
+        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
     wandb_cfg = None if cfg.logger.kind == "none" else _container(cfg.logger)
     tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg,
                       config=_container(cfg), resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip

@@ -153,6 +153,7 @@ class RefSource:
 
     kind: str = "none"  # none | stored | live
     model: nn.Module | None = None
+    scores_dir: str | None = None  # where a stored column came from
 
     def losses(self, batch: dict):
         if self.kind == "stored":
@@ -297,7 +298,7 @@ class Trainer:
                 bar.update(1)
                 tok_s = (self.tokens_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sel=f"{metrics['train/selected_frac']:.2f}",
-                                tok_s=f"{tok_s:,.0f}")  # fmt: skip
+                                tok_s=f"{tok_s:,.0f}", refresh=False)  # fmt: skip
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self.tracker.log(self._event(**metrics, **{"train/tokens_per_s": tok_s}))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:

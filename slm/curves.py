@@ -1,0 +1,223 @@
+"""slm-curves: data-efficiency plots and the "tokens to reach the baseline" table.
+
+Reads run directories or whole sweep directories (every ``metrics.jsonl`` below them), or a
+W&B project (``wandb:ENTITY/PROJECT[/GROUP]``, online). Runs that differ only by seed are
+averaged (mean line, min-max band). The baseline is the run group with ratio 1.0 (every token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from slm.tracking import METRICS_FILE, read_metrics
+
+log = logging.getLogger(__name__)
+RUN_INFO = "run_info.json"
+
+
+@dataclass
+class Run:
+    path: str
+    info: dict  # selector, ratio, reference, seed, experiment
+    events: list[dict]
+
+    @property
+    def group(self) -> str:
+        if self.is_baseline:
+            return "baseline (all tokens)"
+        return f"{self.info.get('selector', '?')} {self.info.get('ratio', '?')}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return float(self.info.get("ratio", 0)) >= 1.0 or self.info.get("selector") == "all"
+
+    def evals(self, metric: str) -> list[dict]:
+        return [e for e in self.events if e.get(metric) is not None]
+
+
+@dataclass
+class Curve:
+    """One group's eval metric, averaged over its seeds at shared eval points."""
+
+    group: str
+    is_baseline: bool
+    runs: list[Run] = field(default_factory=list)
+    x: dict = field(default_factory=dict)  # axis -> array
+    mean: np.ndarray | None = None
+    lo: np.ndarray | None = None
+    hi: np.ndarray | None = None
+
+
+def load_runs(paths: list[str]) -> list[Run]:
+    runs = []
+    for p in paths:
+        if p.startswith("wandb:"):
+            runs += _wandb_runs(p[len("wandb:") :])
+            continue
+        root = Path(p)
+        if not root.exists():
+            raise FileNotFoundError(f"slm-curves: {p} does not exist")
+        files = [root] if root.is_file() else sorted(root.rglob(METRICS_FILE))
+        for f in files:
+            run_dir = f.parent
+            if "reference" in run_dir.parts and (run_dir.parent / "model").exists():
+                continue  # a cached demo reference's own training log
+            info_file = run_dir / RUN_INFO
+            info = json.loads(info_file.read_text()) if info_file.exists() else {"selector": run_dir.name, "ratio": 0}
+            runs.append(Run(str(run_dir), info, read_metrics(f)))
+    if not runs:
+        raise ValueError(f"slm-curves: no {METRICS_FILE} found under {paths}")
+    return runs
+
+
+def _wandb_runs(spec: str) -> list[Run]:
+    import wandb
+
+    parts = spec.split("/")
+    filters = {"group": parts[2]} if len(parts) > 2 else {}
+    out = []
+    for r in wandb.Api().runs(f"{parts[0]}/{parts[1]}", filters=filters):
+        cfg = r.config
+        info = {"selector": cfg.get("selector", {}).get("name"), "ratio": cfg.get("selector", {}).get("ratio"),
+                "reference": cfg.get("reference", {}).get("kind"), "seed": cfg.get("seed")}  # fmt: skip
+        out.append(Run(f"wandb:{r.path}", info, [dict(row) for row in r.scan_history()]))
+    return out
+
+
+def curves(runs: list[Run], metric: str = "eval/loss", by_seed: bool = False) -> list[Curve]:
+    """Group runs by selector and ratio; average seeds over the eval steps they all reached.
+
+    ``by_seed=True`` keeps every run its own curve."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for i, r in enumerate(runs):
+        if r.evals(metric):
+            groups[f"{r.group}#{i}" if by_seed else r.group].append(r)
+    out = []
+    for name, members in groups.items():
+        steps = sorted(set.intersection(*[{e["step"] for e in r.evals(metric)} for r in members]))
+        by_step = [{e["step"]: e for e in r.evals(metric)} for r in members]
+        vals = np.array([[m[s][metric] for s in steps] for m in by_step], dtype=float)
+        axes = ("tokens_seen", "tokens_selected")
+        x = {ax: np.array([np.mean([m[s][ax] for m in by_step]) for s in steps]) for ax in axes}
+        out.append(Curve(name, members[0].is_baseline, members, x, vals.mean(0), vals.min(0), vals.max(0)))
+    return sorted(out, key=lambda c: (not c.is_baseline, c.group))
+
+
+def tokens_to_reach(curve: Curve, target: float, axis: str = "tokens_seen") -> float | None:
+    """First x where the mean eval loss reaches ``target`` (linear between eval points)."""
+    x, y = curve.x[axis], curve.mean
+    for i in range(len(y)):
+        if y[i] <= target:
+            if i == 0:
+                return float(x[0])
+            frac = (y[i - 1] - target) / (y[i - 1] - y[i])
+            return float(x[i - 1] + frac * (x[i] - x[i - 1]))
+    return None
+
+
+def savings_table(cs: list[Curve]) -> tuple[list[dict], str | None]:
+    """Rows of tokens needed to reach the baseline's final eval loss; and a note if impossible."""
+    base = next((c for c in cs if c.is_baseline), None)
+    if base is None:
+        return [], "no baseline run (ratio 1.0 / selector=all) among the inputs: nothing to compare against"
+    target = float(base.mean[-1])
+    base_tokens = float(base.x["tokens_seen"][-1])
+    rows = []
+    for c in cs:
+        seen = tokens_to_reach(c, target)
+        sel = tokens_to_reach(c, target, "tokens_selected")
+        per_seed = [tokens_to_reach(one, target) for one in curves(c.runs, by_seed=True)]
+        worst = None if None in per_seed else max(per_seed) / base_tokens
+        rows.append({
+            "run": c.group, "seeds": len(c.runs), "final_eval_loss": round(float(c.mean[-1]), 4),
+            "tokens_seen_to_reach_baseline": None if seen is None else int(seen),
+            "tokens_selected_to_reach_baseline": None if sel is None else int(sel),
+            "fraction_of_baseline_tokens": None if seen is None else round(seen / base_tokens, 3),
+            "worst_seed_fraction": None if worst is None else round(worst, 3),
+            "fold_saving": None if not seen else round(base_tokens / seen, 2),
+        })  # fmt: skip
+    return rows, None
+
+
+def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(cs_loss, "eval loss (all tokens, clean split)")] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (cs, ylabel) in enumerate(panels):
+        for col, axis in enumerate(("tokens_seen", "tokens_selected")):
+            ax = axes[row][col]
+            for i, c in enumerate(cs):
+                style = dict(color="black", ls="--", lw=2) if c.is_baseline else dict(color=colors[i % len(colors)])
+                label = c.group + (f" ({len(c.runs)} seeds)" if len(c.runs) > 1 else "")
+                ax.plot(c.x[axis], c.mean, label=label, **style)
+                if len(c.runs) > 1:
+                    ax.fill_between(c.x[axis], c.lo, c.hi, alpha=0.2, color=style["color"])
+            ax.set_xlabel(axis.replace("_", " "))
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if "loss" in ylabel:
+                finite = [v for c in cs for v in c.mean[1:] if math.isfinite(v)] or [1.0]
+                ax.set_ylim(top=max(finite) * 1.1, bottom=min(finite) * 0.95)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "curves.png", out / "curves.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    cols = list(rows[0])
+    with (out / "tokens_to_baseline.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: "not reached" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    md += "".join("| " + " | ".join(fmt(r[c]) for c in cols) + " |\n" for r in rows)
+    (out / "tokens_to_baseline.md").write_text(md)
+    return md
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="slm-curves", description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or wandb:ENTITY/PROJECT[/GROUP]")
+    p.add_argument("--out", default=None, help="output folder (default: the first path, or ./curves)")
+    args = p.parse_args(argv)
+    runs = load_runs(args.paths)
+    empty = [r.path for r in runs if not r.evals("eval/loss")]
+    for path in empty:
+        print(f"slm-curves: {path} has no eval points yet; skipped")
+    cs_loss, cs_acc = curves(runs, "eval/loss"), curves(runs, "eval/answer_acc")
+    if not cs_loss:
+        raise SystemExit("slm-curves: none of the runs has eval points; nothing to plot")
+    first = Path(args.paths[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
+    for path in plot(cs_loss, cs_acc, out):
+        print(f"slm-curves: wrote {path}")
+    rows, note = savings_table(cs_loss)
+    if note:
+        print(f"slm-curves: {note}")
+    else:
+        print(write_table(rows, out))
+        print(f"slm-curves: wrote {out / 'tokens_to_baseline.csv'} and {out / 'tokens_to_baseline.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Every shipped config composes; the CLI documents its groups; README and CI agree."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from slm.cli import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = {"data=files": ["data.source=x.jsonl"], "data=hub": ["data.source=org/name"],
+            "reference=live": ["reference.path=/m"], "reference=stored": ["reference.scores_dir=/s"]}  # fmt: skip
+
+
+def options():
+    for group in ("model", "data", "reference", "selector", "trainer", "logger", "experiment"):
+        for f in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+            yield f"{group}={f.stem}"
+
+
+@pytest.mark.parametrize("override", list(options()))
+def test_every_option_composes(override):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[override, *REQUIRED.get(override, [])], return_hydra_config=True)
+    for key in ("model", "data", "reference", "selector", "trainer", "logger"):
+        assert key in cfg
+    assert cfg.data.tokenizer == cfg.model.tokenizer
+
+
+def test_score_config_composes():
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("score", overrides=["reference=live", "reference.path=/m"])
+    assert cfg.reference.kind == "live" and cfg.data.source == "builtin"
+
+
+def test_help_lists_the_groups():
+    out = subprocess.run([sys.executable, "-m", "slm.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for group in ("model:", "data:", "reference:", "selector:", "trainer:", "logger:", "experiment:"):
+        assert group in out
+
+
+def test_slurm_launcher_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+
+
+@pytest.mark.parametrize("name", ["one_gpu", "ddp", "fsdp", "deepspeed_zero2"])
+def test_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "conf" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type is not None
+    assert yaml.safe_load((ROOT / "conf" / "accelerate" / f"{name}.yaml").read_text())["mixed_precision"] == "bf16"
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (ROOT / "README.md").read_text().splitlines()
+    block = readme[readme.index("```bash") + 1 : readme.index("```")]
+    commands = [re.sub(r"\s+#.*$", "", line).strip() for line in block]
+    install, main_job, test = commands[:3]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert install in ci and test in ci
+    assert main_job == "slm-train"
