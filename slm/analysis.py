@@ -55,12 +55,11 @@ def highlight_html(sample: SelectionSample, rows: int = 3) -> str:
         for t, tok in enumerate(sample.tokens[b]):
             text = html.escape(tok.replace("\n", "⏎"))
             if not sample.valid[b, t]:
-                spans.append(f"<span style='color:#bbb'>{text}</span>")
+                style, title = "color:#bbb", ""
             elif sample.mask[b, t]:
-                spans.append(f"<span style='background:#b7f0b1' title='{sample.excess[b, t]:.2f}'>{text}</span>")
+                style, title = "background:#b7f0b1", f"{sample.excess[b, t]:.2f}"
             else:
-                spans.append(
-                    f"<span style='color:#999;text-decoration:line-through' title='{sample.excess[b, t]:.2f}'>{text}</span>"
-                )
+                style, title = "color:#999;text-decoration:line-through", f"{sample.excess[b, t]:.2f}"
+            spans.append(f"<span style='{style}' title='{title}'>{text}</span>")
         out.append("<div style='font-family:monospace;white-space:pre-wrap;margin:6px 0'>" + "".join(spans) + "</div>")
     return "\n".join(out)
