@@ -238,3 +238,25 @@ def test_vocabulary_mismatch_refused(tmp_path):
         train(
             compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / 'ref'}"), tmp_path / "run"
         )
+
+
+@pytest.mark.slow
+def test_two_process_scoring_equals_one_process(tmp_path):
+    """slm-score sharded over 2 processes (torchrun, gloo) stores the same column as 1 process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from datasets import load_from_disk
+    from helpers import TINY
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [o for o in TINY if o.startswith(("model.", "data.", "reference."))] + [f"data.cache_dir={tmp_path / 'c'}"]
+    exe = str(Path(sys.executable).with_name("slm-score"))
+    subprocess.run([exe, *args, f"out_dir={tmp_path / 'one'}"], env=env, check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", exe,
+                    *args, f"out_dir={tmp_path / 'two'}"], env=env, check=True, cwd=tmp_path)  # fmt: skip
+    one, two = (load_from_disk(str(tmp_path / d / "dataset")) for d in ("one", "two"))
+    assert one["input_ids"] == two["input_ids"]
+    assert np.array_equal(np.array(one["ref_loss"], np.float32), np.array(two["ref_loss"], np.float32))

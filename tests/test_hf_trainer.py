@@ -125,3 +125,15 @@ def test_no_loss_mask_and_no_ratio_is_a_clear_error(tmp_path):
                                data_collator=collator(tok))  # fmt: skip
     with pytest.raises(ValueError, match="no loss_mask column and selection_ratio is not set"):
         trainer.train()
+
+
+def test_readme_example_script_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "trainer_example.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "out")], check=True, capture_output=True)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "llama"
