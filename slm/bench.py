@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 SHAPES = {
     # name: (model_type, config kwargs, batch, seq)
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, vocab_size=2000), 2, 32),
     "cpu": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=4, vocab_size=32000), 4, 256),
     "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,

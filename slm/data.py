@@ -103,8 +103,12 @@ def _data_files(source: str) -> list[str]:
 
 
 def _is_local(source: str) -> bool:
+    """A path, glob or file name; anything else (``org/name``) is a hub dataset name."""
     return (
-        os.path.exists(os.path.expanduser(source)) or any(c in source for c in "*?[/") or Path(source).suffix in FORMATS
+        os.path.exists(os.path.expanduser(source))
+        or any(c in source for c in "*?[")
+        or source.startswith((".", "/", "~"))
+        or Path(source).suffix in FORMATS
     )
 
 

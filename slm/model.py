@@ -24,7 +24,7 @@ IGNORE_INDEX = -100
 # final norm inside ``model.base_model``; checked against HF's own loss in the tests.
 _EXACT_HEADS = {
     "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3",
-    "gemma", "gemma2", "cohere", "granite", "olmo", "olmo2", "starcoder2", "stablelm",
+    "gemma", "gemma2", "cohere", "granite", "olmo", "olmo2", "starcoder2",
 }  # fmt: skip
 
 SELECTORS = ("excess_loss", "train_loss", "reference_loss", "random")

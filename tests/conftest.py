@@ -84,6 +84,11 @@ ARCH_KWARGS = {
         intermediate_size=64,
         logits_scaling=4.0,
     ),
+    "olmo": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
+    "olmo2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
+    "starcoder2": dict(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    ),
 }
 ARCHS = list(ARCH_KWARGS)
 

@@ -260,3 +260,21 @@ def test_two_process_scoring_equals_one_process(tmp_path):
     one, two = (load_from_disk(str(tmp_path / d / "dataset")) for d in ("one", "two"))
     assert one["input_ids"] == two["input_ids"]
     assert np.array_equal(np.array(one["ref_loss"], np.float32), np.array(two["ref_loss"], np.float32))
+
+
+def test_hub_source_unreachable_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="could not load this hub dataset"):
+        build(DataConfig(source="no-such-org/no-such-dataset", cache_dir=str(tmp_path)))
+
+
+def test_tokenizer_from_a_local_folder(tmp_path):
+    builtin_tokenizer().save_pretrained(tmp_path / "tok")
+    (tmp_path / "d.txt").write_text("\n\n".join(DOCS))
+    a = build(DataConfig(source=str(tmp_path / "d.txt"), tokenizer=str(tmp_path / "tok"), block_size=16,
+                         val_fraction=0.25, cache_dir=str(tmp_path / "c")))  # fmt: skip
+    b = build(DataConfig(source=str(tmp_path / "d.txt"), block_size=16, val_fraction=0.25,
+                         cache_dir=str(tmp_path / "c2")))  # fmt: skip
+    assert a["train"]["input_ids"] == b["train"]["input_ids"]
+    assert a.identity["tokenizer"]["vocab_sha256"] == b.identity["tokenizer"]["vocab_sha256"]
+    with pytest.raises(ValueError, match="could not load a tokenizer"):
+        build(DataConfig(source=str(tmp_path / "d.txt"), tokenizer=str(tmp_path / "nope"), cache_dir=str(tmp_path)))
