@@ -12,12 +12,21 @@ from pathlib import Path
 
 import hydra
 import torch
+from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from slm.curves import RUN_INFO
-from slm.data import PackedData, build, check_block_size
+from slm.data import PackedData, build, check_block_size, default_cache_dir
 from slm.model import SelectiveLM
-from slm.reference import check_vocab, freeze, load_reference, load_stored, reference_identity, score_dataset
+from slm.reference import (
+    META_FILE,
+    check_vocab,
+    freeze,
+    load_reference,
+    load_stored,
+    reference_identity,
+    score_dataset,
+)
 from slm.tracking import Tracker
 from slm.train import RefSource, TrainConfig, Trainer
 
@@ -91,6 +100,10 @@ def make_accelerator(tcfg: TrainConfig):
     return acc
 
 
+def _cache_root(cfg: DictConfig) -> Path:
+    return Path(cfg.data.get("cache_dir") or default_cache_dir()).expanduser()
+
+
 def _locked(path: Path):
     from filelock import FileLock  # a dependency of datasets and huggingface_hub
 
@@ -100,14 +113,11 @@ def _locked(path: Path):
 
 def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
     """The built-in demo's reference: trained on the clean split once, then cached and reused."""
-    from accelerate.utils import broadcast_object_list
-
     rcfg = cfg.reference
     seed = int(rcfg.get("seed", 0))  # not the run's seed: every seed of a sweep shares one reference
     settings = {"model": _container(cfg.model), "trainer": _container(rcfg.trainer),
                 "clean": data.identity["data_hash"]["clean"], "seed": seed}  # fmt: skip
-    root = Path(cfg.data.cache_dir or os.environ.get("SLM_CACHE", "~/.cache/slm")).expanduser()
-    where = root / "reference" / _hash(settings)
+    where = _cache_root(cfg) / "reference" / _hash(settings)
     done = where / "model" / "config.json"
     with _locked(where) if acc.is_main_process else nullcontext():
         cached = [done.exists()]
@@ -137,13 +147,15 @@ def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, a
     ident = reference_identity(reference, ref_name)
     meta = {"tokenizer": data.identity["tokenizer"], "block_size": data.identity["block_size"],
             "data_hash": data.identity["data_hash"]["train"], "reference": ident}  # fmt: skip
-    root = Path(cfg.data.cache_dir or os.environ.get("SLM_CACHE", "~/.cache/slm")).expanduser()
-    out_dir = Path(out_dir) if out_dir else root / "scores" / _hash(meta)
-    if (out_dir / "slm_ref.json").exists():
-        log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
-        return out_dir
-    score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
-                  accelerator=acc)  # fmt: skip
+    out_dir = Path(out_dir) if out_dir else _cache_root(cfg) / "scores" / _hash(meta)
+    with _locked(out_dir) if acc.is_main_process else nullcontext():  # concurrent sweep jobs score once
+        done = [(out_dir / META_FILE).exists()]
+        broadcast_object_list(done)
+        if done[0]:
+            log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
+        else:
+            score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
+                          accelerator=acc)  # fmt: skip
     return out_dir
 
 
@@ -183,10 +195,9 @@ def _setup_logging(acc) -> None:
     transformers.logging.set_verbosity_error()
     for name in ("accelerate", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    if not acc.is_main_process:
+    if not acc.is_main_process:  # one process speaks; the slm.* loggers inherit from "slm"
         logging.getLogger().setLevel(logging.WARNING)
-        for name in ("slm", "slm.train", "slm.reference", "slm.data", "slm.tracking"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("slm").setLevel(logging.WARNING)
 
 
 def run_dir_from_hydra() -> Path:
@@ -266,12 +277,7 @@ def score(cfg: DictConfig) -> Path:
     else:
         name, ref = cfg.reference.path, load_reference(cfg.reference.path, device=acc.device,
                                                        dtype=cfg.reference.get("dtype", "auto"))  # fmt: skip
-    if cfg.get("model") is not None and cfg.model.get("pretrained"):
-        from transformers import AutoConfig
-
-        v = AutoConfig.from_pretrained(cfg.model.pretrained).vocab_size
-        if v != ref.get_output_embeddings().weight.shape[0]:
-            raise ValueError(f"the reference's vocabulary differs from model.pretrained's ({v}); refusing to score")
+    _check_score_vocab(cfg, data, ref)
     out = stored_scores(cfg, data, ref, name, acc, out_dir=cfg.get("out_dir"))
     if acc.is_main_process:
         meta = json.loads((out / "slm_ref.json").read_text())
@@ -279,6 +285,20 @@ def score(cfg: DictConfig) -> Path:
               f"\n  throughput: {meta.get('tokens_per_s')} tokens/s over {meta.get('processes')} process(es)"
               f"\n  train with: slm-train reference=stored reference.scores_dir={out}", flush=True)  # fmt: skip
     return out
+
+
+def _check_score_vocab(cfg: DictConfig, data: PackedData, ref) -> None:
+    """Refuse, before scoring, a reference whose vocabulary is not the training model's."""
+    from transformers import AutoConfig
+
+    pretrained = cfg.model.get("pretrained")
+    vocab = AutoConfig.from_pretrained(pretrained).vocab_size if pretrained else len(data.tokenizer)
+    v_ref = ref.get_output_embeddings().weight.shape[0]
+    if v_ref != vocab:
+        raise ValueError(
+            f"the reference's vocabulary ({v_ref} tokens) differs from the training model's ({vocab}, "
+            f"model={cfg.model.name}); a reference must share the training model's tokenizer"
+        )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="score")
