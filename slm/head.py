@@ -84,6 +84,9 @@ class _SelectedRowsCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, lse, loss, head):
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.head = head
+        # Backward runs outside autocast: remember the dtype the scoring matmuls used under it.
+        dev = hidden.device.type
+        ctx.compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         return loss.clone()
 
     @staticmethod
@@ -94,10 +97,12 @@ class _SelectedRowsCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        w = weight.to(ctx.compute_dtype)
+        b = None if bias is None else bias.to(ctx.compute_dtype)
         step = head.chunk_rows()
         for i in range(0, hidden.shape[0], step):
-            h = hidden[i : i + step]
-            z = head.raw_logits(h, weight, bias)
+            h = hidden[i : i + step].to(ctx.compute_dtype)
+            z = head.raw_logits(h, w, b)
             logits = head.cap(z)
             # d loss / d logits = softmax - onehot, scaled by the incoming per-row gradient.
             g = torch.exp(logits - lse[i : i + step, None])
@@ -107,11 +112,11 @@ class _SelectedRowsCE(torch.autograd.Function):
                 g *= 1.0 - (logits / head.softcap).square()
             if head.scale != 1.0:
                 g *= head.scale
-            g = g.to(weight.dtype)
+            g = g.to(ctx.compute_dtype)
             if need_h:
-                grad_h[i : i + step] = (g @ weight).to(hidden.dtype)
+                grad_h[i : i + step] = (g @ w).to(hidden.dtype)
             if need_w:
-                grad_w.add_(g.t() @ h.to(weight.dtype))
+                grad_w.add_(g.t() @ h)
             if need_b:
                 grad_b += g.float().sum(0)
         grad_w = grad_w.to(weight.dtype) if need_w else None
