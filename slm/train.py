@@ -175,7 +175,7 @@ class Trainer:
                  ref: RefSource | None = None, tracker: Tracker | None = None, name: str = "train"):  # fmt: skip
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
-        self.train_ds, self.val_ds = train_ds, val_ds
+        self.val_ds = val_ds
         self.selective = lm
         self.tracker = tracker or Tracker(run_dir, enabled=False)
         decay = [p for n, p in lm.named_parameters() if p.requires_grad and p.dim() >= 2]

@@ -197,3 +197,14 @@ def test_two_processes_equal_one_process(tmp_path):
             if k in a:
                 assert a[k] == pytest.approx(b[k], rel=1e-5), (a["step"], k)
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_processes_of_one_launch_share_one_run_directory(tmp_path):
+    env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "slm.cli",
+                    *TINY, "experiment_name=shared"], env=env, check=True, cwd=tmp_path)  # fmt: skip
+    runs = list((tmp_path / "outputs" / "shared").iterdir())
+    assert len(runs) == 1
+    events = read_metrics(runs[0])
+    assert len([e for e in events if e["step"] == 0]) == 1  # written once, by the main process
