@@ -4,13 +4,14 @@ Two operations, both over *rows* (one hidden state per predicted token):
 
 * :func:`score_rows` - no grad, chunked: each row's loss and log-sum-exp. Every valid token
   goes through it, because selection needs the current model's loss on all of them.
-* :func:`selected_rows_loss` - the grad-enabled loss of the selected rows only. Its forward
-  reuses the losses from the scoring pass (no second forward matmul); its backward recomputes
-  the logits of the selected rows chunk by chunk from the saved log-sum-exp, so neither pass
-  ever holds more than one chunk of logits.
+* :func:`selected_rows_loss` - the grad-enabled summed loss of the selected rows only. Its
+  forward computes the gradients too, chunk by chunk while each chunk's logits exist (the
+  backward of a sum only scales them), so no pass ever holds more than one chunk of logits.
 
-A faster kernel (a fused CUDA/Triton one) slots in by replacing these two functions for a
-:class:`OutputHead`; everything above them only sees per-row losses.
+Per step the head costs one matmul per valid token (scoring) plus three per selected token,
+against HF's three per token on a B x T x V tensor. A faster kernel (a fused CUDA/Triton one)
+slots in by replacing these two functions for an :class:`OutputHead`; everything above them only
+sees per-row losses.
 """
 
 from __future__ import annotations
@@ -77,67 +78,64 @@ def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = F
     return (loss, lse, hit) if hits else (loss, lse)
 
 
-class _SelectedRowsCE(torch.autograd.Function):
-    """Per-row CE whose value is known already; backward recomputes logits chunk by chunk."""
+class _SummedRowsCE(torch.autograd.Function):
+    """Sum of the rows' cross-entropies. The gradient of a sum is the same for every row up to
+    one scalar, so the forward computes it chunk by chunk while the logits are at hand
+    (3 matmuls per chunk: logits, d hidden, d weight) and the backward only scales it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, lse, loss, head):
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.head = head
-        # Backward runs outside autocast: remember the dtype the scoring matmuls used under it.
-        dev = hidden.device.type
-        ctx.compute_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-        return loss.clone()
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        head: OutputHead = ctx.head
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        w = weight.to(ctx.compute_dtype)
-        b = None if bias is None else bias.to(ctx.compute_dtype)
+    def forward(ctx, hidden, weight, bias, targets, lse, head):
+        n = hidden.shape[0]
+        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_b = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
         step = head.chunk_rows()
-        for i in range(0, hidden.shape[0], step):
-            h = hidden[i : i + step].to(ctx.compute_dtype)
-            z = head.raw_logits(h, w, b)
-            logits = head.cap(z)
-            # d loss / d logits = softmax - onehot, scaled by the incoming per-row gradient.
-            g = torch.exp(logits - lse[i : i + step, None])
-            g.scatter_add_(1, targets[i : i + step, None], torch.full_like(g[:, :1], -1.0))
-            g *= grad_loss[i : i + step, None]
+        for i in range(0, n, step):
+            h, t = hidden[i : i + step], targets[i : i + step, None]
+            logits = head.cap(head.raw_logits(h, weight, bias))
+            row_lse = torch.logsumexp(logits, dim=-1) if lse is None else lse[i : i + step]
+            loss[i : i + step] = row_lse - logits.gather(1, t).squeeze(1)
+            # d loss / d logits = softmax - onehot, then back through the soft-cap and the scale.
+            g = torch.exp(logits - row_lse[:, None])
+            g.scatter_add_(1, t, torch.full_like(g[:, :1], -1.0))
             if head.softcap:
                 g *= 1.0 - (logits / head.softcap).square()
             if head.scale != 1.0:
                 g *= head.scale
-            g = g.to(ctx.compute_dtype)
-            if need_h:
-                grad_h[i : i + step] = (g @ w).to(hidden.dtype)
-            if need_w:
-                grad_w.add_(g.t() @ h)
-            if need_b:
+            g = g.to(weight.dtype)  # under autocast the two matmuls below run in its dtype, like the logits'
+            grad_h[i : i + step] = (g @ weight).to(hidden.dtype)
+            grad_w.add_(g.t() @ h.to(weight.dtype))
+            if grad_b is not None:
                 grad_b += g.float().sum(0)
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        grad_b = grad_b.to(bias.dtype) if need_b else None
-        return grad_h, grad_w, grad_b, None, None, None, None
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+        ctx.mark_non_differentiable(loss)
+        return loss.sum(), loss
+
+    @staticmethod
+    def backward(ctx, grad_sum, _grad_rows):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        return (
+            grad_h * grad_sum.to(grad_h.dtype) if need_h else None,
+            grad_w * grad_sum.to(grad_w.dtype) if need_w else None,
+            grad_b * grad_sum.to(grad_b.dtype) if need_b and grad_b is not None else None,
+            None,
+            None,
+            None,
+        )
 
 
 def selected_rows_loss(
-    head: OutputHead,
-    hidden: Tensor,
-    targets: Tensor,
-    lse: Tensor | None = None,
-    loss: Tensor | None = None,
-) -> Tensor:
-    """Per-row losses ``[K]`` with gradients to ``hidden``, the head's weight and bias.
+    head: OutputHead, hidden: Tensor, targets: Tensor, lse: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(sum of the rows' losses, per-row losses [K])``; the sum carries gradients to
+    ``hidden`` and the head's weight and bias, the per-row losses are detached.
 
-    Pass ``lse`` and ``loss`` from :func:`score_rows` to skip the forward matmul; without them
-    they are computed here (the ``loss_mask`` path, which has no scoring pass).
+    ``lse`` from :func:`score_rows` saves the log-sum-exp reduction; the logits of the
+    selected rows are recomputed either way (the scoring pass keeps no logits).
     """
-    if lse is None or loss is None:
-        loss, lse = score_rows(head, hidden.detach(), targets)
     if not torch.is_grad_enabled():
-        return loss
-    return _SelectedRowsCE.apply(hidden, head.weight, head.bias, targets, lse, loss, head)
+        loss = score_rows(head, hidden, targets)[0]
+        return loss.sum(), loss
+    return _SummedRowsCE.apply(hidden, head.weight, head.bias, targets, lse, head)

@@ -160,33 +160,31 @@ class SelectiveLM(nn.Module):
 
         token_loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         hits = None
-        if loss_mask is not None:
-            mask = loss_mask.to(valid.device).bool() & valid
-            picked = mask[:, 1:][rows]
-            row_loss = head_rows.train(picked)
-            token_loss[mask] = row_loss.detach()
-        else:
+        if loss_mask is None and (ratio < 1.0 or return_hits):
+            # Selection needs the current loss of every valid token: a no-grad scoring pass.
             row_loss, row_hits = head_rows.score(return_hits)
             token_loss[:, 1:][rows] = row_loss
             if return_hits:
                 hits = torch.zeros_like(valid)
                 hits[:, 1:][rows] = row_hits
-            if ratio == 1.0:
-                mask = valid
-            else:
-                selector = self.selector
-                if selector == "excess_loss" and ref_loss is None:
-                    selector = "train_loss"
-                ref = None if ref_loss is None else ref_loss.to(token_loss.device)
-                scores = score_tokens(selector, token_loss, ref, self.generator)
-                mask = select_tokens(scores, ratio, valid, self.scope)
-            row_loss = head_rows.train(mask[:, 1:][rows])
+            mask = valid if ratio == 1.0 else self._select(token_loss, ref_loss, valid, ratio)
+            loss_sum, _ = head_rows.train(mask[:, 1:][rows])
+        else:
+            # The trained tokens are known up front (a loss_mask, or all of them): one fused pass.
+            mask = valid if loss_mask is None else loss_mask.to(valid.device).bool() & valid
+            loss_sum, row_loss = head_rows.train(mask[:, 1:][rows])
+            token_loss[mask] = row_loss
 
         n_selected = int(mask.sum())
         denom = num_items_in_batch if num_items_in_batch is not None else max(n_selected, 1)
         if torch.is_tensor(denom):
-            denom = denom.to(row_loss.device)
-        return SelectiveOutput(row_loss.sum() / denom, token_loss, mask, n_selected, int(valid.sum()), hits)
+            denom = denom.to(loss_sum.device)
+        return SelectiveOutput(loss_sum / denom, token_loss, mask, n_selected, int(valid.sum()), hits)
+
+    def _select(self, token_loss: Tensor, ref_loss: Tensor | None, valid: Tensor, ratio: float) -> Tensor:
+        selector = "train_loss" if self.selector == "excess_loss" and ref_loss is None else self.selector
+        ref = None if ref_loss is None else ref_loss.to(token_loss.device)
+        return select_tokens(score_tokens(selector, token_loss, ref, self.generator), ratio, valid, self.scope)
 
     def _rows(self, input_ids, attention_mask, rows, targets, model_kwargs):
         head = output_head(self.model, self.chunk_elements)
@@ -202,17 +200,16 @@ class _HeadRows:
 
     def __init__(self, head: OutputHead, hidden: Tensor, targets: Tensor):
         self.head, self.hidden, self.targets = head, hidden, targets
-        self.loss = self.lse = None
+        self.lse = None
 
     def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
         out = score_rows(self.head, self.hidden.detach(), self.targets, hits=hits)
-        self.loss, self.lse = out[0], out[1]
-        return self.loss, out[2] if hits else None
+        self.lse = out[1]
+        return out[0], out[2] if hits else None
 
-    def train(self, picked: Tensor) -> Tensor:
+    def train(self, picked: Tensor) -> tuple[Tensor, Tensor]:
         lse = None if self.lse is None else self.lse[picked]
-        loss = None if self.loss is None else self.loss[picked]
-        return selected_rows_loss(self.head, self.hidden[picked], self.targets[picked], lse, loss)
+        return selected_rows_loss(self.head, self.hidden[picked], self.targets[picked], lse)
 
 
 class _FullLogitRows:
@@ -225,8 +222,9 @@ class _FullLogitRows:
     def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
         return self.ce.detach(), self.hit if hits else None
 
-    def train(self, picked: Tensor) -> Tensor:
-        return self.ce[picked]
+    def train(self, picked: Tensor) -> tuple[Tensor, Tensor]:
+        ce = self.ce[picked]
+        return ce.sum(), ce.detach()
 
 
 @torch.no_grad()

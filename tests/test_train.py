@@ -57,10 +57,11 @@ def test_accumulation_equals_double_batch(tmp_path):
     cfg_b = compose_train(tmp_path / "cache", "trainer.batch_size=4", "trainer.grad_accum=1", *common)
     train(cfg_a, tmp_path / "a")
     train(cfg_b, tmp_path / "b")
-    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
-    assert len(la) == 6 and [s for s, _ in la] == [s for s, _ in lb]
-    for (_, x), (_, y) in zip(la, lb):
-        assert x == pytest.approx(y, rel=1e-5)
+    for key in ("train/loss", "train/grad_norm"):  # the norm catches a mis-scaled gradient that Adam would hide
+        la, lb = losses(tmp_path / "a", key), losses(tmp_path / "b", key)
+        assert len(la) == 6 and [s for s, _ in la] == [s for s, _ in lb]
+        for (_, x), (_, y) in zip(la, lb):
+            assert x == pytest.approx(y, rel=1e-5)
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
     ea, eb = read_metrics(tmp_path / "a")[-1], read_metrics(tmp_path / "b")[-1]
     assert ea["tokens_seen"] == eb["tokens_seen"] == 6 * 4 * 32
@@ -73,8 +74,9 @@ def test_ratio_one_is_plain_causal_lm_training(tmp_path):
     from slm.data import build
     from slm.train import TrainConfig, lr_lambda
 
+    # grad_clip=1e9: the gradient norm is logged (and compared below) but nothing is clipped
     cfg = compose_train(
-        tmp_path / "cache", "selector=all", "reference=none", "trainer.grad_clip=0", "trainer.max_steps=4"
+        tmp_path / "cache", "selector=all", "reference=none", "trainer.grad_clip=1e9", "trainer.max_steps=4"
     )
     train(cfg, tmp_path / "run")
     data = build(cfg.data)
@@ -89,16 +91,17 @@ def test_ratio_one_is_plain_causal_lm_training(tmp_path):
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tcfg))
     stream = BatchStream(len(data["train"]), 4, 1, 0, cfg.seed)
-    expected = []
+    expected, norms = [], []
     for step in range(4):
         rows = data["train"][stream.indices(step)]
         b = {k: torch.tensor(v) for k, v in rows.items()}
         loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")).item())
         opt.step(), sched.step(), opt.zero_grad()
         expected.append(loss.item())
-    got = [v for _, v in losses(tmp_path / "run")]
-    assert got == pytest.approx(expected, rel=1e-5)
+    assert [v for _, v in losses(tmp_path / "run")] == pytest.approx(expected, rel=1e-5)
+    assert [v for _, v in losses(tmp_path / "run", "train/grad_norm")] == pytest.approx(norms, rel=1e-4)
     assert_same_weights(final_weights(tmp_path / "run"), {k: v.contiguous() for k, v in model.state_dict().items()})
 
 
@@ -182,7 +185,13 @@ def test_stored_reference_refuses_other_data_settings(tmp_path):
 def test_two_processes_equal_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, global top-k."""
     env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    args = [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "selector.scope=global", "trainer.eval_every=3"]
+    args = [
+        *TINY,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "selector.scope=global",
+        "trainer.eval_every=3",
+        "trainer.grad_clip=1e9",
+    ]
     exe = str(Path(sys.executable).with_name("slm-train"))
     subprocess.run(
         [exe, *args, "trainer.batch_size=4", f"hydra.run.dir={tmp_path / 'one'}"], env=env, check=True, cwd=tmp_path
@@ -193,7 +202,7 @@ def test_two_processes_equal_one_process(tmp_path):
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [e["step"] for e in one] == [e["step"] for e in two]  # main process wrote once
     for a, b in zip(one, two):
-        for k in ("train/loss", "eval/loss", "tokens_seen", "tokens_selected"):
+        for k in ("train/loss", "train/grad_norm", "eval/loss", "tokens_seen", "tokens_selected"):
             if k in a:
                 assert a[k] == pytest.approx(b[k], rel=1e-5), (a["step"], k)
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), atol=1e-5)
