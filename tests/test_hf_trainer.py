@@ -140,3 +140,25 @@ def test_readme_example_script_runs(tmp_path):
     script = Path(__file__).resolve().parent.parent / "scripts" / "trainer_example.py"
     subprocess.run([sys.executable, str(script), str(tmp_path / "out")], check=True, capture_output=True)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "llama"
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path):
+    """torchrun x2 with per-device batch 2 == one process with batch 4 (num_items_in_batch across devices)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent / "trainer_ddp_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for cmd in ([sys.executable, script, str(tmp_path / "one"), "4"],
+                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, str(tmp_path / "two"),
+                 "2"]):  # fmt: skip
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, two = (torch.load(tmp_path / d / "weights.pt") for d in ("one", "two"))
+    start = tiny_model("llama", vocab=len(builtin_tokenizer())).state_dict()
+    assert any((one[k] - start[k]).abs().max() > 1e-3 for k in one)  # the runs did move the weights
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-5)
