@@ -162,3 +162,17 @@ def test_two_processes_equal_one_process(tmp_path):
     assert any((one[k] - start[k]).abs().max() > 1e-3 for k in one)  # the runs did move the weights
     for k in one:
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collator_pads_mask_and_ref_like_labels(side):
+    tok = builtin_tokenizer()
+    tok.padding_side = side
+    feats = [{"input_ids": [5, 6, 7], "loss_mask": [True, False, True], "ref_loss": [0.0, 1.5, 2.5]},
+             {"input_ids": [8], "loss_mask": [True], "ref_loss": [3.0]}]  # fmt: skip
+    batch = collator(tok)(feats)
+    real = batch["attention_mask"].bool()
+    assert batch["loss_mask"].dtype == torch.bool and batch["ref_loss"].dtype == torch.float32
+    assert batch["loss_mask"][1].tolist() == ([True, False, False] if side == "right" else [False, False, True])
+    assert batch["ref_loss"][0].tolist() == [0.0, 1.5, 2.5]
+    assert not batch["loss_mask"][~real].any() and (batch["labels"][~real] == -100).all()
