@@ -111,9 +111,6 @@ class SelectiveLM(nn.Module):
     def save_pretrained(self, *args, **kwargs):
         return self.model.save_pretrained(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, **kwargs):
-        return self.model.gradient_checkpointing_enable(**kwargs)
-
     # -----------------------------------------------------------------------------------------
     def forward(
         self,

@@ -220,3 +220,14 @@ def test_autocast_bf16_grads_close_to_hf_under_autocast(batch):
     for a, b in zip(ours, theirs):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
+
+
+def test_gradient_checkpointing_keeps_hf_loss_and_grads(batch):
+    ids, am, labels = batch
+    model = tiny_model("llama").train()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    ref = model(input_ids=ids, attention_mask=am, labels=labels).loss
+    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
+    torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-5)
+    assert_grads_close(grads(out.loss, model), grads(ref, model))

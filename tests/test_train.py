@@ -217,3 +217,22 @@ def test_processes_of_one_launch_share_one_run_directory(tmp_path):
     assert len(runs) == 1
     events = read_metrics(runs[0])
     assert len([e for e in events if e["step"] == 0]) == 1  # written once, by the main process
+
+
+def test_live_reference_trains_exactly_like_its_stored_column(tmp_path):
+    from conftest import tiny_model
+
+    from slm.cli import score
+    from slm.tokenizer import builtin_tokenizer
+
+    tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).save_pretrained(tmp_path / "ref")
+    live = ("reference=live", f"reference.path={tmp_path / 'ref'}")
+    store = score(compose_train(tmp_path / "cache", *live, config_name="score"))
+    train(compose_train(tmp_path / "cache", *live), tmp_path / "live")
+    train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "stored")
+    a, b = losses(tmp_path / "live"), losses(tmp_path / "stored")
+    assert len(a) == 6 and [s for s, _ in a] == [s for s, _ in b]
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6)
+    assert [e["tokens_selected"] for e in read_metrics(tmp_path / "live")] == [
+        e["tokens_selected"] for e in read_metrics(tmp_path / "stored")
+    ]
