@@ -9,86 +9,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB = 101
 
-# Tiny configs of every architecture the selective head claims to reproduce exactly.
+# Tiny configs of every architecture the selective head claims to reproduce exactly: a shared
+# decoder shape (grouped-query attention where the architecture has it) plus what sets each apart.
+_DECODER = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)
+_GQA = dict(_DECODER, num_key_value_heads=2)
 ARCH_KWARGS = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
-    "gpt_neox": dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64, tie_word_embeddings=False
-    ),
-    "llama": dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    ),
-    "mistral": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        head_dim=8,
-    ),
-    "qwen2": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-    ),
-    "qwen3": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        head_dim=8,
-    ),
-    "phi": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
-    "phi3": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        pad_token_id=0,
-    ),
-    "gemma": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        head_dim=8,
-    ),
-    "gemma2": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        head_dim=8,
-        final_logit_softcapping=3.0,
-    ),
-    "cohere": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        logit_scale=0.5,
-    ),
-    "granite": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        logits_scaling=4.0,
-    ),
-    "olmo": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
-    "olmo2": dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64),
-    "starcoder2": dict(
-        num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    ),
+    "gpt_neox": dict(_DECODER, tie_word_embeddings=False),
+    "llama": _GQA,
+    "mistral": dict(_GQA, head_dim=8),
+    "qwen2": dict(_GQA, tie_word_embeddings=True),
+    "qwen3": dict(_GQA, head_dim=8),
+    "phi": _DECODER,  # output-layer bias
+    "phi3": dict(_DECODER, num_key_value_heads=4, pad_token_id=0),
+    "gemma": dict(_GQA, head_dim=8),
+    "gemma2": dict(_GQA, head_dim=8, final_logit_softcapping=3.0),
+    "cohere": dict(_GQA, logit_scale=0.5),
+    "granite": dict(_GQA, logits_scaling=4.0),
+    "olmo": _DECODER,
+    "olmo2": _DECODER,
+    "starcoder2": _GQA,
 }
 ARCHS = list(ARCH_KWARGS)
 
