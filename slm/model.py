@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slm.head import DEFAULT_CHUNK_ELEMENTS, OutputHead, score_rows, selected_rows_loss
+from slm.head import OutputHead, score_rows, selected_rows_loss
 from slm.selection import SCOPES, check_ratio, score_tokens, select_tokens
 
 IGNORE_INDEX = -100
@@ -30,7 +30,7 @@ _EXACT_HEADS = {
 SELECTORS = ("excess_loss", "train_loss", "reference_loss", "random")
 
 
-def output_head(model: nn.Module, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> OutputHead | None:
+def output_head(model: nn.Module, chunk_elements: int | None = None) -> OutputHead | None:
     """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` if unknown."""
     cfg = model.config
     out = model.get_output_embeddings()
@@ -72,7 +72,8 @@ class SelectiveLM(nn.Module):
             call gives no ``ref_loss``), ``train_loss``, ``reference_loss`` or ``random``.
         scope: ``sequence``, ``batch`` or ``global`` (see :func:`slm.select_tokens`).
         seed: seed of the ``random`` selector and of random tie-breaking.
-        chunk_elements: logits held at once by the chunked head (rows x vocabulary).
+        chunk_elements: logits held at once by the chunked head (rows x vocabulary); ``None``
+            picks a size for the device (see :data:`slm.head.CHUNK_ELEMENTS`).
     """
 
     def __init__(
@@ -82,7 +83,7 @@ class SelectiveLM(nn.Module):
         selector: str = "excess_loss",
         scope: str = "batch",
         seed: int = 0,
-        chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        chunk_elements: int | None = None,
     ):
         super().__init__()
         if selector not in SELECTORS:
@@ -230,7 +231,7 @@ def token_losses(
     input_ids: Tensor,
     labels: Tensor,
     attention_mask: Tensor | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
     return_hits: bool = False,
     **model_kwargs,
 ):
