@@ -24,7 +24,7 @@ from torch import nn
 
 from slm.model import SelectiveLM, shifted_valid, token_losses
 from slm.selection import NonFiniteScores
-from slm.tracking import Tracker
+from slm.tracking import Tracker, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,11 @@ class Trainer:
             f"Last good checkpoint: {ckpt or 'none yet'}"
         )
 
+    def _last_logged_eval(self) -> dict:
+        """On resume: the eval numbers already in metrics.jsonl (reported if nothing is left to do)."""
+        evals = [e for e in read_metrics(self.run_dir) if "eval/loss" in e and e["step"] <= self.step]
+        return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+
     def _event(self, **metrics) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
                 **metrics}  # fmt: skip
@@ -287,7 +292,7 @@ class Trainer:
             log.warning("trainer.resume=true but %s has no checkpoint; starting from scratch", self.run_dir)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
-        last_eval = self.eval() if self.step == 0 else {}
+        last_eval = self.eval() if self.step == 0 else self._last_logged_eval()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
                    mininterval=0.5 if sys.stderr.isatty() else 15,  # a log file gets a line every 15 s
                    disable=not (self.acc.is_main_process and cfg.progress))  # fmt: skip

@@ -131,6 +131,10 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
             if k != "train/tokens_per_s":
                 assert a[k] == pytest.approx(b[k], rel=1e-6), k
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "cut"))
+    # resuming a finished run does nothing and reports the final eval numbers
+    again = train(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
+    assert again["step"] == 8 and again["eval/loss"] == pytest.approx(full[-1]["eval/loss"])
+    assert read_metrics(tmp_path / "cut") == cut
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
