@@ -54,9 +54,9 @@ def test_slurm_launcher_composes():
 def test_accelerate_configs_parse(name):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg = load_config_from_file(str(ROOT / "accelerate" / f"{name}.yaml"))
+    cfg = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
     assert cfg.distributed_type is not None
-    assert yaml.safe_load((ROOT / "accelerate" / f"{name}.yaml").read_text())["mixed_precision"] == "bf16"
+    assert yaml.safe_load((ROOT / "accelerate_configs" / f"{name}.yaml").read_text())["mixed_precision"] == "bf16"
 
 
 def test_readme_commands_are_what_ci_runs():
