@@ -67,3 +67,18 @@ def test_readme_commands_are_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert install in ci and test in ci
     assert main_job == "slm-train"
+
+
+def test_readme_core_api_example_runs():
+    """The README's core-API block, with a tiny model in place of the hub download."""
+    import torch
+    from conftest import tiny_model
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## The core API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    block = block.replace('AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-0.5B")', "tiny_model('qwen2')")
+    ids = torch.randint(1, 101, (2, 10))
+    scope = {"tiny_model": tiny_model, "ids": ids, "labels": ids.clone(), "am": torch.ones_like(ids),
+             "loss_mask": torch.rand(2, 10) < 0.5, "reference_model": tiny_model("qwen2", seed=1)}  # fmt: skip
+    exec(block, scope)
+    assert scope["out"].mask.sum() == round(0.6 * 18)
