@@ -72,7 +72,7 @@ class Tracker:
             self.wandb = wandb.init(
                 project=cfg.get("project", "slm"), entity=cfg.get("entity"), group=cfg.get("group"),
                 name=cfg.get("name"), tags=list(cfg.get("tags") or []), dir=str(run_dir), config=config,
-                mode=mode, id=run_id, resume="allow", settings=wandb.Settings(init_timeout=60, silent=True),
+                mode=mode, id=run_id, resume="allow", settings=wandb.Settings(init_timeout=20, silent=True),
             )  # fmt: skip
             for axis in X_AXES:
                 self.wandb.define_metric(axis)
