@@ -211,7 +211,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     tcfg = TrainConfig(**_container(cfg.trainer), seed=cfg.seed)
     acc = make_accelerator(tcfg)
     _setup_logging(acc)
-    data = build(cfg.data)
+    with acc.main_process_first():  # one process packs and caches; the others then load the cache
+        data = build(cfg.data)
     model = build_model(cfg.model, len(data.tokenizer), cfg.seed)
     check_block_size(model.config, int(cfg.data.block_size))
     train_ds, ref = reference_source(cfg, data, acc, model)
@@ -269,7 +270,8 @@ def score(cfg: DictConfig) -> Path:
 
     acc = Accelerator(cpu=_cpu_only())
     _setup_logging(acc)
-    data = build(cfg.data)
+    with acc.main_process_first():
+        data = build(cfg.data)
     if cfg.reference.kind == "demo":
         name, ref = demo_reference(cfg, data, acc)
     elif cfg.reference.kind != "live":
