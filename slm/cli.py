@@ -196,6 +196,9 @@ def _setup_logging(acc) -> None:
     for name in ("accelerate", "datasets"):
         logging.getLogger(name).setLevel(logging.WARNING)
     if not acc.is_main_process:  # one process speaks; the slm.* loggers inherit from "slm"
+        import datasets
+
+        datasets.disable_progress_bars()
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("slm").setLevel(logging.WARNING)
 
