@@ -67,6 +67,11 @@ class SelectiveTrainer(Trainer):
         self.selection_ratio = None if selection_ratio is None else check_ratio(selection_ratio, "selection_ratio")
         if model is not None and not isinstance(model, SelectiveLM):
             model = SelectiveLM(model, ratio=self.selection_ratio or 1.0, selector=selector, scope=scope)
+        training_args = kwargs.get("args") or (args[0] if args else None)
+        if training_args is not None and training_args.ddp_find_unused_parameters is None:
+            # Trainer assumes unused parameters for a model that is not a PreTrainedModel; every
+            # parameter of SelectiveLM gets a gradient each step (zeros when nothing is selected).
+            training_args.ddp_find_unused_parameters = False
         super().__init__(model, *args, **kwargs)
         self._scope = scope
         self.model_accepts_loss_kwargs = True  # we normalise by num_items_in_batch ourselves

@@ -1,5 +1,6 @@
 """Run by test_hf_trainer.py, alone or under torchrun: a few SGD steps of SelectiveTrainer."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,3 +24,8 @@ if trainer.args.process_index == 0:
 if torch.distributed.is_initialized():  # a clean exit: gloo can abort at interpreter shutdown otherwise
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+# Skip interpreter teardown: a background thread of the distributed stack can abort there
+# ("terminate called without an active exception") after all the work is done and saved.
+os._exit(0)
