@@ -126,6 +126,7 @@ def test_no_loss_mask_and_no_ratio_is_a_clear_error(tmp_path):
     ds, tok = dataset(with_mask=False)
     trainer = SelectiveTrainer(tiny_model("llama", vocab=len(tok)), args(tmp_path), train_dataset=ds,
                                data_collator=collator(tok))  # fmt: skip
+    assert trainer.args.ddp_find_unused_parameters is False  # every parameter gets a gradient each step
     with pytest.raises(ValueError, match="no loss_mask column and selection_ratio is not set"):
         trainer.train()
 
