@@ -65,7 +65,7 @@ def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | 
     """Top-k per row of a 2-D ``scores``, k computed from each row's valid count."""
     masked = scores.float().masked_fill(~valid, float("-inf"))
     if tiebreak is not None:
-        masked, tiebreak = masked[:, tiebreak], tiebreak
+        masked = masked[:, tiebreak]
     # A stable descending sort keeps the earlier position first among equal scores.
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     ks = torch.tensor([num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist()], device=scores.device)
@@ -123,10 +123,9 @@ def select_tokens(
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     valid = _check_scores(scores, valid)
-    if scores.numel() == 0:
-        return valid.clone()
     if ratio == 1.0:
         return valid.clone()
+    # No early return for an empty batch: under scope="global" every process must join the gather.
 
     if scope == "sequence":
         if scores.dim() != 2:

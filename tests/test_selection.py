@@ -128,14 +128,16 @@ def _global_worker(rank, world, port, scores, valid, ratio, out):
         dist.destroy_process_group()
 
 
-def test_global_scope_equals_batch_scope_over_concatenated_batch():
-    # Uneven local batches and ties: the selection must still equal "batch" over the concatenation.
+@pytest.mark.parametrize("rows", [(2, 3), (2, 0)], ids=["uneven", "one-empty"])
+def test_global_scope_equals_batch_scope_over_concatenated_batch(rows):
+    # Uneven (even empty) local batches and ties: the selection must equal "batch" over the concatenation.
     g = torch.Generator().manual_seed(0)
-    scores = [torch.randn(2, 7, generator=g).round(), torch.randn(3, 7, generator=g).round()]
-    valid = [torch.rand(2, 7, generator=g) < 0.8, torch.rand(3, 7, generator=g) < 0.8]
+    scores = [torch.randn(n, 7, generator=g).round() for n in rows]
+    valid = [torch.rand(n, 7, generator=g) < 0.8 for n in rows]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_global_worker, args=(2, 29533, scores, valid, 0.37, out), nprocs=2, join=True)
+        port = 29533 + rows[1]
+        mp.spawn(_global_worker, args=(2, port, scores, valid, 0.37, out), nprocs=2, join=True)
         got = torch.cat([out[0], out[1]])
     expected = select_tokens(torch.cat(scores), 0.37, valid=torch.cat(valid), scope="batch")
     assert torch.equal(got, expected)
