@@ -103,38 +103,42 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
     device = accelerator.device if accelerator else next(reference.parameters()).device
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
-    chunks = list(range(0, len(ds), CHUNK_BLOCKS))
-    mine = [c for j, c in enumerate(chunks) if j % world == rank and not (parts / f"{c:09d}.npy").exists()]
-    done = sum(1 for c in chunks if (parts / f"{c:09d}.npy").exists())
-    if done and rank == 0:
-        log.info("slm-score: resuming; %d of %d chunks already scored", done, len(chunks))
+    part = lambda c: parts / f"{c:09d}.npy"
     block = len(ds[0]["input_ids"])
-    my_tokens = sum(min(CHUNK_BLOCKS, len(ds) - c) for c in mine) * block
+    tokens = lambda c: min(CHUNK_BLOCKS, len(ds) - c) * block
+    chunks = list(range(0, len(ds), CHUNK_BLOCKS))
+    missing = [c for c in chunks if not part(c).exists()]
+    if len(missing) < len(chunks) and rank == 0:
+        log.info("slm-score: resuming; %d of %d chunks already scored", len(chunks) - len(missing), len(chunks))
+    # Chunks are dealt by their index among all chunks, so every process agrees on who does what.
+    mine = [c for j, c in enumerate(chunks) if j % world == rank and c in missing]
     t0 = time.perf_counter()
     # Rank 0's bar stands for all processes: they get equal shares of the work.
-    with _rows_with_progress(my_tokens, f"scoring ({world} process{'es' * (world > 1)})", rank == 0) as bar:
+    with _rows_with_progress(
+        sum(map(tokens, mine)), f"scoring ({world} process{'es' * (world > 1)})", rank == 0
+    ) as bar:
         for c in mine:
             sub = ds.select(range(c, min(c + CHUNK_BLOCKS, len(ds))))
             losses = score_blocks(reference, sub, batch_size, device, bar)
             tmp = parts / f"{c:09d}.tmp{rank}.npy"
             np.save(tmp, losses.astype(np.float32))
-            os.replace(tmp, parts / f"{c:09d}.npy")
+            os.replace(tmp, part(c))
     seconds = time.perf_counter() - t0
     if accelerator:
         accelerator.wait_for_everyone()
     store = out_dir / "dataset"
     if rank == 0:
-        ref = np.concatenate([np.load(parts / f"{c:09d}.npy") for c in chunks])
+        ref = np.concatenate([np.load(part(c)) for c in chunks])
         from datasets import Sequence, Value
 
         scored = ds.add_column("ref_loss", list(ref), feature=Sequence(Value("float32")))
         scored.save_to_disk(str(store))
-        scored_now = (len(chunks) - done) and min(len(ds) * block, my_tokens * world)
+        scored_now = sum(map(tokens, missing))
         meta = {**meta, "processes": world, "seconds": round(seconds, 2),
                 "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None}  # fmt: skip
         (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
         for c in chunks:
-            (parts / f"{c:09d}.npy").unlink()
+            part(c).unlink()
         parts.rmdir()
         log.info("slm-score: stored %d blocks with ref_loss in %s", len(scored), store)
     if accelerator:
