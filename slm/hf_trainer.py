@@ -34,8 +34,8 @@ class SelectiveDataCollator:
         self.padding_side = getattr(getattr(collator, "tokenizer", None), "padding_side", padding_side)
 
     def __call__(self, features: list[dict]) -> dict:
-        extra = {k: [f.pop(k) for f in features] for k in _COLUMNS if k in features[0]}
-        batch = self.collator(features)
+        extra = {k: [f[k] for f in features] for k in _COLUMNS if k in features[0]}
+        batch = self.collator([{k: v for k, v in f.items() if k not in _COLUMNS} for f in features])
         length = batch["input_ids"].shape[1]
         for k, rows in extra.items():
             out = torch.full((len(rows), length), _COLUMNS[k], dtype=torch.bool if k == "loss_mask" else torch.float32)
