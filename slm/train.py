@@ -114,8 +114,13 @@ def evaluate(accelerator, lm: nn.Module, ds, batch_size: int) -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, tokens, correct, answers
     mine = list(range(rank, len(ds), world))
-    for i in range(0, len(mine), batch_size):
-        b = fetch(ds, mine[i : i + batch_size], accelerator.device)
+    # Every process runs the same number of forwards (FSDP gathers weights inside each one): a
+    # process out of rows runs row 0 with every label ignored, which adds nothing to the sums.
+    n_batches = math.ceil(math.ceil(len(ds) / world) / batch_size)
+    for i in range(n_batches):
+        b = fetch(ds, mine[i * batch_size : (i + 1) * batch_size] or [0], accelerator.device)
+        if i * batch_size >= len(mine):
+            b["labels"] = torch.full_like(b["labels"], -100)
         with accelerator.autocast():
             out = lm(input_ids=b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
                      ratio=1.0, return_hits=True)  # fmt: skip

@@ -195,6 +195,9 @@ def test_two_processes_equal_one_process(tmp_path):
         "selector.scope=global",
         "trainer.eval_every=3",
         "trainer.grad_clip=1e9",
+        # 25 validation blocks at batch 4: the processes get 13 and 12 rows, 4 and 3 batches
+        "data.builtin.n_val_docs=13",
+        "trainer.eval_batch_size=4",
     ]
     exe = str(Path(sys.executable).with_name("slm-train"))
     subprocess.run(
