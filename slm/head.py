@@ -4,14 +4,14 @@ Two operations, both over *rows* (one hidden state per predicted token):
 
 * :func:`score_rows` - no grad, chunked: each row's loss and log-sum-exp. Every valid token
   goes through it, because selection needs the current model's loss on all of them.
-* :func:`selected_rows_loss` - the grad-enabled summed loss of the selected rows only. Its
-  forward computes the gradients too, chunk by chunk while each chunk's logits exist (the
-  backward of a sum only scales them), so no pass ever holds more than one chunk of logits.
+* :func:`selected_rows_loss` - the grad-enabled (weighted) summed loss of the selected rows only.
+  By default its forward computes the gradients too, chunk by chunk while each chunk's logits
+  exist (the backward of a sum only scales them), so no pass holds more than one chunk of logits.
 
 Per step the head costs one matmul per valid token (scoring) plus three per selected token,
-against HF's three per token on a B x T x V tensor. A faster kernel (a fused CUDA/Triton one)
-slots in by replacing these two functions for an :class:`OutputHead`; everything above them only
-sees per-row losses.
+against HF's three per token on a B x T x V tensor. Logits always come out of the matmul in
+float32 (never rounded to bf16 first) and the loss math is float32; the matmul inputs run in the
+autocast dtype when autocast is on, else in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -51,13 +51,39 @@ class OutputHead:
         budget = self.chunk_elements or CHUNK_ELEMENTS.get(self.weight.device.type, CHUNK_ELEMENTS["cpu"])
         return max(1, budget // self.vocab_size)
 
+    def compute_dtype(self) -> torch.dtype:
+        """The matmul input dtype: autocast's when it is on for the weight's device, else the weight's."""
+        device = self.weight.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.weight.dtype
+
     def raw_logits(self, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        """Pre-cap logits in float32 (the matmul runs in the weights' dtype)."""
-        z = F.linear(h.to(weight.dtype), weight, bias).float()
+        """Pre-cap logits in float32; ``h`` and ``weight`` are already in the compute dtype."""
+        z = mm_f32(h, weight.t())
+        if bias is not None:
+            z += bias.float()
         return z * self.scale if self.scale != 1.0 else z
 
     def cap(self, z: Tensor) -> Tensor:
         return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
+
+
+def mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` with a float32 result, accumulating in float32 whatever the input dtype."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) for this dtype
+            pass
+    return a.float() @ b.float()
+
+
+def _no_autocast(device_type: str):
+    # The head casts explicitly: autocast would round the float32 logits' inputs and outputs.
+    return torch.autocast(device_type, enabled=False)
 
 
 @torch.no_grad()
@@ -70,75 +96,164 @@ def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = F
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(loss)
     hit = torch.empty(n, dtype=torch.bool, device=hidden.device) if hits else None
+    dtype = head.compute_dtype()
     step = head.chunk_rows()
-    for i in range(0, n, step):
-        logits = head.cap(head.raw_logits(hidden[i : i + step], head.weight, head.bias))
-        lse[i : i + step] = torch.logsumexp(logits, dim=-1)
-        target_logit = logits.gather(1, targets[i : i + step, None]).squeeze(1)
-        loss[i : i + step] = lse[i : i + step] - target_logit
-        if hits:
-            hit[i : i + step] = logits.argmax(-1) == targets[i : i + step]
+    with _no_autocast(hidden.device.type):
+        weight = head.weight.to(dtype)
+        for i in range(0, n, step):
+            logits = head.cap(head.raw_logits(hidden[i : i + step].to(dtype), weight, head.bias))
+            lse[i : i + step] = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, targets[i : i + step, None]).squeeze(1)
+            loss[i : i + step] = lse[i : i + step] - target_logit
+            if hits:
+                hit[i : i + step] = logits.argmax(-1) == targets[i : i + step]
     return (loss, lse, hit) if hits else (loss, lse)
 
 
-class _SummedRowsCE(torch.autograd.Function):
-    """Sum of the rows' cross-entropies. The gradient of a sum is the same for every row up to
-    one scalar, so the forward computes it chunk by chunk while the logits are at hand
-    (3 matmuls per chunk: logits, d hidden, d weight) and the backward only scales it."""
+def _chunk_grads(head: OutputHead, logits: Tensor, row_lse: Tensor, t: Tensor, row_scale: Tensor | None) -> Tensor:
+    """d(sum of row losses)/d(pre-scale logits) for one chunk, in float32; overwrites ``logits``."""
+    cap_factor = 1.0 - (logits / head.softcap).square() if head.softcap else None
+    g = logits.sub_(row_lse[:, None]).exp_()  # softmax
+    g.scatter_add_(1, t, torch.full_like(g[:, :1], -1.0))  # minus the one-hot target
+    if cap_factor is not None:
+        g *= cap_factor
+    if head.scale != 1.0:
+        g *= head.scale
+    if row_scale is not None:
+        g *= row_scale[:, None]
+    return g
+
+
+class _SelectedRowsCE(torch.autograd.Function):
+    """Weighted sum of the rows' cross-entropies, ``sum_i w_i * ce_i``.
+
+    Eager mode (the default): the gradient of a sum is the same for every row up to one scalar,
+    so the forward computes it chunk by chunk while the logits are at hand (3 matmuls per chunk:
+    logits, d hidden, d weight; the weight's only when it requires grad) and the backward scales
+    it in place. Deferred mode (fp16): the backward recomputes each chunk's logits and computes
+    the gradients with the incoming scale already applied, so a loss scaler's factor reaches them
+    before the float16 matmuls and small gradients do not underflow.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, lse, head):
+    def forward(ctx, hidden, weight, bias, targets, lse, row_weight, head, defer):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
+        dtype = head.compute_dtype()
+        ctx.head, ctx.defer, ctx.dtype = head, defer, dtype
+        ctx.hidden_dtype = hidden.dtype
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_b = None if bias is None else torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
         step = head.chunk_rows()
-        for i in range(0, n, step):
-            h, t = hidden[i : i + step], targets[i : i + step, None]
-            logits = head.cap(head.raw_logits(h, weight, bias))
-            row_lse = torch.logsumexp(logits, dim=-1) if lse is None else lse[i : i + step]
-            loss[i : i + step] = row_lse - logits.gather(1, t).squeeze(1)
-            # d loss / d logits = softmax - onehot, then back through the soft-cap and the scale.
-            g = torch.exp(logits - row_lse[:, None])
-            g.scatter_add_(1, t, torch.full_like(g[:, :1], -1.0))
-            if head.softcap:
-                g *= 1.0 - (logits / head.softcap).square()
-            if head.scale != 1.0:
-                g *= head.scale
-            g = g.to(weight.dtype)  # under autocast the two matmuls below run in its dtype, like the logits'
-            grad_h[i : i + step] = (g @ weight).to(hidden.dtype)
-            grad_w.add_(g.t() @ h.to(weight.dtype))
-            if grad_b is not None:
-                grad_b += g.float().sum(0)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype), None if grad_b is None else grad_b.to(bias.dtype))
+        with _no_autocast(hidden.device.type):
+            w = weight.to(dtype)
+            if defer:
+                row_lse = torch.empty_like(loss)
+                for i in range(0, n, step):
+                    logits = head.cap(head.raw_logits(hidden[i : i + step].to(dtype), w, bias))
+                    lse_i = torch.logsumexp(logits, dim=-1) if lse is None else lse[i : i + step]
+                    row_lse[i : i + step] = lse_i
+                    loss[i : i + step] = lse_i - logits.gather(1, targets[i : i + step, None]).squeeze(1)
+                ctx.save_for_backward(hidden, weight, bias, targets, row_lse, row_weight)
+            else:
+                grad_h = torch.empty_like(hidden) if need_h else None
+                grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+                grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+                for i in range(0, n, step):
+                    h, t = hidden[i : i + step].to(dtype), targets[i : i + step, None]
+                    logits = head.cap(head.raw_logits(h, w, bias))
+                    row_lse = torch.logsumexp(logits, dim=-1) if lse is None else lse[i : i + step]
+                    loss[i : i + step] = row_lse - logits.gather(1, t).squeeze(1)
+                    rw = None if row_weight is None else row_weight[i : i + step]
+                    _accumulate(_chunk_grads(head, logits, row_lse, t, rw), h, w, grad_h, grad_w, grad_b, i)
+                # The weight is saved only so that changing it in place before backward raises.
+                ctx.save_for_backward(weight, grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(loss)
-        return loss.sum(), loss
+        total = loss.sum() if row_weight is None else (loss * row_weight).sum()
+        return total, loss
 
     @staticmethod
     def backward(ctx, grad_sum, _grad_rows):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "slm's selective head does not support double backward (create_graph=True, e.g. a gradient "
+                "penalty): its gradient is not differentiable. Compute such a loss with HF's full-logits forward."
+            )
+        if ctx.defer:
+            return (*_deferred_grads(ctx, grad_sum), None, None, None, None, None)
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError(
+                "slm's selective head was backpropagated twice through one graph (retain_graph=True): its "
+                "gradients were computed in the forward and are scaled in place by the first backward. Run the "
+                "forward again for a second backward."
+            )
+        ctx.consumed = True
+        _weight, grad_h, grad_w, grad_b = ctx.saved_tensors
+        scale = grad_sum.float()
         return (
-            grad_h * grad_sum.to(grad_h.dtype) if need_h else None,
-            grad_w * grad_sum.to(grad_w.dtype) if need_w else None,
-            grad_b * grad_sum.to(grad_b.dtype) if need_b and grad_b is not None else None,
-            None,
-            None,
-            None,
-        )
+            None if grad_h is None else grad_h.mul_(scale.to(grad_h.dtype)),
+            None if grad_w is None else grad_w.mul_(scale),
+            None if grad_b is None else grad_b.mul_(scale),
+            None, None, None, None, None,
+        )  # fmt: skip
+
+
+def _accumulate(g: Tensor, h: Tensor, w: Tensor, grad_h, grad_w, grad_b, i: int) -> None:
+    """Add one chunk's contribution: d hidden rows, d weight (in place), d bias."""
+    g_c = g.to(w.dtype)  # the gradient matmuls run in the compute dtype, like the logits'
+    if grad_h is not None:
+        grad_h[i : i + g.shape[0]] = mm_f32(g_c, w).to(grad_h.dtype)
+    if grad_w is not None:
+        if g_c.dtype == torch.float32:
+            grad_w.addmm_(g_c.t(), h)
+        else:
+            grad_w += mm_f32(g_c.t(), h)
+    if grad_b is not None:
+        grad_b += g.sum(0)
+
+
+def _deferred_grads(ctx, grad_sum: Tensor):
+    hidden, weight, bias, targets, row_lse, row_weight = ctx.saved_tensors
+    head, dtype = ctx.head, ctx.dtype
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_h = torch.empty(hidden.shape, dtype=ctx.hidden_dtype, device=hidden.device) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+    scale = grad_sum.float().expand(hidden.shape[0])
+    if row_weight is not None:
+        scale = scale * row_weight
+    step = head.chunk_rows()
+    with _no_autocast(hidden.device.type):
+        w = weight.to(dtype)
+        for i in range(0, hidden.shape[0], step):
+            h, t = hidden[i : i + step].to(dtype), targets[i : i + step, None]
+            logits = head.cap(head.raw_logits(h, w, bias))
+            g = _chunk_grads(head, logits, row_lse[i : i + step], t, scale[i : i + step])
+            _accumulate(g, h, w, grad_h, grad_w, grad_b, i)
+    return grad_h, grad_w, grad_b
 
 
 def selected_rows_loss(
-    head: OutputHead, hidden: Tensor, targets: Tensor, lse: Tensor | None = None
+    head: OutputHead,
+    hidden: Tensor,
+    targets: Tensor,
+    lse: Tensor | None = None,
+    row_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``(sum of the rows' losses, per-row losses [K])``; the sum carries gradients to
-    ``hidden`` and the head's weight and bias, the per-row losses are detached.
+    """``(sum of the rows' losses (weighted by row_weight), per-row losses [K])``; the sum
+    carries gradients to ``hidden`` and the head's weight and bias, the per-row losses are
+    detached.
 
     ``lse`` from :func:`score_rows` saves the log-sum-exp reduction; the logits of the
     selected rows are recomputed either way (the scoring pass keeps no logits).
     """
     if not torch.is_grad_enabled():
         loss = score_rows(head, hidden, targets)[0]
-        return loss.sum(), loss
-    return _SummedRowsCE.apply(hidden, head.weight, head.bias, targets, lse, head)
+        return (loss.sum() if row_weight is None else (loss * row_weight).sum()), loss
+    defer = head.compute_dtype() == torch.float16
+    rw = None if row_weight is None else row_weight.float()
+    return _SelectedRowsCE.apply(hidden, head.weight, head.bias, targets, lse, rw, head, defer)
+
+
+def full_logits_rows_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Per-row cross-entropy from already computed logits (the fallback path), float32."""
+    return F.cross_entropy(logits.float(), targets, reduction="none")

@@ -3,19 +3,21 @@
 The decoder runs once on every token (unselected tokens remain context). The output layer runs
 forward without grad on every valid token (selection needs the current loss), and its
 grad-enabled work runs on the selected rows only. Everything happens inside ``forward()`` so
-DDP, FSDP and DeepSpeed wrap the module as they would any other.
+DDP, FSDP and DeepSpeed wrap the module as they would any other, and the wrapper forwards what
+those engines and ``transformers.Trainer`` read from the model it wraps.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slm.head import OutputHead, score_rows, selected_rows_loss
+from slm.head import OutputHead, full_logits_rows_loss, score_rows, selected_rows_loss
 from slm.selection import SCOPES, check_ratio, score_tokens, select_tokens
 
 IGNORE_INDEX = -100
@@ -29,20 +31,63 @@ _EXACT_HEADS = {
 
 SELECTORS = ("excess_loss", "train_loss", "reference_loss", "random")
 
+# Keyword arguments a padding-free collator (DataCollatorWithFlattening) adds for flash attention.
+_PACKING_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
+# HF loss options that SelectiveLM does not implement: refused with the reason, never ignored.
+_UNSUPPORTED = {
+    "shift_labels": "SelectiveLM takes HF-aligned labels (shifted inside, like model(labels=...)); convert "
+    "pre-shifted labels with labels = torch.nn.functional.pad(shift_labels[:, :-1], (1, 0), value=-100)",
+    "ignore_index": "only -100 marks ignored labels (HF's convention); map your ignore value to -100",
+    "label_smoothing": "label smoothing is not implemented by the selective head",
+    "reduction": "the loss is always the (weighted) mean over trained tokens; use out.token_loss for per-token losses",
+    "logits_to_keep": "SelectiveLM never materialises logits",
+    "past_key_values": "SelectiveLM is for training; it runs without a cache",
+    "inputs_embeds": "SelectiveLM needs input_ids (labels are aligned with them)",
+}
 
-def output_head(model: nn.Module, chunk_elements: int | None = None) -> OutputHead | None:
-    """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` if unknown."""
-    cfg = model.config
-    out = model.get_output_embeddings()
-    if cfg.model_type not in _EXACT_HEADS or type(out) is not nn.Linear:
-        return None
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside ``model``: itself, or a PEFT model's base model (LoRA layers injected)."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        config = model.peft_config.get(getattr(model, "active_adapter", "default"))
+        if config is not None and getattr(config, "is_prompt_learning", False):
+            raise ValueError(
+                f"SelectiveLM supports PEFT adapters that change weights (LoRA and similar), not prompt learning "
+                f"({type(config).__name__}): its virtual tokens would shift the labels"
+            )
+        return model.get_base_model()
+    return model
+
+
+def _gathered(params: list[Tensor | None]):
+    """Under DeepSpeed ZeRO-3 the head's parameters live partitioned outside their module's
+    forward; gather them (read-only) for as long as the head needs them."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def output_head(model: nn.Module, chunk_elements: int | None = None) -> tuple[OutputHead | None, str]:
+    """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` and the reason."""
+    lm = causal_lm(model)
+    cfg = lm.config
+    out = lm.get_output_embeddings()
+    if cfg.model_type not in _EXACT_HEADS:
+        return None, f"no exact selective head for model_type={cfg.model_type!r}"
+    if not isinstance(out, nn.Linear) or type(out).forward is not nn.Linear.forward:
+        return None, f"the output layer is a {type(out).__module__}.{type(out).__name__}, not a plain nn.Linear"
+    if type(out.weight).__name__ == "DTensor":
+        return None, "the output layer's weight is sharded on its own (a DTensor); keep it in the root FSDP unit"
     scale = 1.0
     if cfg.model_type == "cohere":
         scale = float(cfg.logit_scale)
     elif cfg.model_type == "granite":
         scale = 1.0 / float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None) if cfg.model_type == "gemma2" else None
-    return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements)
+    return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements), ""
 
 
 @dataclass
@@ -62,11 +107,30 @@ def shifted_valid(labels: Tensor) -> Tensor:
     return valid
 
 
+def check_loss_mask(loss_mask: Tensor) -> Tensor:
+    """``loss_mask`` as bool; a non-boolean value (0.5, 2, -1) is an error, not a silent True."""
+    if loss_mask.dtype == torch.bool:
+        return loss_mask
+    if not ((loss_mask == 0) | (loss_mask == 1)).all():
+        raise ValueError(
+            "loss_mask must be boolean (or 0/1); it holds other values. For per-token loss weights pass "
+            "loss_weight (the loss is then sum(weight * loss) / sum(weight))"
+        )
+    return loss_mask.bool()
+
+
+def check_loss_weight(loss_weight: Tensor) -> Tensor:
+    w = loss_weight.float()
+    if not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError("loss_weight must be finite and >= 0 (0 = not trained)")
+    return w
+
+
 class SelectiveLM(nn.Module):
     """Wrap an HF causal LM so that its loss and head gradients cover only selected tokens.
 
     Args:
-        model: any ``AutoModelForCausalLM`` model.
+        model: any ``AutoModelForCausalLM`` model, or a PEFT (LoRA) model of one.
         ratio: default share of valid tokens to train on (overridable per call).
         selector: score used to rank tokens: ``excess_loss`` (default; ``train_loss`` when a
             call gives no ``ref_loss``), ``train_loss``, ``reference_loss`` or ``random``.
@@ -75,6 +139,8 @@ class SelectiveLM(nn.Module):
         chunk_elements: logits held at once by the chunked head (rows x vocabulary); ``None``
             picks a size for the device (see :data:`slm.head.CHUNK_ELEMENTS`).
     """
+
+    main_input_name = "input_ids"
 
     def __init__(
         self,
@@ -96,21 +162,85 @@ class SelectiveLM(nn.Module):
         self.scope = scope
         self.chunk_elements = chunk_elements
         self.generator = torch.Generator().manual_seed(seed)
-        self.exact_head = output_head(model, chunk_elements) is not None
-        if not self.exact_head:
-            warnings.warn(
-                f"slm: no exact selective head for model_type={model.config.model_type!r}; "
-                "falling back to HF's full forward (correct loss, no head savings).",
-                stacklevel=2,
-            )
+        self._decoder_kwargs = self._accepted_kwargs()
+        head, why = output_head(model, chunk_elements)
+        self._fallback_warned = head is None
+        if head is None:
+            warnings.warn(f"slm: {why}; falling back to HF's full forward (correct loss, no head savings).",
+                          stacklevel=2)  # fmt: skip
 
-    # -- the inner model stays an ordinary HF model ------------------------------------------
+    # -- the wrapper looks like the model it wraps (FSDP auto-wrap, Accelerate, Trainer, PEFT) ------
     @property
     def config(self):
-        return self.model.config
+        return causal_lm(self.model).config
+
+    @property
+    def exact_head(self) -> bool:
+        """Whether the next forward runs the selective head (False: HF's full logits)."""
+        return output_head(self.model, self.chunk_elements)[0] is not None
+
+    @property
+    def _no_split_modules(self):
+        return getattr(causal_lm(self.model), "_no_split_modules", None)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return causal_lm(self.model).get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return causal_lm(self.model).get_output_embeddings()
+
+    def tie_weights(self, *args, **kwargs):
+        return causal_lm(self.model).tie_weights(*args, **kwargs)
+
+    # transformers 5 renamed gradient checkpointing to activation checkpointing; both names work.
+    def activation_checkpointing_enable(self, *args, **kwargs):
+        return _call_either(self.model, "activation_checkpointing_enable", "gradient_checkpointing_enable",
+                            *args, **kwargs)  # fmt: skip
+
+    def activation_checkpointing_disable(self):
+        return _call_either(self.model, "activation_checkpointing_disable", "gradient_checkpointing_disable")
+
+    gradient_checkpointing_enable = activation_checkpointing_enable
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        lm = causal_lm(self.model)
+        if hasattr(lm, "is_activation_checkpointing"):
+            return bool(lm.is_activation_checkpointing)
+        return bool(getattr(lm, "is_gradient_checkpointing", False))
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return bool(getattr(causal_lm(self.model), "supports_gradient_checkpointing", False))
+
+    def enable_input_require_grads(self):
+        return self.model.enable_input_require_grads()
+
+    def num_parameters(self, *args, **kwargs) -> int:
+        return causal_lm(self.model).num_parameters(*args, **kwargs)
 
     def save_pretrained(self, *args, **kwargs):
         return self.model.save_pretrained(*args, **kwargs)
+
+    def _accepted_kwargs(self) -> set[str]:
+        decoder = causal_lm(self.model).base_model
+        params = inspect.signature(decoder.forward).parameters
+        named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return (named | _PACKING_KWARGS) - {"input_ids", "attention_mask", "labels", "use_cache"} - set(_UNSUPPORTED)
+
+    def _check_kwargs(self, kwargs: dict) -> None:
+        for name in kwargs:
+            if name in _UNSUPPORTED:
+                raise TypeError(f"SelectiveLM.forward() does not take {name}=: {_UNSUPPORTED[name]}")
+        unknown = sorted(set(kwargs) - self._decoder_kwargs)
+        if unknown:
+            raise TypeError(
+                f"SelectiveLM.forward() got unexpected keyword argument(s) {unknown}; besides its own arguments it "
+                f"passes these to the decoder: {sorted(self._decoder_kwargs)}"
+            )
 
     # -----------------------------------------------------------------------------------------
     def forward(
@@ -118,8 +248,10 @@ class SelectiveLM(nn.Module):
         input_ids: Tensor,
         labels: Tensor,
         attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
         ref_loss: Tensor | None = None,
         loss_mask: Tensor | None = None,
+        loss_weight: Tensor | None = None,
         ratio: float | None = None,
         num_items_in_batch: Tensor | float | None = None,
         return_hits: bool = False,
@@ -127,70 +259,136 @@ class SelectiveLM(nn.Module):
     ) -> SelectiveOutput:
         """Loss over the selected tokens (see :class:`SelectiveOutput`).
 
-        ``loss_mask`` trains exactly those (valid) tokens with no scoring pass. Otherwise every
-        valid token is scored and the top ``ratio`` by the selector's score are trained.
-        ``num_items_in_batch`` replaces the default denominator (the number of selected tokens)
-        so a trainer can normalise over a whole optimizer step and all processes.
-        ``return_hits=True`` (scoring path only) also reports arg-max hits, for accuracy metrics.
+        ``loss_mask`` (bool) trains exactly those (valid) tokens with no scoring pass;
+        ``loss_weight`` (float >= 0) does the same with per-token weights: the loss is
+        ``sum(w * loss) / sum(w)``. Otherwise every valid token is scored and the top ``ratio``
+        by the selector's score are trained. ``num_items_in_batch`` replaces the denominator (the
+        number of trained tokens, or the weights' sum) so a trainer can normalise over a whole
+        optimizer step and all processes; 0 means "nothing trained" (the loss is 0, never inf).
+        ``return_hits=True`` also reports arg-max hits, for accuracy metrics. Other keyword
+        arguments (``position_ids``, packing arguments) go to the decoder; unknown ones raise.
         """
+        self._check_kwargs(model_kwargs)
+        if position_ids is not None:
+            model_kwargs["position_ids"] = position_ids
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         labels = labels.to(input_ids.device)
-        if labels.shape != input_ids.shape or labels.dim() != 2:
+        if labels.shape != input_ids.shape:
             raise ValueError(
                 f"labels {tuple(labels.shape)} must have the [B, T] shape of input_ids {tuple(input_ids.shape)}"
             )
         valid = shifted_valid(labels)
-        for name, t in (("ref_loss", ref_loss), ("loss_mask", loss_mask)):
+        for name, t in (("ref_loss", ref_loss), ("loss_mask", loss_mask), ("loss_weight", loss_weight)):
             if t is not None and t.shape != labels.shape:
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}; it must be aligned with labels {tuple(labels.shape)}"
                 )
+        if loss_mask is not None and loss_weight is not None:
+            raise ValueError("pass loss_mask or loss_weight, not both (loss_weight > 0 marks the trained tokens)")
+        if ref_loss is not None and ref_loss.dtype in (torch.bfloat16, torch.float16):
+            _warn_low_precision_ref(ref_loss.dtype)
         ratio = self.ratio if ratio is None else check_ratio(ratio)
 
         rows = valid[:, 1:]  # row i of the flattened selection predicts labels[:, 1:][rows][i]
         targets = labels[:, 1:][rows]
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-            raise ValueError(
-                f"labels must be token ids in [0, {vocab}) or -100, got values in "
-                f"[{int(targets.min())}, {int(targets.max())}]; is the tokenizer the model's?"
-            )
-        head_rows = self._rows(input_ids, attention_mask, rows, targets, model_kwargs)
+        head = self._head()
+        vocab = head.vocab_size if head is not None else self.get_output_embeddings().weight.shape[0]
+        _check_targets(targets, vocab)
+
+        weights = None
+        if loss_weight is not None:
+            weights = check_loss_weight(loss_weight.to(valid.device)) * valid
+            known = weights > 0
+        elif loss_mask is not None:
+            known = check_loss_mask(loss_mask.to(valid.device)) & valid
+        else:
+            known = valid if ratio == 1.0 else None
 
         token_loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         hits = None
-        if loss_mask is None and (ratio < 1.0 or return_hits):
-            # Selection needs the current loss of every valid token: a no-grad scoring pass.
-            row_loss, row_hits = head_rows.score(return_hits)
-            token_loss[:, 1:][rows] = row_loss
-            if return_hits:
-                hits = torch.zeros_like(valid)
-                hits[:, 1:][rows] = row_hits
-            mask = valid if ratio == 1.0 else self._select(token_loss, ref_loss, valid, ratio)
-            loss_sum, _ = head_rows.train(mask[:, 1:][rows])
-        else:
-            # The trained tokens are known up front (a loss_mask, or all of them): one fused pass.
-            mask = valid if loss_mask is None else loss_mask.to(valid.device).bool() & valid
-            loss_sum, row_loss = head_rows.train(mask[:, 1:][rows])
-            token_loss[mask] = row_loss
+        with _gathered([] if head is None else [head.weight, head.bias]):
+            head_rows = self._rows(head, input_ids, attention_mask, rows, targets, model_kwargs)
+            if known is None or return_hits:
+                # Selection needs the current loss of every valid token: a no-grad scoring pass.
+                row_loss, row_hits = head_rows.score(return_hits)
+                token_loss[:, 1:][rows] = row_loss
+                if return_hits:
+                    hits = torch.zeros_like(valid)
+                    hits[:, 1:][rows] = row_hits
+                mask = known if known is not None else self._select(token_loss, ref_loss, valid, ratio)
+                row_w = None if weights is None else weights[:, 1:][rows]
+                loss_sum, _ = head_rows.train(mask[:, 1:][rows], row_w)
+                if known is not None:
+                    token_loss = token_loss * mask
+            else:
+                # The trained tokens are known up front (a loss_mask, weights, or all): one fused pass.
+                mask = known
+                row_w = None if weights is None else weights[:, 1:][rows]
+                loss_sum, row_loss = head_rows.train(mask[:, 1:][rows], row_w)
+                token_loss[mask] = row_loss
 
         n_selected = int(mask.sum())
-        denom = num_items_in_batch if num_items_in_batch is not None else max(n_selected, 1)
-        if torch.is_tensor(denom):
-            denom = denom.to(loss_sum.device)
-        return SelectiveOutput(loss_sum / denom, token_loss, mask, n_selected, int(valid.sum()), hits)
+        if num_items_in_batch is not None:
+            denom = num_items_in_batch
+        else:
+            denom = n_selected if weights is None else (weights * mask).sum()
+        return SelectiveOutput(loss_sum / _nonzero(denom, loss_sum.device), token_loss, mask, n_selected,
+                               int(valid.sum()), hits)  # fmt: skip
+
+    def _head(self) -> OutputHead | None:
+        head, why = output_head(self.model, self.chunk_elements)
+        if head is None and not self._fallback_warned:
+            self._fallback_warned = True
+            warnings.warn(f"slm: {why}; falling back to HF's full logits from now on (correct loss, no head savings).",
+                          stacklevel=3)  # fmt: skip
+        return head
 
     def _select(self, token_loss: Tensor, ref_loss: Tensor | None, valid: Tensor, ratio: float) -> Tensor:
         selector = "train_loss" if self.selector == "excess_loss" and ref_loss is None else self.selector
         ref = None if ref_loss is None else ref_loss.to(token_loss.device)
         return select_tokens(score_tokens(selector, token_loss, ref, self.generator), ratio, valid, self.scope)
 
-    def _rows(self, input_ids, attention_mask, rows, targets, model_kwargs):
-        head = output_head(self.model, self.chunk_elements)
+    def _rows(self, head, input_ids, attention_mask, rows, targets, model_kwargs):
+        lm = causal_lm(self.model)
         if head is None:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).logits
+            logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
             return _FullLogitRows(logits[:, :-1][rows], targets)
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
         return _HeadRows(head, out.last_hidden_state[:, :-1][rows], targets)
+
+
+def _call_either(obj, name: str, old_name: str, *args, **kwargs):
+    return getattr(obj, name if hasattr(obj, name) else old_name)(*args, **kwargs)
+
+
+def _nonzero(denom, device) -> Tensor | float:
+    """The denominator, with 0 replaced by 1: a step that trains nothing has loss 0, not 0/0."""
+    if torch.is_tensor(denom):
+        denom = denom.to(device)
+        return torch.where(denom == 0, torch.ones_like(denom), denom)
+    return denom or 1
+
+
+def _check_targets(targets: Tensor, vocab: int) -> None:
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise ValueError(
+            f"labels must be token ids in [0, {vocab}) or -100, got values in "
+            f"[{int(targets.min())}, {int(targets.max())}]; is the tokenizer the model's?"
+        )
+
+
+_warned_dtypes: set = set()
+
+
+def _warn_low_precision_ref(dtype) -> None:
+    if dtype not in _warned_dtypes:
+        _warned_dtypes.add(dtype)
+        warnings.warn(
+            f"slm: ref_loss arrived in {dtype}: selection ranks on rounded reference losses. Pass float32 (a "
+            "mixed-precision wrapper that casts forward inputs, e.g. FSDP's cast_forward_inputs, rounds it)",
+            stacklevel=3,
+        )
 
 
 class _HeadRows:
@@ -198,31 +396,36 @@ class _HeadRows:
 
     def __init__(self, head: OutputHead, hidden: Tensor, targets: Tensor):
         self.head, self.hidden, self.targets = head, hidden, targets
-        self.lse = None
+        self.loss = self.lse = None
 
     def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
         out = score_rows(self.head, self.hidden.detach(), self.targets, hits=hits)
-        self.lse = out[1]
+        self.loss, self.lse = out[0], out[1]
         return out[0], out[2] if hits else None
 
-    def train(self, picked: Tensor) -> tuple[Tensor, Tensor]:
+    def train(self, picked: Tensor, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        rw = None if row_weight is None else row_weight[picked]
+        if self.loss is not None and not torch.is_grad_enabled():  # e.g. eval: the scores are the losses
+            loss = self.loss[picked]
+            return (loss.sum() if rw is None else (loss * rw).sum()), loss
         lse = None if self.lse is None else self.lse[picked]
-        return selected_rows_loss(self.head, self.hidden[picked], self.targets[picked], lse)
+        return selected_rows_loss(self.head, self.hidden[picked], self.targets[picked], lse, rw)
 
 
 class _FullLogitRows:
     """Fallback for heads we cannot reproduce: HF's own logits, masked. Correct, not faster."""
 
     def __init__(self, logits: Tensor, targets: Tensor):
-        self.ce = F.cross_entropy(logits.float(), targets, reduction="none")
+        self.ce = full_logits_rows_loss(logits, targets)
         self.hit = logits.detach().argmax(-1) == targets
 
     def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
         return self.ce.detach(), self.hit if hits else None
 
-    def train(self, picked: Tensor) -> tuple[Tensor, Tensor]:
+    def train(self, picked: Tensor, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ce = self.ce[picked]
-        return ce.sum(), ce.detach()
+        total = ce.sum() if row_weight is None else (ce * row_weight[picked]).sum()
+        return total, ce.detach()
 
 
 @torch.no_grad()
@@ -241,26 +444,31 @@ def token_losses(
     architecture without an exact selective head, one sequence at a time). With
     ``return_hits=True`` also returns ``[B, T]`` bool: the label is the arg-max prediction.
     """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
     labels = labels.to(input_ids.device)
     valid = shifted_valid(labels)
     out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     hits = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
-    head = output_head(model, chunk_elements)
+    lm = causal_lm(model)
+    head, _ = output_head(model, chunk_elements)
+    rows = valid[:, 1:]
+    _check_targets(labels[:, 1:][rows], lm.get_output_embeddings().weight.shape[0] if head is None else head.vocab_size)
     if head is None:
         for b in range(input_ids.shape[0]):
             am = None if attention_mask is None else attention_mask[b : b + 1]
-            logits = model(input_ids=input_ids[b : b + 1], attention_mask=am, **model_kwargs).logits[0, :-1]
-            ce = F.cross_entropy(logits.float(), labels[b, 1:].clamp(min=0), reduction="none")
+            logits = lm(input_ids=input_ids[b : b + 1], attention_mask=am, use_cache=False, **model_kwargs).logits[0]
+            ce = full_logits_rows_loss(logits[:-1], labels[b, 1:].clamp(min=0))
             out[b, 1:] = ce * valid[b, 1:]
-            hits[b, 1:] = (logits.argmax(-1) == labels[b, 1:]) & valid[b, 1:]
+            hits[b, 1:] = (logits[:-1].argmax(-1) == labels[b, 1:]) & valid[b, 1:]
     else:
-        hidden = model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
-        ).last_hidden_state
-        rows = valid[:, 1:]
-        loss, _, hit = score_rows(head, hidden[:, :-1][rows], labels[:, 1:][rows], hits=True)
+        with _gathered([head.weight, head.bias]):
+            hidden = lm.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+            ).last_hidden_state
+            loss, _, hit = score_rows(head, hidden[:, :-1][rows], labels[:, 1:][rows], hits=True)
         out[:, 1:][rows] = loss
         hits[:, 1:][rows] = hit
     return (out, hits) if return_hits else out

@@ -231,3 +231,130 @@ def test_gradient_checkpointing_keeps_hf_loss_and_grads(batch):
     out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
     torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-5)
     assert_grads_close(grads(out.loss, model), grads(ref, model))
+
+
+# --- issue 12 #1, #4, #8 and issue 9 #7, #9, and fp32 logits ----------------------------------------
+
+
+@pytest.mark.parametrize("denominator", [0, torch.tensor(0)])
+def test_a_step_that_trains_nothing_has_zero_loss_and_zero_grads(denominator):
+    """A sparse loss_mask can leave a whole optimizer step without a trained token: never NaN."""
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    none = torch.zeros_like(ids, dtype=torch.bool)
+    out = slm.SelectiveLM(model)(input_ids=ids, labels=ids, loss_mask=none, num_items_in_batch=denominator)
+    assert out.loss.item() == 0.0
+    out.loss.backward()
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+
+
+def test_loss_weight_is_the_weighted_mean_of_hf_losses(batch):
+    ids, am, labels = batch
+    model = tiny_model("phi")
+    g = torch.Generator().manual_seed(4)
+    weight = torch.tensor([0.0, 0.5, 2.0, 1.0])[torch.randint(0, 4, ids.shape, generator=g)]
+    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, loss_weight=weight)
+    w = weight * shifted_valid(labels)
+    ce = hf_token_ce(model, ids, labels, am)
+    ref = (ce * w).sum() / w.sum()
+    torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-5)
+    assert torch.equal(out.mask, w > 0)
+    assert_grads_close(grads(out.loss, model), grads(ref, model))
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0])
+def test_a_non_boolean_loss_mask_is_refused(batch, value):
+    ids, am, labels = batch
+    mask = torch.ones(ids.shape)
+    mask[0, 3] = value
+    lm = slm.SelectiveLM(tiny_model("llama"))
+    with pytest.raises(ValueError, match="loss_mask must be boolean.*loss_weight"):
+        lm(input_ids=ids, labels=labels, loss_mask=mask)
+    lm(input_ids=ids, labels=labels, loss_mask=torch.ones(ids.shape))  # 0/1 floats are a boolean mask
+    with pytest.raises(ValueError, match="loss_weight must be finite and >= 0"):
+        lm(input_ids=ids, labels=labels, loss_weight=torch.full(ids.shape, -1.0))
+
+
+def test_double_backward_is_a_clear_error_not_a_wrong_gradient(batch):
+    ids, am, labels = batch
+    model = tiny_model("llama")
+    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=0.5)
+    params = [p for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(out.loss, params, create_graph=True, allow_unused=True)
+
+
+def test_changing_the_head_weight_in_place_before_backward_raises(batch):
+    ids, am, labels = batch
+    model = tiny_model("llama")
+    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()
+
+
+def test_backward_twice_through_one_graph_is_a_clear_error(batch):
+    ids, am, labels = batch
+    out = slm.SelectiveLM(tiny_model("llama"))(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        out.loss.backward()
+
+
+def test_a_frozen_head_does_no_weight_gradient_work(batch):
+    """LoRA and frozen embeddings: the head's weight gradient (2 x K x V x H FLOPs) is not computed."""
+    from probes import MatmulFlops
+
+    ids, am, labels = batch
+
+    def step_flops(freeze: bool) -> tuple[int, int, list]:
+        model = tiny_model("llama")
+        model.lm_head.weight.requires_grad_(not freeze)
+        with MatmulFlops() as counter:
+            out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, loss_mask=labels > 50)
+            out.loss.backward()
+        rest = [p.grad for n, p in model.named_parameters() if n != "lm_head.weight"]
+        return counter.flops, out.n_selected, rest
+
+    trainable, k, grads_a = step_flops(False)
+    frozen, _, grads_b = step_flops(True)
+    H, V = 32, VOCAB
+    assert trainable - frozen == 2 * k * V * H
+    assert_grads_close(grads_a, grads_b)
+
+
+def test_bf16_logits_come_out_of_the_matmul_in_float32():
+    """Under bf16 autocast the head's matmul inputs are bf16 but its logits are not rounded to bf16."""
+    from slm.head import OutputHead, score_rows
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(64, 32, generator=g) * 3, torch.randn(VOCAB, 32, generator=g)
+    t = torch.randint(0, VOCAB, (64,), generator=g)
+    exact = torch.logsumexp(h.bfloat16().float() @ w.bfloat16().float().t(), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, lse = score_rows(OutputHead(w), h, t)
+    torch.testing.assert_close(lse, exact, atol=1e-5, rtol=1e-6)
+
+
+def test_fp16_with_a_loss_scaler_keeps_rare_tokens_weight_gradients():
+    """The loss scale must reach the head's gradients before their float16 matmuls (as in HF)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(12)  # peaked predictions: most tokens get tiny probabilities
+    ids = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    scale = 2.0**16
+
+    def head_grad(loss_fn):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_fn()
+        (loss * scale).backward()
+        return model.lm_head.weight.grad / scale
+
+    hf = head_grad(lambda: model(input_ids=ids, labels=ids).loss)
+    ours = head_grad(lambda: slm.SelectiveLM(model)(input_ids=ids, labels=ids, ratio=1.0).loss)
+    rows_hf, rows_ours = hf.abs().sum(1) > 0, ours.abs().sum(1) > 0
+    assert rows_hf.sum() > 0.9 * VOCAB  # nearly every row gets a (tiny) gradient in HF's computation
+    assert torch.equal(rows_ours, rows_hf)
+    torch.testing.assert_close(ours, hf, atol=1e-6, rtol=2e-2)
