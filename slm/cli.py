@@ -2,36 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import torch
-from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
-from slm.curves import RUN_INFO
-from slm.data import PackedData, build, check_block_size, default_cache_dir
+from slm import checkpoints, parallel, runs
+from slm.data import DataConfig, build, check_block_size
 from slm.model import SelectiveLM
-from slm.reference import (
-    META_FILE,
-    check_vocab,
-    freeze,
-    load_reference,
-    load_stored,
-    reference_identity,
-    score_dataset,
-)
+from slm.ref_sources import check_score_vocab, container, demo_reference, reference_source, stored_scores
+from slm.reference import load_reference
+from slm.selection import SCOPES, check_ratio
 from slm.tracking import Tracker
-from slm.train import RefSource, TrainConfig, Trainer
+from slm.train import NonFiniteLoss, RunInterrupted, TrainConfig, Trainer
 
 log = logging.getLogger("slm")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+SELECTOR_NAMES = ("excess_loss", "train_loss", "reference_loss", "random", "all")
 
 
 def _run_stamp() -> str:
@@ -45,148 +38,92 @@ def _run_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(stamp))
 
 
-if not OmegaConf.has_resolver("slm_stamp"):
-    OmegaConf.register_new_resolver("slm_stamp", _run_stamp, use_cache=True)
+def effective_selector(selector: str, ratio, reference_kind: str) -> str:
+    """What a run actually selects by: every token at ratio 1.0; the training loss when excess
+    loss has no reference. Run names, run_info.json and curve legends use this."""
+    try:
+        if float(ratio) >= 1.0 or selector == "all":
+            return "all"
+    except (TypeError, ValueError):
+        return selector
+    if selector == "excess_loss" and reference_kind == "none":
+        return "train_loss"
+    return selector
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def _run_name(selector: str, ratio, reference_kind: str, seed) -> str:
+    return f"{effective_selector(selector, ratio, reference_kind)}-{ratio}-{reference_kind}-s{seed}"
 
 
-def _container(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+for _name, _fn in (("slm_stamp", _run_stamp), ("slm_run_name", _run_name)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn, use_cache=_name == "slm_stamp")
 
 
-def build_model(mcfg, vocab_size: int, seed: int):
-    """An HF causal LM: ``pretrained`` (hub name or path), else built from ``config``."""
+def build_model(mcfg, vocab_size: int, seed: int, tokenizer=None):
+    """An HF causal LM: ``pretrained`` (hub name or path), else built from ``config``. A model built
+    from config carries ``tokenizer``'s special token ids (generation stops at its end token)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, mcfg.get("dtype", "float32"))
     if mcfg.get("pretrained"):
-        try:
-            return AutoModelForCausalLM.from_pretrained(mcfg.pretrained, dtype=dtype)
-        except OSError as e:
-            raise ValueError(f"model.pretrained={mcfg.pretrained!r}: could not load it ({e})") from e
-    kwargs = _container(mcfg.config)
+        return _from_pretrained(mcfg.pretrained, dtype)
+    kwargs = container(mcfg.config)
     model_type = kwargs.pop("model_type")
+    if tokenizer is not None:
+        kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **kwargs)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if tokenizer is not None and model.generation_config is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(model.generation_config, name, getattr(tokenizer, name))
+    return model
 
 
-def _cpu_only() -> bool:
-    # Accelerate only sets up multi-process CPU (gloo) runs, e.g. under torchrun, when told cpu=True.
-    return not torch.cuda.is_available()
+def _from_pretrained(name: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"model.pretrained={name!r}: could not load it ({e})") from e
 
 
-def _export_slurm_distributed_env() -> None:
-    """Under a multi-task submitit/SLURM job, set RANK, WORLD_SIZE, MASTER_ADDR, ... for Accelerate."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
-        try:
-            from submitit.helpers import TorchDistributedEnvironment
-
-            TorchDistributedEnvironment().export()
-        except (ImportError, RuntimeError) as e:  # not inside a submitit job: leave the environment alone
-            log.warning("SLURM_NTASKS>1 but the distributed environment could not be set from submitit: %s", e)
+def _missing(node, key: str) -> bool:
+    return OmegaConf.is_config(node) and (OmegaConf.is_missing(node, key) or node.get(key) is None)
 
 
-def make_accelerator(tcfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    _export_slurm_distributed_env()
-    acc = Accelerator(mixed_precision=tcfg.mixed_precision, step_scheduler_with_optimizer=False, cpu=_cpu_only())
-    set_seed(tcfg.seed)
-    return acc
-
-
-def _cache_root(cfg: DictConfig) -> Path:
-    return Path(cfg.data.get("cache_dir") or default_cache_dir()).expanduser()
-
-
-def _locked(path: Path):
-    from filelock import FileLock  # a dependency of datasets and huggingface_hub
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock")
-
-
-def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
-    """The built-in demo's reference: trained on the clean split once, then cached and reused."""
-    rcfg = cfg.reference
-    seed = int(rcfg.get("seed", 0))  # not the run's seed: every seed of a sweep shares one reference
-    settings = {"model": _container(cfg.model), "trainer": _container(rcfg.trainer),
-                "clean": data.identity["data_hash"]["clean"], "seed": seed}  # fmt: skip
-    where = _cache_root(cfg) / "reference" / _hash(settings)
-    done = where / "model" / "config.json"
-    with _locked(where) if acc.is_main_process else nullcontext():
-        cached = [done.exists()]
-        broadcast_object_list(cached)  # the main process's view decides for everyone
-        if cached[0]:
-            log.info("reference: reusing the cached demo reference %s (trained once, shared by every run "
-                     "and sweep job with these settings)", where)  # fmt: skip
-        else:
-            log.info("reference: training the demo reference on the clean split (first run only) -> %s", where)
-            tcfg = TrainConfig(**_container(rcfg.trainer), seed=seed)
-            model = build_model(cfg.model, len(data.tokenizer), seed + 1)
-            lm = SelectiveLM(model, ratio=1.0)
-            t = Trainer(acc, lm, data["clean"], data["validation"], tcfg, where / "run",
-                        tracker=Tracker(where / "run", enabled=acc.is_main_process), name="reference")  # fmt: skip
-            res = t.fit()
-            if acc.is_main_process:
-                acc.unwrap_model(t.lm).save_pretrained(where / "model")
-                (where / "result.json").write_text(json.dumps(res, indent=1))
-            acc.wait_for_everyone()
-            acc.free_memory(t.lm, t.opt, t.sched)  # forget them, or save_state would store them too
-            del t, lm, model
-    return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
-
-
-def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, acc, out_dir=None) -> Path:
-    """Score the training split once per (reference weights, data); reuse the store afterwards."""
-    ident = reference_identity(reference, ref_name)
-    meta = {"tokenizer": data.identity["tokenizer"], "block_size": data.identity["block_size"],
-            "data_hash": data.identity["data_hash"]["train"], "reference": ident}  # fmt: skip
-    out_dir = Path(out_dir) if out_dir else _cache_root(cfg) / "scores" / _hash(meta)
-    with _locked(out_dir) if acc.is_main_process else nullcontext():  # concurrent sweep jobs score once
-        done = [(out_dir / META_FILE).exists()]
-        broadcast_object_list(done)
-        if done[0]:
-            log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
-        else:
-            score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
-                          accelerator=acc)  # fmt: skip
-    return out_dir
-
-
-def reference_source(cfg: DictConfig, data: PackedData, acc, model) -> tuple:
-    """(train dataset, RefSource) for ``cfg.reference.kind``: none | live | stored | demo."""
+def validate(cfg: DictConfig) -> TrainConfig:
+    """Check the composed config before anything slow runs; every error names the full key."""
+    sel = cfg.selector
+    if sel.name not in SELECTOR_NAMES:
+        raise ValueError(f"selector.name must be one of {SELECTOR_NAMES}, got {sel.name!r}")
+    check_ratio(sel.ratio, "selector.ratio")
+    if sel.scope not in SCOPES:
+        raise ValueError(f"selector.scope must be one of {SCOPES}, got {sel.scope!r}")
+    if _missing(cfg.data, "source"):
+        raise ValueError("data.source is required with this data option: a file, glob or folder (data=files) "
+                         "or a hub dataset name (data=hub)")  # fmt: skip
+    DataConfig(**{k: v for k, v in container(cfg.data).items()})
     kind = cfg.reference.kind
-    if kind == "none":
-        if cfg.selector.name in ("excess_loss", "reference_loss") and float(cfg.selector.ratio) < 1.0:
-            if cfg.selector.name == "reference_loss":
-                raise ValueError("selector=reference_loss needs a reference (reference=live, stored or demo)")
-            log.info("reference=none: excess_loss falls back to the training loss (reference-free selection)")
-        return data["train"], RefSource("none")
-    if kind == "live":
-        ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
-        check_vocab(model, ref)
-        return data["train"], RefSource("live", freeze(ref))
-    expected = {"tokenizer": data.identity["tokenizer"], "block_size": data.identity["block_size"],
-                "data_hash": data.identity["data_hash"]["train"]}  # fmt: skip
-    if kind == "stored":
-        ds, meta = load_stored(cfg.reference.scores_dir, expected)
-        return ds, RefSource("stored", scores_dir=str(cfg.reference.scores_dir))
-    if kind == "demo":
-        if cfg.data.source != "builtin":
-            raise ValueError("reference=demo trains on the built-in corpus's clean split; with other data use "
-                             "reference=live or reference=stored")  # fmt: skip
-        name, ref = demo_reference(cfg, data, acc)
-        check_vocab(model, ref)
-        store = stored_scores(cfg, data, ref, name, acc)
-        ds, _ = load_stored(store, expected)
-        return ds, RefSource("stored", scores_dir=str(store))
-    raise ValueError(f"reference.kind must be none, live, stored or demo, got {kind!r}")
+    if kind == "stored" and _missing(cfg.reference, "scores_dir"):
+        raise ValueError("reference=stored needs reference.scores_dir=<folder>: run slm-score first (with the same "
+                         "model and data options); it prints the folder and the slm-train command to use")  # fmt: skip
+    if kind == "live" and _missing(cfg.reference, "path"):
+        raise ValueError("reference=live needs reference.path=<a model folder or hub name> sharing the training "
+                         "model's tokenizer")  # fmt: skip
+    if kind == "demo" and cfg.data.source != "builtin":
+        raise ValueError(
+            f"reference=demo trains its reference on the built-in corpus's clean split, but data.source="
+            f"{cfg.data.source!r}. Choose one: reference=none (no reference: every token with selector=all, or "
+            "selection by the training loss), reference=live reference.path=<model> (a pretrained reference), or "
+            "reference=stored reference.scores_dir=<folder> (losses stored by slm-score)"
+        )
+    if sel.name == "reference_loss" and kind == "none" and float(sel.ratio) < 1.0:
+        raise ValueError("selector=reference_loss needs a reference (reference=live, stored or demo)")
+    return TrainConfig(**container(cfg.trainer), seed=cfg.seed)
 
 
 def _setup_logging(acc) -> None:
@@ -203,43 +140,91 @@ def _setup_logging(acc) -> None:
         logging.getLogger("slm").setLevel(logging.WARNING)
 
 
-def run_dir_from_hydra() -> Path:
-    from hydra.core.hydra_config import HydraConfig
+def _export_slurm_distributed_env() -> None:
+    """Under a multi-task submitit/SLURM job, set RANK, WORLD_SIZE, MASTER_ADDR, ... for Accelerate."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
 
-    return Path(HydraConfig.get().runtime.output_dir)
+            TorchDistributedEnvironment().export()
+        except (ImportError, RuntimeError) as e:  # not inside a submitit job: leave the environment alone
+            log.warning("SLURM_NTASKS>1 but the distributed environment could not be set from submitit: %s", e)
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """One run of ``slm-train`` (usable without Hydra's decorator, e.g. from tests)."""
-    tcfg = TrainConfig(**_container(cfg.trainer), seed=cfg.seed)
+def make_accelerator(tcfg: TrainConfig):
+    from accelerate.utils import set_seed
+
+    _export_slurm_distributed_env()
+    acc = parallel.make_accelerator(parallel.resolve_mixed_precision(tcfg.mixed_precision), tcfg.grad_accum)
+    set_seed(tcfg.seed)
+    return acc
+
+
+def run_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> tuple[DictConfig, dict]:
+    """The config this launch trains with: on resume the run's own saved config plus the allowed
+    changes (see :mod:`slm.runs`), else ``cfg``."""
+    saved = run_dir / runs.CONFIG
+    if not cfg.trainer.get("resume") or not saved.exists():
+        return cfg, {}
+    merged, changed = runs.resume_config(container(OmegaConf.load(saved)), container(cfg), overrides)
+    for key, (old, new) in changed.items():
+        log.info("resume: %s changed from %r to %r", key, old, new)
+    return OmegaConf.create(merged), changed
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    """One run of ``slm-train`` (usable without Hydra's decorator, e.g. from tests).
+
+    ``overrides``: the launch's explicit ``key=value`` settings; on resume only they may differ
+    from the run's saved config (``None``: every key is compared).
+    """
+    run_dir = Path(run_dir)
+    cfg, changed = run_config(cfg, run_dir, overrides)
+    tcfg = validate(cfg)
     acc = make_accelerator(tcfg)
     _setup_logging(acc)
+    runs.claim(run_dir, tcfg.resume, tcfg.overwrite, acc.is_main_process)
+    acc.wait_for_everyone()
     with acc.main_process_first():  # one process packs and caches; the others then load the cache
         data = build(cfg.data)
-    model = build_model(cfg.model, len(data.tokenizer), cfg.seed)
+    model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
     check_block_size(model.config, int(cfg.data.block_size))
     train_ds, ref = reference_source(cfg, data, acc, model)
     sel = cfg.selector
-    ratio = 1.0 if sel.name == "all" else float(sel.ratio)
-    lm = SelectiveLM(model, ratio=ratio, selector="train_loss" if sel.name == "all" else sel.name,
+    selector = effective_selector(sel.name, sel.ratio, cfg.reference.kind)
+    ratio = 1.0 if selector == "all" else float(sel.ratio)
+    lm = SelectiveLM(model, ratio=ratio, selector="train_loss" if selector == "all" else selector,
                      scope=sel.scope, seed=cfg.seed)  # fmt: skip
+    info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=selector, ratio=ratio, scope=sel.scope,
+                reference=cfg.reference.kind, seed=cfg.seed, scores_dir=ref.scores_dir, status="running",
+                processes=acc.num_processes, mode=parallel.requested_mode())  # fmt: skip
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=sel.name, ratio=ratio, scope=sel.scope,
-                    reference=cfg.reference.kind, seed=cfg.seed, scores_dir=ref.scores_dir)  # fmt: skip
-        (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
-    wandb_cfg = None if cfg.logger.kind == "none" else _container(cfg.logger)
-    tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg,
-                      config=_container(cfg), resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip
+        old = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None
+        if old is not None:
+            info = {**old, "status": "running", "resumes": [*old.get("resumes", []), {k: list(v) for k, v in
+                    changed.items()}]}  # fmt: skip
+        else:
+            OmegaConf.save(cfg, run_dir / runs.CONFIG, resolve=True)
+        runs.write_json(run_dir / runs.RUN_INFO, info)
+    wandb_cfg = None if cfg.logger.kind == "none" else container(cfg.logger)
+    tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg, config=container(cfg),
+                      resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip
     trainer = Trainer(acc, lm, train_ds, data["validation"], tcfg, run_dir, ref=ref, tracker=tracker, name=cfg.name)
     try:
         result = trainer.fit()
+    except RunInterrupted as e:
+        _finish(acc, run_dir, info, {"status": "interrupted", "step": e.step, "checkpoint": str(e.checkpoint),
+                                     "signal": e.signum})  # fmt: skip
+        raise
+    except Exception as e:
+        _finish(acc, run_dir, info, {"status": "failed", "step": trainer.step, "error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         tracker.finish()
+    trainer.engine.save_pretrained(run_dir / "model", data.tokenizer)
+    _finish(acc, run_dir, info, {"status": "finished", **result})
     if acc.is_main_process:
-        acc.unwrap_model(trainer.lm).save_pretrained(run_dir / "model")
-        data.tokenizer.save_pretrained(run_dir / "model")
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
         tracker.summary(result)
         _print_summary(run_dir, result)
     acc.wait_for_everyone()
@@ -247,31 +232,47 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return result
 
 
-def _resume_step(run_dir: Path) -> int | None:
-    from slm.train import latest_checkpoint
+def _finish(acc, run_dir: Path, info: dict, result: dict) -> None:
+    if acc.is_main_process:
+        runs.write_json(run_dir / runs.RESULT, result)
+        runs.write_json(run_dir / runs.RUN_INFO, {**info, "status": result["status"]})
 
-    ckpt = latest_checkpoint(run_dir)
-    return json.loads((ckpt / "slm_state.json").read_text())["step"] if ckpt else None
+
+def _resume_step(run_dir: Path) -> int | None:
+    ckpt = checkpoints.latest(run_dir, warn=False)
+    return checkpoints.read_state(ckpt)["step"] if ckpt else None
 
 
 def _print_summary(run_dir: Path, result: dict) -> None:
-    numbers = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+    numbers = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                        if k != "status")  # fmt: skip
     print(f"\nslm-train finished: {numbers}\n  run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}"
           f"\n  model: {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
           f"  plot: slm-curves {run_dir}", flush=True)  # fmt: skip
 
 
+def run_dir_from_hydra() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
-    result = train(cfg, run_dir_from_hydra())
+    with one_line_errors():  # inside the app: Hydra reports any exception that reaches it as a traceback
+        result = train(cfg, run_dir_from_hydra(), _task_overrides())
     return result.get("eval/loss")
 
 
 def score(cfg: DictConfig) -> Path:
     """``slm-score``: store reference losses of the training split as a ``ref_loss`` column."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=_cpu_only())
+    acc = parallel.make_accelerator("no")
     _setup_logging(acc)
     with acc.main_process_first():
         data = build(cfg.data)
@@ -282,41 +283,58 @@ def score(cfg: DictConfig) -> Path:
     else:
         name, ref = cfg.reference.path, load_reference(cfg.reference.path, device=acc.device,
                                                        dtype=cfg.reference.get("dtype", "auto"))  # fmt: skip
-    _check_score_vocab(cfg, data, ref)
+    check_score_vocab(cfg, data, ref)
     out = stored_scores(cfg, data, ref, name, acc, out_dir=cfg.get("out_dir"))
     if acc.is_main_process:
-        meta = json.loads((out / "slm_ref.json").read_text())
+        meta = runs.read_json(out / "slm_ref.json") or {}
         print(f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out}"
               f"\n  throughput: {meta.get('tokens_per_s')} tokens/s over {meta.get('processes')} process(es)"
               f"\n  train with: slm-train reference=stored reference.scores_dir={out}", flush=True)  # fmt: skip
     return out
 
 
-def _check_score_vocab(cfg: DictConfig, data: PackedData, ref) -> None:
-    """Refuse, before scoring, a reference whose vocabulary is not the training model's."""
-    from transformers import AutoConfig
-
-    pretrained = cfg.model.get("pretrained")
-    vocab = AutoConfig.from_pretrained(pretrained).vocab_size if pretrained else len(data.tokenizer)
-    v_ref = ref.get_output_embeddings().weight.shape[0]
-    if v_ref != vocab:
-        raise ValueError(
-            f"the reference's vocabulary ({v_ref} tokens) differs from the training model's ({vocab}, "
-            f"model={cfg.model.name}); a reference must share the training model's tokenizer"
-        )
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="score")
 def score_app(cfg: DictConfig) -> None:
-    score(cfg)
+    with one_line_errors():
+        score(cfg)
+
+
+@contextmanager
+def one_line_errors():
+    """An interruption or a bad setting ends with one line on stderr and a non-zero exit.
+
+    128 + the signal number tells a launcher (SLURM, submitit) that the job was stopped so it can
+    requeue it, and stops a sweep at the interrupted job instead of launching the next one.
+    ``SLM_DEBUG=1`` shows the traceback instead.
+    """
+    try:
+        yield
+    except RunInterrupted as e:
+        where = e.checkpoint.parent.parent if e.checkpoint else "<run dir>"
+        _fail(f"interrupted at step {e.step}; checkpoint {e.checkpoint}. Continue with trainer.resume=true "
+              f"hydra.run.dir={where}", 128 + (e.signum or 2), e)  # fmt: skip
+    except KeyboardInterrupt as e:
+        _fail("interrupted (Ctrl-C); caches and stores are written only when complete, so rerun to continue", 130, e)
+    except (runs.RunDirExists, runs.ResumeMismatch, NonFiniteLoss, checkpoints.CheckpointError, ValueError,
+            FileNotFoundError) as e:  # fmt: skip
+        _fail(str(e), 1, e)
+
+
+def _fail(message: str, code: int, error: BaseException):
+    if os.environ.get("SLM_DEBUG"):
+        raise error
+    print(f"\nslm: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def main_train() -> None:
-    train_app()
+    with one_line_errors():  # Ctrl-C before Hydra hands over (e.g. while composing) lands here
+        train_app()
 
 
 def main_score() -> None:
-    score_app()
+    with one_line_errors():
+        score_app()
 
 
 if __name__ == "__main__":

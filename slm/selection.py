@@ -41,24 +41,37 @@ def num_to_keep(ratio: float, n_valid: int) -> int:
     return min(n_valid, max(1, math.floor(ratio * n_valid + 0.5 + 1e-9)))
 
 
-def _check_scores(scores: Tensor, valid: Tensor | None) -> Tensor:
+def num_selected(valid: Tensor, ratio: float, scope: str) -> int:
+    """How many tokens :func:`select_tokens` keeps for ``valid`` ([B, T] bool), computed from the
+    mask alone: a trainer knows a step's denominator before any forward. ``scope="global"``
+    counts this batch as if it were the whole global batch (sum the valid counts of all
+    processes and call ``num_to_keep`` on the total instead)."""
+    ratio = check_ratio(ratio)
+    if scope == "sequence":
+        return sum(num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist())
+    return num_to_keep(ratio, int(valid.sum()))
+
+
+def _valid_mask(scores: Tensor, valid: Tensor | None) -> Tensor:
     if not torch.is_tensor(scores) or not scores.is_floating_point():
         raise ValueError(f"scores must be a floating-point tensor, got {type(scores).__name__}")
     if valid is None:
-        valid = torch.ones_like(scores, dtype=torch.bool)
-    elif valid.shape != scores.shape:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if valid.shape != scores.shape:
         raise ValueError(
             f"valid has shape {tuple(valid.shape)} but scores have shape {tuple(scores.shape)}; "
             "they must match (one entry per token)"
         )
-    valid = valid.bool()
+    return valid.bool()
+
+
+def _check_finite(scores: Tensor, valid: Tensor) -> None:
     bad = (~torch.isfinite(scores) & valid).sum().item()
     if bad:
         raise NonFiniteScores(
             f"{bad} valid token(s) have NaN or inf scores; check the training/reference losses "
             "(a diverged model or a reference column with missing values)"
         )
-    return valid
 
 
 def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | None) -> Tensor:
@@ -122,24 +135,27 @@ def select_tokens(
     ratio = check_ratio(ratio)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    valid = _check_scores(scores, valid)
-    if ratio == 1.0:
+    valid = _valid_mask(scores, valid)
+    if ratio == 1.0:  # every valid token, whatever the scores
         return valid.clone()
     # No early return for an empty batch: under scope="global" every process must join the gather.
-
-    if scope == "sequence":
-        if scores.dim() != 2:
-            raise ValueError(f'scope="sequence" needs [B, T] scores, got shape {tuple(scores.shape)}')
-        perm = _permutation(scores.shape[1], generator, scores.device)
-        return _top_k_rows(scores, valid, ratio, perm)
 
     flat_s, flat_v = scores.reshape(1, -1), valid.reshape(1, -1)
     if scope == "global" and _distributed():
         all_s, offset, n = _gather_global(flat_s[0].float())
         all_v, _, _ = _gather_global(flat_v[0].to(torch.uint8))
+        # Checked on the gathered scores: every process raises, or none does (a process that raised
+        # alone would leave the others waiting in, or mispaired by, the next gather).
+        _check_finite(all_s, all_v.bool())
         perm = _permutation(all_s.numel(), generator, scores.device)
         keep = _top_k_rows(all_s[None], all_v[None].bool(), ratio, perm)[0, offset : offset + n]
         return keep.reshape(scores.shape)
+    _check_finite(scores, valid)
+    if scope == "sequence":
+        if scores.dim() != 2:
+            raise ValueError(f'scope="sequence" needs [B, T] scores, got shape {tuple(scores.shape)}')
+        perm = _permutation(scores.shape[1], generator, scores.device)
+        return _top_k_rows(scores, valid, ratio, perm)
     perm = _permutation(flat_s.shape[1], generator, scores.device)
     return _top_k_rows(flat_s, flat_v, ratio, perm).reshape(scores.shape)
 

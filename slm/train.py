@@ -1,29 +1,32 @@
-"""The Accelerate training loop: exact normalisation, eval, counters, checkpoints and resume.
+"""The training loop: exact normalisation, eval, counters, checkpoints, resume and interruptions.
 
-Normalisation: each micro-batch's loss is a *sum* over its selected tokens; after the last
-micro-batch of an optimizer step the gradients are divided by the number of tokens selected in
-the whole step on all processes (times the world size, undoing DDP's average). So 2 processes x
-batch b, 1 process x batch 2b and 2 accumulation steps x b give the same update whenever they
-select the same tokens.
+Normalisation before backward: how many tokens an optimizer step trains is known from host-side
+labels before any forward (``num_to_keep(ratio, n_valid)`` per scope unit, or the loss mask's
+sum). The loop counts it for the whole step on all processes (one all-reduce), every
+micro-batch's loss is its sum divided by that count, and each engine (DDP, FSDP2, DeepSpeed)
+accumulates and steps its own way (see ``slm.parallel``). The step's loss is the mean over
+every token it trained. Which runs select the same tokens depends on the scope: ``global``
+makes W processes x batch b select as 1 process x W*b; ``sequence`` makes micro-batches,
+processes and batch sizes all equivalent; ``batch`` selects within each micro-batch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slm import checkpoints
 from slm.model import SelectiveLM, shifted_valid, token_losses
-from slm.selection import NonFiniteScores
+from slm.parallel import Engine, resolve_mixed_precision
+from slm.selection import NonFiniteScores, num_selected, num_to_keep
+from slm.signals import StopSignals
 from slm.tracking import Tracker, read_metrics
 
 log = logging.getLogger(__name__)
@@ -41,21 +44,29 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    master_dtype: str | None = "float32"  # trainable weights' dtype; None keeps the loaded dtype
     eval_every: int = 100
     eval_batch_size: int = 32
     log_every: int = 10
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "checkpoint_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "checkpoint_every",
+                     "keep_checkpoints", "eval_batch_size"):  # fmt: skip
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"trainer.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"trainer.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.master_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"trainer.master_dtype must be float32 (default), bfloat16, float16 or null, "
+                             f"got {self.master_dtype!r}")  # fmt: skip
+        if not self.lr > 0:
+            raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
 
 
 class BatchStream:
@@ -83,9 +94,14 @@ class BatchStream:
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.b)]
 
 
-def fetch(ds, idx: list[int], device) -> dict:
+def fetch(ds, idx: list[int]) -> dict:
+    """Rows ``idx`` of a packed split as CPU tensors (counting needs them on the host anyway)."""
     rows = ds[idx]
-    return {k: torch.as_tensor(v).to(device) for k, v in rows.items()}
+    return {k: torch.as_tensor(v) for k, v in rows.items()}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def answer_accuracy(answer_mask: torch.Tensor, hits: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
@@ -108,20 +124,22 @@ def answer_accuracy(answer_mask: torch.Tensor, hits: torch.Tensor, valid: torch.
 
 
 @torch.no_grad()
-def evaluate(accelerator, lm: nn.Module, ds, batch_size: int) -> dict:
+def evaluate(engine: Engine, ds, batch_size: int) -> dict:
     """Loss over all valid tokens of ``ds`` and, if it has ``answer_mask``, answer accuracy."""
+    acc, lm = engine.acc, engine.lm
     lm.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    sums = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss, tokens, correct, answers
+    rank, world = acc.process_index, acc.num_processes
+    sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, tokens, correct, answers
     mine = list(range(rank, len(ds), world))
-    # Every process runs the same number of forwards (FSDP gathers weights inside each one): a
-    # process out of rows runs row 0 with every label ignored, which adds nothing to the sums.
+    # Every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each
+    # one): a process out of rows runs row 0 with every label ignored, which adds nothing.
     n_batches = math.ceil(math.ceil(len(ds) / world) / batch_size)
     for i in range(n_batches):
-        b = fetch(ds, mine[i * batch_size : (i + 1) * batch_size] or [0], accelerator.device)
+        b = fetch(ds, mine[i * batch_size : (i + 1) * batch_size] or [0])
         if i * batch_size >= len(mine):
             b["labels"] = torch.full_like(b["labels"], -100)
-        with accelerator.autocast():
+        b = to_device(b, acc.device)
+        with engine.autocast():
             out = lm(input_ids=b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
                      ratio=1.0, return_hits=True)  # fmt: skip
         sums[0] += out.token_loss.sum().double()
@@ -130,7 +148,7 @@ def evaluate(accelerator, lm: nn.Module, ds, batch_size: int) -> dict:
             correct, total = answer_accuracy(b["answer_mask"], out.hits, shifted_valid(b["labels"]))
             sums[2] += correct
             sums[3] += total
-    sums = accelerator.reduce(sums, "sum")
+    sums = acc.reduce(sums, "sum")
     lm.train()
     res = {"eval/loss": (sums[0] / sums[1].clamp(min=1)).item(), "eval/tokens": int(sums[1])}
     if sums[3] > 0:
@@ -152,6 +170,14 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class RunInterrupted(Exception):
+    """A signal (Ctrl-C, SIGTERM, SIGUSR1) stopped the run at a step boundary after a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint: {checkpoint}")
+
+
 @dataclass
 class RefSource:
     """Where reference losses come from: none, a ``ref_loss`` column, or a live model."""
@@ -168,106 +194,116 @@ class RefSource:
         return None
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    return run_dir / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+def master_weights(lm: nn.Module, dtype: str | None) -> None:
+    """Trainable weights in ``dtype`` (float32 by default) whatever dtype the model loaded in."""
+    if dtype is None:
+        low = [n for n, p in lm.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if low:
+            log.warning("trainer.master_dtype=null: %d trainable tensors train directly in their low-precision "
+                        "dtype (updates smaller than their rounding step are lost)", len(low))  # fmt: skip
+        return
+    target = getattr(torch, dtype)
+    for p in lm.parameters():
+        if p.requires_grad and p.dtype != target:
+            p.data = p.data.to(target)
 
 
 class Trainer:
     """Owns one training run: model, optimizer, data stream, counters, checkpoints and logs."""
 
     def __init__(self, accelerator, lm: SelectiveLM, train_ds, val_ds, cfg: TrainConfig, run_dir,
-                 ref: RefSource | None = None, tracker: Tracker | None = None, name: str = "train"):  # fmt: skip
+                 ref: RefSource | None = None, tracker: Tracker | None = None, name: str = "train",
+                 mode: str | None = None):  # fmt: skip
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
         self.val_ds = val_ds
-        self.selective = lm
         self.tracker = tracker or Tracker(run_dir, enabled=False)
-        decay = [p for n, p in lm.named_parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for n, p in lm.named_parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-        self.lm, self.opt, self.sched = accelerator.prepare(lm, opt, sched)
+        master_weights(lm, cfg.master_dtype)
+
+        def make_optimizer(model):
+            decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+            no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+            groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+        self.engine = Engine(accelerator, lm, make_optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(cfg)), cfg.grad_accum, cfg.batch_size, resolve_mixed_precision(cfg.mixed_precision),
+            mode=mode, grad_clip=cfg.grad_clip)  # fmt: skip
+        self.selective = lm
         columns = ["input_ids", "labels", "attention_mask"] + (["ref_loss"] if self.ref.kind == "stored" else [])
         self.train_ds = train_ds.select_columns(columns)
         self.stream = BatchStream(len(train_ds), cfg.batch_size, accelerator.num_processes,
                                   accelerator.process_index, cfg.seed)  # fmt: skip
         self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0
+        self.signals = StopSignals()
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _all_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
+        return float(self.acc.reduce(flag, "sum")) == 0
+
     def save_checkpoint(self) -> Path:
-        ckpt_root = self.run_dir / "checkpoints"
-        name = f"step_{self.step:07d}"
-        self.acc.save_state(str(ckpt_root / name))
-        if self.acc.is_main_process:
-            state = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
-                     "selector_rng": self.selective.generator.get_state().tolist()}  # fmt: skip
-            (ckpt_root / name / "slm_state.json").write_text(json.dumps(state))
-            (ckpt_root / "latest").write_text(name)
-            old = sorted(p for p in ckpt_root.glob("step_*") if p.name != name)
-            for p in old[: max(0, len(old) - self.cfg.keep_checkpoints + 1)]:
-                shutil.rmtree(p, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        return ckpt_root / name
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
+                 "selector_rng": self.selective.generator.get_state().tolist()}  # fmt: skip
+        return checkpoints.save(self.run_dir, self.step, state, self.engine.save_checkpoint, self.acc.is_main_process,
+                                self.cfg.keep_checkpoints, self._all_ok)  # fmt: skip
 
     def load_checkpoint(self, path: Path) -> None:
-        self.acc.load_state(str(path))
-        state = json.loads((path / "slm_state.json").read_text())
-        self.step, self.tokens_seen, self.tokens_selected = (
-            state["step"],
-            state["tokens_seen"],
-            state["tokens_selected"],
-        )
+        self.engine.load_checkpoint(path)
+        state = checkpoints.read_state(path)
+        self.step = state["step"]
+        self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- one optimizer step ------------------------------------------------------------------
+    def _step_count(self, batches: list[dict]) -> tuple[int, int]:
+        """(tokens this step trains, tokens it sees) over every micro-batch and process, from labels."""
+        lm = self.selective
+        valid = [shifted_valid(b["labels"]) for b in batches]
+        local = [num_selected(v, lm.ratio, "batch" if lm.scope == "global" else lm.scope) for v in valid]
+        n_valid = [int(v.sum()) for v in valid]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        counts = torch.tensor([*local, *n_valid, tokens], dtype=torch.float64, device=self.acc.device)
+        counts = self.acc.reduce(counts, "sum").tolist()
+        k = len(batches)
+        if lm.scope == "global" and lm.ratio < 1.0:  # top-k over each global micro-batch
+            return sum(num_to_keep(lm.ratio, int(n)) for n in counts[k : 2 * k]), int(counts[-1])
+        return int(sum(counts[:k])), int(counts[-1])
+
     def train_step(self) -> dict:
-        cfg, acc = self.cfg, self.acc
-        sums = torch.zeros(3, dtype=torch.float64, device=acc.device)  # loss sum, selected, tokens
-        for m in range(cfg.grad_accum):
-            batch = fetch(self.train_ds, self.stream.indices(self.step * cfg.grad_accum + m), acc.device)
+        cfg, engine = self.cfg, self.engine
+        batches = [fetch(self.train_ds, self.stream.indices(self.step * cfg.grad_accum + m))
+                   for m in range(cfg.grad_accum)]  # fmt: skip
+        n_step, n_tok = self._step_count(batches)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        for m, batch in enumerate(batches):
+            batch = to_device(batch, self.acc.device)
             ref = self.ref.losses(batch)
-            sync = nullcontext() if m == cfg.grad_accum - 1 else acc.no_sync(self.lm)
-            with sync, acc.autocast():
-                try:
-                    # num_items_in_batch=1: a sum; the step's global count divides the grads below.
-                    out = self.lm(
-                        input_ids=batch["input_ids"],
-                        labels=batch["labels"],
-                        attention_mask=batch["attention_mask"],
-                        ref_loss=ref,
-                        num_items_in_batch=1,
-                    )
-                except NonFiniteScores as e:
-                    raise self._non_finite(str(e)) from e
-                acc.backward(out.loss)
-            sums += torch.tensor([out.loss.item(), out.n_selected, int(batch["attention_mask"].sum())],
-                                 dtype=torch.float64, device=acc.device)  # fmt: skip
-        loss_sum, n_sel, n_tok = acc.reduce(sums, "sum").tolist()
-        if not math.isfinite(loss_sum):
+            with engine.micro_step(last=m == cfg.grad_accum - 1):
+                with engine.autocast():
+                    try:
+                        out = engine.model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                           attention_mask=batch["attention_mask"], ref_loss=ref,
+                                           num_items_in_batch=n_step)  # fmt: skip
+                    except NonFiniteScores as e:
+                        raise self._non_finite(str(e)) from e
+                engine.backward(out.loss)
+            loss_sum += out.loss.detach().double()
+        reduced = self.acc.reduce(torch.stack([loss_sum, torch.tensor(float(self.signals.requested),
+                                  dtype=torch.float64, device=loss_sum.device)]), "sum").tolist()  # fmt: skip
+        loss, self._stop = reduced[0], reduced[1] > 0
+        if not math.isfinite(loss):
             raise self._non_finite("the training loss is NaN or inf")
-        scale = acc.num_processes / max(n_sel, 1)
-        for p in self.lm.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        grad_norm = acc.clip_grad_norm_(self.lm.parameters(), cfg.grad_clip) if cfg.grad_clip else None
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        grad_norm = engine.clip_and_step(cfg.grad_clip or None)
         self.step += 1
-        self.tokens_seen += int(n_tok)
-        self.tokens_selected += int(n_sel)
-        return {"train/loss": loss_sum / max(n_sel, 1), "train/selected_frac": n_sel / max(n_tok, 1),
-                "train/lr": self.sched.get_last_lr()[0],
-                "train/grad_norm": float(grad_norm) if grad_norm is not None else None}  # fmt: skip
+        self.tokens_seen += n_tok
+        self.tokens_selected += n_step
+        return {"train/loss": loss, "train/selected_frac": n_step / max(n_tok, 1), "train/lr": engine.lr(),
+                "train/grad_norm": grad_norm}  # fmt: skip
 
     def _non_finite(self, what: str) -> NonFiniteLoss:
-        ckpt = latest_checkpoint(self.run_dir)
+        ckpt = checkpoints.latest(self.run_dir, warn=False)
         return NonFiniteLoss(
             f"non-finite loss at step {self.step + 1} ({what}); stopped before updating the model. "
             f"Last good checkpoint: {ckpt or 'none yet'}"
@@ -283,18 +319,20 @@ class Trainer:
                 **metrics}  # fmt: skip
 
     def eval(self) -> dict:
-        res = evaluate(self.acc, self.lm, self.val_ds, self.cfg.eval_batch_size)
+        res = evaluate(self.engine, self.val_ds, self.cfg.eval_batch_size)
         self.tracker.log(self._event(**res))
         return res
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``max_steps``; returns the final counters and eval numbers. A stop signal
+        ends the current step, writes a checkpoint and raises :class:`RunInterrupted`."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        ckpt = latest_checkpoint(self.run_dir) if cfg.resume else None
+        ckpt = checkpoints.latest(self.run_dir) if cfg.resume else None
         if cfg.resume and ckpt is None:
-            log.warning("trainer.resume=true but %s has no checkpoint; starting from scratch", self.run_dir)
+            log.warning("trainer.resume=true but %s has no complete checkpoint; starting from scratch", self.run_dir)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
         last_eval = self.eval() if self.step == 0 else self._last_logged_eval()
@@ -302,7 +340,8 @@ class Trainer:
                    mininterval=0.5 if sys.stderr.isatty() else 15,  # a log file gets a line every 15 s
                    disable=not (self.acc.is_main_process and cfg.progress))  # fmt: skip
         t0, seen0 = time.perf_counter(), self.tokens_seen
-        try:
+        self._stop = False
+        with self.signals, bar:
             while self.step < cfg.max_steps:
                 metrics = self.train_step()
                 bar.update(1)
@@ -313,15 +352,11 @@ class Trainer:
                     self.tracker.log(self._event(**metrics, **{"train/tokens_per_s": tok_s}))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     last_eval = self.eval()
+                if self._stop:
+                    path = self.save_checkpoint()
+                    raise RunInterrupted(self.signals.signum or 0, self.step, path)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save_checkpoint()
-            log.warning("interrupted at step %d; checkpoint saved to %s (continue with trainer.resume=true)",
-                        self.step, path)  # fmt: skip
-            return {"interrupted": True, "step": self.step, **last_eval}
-        bar.close()
         self.save_checkpoint()
         return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
                 **last_eval}  # fmt: skip

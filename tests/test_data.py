@@ -252,7 +252,10 @@ def test_two_process_scoring_equals_one_process(tmp_path):
     from helpers import TINY
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [o for o in TINY if o.startswith(("model.", "data.", "reference."))] + [f"data.cache_dir={tmp_path / 'c'}"]
+    # One fixed reference (the demo reference's cache key includes the process count that trains it)
+    tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).save_pretrained(tmp_path / "ref")
+    args = [o for o in TINY if o.startswith(("model.", "data."))] + [f"data.cache_dir={tmp_path / 'c'}"]
+    args += ["reference=live", f"reference.path={tmp_path / 'ref'}"]
     exe = str(Path(sys.executable).with_name("slm-score"))
     subprocess.run([exe, *args, f"out_dir={tmp_path / 'one'}"], env=env, check=True, cwd=tmp_path)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", exe,

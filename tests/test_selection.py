@@ -142,3 +142,43 @@ def test_global_scope_equals_batch_scope_over_concatenated_batch(rows):
     expected = select_tokens(torch.cat(scores), 0.37, valid=torch.cat(valid), scope="batch")
     assert torch.equal(got, expected)
     assert select_tokens(torch.cat(scores), 0.37, valid=torch.cat(valid), scope="global").equal(expected)
+
+
+def _non_finite_worker(rank, world, port, out):
+    from slm.selection import NonFiniteScores
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=20))
+    try:
+        first = torch.randn(2, 5)
+        if rank == 1:
+            first[0, 2] = float("nan")
+        try:
+            select_tokens(first, 0.5, scope="global")
+            out[rank] = "no error"
+        except NonFiniteScores:
+            out[rank] = "raised"
+        second = torch.arange(10.0).reshape(2, 5) + 10 * rank  # a loop that caught the error goes on
+        out[f"{rank}-next"] = select_tokens(second, 0.3, scope="global")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_scope_non_finite_scores_raise_on_every_process():
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_non_finite_worker, args=(2, 29541, out), nprocs=2, join=True)
+        assert out[0] == out[1] == "raised"
+        got = torch.cat([out["0-next"], out["1-next"]])
+    both = torch.cat([torch.arange(10.0).reshape(2, 5), torch.arange(10.0).reshape(2, 5) + 10])
+    assert torch.equal(got, select_tokens(both, 0.3, scope="batch"))
+
+
+def test_num_selected_counts_what_select_tokens_keeps():
+    from slm.selection import num_selected
+
+    for seed in range(5):
+        scores, valid = random_case(seed, shape=(5, 11))
+        for scope in ("sequence", "batch"):
+            for ratio in (0.1, 0.37, 0.6, 1.0):
+                assert num_selected(valid, ratio, scope) == int(select_tokens(scores, ratio, valid, scope).sum())

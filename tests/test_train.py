@@ -12,7 +12,7 @@ from helpers import TINY, compose_train
 
 from slm.cli import train
 from slm.tracking import read_metrics
-from slm.train import BatchStream, NonFiniteLoss, Trainer, answer_accuracy
+from slm.train import BatchStream, NonFiniteLoss, RunInterrupted, Trainer, answer_accuracy
 
 
 def losses(run_dir, key="train/loss"):
@@ -80,7 +80,7 @@ def test_ratio_one_is_plain_causal_lm_training(tmp_path):
     )
     train(cfg, tmp_path / "run")
     data = build(cfg.data)
-    model = build_model(cfg.model, len(data.tokenizer), cfg.seed)
+    model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
     tcfg = TrainConfig(**{k: v for k, v in cfg.trainer.items()}, seed=cfg.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -106,20 +106,26 @@ def test_ratio_one_is_plain_causal_lm_training(tmp_path):
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch):
+    import signal
+
     overrides = ("trainer.max_steps=8", "trainer.checkpoint_every=100", "selector=random", "selector.ratio=0.5")
     train(compose_train(tmp_path / "cache", *overrides), tmp_path / "full")
 
     real_step = Trainer.train_step
 
-    def stop_at_5(self):
-        if self.step == 5:
-            raise KeyboardInterrupt  # what Ctrl-C does mid-run
+    def ctrl_c_during_step_5(self):
+        if self.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does mid-step: the step finishes first
         return real_step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", stop_at_5)
-    res = train(compose_train(tmp_path / "cache", *overrides), tmp_path / "cut")
-    assert res["interrupted"] and res["step"] == 5
-    assert (tmp_path / "cut" / "checkpoints" / "step_0000005").is_dir()
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_during_step_5)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(compose_train(tmp_path / "cache", *overrides), tmp_path / "cut")
+    assert stopped.value.step == 5 and stopped.value.checkpoint.name == "step_0000005"
+    result = json.loads((tmp_path / "cut" / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["step"] == 5
+    assert json.loads((tmp_path / "cut" / "run_info.json").read_text())["status"] == "interrupted"
+    assert not (tmp_path / "cut" / "model").exists()  # not written as if finished
     monkeypatch.setattr(Trainer, "train_step", real_step)
     train(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
 
@@ -131,10 +137,14 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
             if k != "train/tokens_per_s":
                 assert a[k] == pytest.approx(b[k], rel=1e-6), k
     assert_same_weights(final_weights(tmp_path / "full"), final_weights(tmp_path / "cut"))
-    # resuming a finished run does nothing and reports the final eval numbers
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["status"] == "finished"
+    # resuming a finished run does nothing, rewrites no checkpoint and reports the final eval numbers
+    ckpt = tmp_path / "cut" / "checkpoints" / "step_0000008"
+    stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
     again = train(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
     assert again["step"] == 8 and again["eval/loss"] == pytest.approx(full[-1]["eval/loss"])
     assert read_metrics(tmp_path / "cut") == cut
+    assert (ckpt / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -143,7 +153,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatc
     def poison_at_4(self):
         if self.step == 3:
             with torch.no_grad():
-                for p in self.lm.parameters():
+                for p in self.engine.lm.parameters():
                     p.fill_(float("nan"))
         return real_step(self)
 
@@ -151,6 +161,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatc
     with pytest.raises(NonFiniteLoss, match=r"step 4 .*step_0000003"):
         train(compose_train(tmp_path / "cache", "reference=none", "trainer.max_steps=6"), tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000003"
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
 
 
 def test_metrics_and_offline_wandb_run(tmp_path, monkeypatch):
@@ -188,10 +199,18 @@ def test_stored_reference_refuses_other_data_settings(tmp_path):
 @pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, global top-k."""
+    from conftest import tiny_model
+
+    from slm.tokenizer import builtin_tokenizer
+
     env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    # One fixed reference for both (the demo reference's cache key includes the process count that trains it)
+    tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).save_pretrained(tmp_path / "ref")
     args = [
-        *TINY,
+        *[o for o in TINY if not o.startswith("reference.")],
         f"data.cache_dir={tmp_path / 'cache'}",
+        "reference=live",
+        f"reference.path={tmp_path / 'ref'}",
         "selector.scope=global",
         "trainer.eval_every=3",
         "trainer.grad_clip=1e9",

@@ -1,0 +1,103 @@
+"""Checkpoint folders that are either complete or absent.
+
+A checkpoint is written into ``step_N.tmp``; ``slm_state.json`` (counters plus a manifest of
+every file and its size) is written last; then the folder is renamed to ``step_N`` and only
+then does ``latest`` move (written to a temporary file and renamed). A crash or a full disk at
+any point leaves the previous checkpoint and ``latest`` intact. Resume takes ``latest`` if it
+is complete and otherwise the newest complete one, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "slm_state.json"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _manifest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def is_complete(folder: Path) -> bool:
+    """The folder exists, has its state file, and every file in its manifest has its recorded size."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+        return all((folder / f).stat().st_size == size for f, size in state["manifest"].items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def read_state(folder: Path) -> dict:
+    return json.loads((folder / STATE_FILE).read_text())
+
+
+def _step_folders(root: Path) -> list[Path]:
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+
+
+def latest(run_dir: Path, warn: bool = True) -> Path | None:
+    """The checkpoint to resume from: ``latest`` if complete, else the newest complete one."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    named = root / pointer.read_text().strip() if pointer.exists() else None
+    if named is not None and is_complete(named):
+        return named
+    for folder in _step_folders(root):
+        if is_complete(folder):
+            if warn:
+                log.warning("checkpoint %s is missing or incomplete; resuming from %s, the newest complete one",
+                            named, folder)  # fmt: skip
+            return folder
+    return None
+
+
+def save(run_dir: Path, step: int, state: dict, write, is_main: bool, keep: int, all_ok) -> Path:
+    """Write checkpoint ``step`` atomically; ``write(folder)`` writes the engine's files (every
+    process calls it), ``all_ok(ok) -> bool`` agrees on success across processes."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step_{step:07d}", root / f"step_{step:07d}.tmp"
+    if is_complete(final):
+        return final  # already written (e.g. resuming a run that had finished): never rewrite in place
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    error = None
+    all_ok(True)  # the folder exists before anyone writes into it
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as e:  # a full disk surfaces as either
+        error = e
+    ok = all_ok(error is None)
+    if ok and is_main:
+        try:
+            (tmp / STATE_FILE).write_text(json.dumps({**state, "manifest": _manifest(tmp)}))
+            os.replace(tmp, final)
+            pointer_tmp = root / "latest.tmp"
+            pointer_tmp.write_text(final.name)
+            os.replace(pointer_tmp, root / "latest")
+        except OSError as e:
+            error, ok = e, False
+    ok = all_ok(ok)
+    if not ok:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(run_dir, warn=False)
+        raise CheckpointError(
+            f"could not write checkpoint {final} ({error or 'failed on another process'}); nothing was "
+            f"overwritten: the last complete checkpoint is {previous or 'none'}. Free disk space and resume "
+            "with trainer.resume=true"
+        ) from error
+    if is_main:
+        for old in _step_folders(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final

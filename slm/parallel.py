@@ -1,0 +1,344 @@
+"""How one run is spread over processes: the only module that knows DDP, FSDP2 and DeepSpeed.
+
+The launch mode comes from the launcher's environment (``accelerate launch --config_file
+accelerate_configs/<mode>.yaml`` sets it; ``torchrun`` alone means DDP):
+
+* ``single`` / ``ddp``: plain torch DDP (gradients averaged over processes).
+* ``fsdp2``: ``fully_shard`` on every decoder layer (``_no_split_modules``) and on the root, which
+  keeps the embeddings, the final norm and the output layer, so the head's weight is whole for
+  the entire root forward and a tied head stays one parameter. The root does not cast forward
+  inputs, so reference losses reach selection in float32 under a bf16 policy.
+* ``deepspeed``: Accelerate's DeepSpeed engine (ZeRO-2 or ZeRO-3); under ZeRO-3 the head's
+  parameters are gathered for the head (see ``slm.model``).
+
+Every mode takes one contract from the training loop: backpropagate a loss already divided by
+the step's global token count (see :meth:`Engine.backward`); nothing rescales gradients after
+``backward`` (DeepSpeed has already stepped by then). Checkpoints hold full (consolidated) state
+dicts written by the main process, so a run resumes under any process count; DeepSpeed writes
+its own engine checkpoint through Accelerate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODES = ("single", "ddp", "fsdp2", "deepspeed")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def requested_mode() -> str:
+    """The launch mode the environment asks for (what ``accelerate launch`` or ``torchrun`` set)."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise ValueError(
+                "slm runs FSDP version 2 only (FSDP1 cannot keep the output layer whole for the selective head): "
+                "set fsdp_version: 2 in the accelerate config (see accelerate_configs/fsdp.yaml)"
+            )
+        return "fsdp2"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """``auto``: the launch config's choice, else bf16 on a GPU that has it, else none (CPU)."""
+    if setting != "auto":
+        if setting not in PRECISIONS:
+            raise ValueError(f"trainer.mixed_precision must be auto, no, bf16 or fp16, got {setting!r}")
+        return setting
+    env = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if env in PRECISIONS:
+        return env
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_accelerator(mixed_precision: str, grad_accum: int = 1):
+    """An Accelerator for the requested mode, on GPU when there is one, else on CPU (gloo)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    mode = requested_mode()
+    kwargs: dict = {"cpu": not torch.cuda.is_available()}
+    if mode == "deepspeed" and not torch.cuda.is_available():
+        # DeepSpeed runs on CPU too (its CPU accelerator, gloo): what the tests use.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        kwargs = {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+                      step_scheduler_with_optimizer=False, **kwargs)  # fmt: skip
+    return acc
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+class Engine:
+    """One model's training machinery under a launch mode.
+
+    Args:
+        acc: the run's Accelerator (process setup, device, collectives, the DeepSpeed engine).
+        lm: the module to train (a :class:`slm.SelectiveLM`).
+        make_optimizer: ``lm -> optimizer``, called after sharding so it sees the sharded params.
+        make_scheduler: ``optimizer -> LR scheduler`` stepped once per optimizer step.
+        grad_accum: micro-batches per optimizer step.
+        micro_batch: rows per micro-batch per process (DeepSpeed's config needs it).
+        mixed_precision: ``no``, ``bf16`` or ``fp16`` (already resolved).
+        mode: a launch mode; ``None`` = the requested one. A model that DeepSpeed cannot take
+            (a second model in one DeepSpeed run, e.g. a reference trained first) uses ``ddp``.
+        grad_clip: max gradient norm (DeepSpeed clips inside its step, so it must know it here).
+    """
+
+    def __init__(self, acc, lm: nn.Module, make_optimizer: Callable, make_scheduler: Callable, grad_accum: int,
+                 micro_batch: int, mixed_precision: str = "no", mode: str | None = None,
+                 grad_clip: float | None = None):  # fmt: skip
+        self.acc, self.lm = acc, lm
+        self.grad_clip = grad_clip
+        self.mode = mode or requested_mode()
+        if self.mode == "ddp" and _world() == 1:
+            self.mode = "single"
+        self.grad_accum = grad_accum
+        self.precision = mixed_precision
+        self.device = acc.device
+        self.scaler = None
+        if self.mode == "deepspeed":
+            self._prepare_deepspeed(make_optimizer, make_scheduler, micro_batch)
+            return
+        if self.mode == "fsdp2":
+            if mixed_precision == "fp16":
+                raise ValueError("FSDP2 runs use trainer.mixed_precision=bf16 or no (fp16 needs a sharded loss scaler)")
+            shard_fsdp2(lm, self.device.type, mixed_precision)
+            self.model = lm
+        else:
+            lm.to(self.device)
+            self.model = lm
+            if self.mode == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.model = DistributedDataParallel(lm, device_ids=ids)
+            if mixed_precision == "fp16":
+                self.scaler = torch.amp.GradScaler(self.device.type)
+        self.opt = make_optimizer(lm)
+        self.sched = make_scheduler(self.opt)
+
+    def _prepare_deepspeed(self, make_optimizer, make_scheduler, micro_batch: int) -> None:
+        cfg = self.acc.state.deepspeed_plugin.deepspeed_config
+        cfg["train_micro_batch_size_per_gpu"] = micro_batch
+        cfg["gradient_accumulation_steps"] = self.grad_accum
+        cfg["train_batch_size"] = micro_batch * self.grad_accum * self.acc.num_processes
+        cfg["gradient_clipping"] = float(self.grad_clip or 0.0)
+        cfg["zero_allow_untested_optimizer"] = True
+        if cfg.get("zero_optimization", {}).get("stage") == 3:
+            cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+        opt = make_optimizer(self.lm)
+        sched = make_scheduler(opt)
+        self.model, self.opt, self.sched = self.acc.prepare(self.lm, opt, sched)
+
+    # -- one optimizer step -----------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.acc.num_processes
+
+    def autocast(self):
+        """Autocast for single/DDP mixed precision; FSDP2 and DeepSpeed cast parameters instead."""
+        if self.mode in ("single", "ddp") and self.precision != "no":
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(self.device.type, dtype=dtype)
+        return nullcontext()
+
+    def micro_step(self, last: bool):
+        """Context for one micro-batch: DDP skips its all-reduce until the step's last one."""
+        if self.mode == "ddp" and not last:
+            return self.model.no_sync()
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` = (this micro-batch's loss sum) / (tokens trained in the whole step on
+        all processes). Every engine averages gradients over processes (and DeepSpeed also divides by
+        the accumulation steps), so the loss is multiplied back: the summed gradient is exact."""
+        if self.mode == "deepspeed":
+            self.acc.backward(loss * (self.world * self.grad_accum))  # DeepSpeed steps inside on the last one
+        elif self.scaler is not None:
+            self.scaler.scale(loss * self.world).backward()
+        else:
+            (loss * self.world).backward()
+
+    def clip_and_step(self, max_norm: float | None) -> float | None:
+        """Clip to ``max_norm`` (None: no clipping), step the optimizer and the schedule; the norm."""
+        if self.mode == "deepspeed":  # clipped and stepped inside the last backward
+            norm = self.model.get_global_grad_norm()
+            return None if norm is None else float(norm)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        params = [p for p in self.lm.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
+            norm = norm.full_tensor()
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    # -- state --------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict | None:
+        """The whole model's weights (keys as in ``lm.state_dict()``) on the main process, None
+        elsewhere. Every process must call it (FSDP2 and ZeRO-3 gather)."""
+        if self.mode == "deepspeed":
+            sd = self.acc.get_state_dict(self.model)
+        elif self.mode == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.lm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = {k: v.detach().cpu() for k, v in self.lm.state_dict().items()}
+        return sd if _rank() == 0 else None
+
+    def save_pretrained(self, out_dir: Path, tokenizer=None) -> None:
+        """The trained model as an HF folder (``from_pretrained``-ready): consolidated weights under
+        every mode. Every process must call it; the main process writes."""
+        sd = self.full_state_dict()
+        if _rank() == 0:
+            save_inner_pretrained(self.lm, sd, out_dir, tokenizer)
+        _barrier()
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Model, optimizer, schedule, loss scale and RNG into ``path`` (every process calls it)."""
+        if self.mode == "deepspeed":
+            self.acc.save_state(str(path))
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, optim_sd = get_state_dict(self.lm, self.opt, options=full)
+        rank = _rank()
+        path.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            from safetensors.torch import save_file
+
+            save_file(_contiguous_unshared(model_sd), str(path / "model.safetensors"))
+            torch.save(optim_sd, path / "optimizer.pt")
+            torch.save(self.sched.state_dict(), path / "scheduler.pt")
+            if self.scaler is not None:
+                torch.save(self.scaler.state_dict(), path / "scaler.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, path / f"rng_{rank}.pt")
+        _barrier()
+
+    def load_checkpoint(self, path: Path) -> None:
+        if self.mode == "deepspeed":
+            self.acc.load_state(str(path))
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        rank = _rank()
+        model_sd, optim_sd = {}, {}
+        if rank == 0 or self.mode != "fsdp2":
+            from safetensors.torch import load_file
+
+            model_sd = load_file(str(path / "model.safetensors"))
+            optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
+        broadcast = self.mode == "fsdp2" and _world() > 1
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=True)
+        set_state_dict(self.lm, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+        self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        if self.scaler is not None and (path / "scaler.pt").exists():
+            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
+        rng_file = path / f"rng_{rank}.pt"
+        if rng_file.exists():  # absent when resuming with more processes than saved: fresh RNG there
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+    def release(self) -> None:
+        """Drop the engine's references (a reference model trained first, then discarded)."""
+        if self.mode == "deepspeed":
+            self.acc.free_memory(self.model, self.opt, self.sched)
+        self.model = self.opt = self.sched = None
+
+
+def _contiguous_unshared(sd: dict) -> dict:
+    """safetensors refuses tensors that share storage (a tied head and embedding): copy them apart."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        v = v.contiguous()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
+
+
+def save_inner_pretrained(lm: nn.Module, state_dict: dict, out_dir: Path, tokenizer=None) -> None:
+    """Write ``lm``'s inner HF model (or PEFT adapter) with ``state_dict`` (keys of ``lm``)."""
+    inner = getattr(lm, "model", lm)
+    prefix = "model." if inner is not lm else ""
+    sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inner.save_pretrained(str(out_dir), state_dict=sd)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out_dir))
+
+
+def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str) -> None:
+    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, output layer)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    dtype = {"bf16": torch.bfloat16, "no": None}[mixed_precision]
+    reduce = torch.float32 if dtype is not None else None
+    layer_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
+    # The root must not cast its inputs: ref_loss is float32 and selection ranks on it.
+    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, cast_forward_inputs=False)
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no_shard")
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    layers = [m for m in lm.modules() if m is not lm and type(m).__name__ in names]
+    if not layers:
+        raise ValueError(
+            f"FSDP2: found no decoder layer to shard ({type(lm).__name__} names no _no_split_modules); every "
+            "layer would sit in one unit and nothing would be sharded"
+        )
+    if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+        lm.activation_checkpointing_enable()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=layer_policy, reshard_after_forward=reshard)
+    fully_shard(lm, mesh=mesh, mp_policy=root_policy)
