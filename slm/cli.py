@@ -187,7 +187,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     acc.wait_for_everyone()
     with acc.main_process_first():  # one process packs and caches; the others then load the cache
         data = build(cfg.data)
-    model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
+    with parallel.model_init():
+        model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
     check_block_size(model.config, int(cfg.data.block_size))
     train_ds, ref = reference_source(cfg, data, acc, model)
     sel = cfg.selector

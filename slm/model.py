@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers.utils import ModelOutput
 
 from slm.head import OutputHead, full_logits_rows_loss, score_rows, selected_rows_loss
 from slm.selection import SCOPES, check_ratio, score_tokens, select_tokens
@@ -59,6 +60,29 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
+def _zero3_ready(module: nn.Module, head: OutputHead) -> bool:
+    """Under DeepSpeed ZeRO-3 the head's parameters are partitioned outside lm_head's forward, which
+    the selective head never calls. Register them as external parameters of ``module`` so that
+    ZeRO-3 gathers them for ``module``'s forward and backward; True once they are gathered."""
+    params = [p for p in (head.weight, head.bias) if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return True
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
+
+    known = getattr(module, "_external_params", {})
+    registered_before = all(id(p) in known for p in params)
+    for p in params:
+        if id(p) not in known:
+            register_external_parameter(module, p)
+    ready = all(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params)
+    if registered_before and not ready:
+        raise RuntimeError(
+            "ZeRO-3 did not gather the output layer's weight for SelectiveLM's forward; call SelectiveLM (the "
+            "module given to DeepSpeed) rather than its inner model"
+        )
+    return ready
+
+
 def _gathered(params: list[Tensor | None]):
     """Under DeepSpeed ZeRO-3 the head's parameters live partitioned outside their module's
     forward; gather them (read-only) for as long as the head needs them."""
@@ -66,8 +90,11 @@ def _gathered(params: list[Tensor | None]):
     if not partitioned:
         return nullcontext()
     import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    # Small parameters stay whole under ZeRO-3 (the persistence threshold): only gather the others.
+    partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else nullcontext()
 
 
 def output_head(model: nn.Module, chunk_elements: int | None = None) -> tuple[OutputHead | None, str]:
@@ -91,12 +118,15 @@ def output_head(model: nn.Module, chunk_elements: int | None = None) -> tuple[Ou
 
 
 @dataclass
-class SelectiveOutput:
-    loss: Tensor  # scalar; grad flows
-    token_loss: Tensor  # [B, T] float32, detached, 0 where not computed
-    mask: Tensor  # [B, T] bool: the tokens that received loss
-    n_selected: int
-    n_valid: int
+class SelectiveOutput(ModelOutput):
+    """What :class:`SelectiveLM` returns. An HF ``ModelOutput`` (a dict) so that FSDP2 and ZeRO-3
+    find the loss tensor and hook their backward passes onto it."""
+
+    loss: Tensor | None = None  # scalar; grad flows
+    token_loss: Tensor | None = None  # [B, T] float32, detached, 0 where not computed
+    mask: Tensor | None = None  # [B, T] bool: the tokens that received loss
+    n_selected: int | None = None
+    n_valid: int | None = None
     hits: Tensor | None = None  # [B, T] bool, label == arg-max prediction (with return_hits=True)
 
 
@@ -293,6 +323,8 @@ class SelectiveLM(nn.Module):
         rows = valid[:, 1:]  # row i of the flattened selection predicts labels[:, 1:][rows][i]
         targets = labels[:, 1:][rows]
         head = self._head()
+        if head is not None and not _zero3_ready(self, head):
+            head = None  # this one call runs HF's own forward; ZeRO-3 gathers the head from the next call on
         vocab = head.vocab_size if head is not None else self.get_output_embeddings().weight.shape[0]
         _check_targets(targets, vocab)
 
@@ -307,34 +339,33 @@ class SelectiveLM(nn.Module):
 
         token_loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         hits = None
-        with _gathered([] if head is None else [head.weight, head.bias]):
-            head_rows = self._rows(head, input_ids, attention_mask, rows, targets, model_kwargs)
-            if known is None or return_hits:
-                # Selection needs the current loss of every valid token: a no-grad scoring pass.
-                row_loss, row_hits = head_rows.score(return_hits)
-                token_loss[:, 1:][rows] = row_loss
-                if return_hits:
-                    hits = torch.zeros_like(valid)
-                    hits[:, 1:][rows] = row_hits
-                mask = known if known is not None else self._select(token_loss, ref_loss, valid, ratio)
-                row_w = None if weights is None else weights[:, 1:][rows]
-                loss_sum, _ = head_rows.train(mask[:, 1:][rows], row_w)
-                if known is not None:
-                    token_loss = token_loss * mask
-            else:
-                # The trained tokens are known up front (a loss_mask, weights, or all): one fused pass.
-                mask = known
-                row_w = None if weights is None else weights[:, 1:][rows]
-                loss_sum, row_loss = head_rows.train(mask[:, 1:][rows], row_w)
-                token_loss[mask] = row_loss
+        head_rows = self._rows(head, input_ids, attention_mask, rows, targets, model_kwargs)
+        if known is None or return_hits:
+            # Selection needs the current loss of every valid token: a no-grad scoring pass.
+            row_loss, row_hits = head_rows.score(return_hits)
+            token_loss[:, 1:][rows] = row_loss
+            if return_hits:
+                hits = torch.zeros_like(valid)
+                hits[:, 1:][rows] = row_hits
+            mask = known if known is not None else self._select(token_loss, ref_loss, valid, ratio)
+            row_w = None if weights is None else weights[:, 1:][rows]
+            loss_sum, _ = head_rows.train(mask[:, 1:][rows], row_w)
+            if known is not None:
+                token_loss = token_loss * mask
+        else:
+            # The trained tokens are known up front (a loss_mask, weights, or all): one fused pass.
+            mask = known
+            row_w = None if weights is None else weights[:, 1:][rows]
+            loss_sum, row_loss = head_rows.train(mask[:, 1:][rows], row_w)
+            token_loss[mask] = row_loss
 
         n_selected = int(mask.sum())
         if num_items_in_batch is not None:
             denom = num_items_in_batch
         else:
             denom = n_selected if weights is None else (weights * mask).sum()
-        return SelectiveOutput(loss_sum / _nonzero(denom, loss_sum.device), token_loss, mask, n_selected,
-                               int(valid.sum()), hits)  # fmt: skip
+        return SelectiveOutput(loss=loss_sum / _nonzero(denom, loss_sum.device), token_loss=token_loss, mask=mask,
+                               n_selected=n_selected, n_valid=int(valid.sum()), hits=hits)  # fmt: skip
 
     def _head(self) -> OutputHead | None:
         head, why = output_head(self.model, self.chunk_elements)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -76,9 +76,38 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1):
         # DeepSpeed runs on CPU too (its CPU accelerator, gloo): what the tests use.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         kwargs = {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
-    acc = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
-                      step_scheduler_with_optimizer=False, **kwargs)  # fmt: skip
-    return acc
+    # Autocast and loss scaling are the Engine's, except under DeepSpeed, whose engine Accelerate configures.
+    precision = mixed_precision if mode == "deepspeed" else "no"
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum,
+                       step_scheduler_with_optimizer=False, **kwargs)  # fmt: skip
+
+
+@contextmanager
+def model_init(trained: bool = True):
+    """Build a model as the launch config asks: under ZeRO-3, transformers builds every model inside
+    DeepSpeed's ``zero.Init`` (partitioned at creation, initialised differently) unless told not to.
+    Only a trained model with ``zero3_init_flag: true`` is built that way; a frozen reference never
+    is (no engine would gather its weights)."""
+    try:
+        from transformers.integrations import deepspeed as hf_ds
+    except ImportError:
+        yield
+        return
+    ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None or (trained and _env_flag("ACCELERATE_DEEPSPEED_ZERO3_INIT")):
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(config)
+
+
+def param_dim(p: torch.Tensor) -> int:
+    """A parameter's number of dimensions, also when ZeRO-3 has partitioned it to a flat shard."""
+    return len(getattr(p, "ds_shape", p.shape))
 
 
 def _world() -> int:
@@ -159,8 +188,10 @@ class Engine:
         if cfg.get("zero_optimization", {}).get("stage") == 3:
             cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
         opt = make_optimizer(self.lm)
-        sched = make_scheduler(opt)
-        self.model, self.opt, self.sched = self.acc.prepare(self.lm, opt, sched)
+        self.model, self.opt = self.acc.prepare(self.lm, opt)
+        # Stepped here after each optimizer step, as in every mode (Accelerate leaves a prepared
+        # scheduler to the engine, which is not given one); built on the engine's param groups.
+        self.sched = make_scheduler(self.opt)
 
     # -- one optimizer step -----------------------------------------------------------------------
     @property
@@ -175,7 +206,10 @@ class Engine:
         return nullcontext()
 
     def micro_step(self, last: bool):
-        """Context for one micro-batch: DDP skips its all-reduce until the step's last one."""
+        """Context for one micro-batch: DDP skips its all-reduce until the step's last one; DeepSpeed
+        (through Accelerate's ``sync_gradients``) accumulates and steps only after the last one."""
+        if self.mode == "deepspeed":
+            self.acc.sync_gradients = last
         if self.mode == "ddp" and not last:
             return self.model.no_sync()
         return nullcontext()
@@ -195,6 +229,7 @@ class Engine:
         """Clip to ``max_norm`` (None: no clipping), step the optimizer and the schedule; the norm."""
         if self.mode == "deepspeed":  # clipped and stepped inside the last backward
             norm = self.model.get_global_grad_norm()
+            self.sched.step()
             return None if norm is None else float(norm)
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
@@ -238,23 +273,24 @@ class Engine:
 
     def save_checkpoint(self, path: Path) -> None:
         """Model, optimizer, schedule, loss scale and RNG into ``path`` (every process calls it)."""
-        if self.mode == "deepspeed":
-            self.acc.save_state(str(path))
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_sd, optim_sd = get_state_dict(self.lm, self.opt, options=full)
         rank = _rank()
-        path.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            from safetensors.torch import save_file
+        if self.mode == "deepspeed":
+            self.acc.save_state(str(path))  # the engine's (sharded) model and optimizer state
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-            save_file(_contiguous_unshared(model_sd), str(path / "model.safetensors"))
-            torch.save(optim_sd, path / "optimizer.pt")
+            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd, optim_sd = get_state_dict(self.lm, self.opt, options=full)
+            path.mkdir(parents=True, exist_ok=True)
+            if rank == 0:
+                from safetensors.torch import save_file
+
+                save_file(_contiguous_unshared(model_sd), str(path / "model.safetensors"))
+                torch.save(optim_sd, path / "optimizer.pt")
+                if self.scaler is not None:
+                    torch.save(self.scaler.state_dict(), path / "scaler.pt")
+        if rank == 0:
             torch.save(self.sched.state_dict(), path / "scheduler.pt")
-            if self.scaler is not None:
-                torch.save(self.scaler.state_dict(), path / "scaler.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -262,24 +298,24 @@ class Engine:
         _barrier()
 
     def load_checkpoint(self, path: Path) -> None:
+        rank = _rank()
         if self.mode == "deepspeed":
             self.acc.load_state(str(path))
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        else:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        rank = _rank()
-        model_sd, optim_sd = {}, {}
-        if rank == 0 or self.mode != "fsdp2":
-            from safetensors.torch import load_file
+            model_sd, optim_sd = {}, {}
+            if rank == 0 or self.mode != "fsdp2":
+                from safetensors.torch import load_file
 
-            model_sd = load_file(str(path / "model.safetensors"))
-            optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
-        broadcast = self.mode == "fsdp2" and _world() > 1
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=True)
-        set_state_dict(self.lm, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+                model_sd = load_file(str(path / "model.safetensors"))
+                optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
+            broadcast = self.mode == "fsdp2" and _world() > 1
+            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=True)
+            set_state_dict(self.lm, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
+            if self.scaler is not None and (path / "scaler.pt").exists():
+                self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        if self.scaler is not None and (path / "scaler.pt").exists():
-            self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
         rng_file = path / f"rng_{rank}.pt"
         if rng_file.exists():  # absent when resuming with more processes than saved: fresh RNG there
             rng = torch.load(rng_file, weights_only=True)
@@ -290,7 +326,7 @@ class Engine:
     def release(self) -> None:
         """Drop the engine's references (a reference model trained first, then discarded)."""
         if self.mode == "deepspeed":
-            self.acc.free_memory(self.model, self.opt, self.sched)
+            self.acc.free_memory(self.model, self.opt)
         self.model = self.opt = self.sched = None
 
 
@@ -309,6 +345,14 @@ def save_inner_pretrained(lm: nn.Module, state_dict: dict, out_dir: Path, tokeni
     """Write ``lm``'s inner HF model (or PEFT adapter) with ``state_dict`` (keys of ``lm``)."""
     inner = getattr(lm, "model", lm)
     prefix = "model." if inner is not lm else ""
+    state_dict = dict(state_dict)
+    # A gathered state dict holds a tied head and embedding as two equal copies: make them one
+    # tensor again, so save_pretrained stores it once (as a single-process save does).
+    first: dict[int, str] = {}
+    for name, param in lm.named_parameters(remove_duplicate=False):
+        if id(param) in first and name in state_dict and first[id(param)] in state_dict:
+            state_dict[name] = state_dict[first[id(param)]]
+        first.setdefault(id(param), name)
     sd = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,3 +386,6 @@ def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str) -> None:
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=layer_policy, reshard_after_forward=reshard)
     fully_shard(lm, mesh=mesh, mp_policy=root_policy)
+    log.info("fsdp2: %d shard units of %s (one per decoder layer) and the root (embeddings, final norm, output "
+             "layer); compute dtype %s", len(layers), sorted({type(m).__name__ for m in layers}),
+             dtype or "float32")  # fmt: skip

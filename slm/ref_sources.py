@@ -85,7 +85,8 @@ def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.n
                 shutil.rmtree(where)
             acc.wait_for_everyone()
             log.info("reference: training the demo reference on the clean split (first run only) -> %s", where)
-            model = build_model(cfg.model, len(data.tokenizer), seed + 1)
+            with parallel.model_init(trained=False):  # trained with DDP under DeepSpeed, see below
+                model = build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer)
             lm = SelectiveLM(model, ratio=1.0)
             # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None

@@ -32,8 +32,11 @@ def load_reference(path: str, device: torch.device | str = "cpu", dtype: str = "
 
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+    from slm.parallel import model_init
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        with model_init(trained=False):  # a frozen reference is never partitioned by ZeRO-3
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except OSError as e:
         raise ValueError(f"reference.path={path!r}: could not load a causal LM from the hub or that path ({e})") from e
     return freeze(model.to(device))

@@ -24,7 +24,7 @@ from torch import nn
 
 from slm import checkpoints
 from slm.model import SelectiveLM, shifted_valid, token_losses
-from slm.parallel import Engine, resolve_mixed_precision
+from slm.parallel import Engine, param_dim, resolve_mixed_precision
 from slm.selection import NonFiniteScores, num_selected, num_to_keep
 from slm.signals import StopSignals
 from slm.tracking import Tracker, read_metrics
@@ -221,8 +221,8 @@ class Trainer:
         master_weights(lm, cfg.master_dtype)
 
         def make_optimizer(model):
-            decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-            no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+            decay = [p for p in model.parameters() if p.requires_grad and param_dim(p) >= 2]
+            no_decay = [p for p in model.parameters() if p.requires_grad and param_dim(p) < 2]
             groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
             return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 

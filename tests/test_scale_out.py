@@ -1,0 +1,149 @@
+"""Every shipped launch config gives the same updates as one process (2 CPU processes, gloo).
+
+FSDP2 and DeepSpeed run through the real ``accelerate launch --config_file accelerate_configs/...``
+(with ``--mixed_precision no`` so that float32 runs can be compared exactly). Also: mixed
+precision details that need no second process (fp32 master weights, fp16 with a loss scaler).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import TINY, compose_train
+
+from slm.cli import train
+from slm.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ARGS = [o for o in TINY if not o.startswith("reference.")] + ["reference=none", "trainer.max_steps=3"]
+QWEN_TIED = ["model.config.model_type=qwen2", "model.config.tie_word_embeddings=true"]
+
+
+def run(cmd: list[str], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+
+
+def one_process(tmp_path: Path, name: str, *overrides: str) -> Path:
+    out = tmp_path / name
+    run([str(BIN / "slm-train"), *ARGS, f"data.cache_dir={tmp_path / 'cache'}", *overrides, f"hydra.run.dir={out}"],
+        tmp_path)  # fmt: skip
+    return out
+
+
+def launched(tmp_path: Path, config: str, name: str, *overrides: str) -> Path:
+    """``accelerate launch`` with a shipped config, 2 processes, float32."""
+    out = tmp_path / name
+    run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"),
+         "--num_processes", "2", "--mixed_precision", "no", "-m", "slm.cli", *ARGS,
+         f"data.cache_dir={tmp_path / 'cache'}", *overrides, f"hydra.run.dir={out}"], tmp_path)  # fmt: skip
+    return out
+
+
+def assert_same_run(a: Path, b: Path, atol: float, rel: float = 1e-5) -> None:
+    from safetensors.torch import load_file
+
+    ea, eb = read_metrics(a), read_metrics(b)
+    assert [e["step"] for e in ea] == [e["step"] for e in eb] and len(ea) >= 5
+    for x, y in zip(ea, eb):
+        for k in ("train/loss", "train/grad_norm", "train/lr", "eval/loss", "tokens_seen", "tokens_selected"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=rel), (x["step"], k)
+    wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
+    assert json.loads((b / "run_info.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2-tied"])
+def test_fsdp2_two_processes_equal_one_process(tmp_path, arch):
+    extra = QWEN_TIED if arch == "qwen2-tied" else []
+    one = one_process(tmp_path, "one", "trainer.batch_size=4", "selector.scope=global", *extra)
+    two = launched(tmp_path, "fsdp", "two", "trainer.batch_size=2", "selector.scope=global", *extra)
+    assert json.loads((two / "run_info.json").read_text())["mode"] == "fsdp2"
+    assert "fsdp2: 2 shard units of" in (two / "train.log").read_text()  # one unit per decoder layer
+    assert_same_run(one, two, atol=1e-5)
+    if arch == "qwen2-tied":
+        from safetensors.torch import load_file
+        from transformers import AutoModelForCausalLM
+
+        ckpt = load_file(str(two / "checkpoints" / "step_0000003" / "model.safetensors"))
+        assert torch.equal(ckpt["model.lm_head.weight"], ckpt["model.model.embed_tokens.weight"])
+        optim = torch.load(two / "checkpoints" / "step_0000003" / "optimizer.pt", weights_only=True)
+        assert "model.lm_head.weight" not in optim["state"]  # one parameter, one optimizer state
+        again = AutoModelForCausalLM.from_pretrained(two / "model")
+        assert again.lm_head.weight is again.get_input_embeddings().weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_two_processes_with_accumulation_equal_one_process(tmp_path, stage):
+    """DeepSpeed steps inside backward: normalisation must happen before it, and only the last
+    micro-batch of a step may step. Hidden size 1024 makes ZeRO-3 partition the output layer."""
+    pytest.importorskip("deepspeed")
+    common = ("model.config.hidden_size=1024", "selector.scope=sequence")
+    one = one_process(tmp_path, "one", "trainer.batch_size=4", *common)
+    two = launched(tmp_path, f"deepspeed_{stage}", "two", "trainer.batch_size=1", "trainer.grad_accum=2", *common)
+    assert json.loads((two / "run_info.json").read_text())["mode"] == "deepspeed"
+    assert_same_run(one, two, atol=1e-4, rel=1e-4)  # DeepSpeed sums the norm over flat partitions
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_policy_keeps_reference_losses_float32_and_layers_sharded(tmp_path):
+    """The shipped FSDP config's environment, bf16: tests/fsdp_probe.py checks units, tie and ref_loss."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(
+        ["--config_file", str(ROOT / "accelerate_configs" / "fsdp.yaml"), "--num_processes", "2", "x.py"]
+    )
+    args = _validate_launch_command(args)[0]
+    env = {**os.environ, **prepare_multi_gpu_env(args), "OMP_NUM_THREADS": "1"}
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    probe = str(Path(__file__).resolve().parent / "fsdp_probe.py")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", probe],
+                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert done.stdout.count("fsdp probe ok") == 2
+
+
+def test_a_model_loaded_in_bf16_trains_fp32_master_weights(tmp_path):
+    """An update far below bf16's rounding step is kept (pure bf16 weights would drop it)."""
+    from safetensors.torch import load_file
+
+    from slm.cli import build_model
+    from slm.data import build
+
+    base = ("model.dtype=bfloat16", "reference=none", "selector=all", "trainer.lr=1e-6", "trainer.max_steps=1",
+            "trainer.warmup_steps=1", "trainer.weight_decay=0")  # fmt: skip
+    cfg = compose_train(tmp_path / "cache", *base)
+    train(cfg, tmp_path / "fp32")
+    data = build(cfg.data)
+    start = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer).state_dict()
+    after = load_file(str(tmp_path / "fp32" / "model" / "model.safetensors"))
+
+    def changed(weights: dict) -> float:  # the share of all weights this 1e-6 update moved
+        moved = sum(int((weights[k].float() != start[k].float()).sum()) for k in start)
+        return moved / sum(t.numel() for t in start.values())
+
+    assert all(t.dtype == torch.float32 for t in after.values()) and changed(after) > 0.9
+    train(compose_train(tmp_path / "cache", *base, "trainer.master_dtype=null"), tmp_path / "bf16")
+    pure = load_file(str(tmp_path / "bf16" / "model" / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in pure.values()) and changed(pure) < 0.1  # rounded away
+
+
+def test_fp16_mixed_precision_with_a_loss_scaler_trains_like_fp32(tmp_path):
+    base = ("reference=none", "selector.ratio=0.5", "trainer.max_steps=4")
+    train(compose_train(tmp_path / "cache", *base), tmp_path / "fp32")
+    train(compose_train(tmp_path / "cache", *base, "trainer.mixed_precision=fp16"), tmp_path / "fp16")
+    a = [e["train/loss"] for e in read_metrics(tmp_path / "fp32") if "train/loss" in e]
+    b = [e["train/loss"] for e in read_metrics(tmp_path / "fp16") if "train/loss" in e]
+    assert len(a) == 4 and b == pytest.approx(a, rel=5e-3)
