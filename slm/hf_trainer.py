@@ -1,41 +1,68 @@
 """SelectiveTrainer: a drop-in ``transformers.Trainer`` whose loss_mask really skips head work.
 
-Batches with a ``loss_mask`` column train exactly those tokens; otherwise tokens are selected by
-``selection_ratio`` on the excess loss (with a ``ref_loss`` column) or the current loss. The
-output layer's grad-enabled work runs only on the trained tokens (see :class:`slm.SelectiveLM`).
+Batches with a ``loss_mask`` column train exactly those tokens (``loss_weight``: with per-token
+weights); otherwise tokens are selected by ``selection_ratio`` on the excess loss (with a
+``ref_loss`` column) or the current loss. The output layer's grad-enabled work runs only on the
+trained tokens (see :class:`slm.SelectiveLM`).
 
 Normalisation follows the Trainer's ``num_items_in_batch`` contract: the count of *trained*
-tokens over the accumulated micro-batches (and all processes with
+tokens (or the weights' sum) over the accumulated micro-batches (and all processes with
 ``average_tokens_across_devices``), known before the forward because top-k keeps a fixed number.
+A window with nothing to train contributes a zero gradient.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from slm.model import SelectiveLM, shifted_valid
-from slm.selection import check_ratio, num_to_keep
+from slm.model import SelectiveLM, check_loss_mask, check_loss_weight, shifted_valid
+from slm.parallel import save_inner_pretrained
+from slm.selection import check_ratio, num_selected
 
-_COLUMNS = {"loss_mask": False, "ref_loss": 0.0}  # extra per-token columns and their padding value
+log = logging.getLogger(__name__)
+
+_COLUMNS = {"loss_mask": False, "ref_loss": 0.0, "loss_weight": 0.0}  # per-token columns and their padding
+_NOT_FOR_THE_DECODER = ("labels", *_COLUMNS)
 
 
 class SelectiveDataCollator:
-    """Wrap any HF collator so ``loss_mask`` / ``ref_loss`` columns are padded like ``labels``.
+    """Pad ``loss_mask`` / ``ref_loss`` / ``loss_weight`` columns like ``labels``.
 
-    The wrapped collator pads ``input_ids``/``labels`` as usual; the extra columns are padded on
-    the same side to the same length (``False`` / ``0.0``).
+    Two ways to build batches:
+
+    * ``SelectiveDataCollator(collator)`` wraps any HF collator (which makes ``labels``); the extra
+      columns are padded on the same side to the same length.
+    * ``SelectiveDataCollator(tokenizer=tok)`` pads with the tokenizer and sets ``labels`` to the
+      input ids with -100 on padding *positions* only, so a tokenizer whose pad token is its end
+      token (Phi-2, Llama) keeps the end tokens it trains on (``DataCollatorForLanguageModeling``
+      sets -100 on every token equal to the pad id).
+
+    A ``loss_mask`` (or ``loss_weight``) token whose label is -100 cannot be trained: warned once.
     """
 
-    def __init__(self, collator, padding_side: str = "right"):
-        self.collator = collator
-        self.padding_side = getattr(getattr(collator, "tokenizer", None), "padding_side", padding_side)
+    def __init__(self, collator=None, padding_side: str = "right", tokenizer=None):
+        if (collator is None) == (tokenizer is None):
+            raise ValueError("SelectiveDataCollator takes a collator or a tokenizer (exactly one of them)")
+        self.collator, self.tokenizer = collator, tokenizer
+        tok = tokenizer or getattr(collator, "tokenizer", None)
+        self.padding_side = getattr(tok, "padding_side", padding_side)
+        self._warned = False
+
+    def _base(self, features: list[dict]) -> dict:
+        if self.collator is not None:
+            return self.collator(features)
+        batch = self.tokenizer.pad(features, return_tensors="pt")
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return batch
 
     def __call__(self, features: list[dict]) -> dict:
         extra = {k: [f[k] for f in features] for k in _COLUMNS if k in features[0]}
-        batch = self.collator([{k: v for k, v in f.items() if k not in _COLUMNS} for f in features])
+        batch = self._base([{k: v for k, v in f.items() if k not in _COLUMNS} for f in features])
         length = batch["input_ids"].shape[1]
         for k, rows in extra.items():
             out = torch.full((len(rows), length), _COLUMNS[k], dtype=torch.bool if k == "loss_mask" else torch.float32)
@@ -46,7 +73,25 @@ class SelectiveDataCollator:
                 else:
                     out[i, : len(r)] = r
             batch[k] = out
+        self._check_trainable(batch)
         return batch
+
+    def _check_trainable(self, batch: dict) -> None:
+        marked = batch.get("loss_mask")
+        if marked is None and "loss_weight" in batch:
+            marked = batch["loss_weight"] > 0
+        if marked is None or self._warned:
+            return
+        lost = marked[:, 1:] & (batch["labels"][:, 1:] == -100)
+        if lost.any():
+            self._warned = True
+            warnings.warn(
+                f"SelectiveDataCollator: {int(lost.sum())} loss_mask token(s) have label -100 and will not be "
+                "trained. If your tokenizer's pad token is its end token, DataCollatorForLanguageModeling "
+                "masks every end token: use SelectiveDataCollator(tokenizer=tok) instead, which masks padding "
+                "positions only.",
+                stacklevel=2,
+            )
 
 
 class SelectiveTrainer(Trainer):
@@ -54,49 +99,67 @@ class SelectiveTrainer(Trainer):
 
     Args (beyond ``Trainer``'s):
         selection_ratio: share of valid tokens to train on when a batch has no ``loss_mask``
-            (``None``: every batch must bring a ``loss_mask``).
-        selector: ``excess_loss`` (needs a ``ref_loss`` column to differ from ``train_loss``),
-            ``train_loss``, ``reference_loss`` or ``random``.
-        scope: ``sequence`` or ``batch`` (per micro-batch).
+            (``None``: every batch must bring a ``loss_mask`` or ``loss_weight``).
+        selector: ``excess_loss`` (default; needs a ``ref_loss`` column to differ from
+            ``train_loss``), ``train_loss``, ``reference_loss`` or ``random``.
+        scope: ``sequence`` or ``batch`` (default; per micro-batch).
+
+    A model already wrapped in :class:`slm.SelectiveLM` is the single source of its ratio, selector
+    and scope; passing different ones here is an error.
     """
 
-    def __init__(self, model=None, *args, selection_ratio: float | None = None, selector: str = "excess_loss",
-                 scope: str = "batch", **kwargs):  # fmt: skip
-        if scope not in ("sequence", "batch"):
-            raise ValueError(f"SelectiveTrainer supports scope='sequence' or 'batch', got {scope!r}")
-        self.selection_ratio = None if selection_ratio is None else check_ratio(selection_ratio, "selection_ratio")
-        if model is not None and not isinstance(model, SelectiveLM):
-            model = SelectiveLM(model, ratio=self.selection_ratio or 1.0, selector=selector, scope=scope)
+    def __init__(self, model=None, *args, selection_ratio: float | None = None, selector: str | None = None,
+                 scope: str | None = None, **kwargs):  # fmt: skip
+        given = {"selection_ratio": selection_ratio, "selector": selector, "scope": scope}
+        if isinstance(model, SelectiveLM):
+            actual = {"selection_ratio": model.ratio, "selector": model.selector, "scope": model.scope}
+            clash = {k: (v, actual[k]) for k, v in given.items() if v is not None and v != actual[k]}
+            if clash:
+                names = ", ".join(f"{k}={a!r} but the model has {b!r}" for k, (a, b) in clash.items())
+                raise ValueError(f"SelectiveTrainer: {names}; set them in one place (the SelectiveLM or here)")
+            self._require_mask = False
+        else:
+            self._require_mask = selection_ratio is None
+            ratio = 1.0 if selection_ratio is None else check_ratio(selection_ratio, "selection_ratio")
+            if model is not None:
+                model = SelectiveLM(model, ratio=ratio, selector=selector or "excess_loss", scope=scope or "batch")
+        if model is not None and model.scope == "global":
+            raise ValueError("SelectiveTrainer supports scope='sequence' or 'batch' (not 'global')")
         training_args = kwargs.get("args") or (args[0] if args else None)
         if training_args is not None and training_args.ddp_find_unused_parameters is None:
             # Trainer assumes unused parameters for a model that is not a PreTrainedModel; every
-            # parameter of SelectiveLM gets a gradient each step (zeros when nothing is selected).
+            # trainable parameter of SelectiveLM gets a gradient each step (zeros when nothing is selected).
             training_args.ddp_find_unused_parameters = False
         super().__init__(model, *args, **kwargs)
-        self._scope = scope
         self.model_accepts_loss_kwargs = True  # we normalise by num_items_in_batch ourselves
         self._selected = torch.zeros(2, dtype=torch.float64)  # trained tokens, valid tokens since last log
 
+    def _lm(self) -> SelectiveLM:
+        return self.accelerator.unwrap_model(self.model)
+
     # -- counting (before the forward, so the Trainer can normalise the accumulated step) --------
     def _trained_tokens(self, batch: dict) -> torch.Tensor:
+        """Tokens (or weight) this micro-batch trains, from host-side columns only."""
         valid = shifted_valid(batch["labels"])
+        if "loss_weight" in batch:
+            return (check_loss_weight(batch["loss_weight"]) * valid.to(batch["loss_weight"].device)).sum()
         if "loss_mask" in batch:
-            return (batch["loss_mask"].bool() & valid).sum()
-        if self.selection_ratio is None:
+            return (check_loss_mask(batch["loss_mask"]) & valid.to(batch["loss_mask"].device)).sum()
+        if self._require_mask:
             raise ValueError(
                 "SelectiveTrainer: this batch has no loss_mask column and selection_ratio is not set. Add a "
                 "loss_mask column (train exactly those tokens) or pass selection_ratio=0.6 (top-k by excess "
                 "loss with a ref_loss column, else by the current loss)."
             )
-        per_unit = valid.sum(dim=1) if self._scope == "sequence" else valid.sum().reshape(1)
-        return torch.tensor(sum(num_to_keep(self.selection_ratio, int(n)) for n in per_unit))
+        lm = self._lm()
+        return torch.tensor(num_selected(valid, lm.ratio, lm.scope))
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
-        n = sum(self._trained_tokens(b) for b in batch_samples).to(device)
+        n = sum(self._trained_tokens(b).double().cpu() for b in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            n = self.accelerator.gather(n).sum()
+            n = self.accelerator.gather(n.reshape(1)).sum()
         return n
 
     # -- loss ----------------------------------------------------------------------------------
@@ -104,16 +167,17 @@ class SelectiveTrainer(Trainer):
         if "labels" not in inputs:
             raise ValueError("SelectiveTrainer needs a labels column (use a language-modeling collator)")
         training = model.training
-        if training and "loss_mask" not in inputs:
+        if training and "loss_mask" not in inputs and "loss_weight" not in inputs:
             self._trained_tokens(inputs)  # raises the clear error when nothing says what to train
+        decoder_inputs = {k: v for k, v in inputs.items() if k not in _NOT_FOR_THE_DECODER}  # position_ids, ...
         out = model(
-            input_ids=inputs["input_ids"],
             labels=inputs["labels"],
-            attention_mask=inputs.get("attention_mask"),
             loss_mask=inputs.get("loss_mask"),
+            loss_weight=inputs.get("loss_weight"),
             ref_loss=inputs.get("ref_loss"),
             ratio=None if training else 1.0,
             num_items_in_batch=num_items_in_batch if training else None,
+            **decoder_inputs,
         )
         loss = out.loss
         if training:
@@ -131,9 +195,10 @@ class SelectiveTrainer(Trainer):
 
     # -- logging and compute accounting ----------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._selected[1] > 0:
+        if "loss" in logs:  # every process joins the reduce, whether or not it saw valid tokens
             sel = self.accelerator.reduce(self._selected.to(self.args.device), "sum")
-            logs["selected_frac"] = round((sel[0] / sel[1]).item(), 4)
+            if sel[1] > 0:
+                logs["selected_frac"] = round((sel[0] / sel[1]).item(), 4)
             self._selected.zero_()
         super().log(logs, *args, **kwargs)
 
@@ -145,23 +210,52 @@ class SelectiveTrainer(Trainer):
         head's backward (logits recomputed, then two gradient matmuls), plus 2 x H x V per scored
         token (every valid token when selecting, the trained ones with a loss_mask).
         """
-        inner = self.accelerator.unwrap_model(self.model).model
+        inner = self._lm()
         head = inner.get_output_embeddings().weight
         hv = head.shape[0] * head.shape[1]
         body = inner.num_parameters(exclude_embeddings=True)
         if head is not inner.get_input_embeddings().weight:  # an untied head counts in num_parameters
             body -= hv
         tokens = int(inputs["input_ids"].numel())
-        trained = int(self._trained_tokens(inputs))
-        scored = trained if "loss_mask" in inputs else int(shifted_valid(inputs["labels"]).sum())
+        valid = shifted_valid(inputs["labels"])
+        marked = inputs.get("loss_mask", inputs.get("loss_weight"))
+        if marked is not None:  # the trained tokens are known: no scoring pass
+            trained = scored = int(((marked > 0) & valid.to(marked.device)).sum())
+        else:
+            trained, scored = int(self._trained_tokens(inputs)), int(valid.sum())
         return 6 * body * tokens + 6 * hv * trained + 2 * hv * scored
 
+    # -- saving and loading: the inner HF model, as from_pretrained expects it -------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Save the inner HF model (``from_pretrained``-ready) and the processing class."""
+        """Save the inner HF model (``from_pretrained``-ready) and the processing class.
+
+        ``state_dict`` is what the Trainer gathered for sharded runs (ZeRO-3 16-bit weights, FSDP
+        full state dict); its keys are the wrapper's, ``model.`` + the inner model's."""
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
-        self.accelerator.unwrap_model(self.model).model.save_pretrained(output_dir)
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        lm = self._lm()
+        save_inner_pretrained(lm, state_dict if state_dict is not None else lm.state_dict(), output_dir,
+                              self.processing_class)  # fmt: skip
         torch.save(self.args, f"{output_dir}/training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model=self._lm().model if model is None else model)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        inner = self._lm().model
+        seen, aliases = set(), set()
+        for name, p in inner.named_parameters(remove_duplicate=False):
+            (aliases.add(name) if id(p) in seen else seen.add(id(p)))
+        missing = set(load_result.missing_keys) - aliases
+        if missing:
+            log.warning("There were missing keys in the checkpoint model loaded: %s", sorted(missing))
+        if load_result.unexpected_keys:
+            log.warning("There were unexpected keys in the checkpoint model loaded: %s", load_result.unexpected_keys)
+        if hasattr(inner, "tie_weights"):
+            inner.tie_weights()
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

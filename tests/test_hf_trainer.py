@@ -1,5 +1,7 @@
 """SelectiveTrainer against a plain Trainer subclass that computes the full-logits masked loss."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +9,7 @@ from conftest import tiny_model
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
+import slm
 from slm import SelectiveTrainer
 from slm.hf_trainer import SelectiveDataCollator
 from slm.tokenizer import builtin_tokenizer
@@ -177,3 +180,145 @@ def test_collator_pads_mask_and_ref_like_labels(side):
     assert batch["loss_mask"][1].tolist() == ([True, False, False] if side == "right" else [False, False, True])
     assert batch["ref_loss"][0].tolist() == [0.0, 1.5, 2.5]
     assert not batch["loss_mask"][~real].any() and (batch["labels"][~real] == -100).all()
+
+
+# --- issue 12 #1, #2, #3, #10, #15, #16 and issue 9 #2, #8 ------------------------------------------
+
+
+def test_a_step_with_no_masked_token_leaves_the_model_finite_and_unchanged(tmp_path):
+    """A sparse loss_mask leaves whole optimizer steps without a trained token (HF would give NaN)."""
+    tok = builtin_tokenizer()
+    rows = [{"input_ids": list(range(3, 13)), "loss_mask": [False] * 10},
+            {"input_ids": list(range(13, 23)), "loss_mask": [False] * 5 + [True] * 5}]  # fmt: skip
+    model = tiny_model("llama", vocab=len(tok))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SelectiveTrainer(model, args(tmp_path, per_device_train_batch_size=1, max_steps=1, optim="sgd",
+                                           learning_rate=0.5, max_grad_norm=0.0),
+                               train_dataset=Dataset.from_list(rows[:1]), data_collator=collator(tok))  # fmt: skip
+    trainer.train()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], start[k]) for k in start)  # zero gradient, not NaN
+    trainer = SelectiveTrainer(model, args(tmp_path, per_device_train_batch_size=2, max_steps=1, optim="sgd",
+                                           learning_rate=0.5, max_grad_norm=0.0),
+                               train_dataset=Dataset.from_list(rows), data_collator=collator(tok))  # fmt: skip
+    trainer.train()
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(model.state_dict()[k], start[k]) for k in start)
+
+
+def test_position_ids_of_a_flattening_collator_reach_the_model(tmp_path):
+    from transformers import DataCollatorWithFlattening
+
+    tok = builtin_tokenizer()
+    model = tiny_model("llama", vocab=len(tok))
+    feats = [{"input_ids": list(range(3, 11))}, {"input_ids": list(range(20, 26))}]
+    batch = DataCollatorWithFlattening(return_position_ids=True)(feats)
+    assert batch["position_ids"].tolist()[0][8] == 0  # the second document restarts at 0
+    trainer = SelectiveTrainer(model, args(tmp_path), train_dataset=Dataset.from_list(feats), selection_ratio=1.0)
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    ref = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                use_cache=False).loss  # fmt: skip
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+
+
+def test_a_pre_wrapped_selective_lm_is_the_one_source_of_ratio_and_scope(tmp_path):
+    ds, tok = dataset(with_mask=False)
+    lm = slm.SelectiveLM(tiny_model("llama", vocab=len(tok)), ratio=0.3)
+    with pytest.raises(ValueError, match="selection_ratio=0.6 but the model has 0.3"):
+        SelectiveTrainer(lm, args(tmp_path), train_dataset=ds, selection_ratio=0.6)
+    with pytest.raises(ValueError, match="scope='sequence' but the model has 'batch'"):
+        SelectiveTrainer(lm, args(tmp_path), train_dataset=ds, scope="sequence")
+    trainer = SelectiveTrainer(lm, args(tmp_path), train_dataset=ds, data_collator=collator(tok))
+    batch = collator(tok)([dict(r) for r in ds.select(range(4))])
+    counted = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    assert int(counted) == lm(input_ids=batch["input_ids"], labels=batch["labels"]).n_selected
+
+
+def test_every_process_joins_the_logging_reduce(tmp_path, monkeypatch):
+    ds, tok = dataset()
+    trainer = SelectiveTrainer(tiny_model("llama", vocab=len(tok)), args(tmp_path), train_dataset=ds,
+                               data_collator=collator(tok))  # fmt: skip
+    calls = []
+    real = trainer.accelerator.reduce
+    monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, *a, **k: calls.append(1) or real(t, *a, **k))
+    trainer.log({"loss": 1.0})  # this process saw no valid token since the last log
+    assert calls == [1]
+
+
+def test_gradient_checkpointing_trains_like_without(tmp_path):
+    ds, tok = dataset()
+    sgd = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+    models = []
+    for ckpt in (False, True):
+        model = tiny_model("llama", vocab=len(tok))
+        SelectiveTrainer(model, args(tmp_path / str(ckpt), gradient_checkpointing=ckpt, **sgd), train_dataset=ds,
+                         data_collator=collator(tok)).train()  # fmt: skip
+        models.append(model)
+    assert models[1].is_activation_checkpointing
+    for (n, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_resume_from_its_own_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    ds, tok = dataset(n=32)
+    common = dict(max_steps=6, save_strategy="steps", save_steps=3, learning_rate=1e-2)
+    full = tiny_model("llama", vocab=len(tok))
+    SelectiveTrainer(full, args(tmp_path / "full", **common), train_dataset=ds, data_collator=collator(tok)).train()
+    cut = tiny_model("llama", vocab=len(tok))
+    SelectiveTrainer(cut, args(tmp_path / "cut", **{**common, "max_steps": 3}), train_dataset=ds,
+                     data_collator=collator(tok)).train()  # fmt: skip
+    again = tiny_model("llama", seed=9, vocab=len(tok))  # other weights: the checkpoint must replace them
+    SelectiveTrainer(again, args(tmp_path / "cut", **common), train_dataset=ds, data_collator=collator(tok)).train(
+        resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))  # fmt: skip
+    for (n, a), b in zip(full.named_parameters(), again.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_save_writes_the_gathered_state_dict_it_is_given(tmp_path):
+    """Sharded runs (ZeRO-3, FSDP) hand _save the gathered weights; they must be what is written."""
+    from transformers import AutoModelForCausalLM
+
+    ds, tok = dataset()
+    trainer = SelectiveTrainer(tiny_model("llama", vocab=len(tok)), args(tmp_path), train_dataset=ds,
+                               data_collator=collator(tok))  # fmt: skip
+    gathered = {k: v + 1.0 for k, v in trainer.model.state_dict().items()}
+    trainer._save(str(tmp_path / "saved"), state_dict=gathered)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for k, v in again.state_dict().items():
+        torch.testing.assert_close(v, gathered["model." + k])
+
+
+def test_collator_warns_when_a_masked_token_cannot_train_and_the_tokenizer_path_keeps_end_tokens():
+    tok = builtin_tokenizer()
+    tok.pad_token = tok.eos_token  # as with Phi-2 or Llama: no pad token of its own
+    eos = tok.eos_token_id
+    feats = [{"input_ids": [5, 6, eos], "loss_mask": [False, True, True]}, {"input_ids": [7], "loss_mask": [True]}]
+    with pytest.warns(UserWarning, match="label -100 and will not be trained"):
+        batch = collator(tok)(feats)
+    assert batch["labels"][0, 2] == -100  # DataCollatorForLanguageModeling dropped the end token
+    batch = SelectiveDataCollator(tokenizer=tok)(feats)
+    assert batch["labels"][0].tolist() == [5, 6, eos] and batch["labels"][1].tolist() == [7, -100, -100]
+    assert batch["loss_mask"][1].tolist() == [True, False, False]
+
+
+def test_readme_conversion_from_pre_shifted_labels_equals_the_users_own_loss():
+    """README, "Coming from a masked Trainer": labels[t] = the token after t, mask aligned with them."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("<!-- pre-shifted conversion -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1, 101, (2, 9), generator=g)
+    shift_labels = torch.cat([input_ids[:, 1:], torch.full((2, 1), -100)], dim=1)  # the user's own labels
+    mask = torch.rand(2, 9, generator=g) < 0.5  # the user's mask, aligned with shift_labels
+    logits = model(input_ids=input_ids).logits.float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), shift_labels.clamp(min=0), reduction="none")
+    keep = mask & (shift_labels != -100)
+    theirs = (ce * keep).sum() / keep.sum()
+    scope = {"torch": torch, "F": torch.nn.functional, "input_ids": input_ids, "shift_labels": shift_labels,
+             "mask": mask, "slm": slm, "model": model}  # fmt: skip
+    exec(block, scope)
+    ours = scope["out"].loss
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+    params = list(model.parameters())
+    for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
