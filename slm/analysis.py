@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.curves import RUN_INFO
 from slm.model import shifted_valid, token_losses
+from slm.runs import RUN_INFO
 from slm.selection import excess_loss, select_tokens
 
 

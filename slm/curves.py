@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 from collections import defaultdict
@@ -18,17 +17,31 @@ from pathlib import Path
 
 import numpy as np
 
+from slm.runs import CONFIG, RESULT, RUN_INFO, read_json
 from slm.tracking import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
-RUN_INFO = "run_info.json"
 
 
 @dataclass
 class Run:
     path: str
-    info: dict  # selector, ratio, reference, seed, experiment
+    info: dict  # selector, ratio, reference, seed, experiment, status
     events: list[dict]
+    max_steps: int | None = None  # what the run was set to reach
+
+    @property
+    def last_step(self) -> int:
+        return max((e.get("step", 0) for e in self.events), default=0)
+
+    @property
+    def partial(self) -> str | None:
+        """Why the run is incomplete (interrupted, failed, still running), or None if it finished."""
+        status = self.info.get("status", "finished")
+        if status == "finished" and (self.max_steps is None or self.last_step >= self.max_steps):
+            return None
+        of = f" of {self.max_steps}" if self.max_steps else ""
+        return f"{status if status != 'finished' else 'incomplete'} at step {self.last_step}{of}"
 
     @property
     def group(self) -> str:
@@ -56,6 +69,19 @@ class Curve:
     lo: np.ndarray | None = None
     hi: np.ndarray | None = None
 
+    @property
+    def partial(self) -> str | None:
+        """Which of the group's runs are incomplete, or None when all finished."""
+        notes = [f"{Path(r.path).name}: {r.partial}" for r in self.runs if r.partial]
+        if not notes:
+            return None
+        return f"{len(notes)} of {len(self.runs)} runs incomplete ({'; '.join(notes)})"
+
+    @property
+    def label(self) -> str:
+        seeds = f" ({len(self.runs)} seeds)" if len(self.runs) > 1 else ""
+        return self.group + seeds + (" (partial)" if self.partial else "")
+
 
 def load_runs(paths: list[str]) -> list[Run]:
     runs = []
@@ -71,12 +97,23 @@ def load_runs(paths: list[str]) -> list[Run]:
             run_dir = f.parent
             if "reference" in run_dir.parts and (run_dir.parent / "model").exists():
                 continue  # a cached demo reference's own training log
-            info_file = run_dir / RUN_INFO
-            info = json.loads(info_file.read_text()) if info_file.exists() else {"selector": run_dir.name, "ratio": 0}
-            runs.append(Run(str(run_dir), info, read_metrics(f)))
+            info = read_json(run_dir / RUN_INFO) or {"selector": run_dir.name, "ratio": 0, "status": "unknown"}
+            result = read_json(run_dir / RESULT)
+            if result is not None:  # the final word: a run killed without a chance to write stays "running"
+                info["status"] = result.get("status", "finished")
+            runs.append(Run(str(run_dir), info, read_metrics(f), _max_steps(run_dir)))
     if not runs:
         raise ValueError(f"slm-curves: no {METRICS_FILE} found under {paths}")
     return runs
+
+
+def _max_steps(run_dir: Path) -> int | None:
+    try:
+        from omegaconf import OmegaConf
+
+        return int(OmegaConf.load(run_dir / CONFIG).trainer.max_steps)
+    except Exception:  # no saved config (an older run, a bare metrics.jsonl)
+        return None
 
 
 def _wandb_runs(spec: str) -> list[Run]:
@@ -138,7 +175,8 @@ def savings_table(cs: list[Curve]) -> tuple[list[dict], str | None]:
         per_seed = [tokens_to_reach(one, target) for one in curves(c.runs, by_seed=True)]
         worst = None if None in per_seed else max(per_seed) / base_tokens
         rows.append({
-            "run": c.group, "seeds": len(c.runs), "final_eval_loss": round(float(c.mean[-1]), 4),
+            "run": c.group + (" (partial)" if c.partial else ""), "seeds": len(c.runs),
+            "final_eval_loss": round(float(c.mean[-1]), 4),
             "tokens_seen_to_reach_baseline": None if seen is None else int(seen),
             "tokens_selected_to_reach_baseline": None if sel is None else int(sel),
             "fraction_of_baseline_tokens": None if seen is None else round(seen / base_tokens, 3),
@@ -149,21 +187,24 @@ def savings_table(cs: list[Curve]) -> tuple[list[dict], str | None]:
 
 
 def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Write curves.png/.svg. A ``Figure`` of its own: the caller's pyplot backend is left alone."""
+    from matplotlib import rcParams
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     panels = [(cs_loss, "eval loss (all tokens, clean split)")] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
-    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=(11, 4 * len(panels)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(panels), 2, squeeze=False)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (cs, ylabel) in enumerate(panels):
         for col, axis in enumerate(("tokens_seen", "tokens_selected")):
             ax = axes[row][col]
             for i, c in enumerate(cs):
                 style = dict(color="black", ls="--", lw=2) if c.is_baseline else dict(color=colors[i % len(colors)])
-                label = c.group + (f" ({len(c.runs)} seeds)" if len(c.runs) > 1 else "")
-                ax.plot(c.x[axis], c.mean, label=label, **style)
+                if c.partial:
+                    style["alpha"] = 0.6
+                ax.plot(c.x[axis], c.mean, label=c.label, **style)
                 if len(c.runs) > 1:
                     ax.fill_between(c.x[axis], c.lo, c.hi, alpha=0.2, color=style["color"])
             ax.set_xlabel(axis.replace("_", " "))
@@ -178,7 +219,6 @@ def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path) -> list[Path]:
     paths = [out / "curves.png", out / "curves.svg"]
     for p in paths:
         fig.savefig(p, dpi=120)
-    plt.close(fig)
     return paths
 
 
@@ -207,6 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     cs_loss, cs_acc = curves(runs, "eval/loss"), curves(runs, "eval/answer_acc")
     if not cs_loss:
         raise SystemExit("slm-curves: none of the runs has eval points; nothing to plot")
+    for c in cs_loss:
+        if c.partial:
+            print(f"slm-curves: {c.group} is partial: {c.partial}; its curve stops at the last eval step all of "
+                  "its runs reached and is labelled (partial)")  # fmt: skip
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
     for path in plot(cs_loss, cs_acc, out):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -88,9 +89,8 @@ def model_init(trained: bool = True):
     DeepSpeed's ``zero.Init`` (partitioned at creation, initialised differently) unless told not to.
     Only a trained model with ``zero3_init_flag: true`` is built that way; a frozen reference never
     is (no engine would gather its weights)."""
-    try:
-        from transformers.integrations import deepspeed as hf_ds
-    except ImportError:
+    hf_ds = sys.modules.get("transformers.integrations.deepspeed")  # loaded by Accelerate's DeepSpeed plugin
+    if hf_ds is None:
         yield
         return
     ref = getattr(hf_ds, "_hf_deepspeed_config_weak_ref", None)

@@ -21,12 +21,24 @@ X_AXES = ("tokens_seen", "tokens_selected")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The events of a ``metrics.jsonl`` (a run directory or the file). A torn last line (a crash
+    mid-write) is skipped with a warning; a broken line elsewhere is an error naming it."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    events = []
+    for i, line in enumerate(lines):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: the last line is incomplete (a run stopped mid-write); ignoring it", path)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON ({e}); the file was edited or damaged") from e
+    return events
 
 
 def _wandb_logged_in() -> bool:

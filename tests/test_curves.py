@@ -8,6 +8,7 @@ from helpers import compose_train
 
 from slm.cli import train
 from slm.curves import Curve, load_runs, main, savings_table, tokens_to_reach
+from slm.tracking import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -72,5 +73,23 @@ def test_notebook_executes(sweep, tmp_path):
         del os.environ["SLM_SWEEP_DIR"], os.environ["SLM_NOTEBOOK_OUT"]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
+    (hist,) = [c for c in nb.cells if c.cell_type == "code" and "ax.hist(" in c.source]
+    assert any("image/png" in o.get("data", {}) for o in hist.outputs)  # the histogram is shown
     assert any("text/html" in o.get("data", {}) and "background:#b7f0b1" in o["data"]["text/html"] for o in outputs)
     assert (tmp_path / "curves.png").exists()
+
+
+def test_an_interrupted_seed_is_labelled_partial_not_silently_averaged(sweep, tmp_path, capsys):
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    for name in ("r1.0-s0", "r0.5-s0", "r0.5-s1"):
+        shutil.copytree(sweep / name, mixed / name)
+    cut = mixed / "r0.5-s1"
+    events = [e for e in read_metrics(cut) if e["step"] <= 2]
+    (cut / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (cut / "result.json").write_text(json.dumps({"status": "interrupted", "step": 2}))
+    main([str(mixed), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "excess_loss 0.5 is partial: 1 of 2 runs incomplete (r0.5-s1: interrupted at step 2 of 6)" in printed
+    assert "| excess_loss 0.5 (partial) |" in printed

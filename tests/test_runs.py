@@ -1,0 +1,199 @@
+"""Run directories: nothing lost, nothing silently changed, interruptions that say what happened."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import TINY, compose_train
+
+from slm import checkpoints
+from slm.cli import one_line_errors, train
+from slm.runs import ResumeMismatch, RunDirExists
+from slm.tracking import read_metrics
+from slm.train import RunInterrupted, Trainer
+
+FAST = ("reference=none", "selector.ratio=0.5")
+
+
+def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
+    real = Trainer.train_step
+
+    def step_then_signal(self):
+        if self.step == step - 1:
+            os.kill(os.getpid(), signum)  # arrives mid-step: the step finishes, then the run stops
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    return real
+
+
+def test_relaunching_into_a_run_without_resume_is_refused(tmp_path):
+    train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    before = read_metrics(tmp_path / "run")
+    with pytest.raises(RunDirExists, match=r"trainer.resume=true.*hydra.run.dir=.*trainer.overwrite=true"):
+        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    assert read_metrics(tmp_path / "run") == before and (tmp_path / "run" / "model").is_dir()
+    train(compose_train(tmp_path / "c", *FAST, "trainer.overwrite=true", "trainer.max_steps=3"), tmp_path / "run")
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 3
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_falls_back(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    real_save = safetensors.torch.save_file
+
+    def disk_full_at_step_6(tensors, filename, *a, **k):
+        if "step_0000006" in str(filename):
+            raise RuntimeError("basic_ios::clear: iostream error")  # what a full disk looks like to torch
+        return real_save(tensors, filename, *a, **k)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_step_6)
+    with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint .*step_0000006.*step_0000003"):
+        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step_0000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"]  # no half-written folder
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+
+    # A damaged newest checkpoint: resume warns and takes the newest complete one.
+    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true", "trainer.max_steps=9"), tmp_path / "run")
+    newest = checkpoints.latest(tmp_path / "run")
+    assert newest.name == "step_0000009"
+    with open(newest / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert checkpoints.latest(tmp_path / "run").name == "step_0000006"
+
+
+def test_a_torn_last_metrics_line_is_tolerated_by_resume_and_curves(tmp_path, monkeypatch, caplog):
+    from slm.curves import main as curves
+
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(RunInterrupted):
+        train(compose_train(tmp_path / "c", *FAST, "trainer.checkpoint_every=2"), tmp_path / "run")
+    with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "tokens_se')  # a crash mid-write
+    assert read_metrics(tmp_path / "run")[-1]["step"] == 4 and "last line is incomplete" in caplog.text
+    curves([str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
+    monkeypatch.undo()
+    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")
+    assert [e["step"] for e in read_metrics(tmp_path / "run") if "train/loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_partial_demo_reference_cache_is_rebuilt(tmp_path, caplog):
+    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "a")
+    (cached,) = (tmp_path / "c" / "reference").glob("*/DONE")
+    cached.unlink()  # as if the run that trained it had been killed before the end
+    (cached.parent / "model" / "model.safetensors").unlink()
+    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "b")
+    assert "partial demo reference" in caplog.text and cached.exists()
+
+
+def test_sigterm_checkpoints_and_stops_with_a_requeue_status(tmp_path, monkeypatch, capsys):
+    interrupt_at(monkeypatch, 2, signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "slm: interrupted at step 2" in err.strip().splitlines()[-1] and "trainer.resume=true" in err
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["signal"] == signal.SIGTERM
+    assert checkpoints.latest(tmp_path / "run").name == "step_0000002"
+
+
+def test_ctrl_c_outside_training_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        raise KeyboardInterrupt  # e.g. while the reference trains or slm-score scores
+    assert stopped.value.code == 130 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_resume_reuses_the_runs_own_config_and_refuses_changes_to_what_is_trained(tmp_path, monkeypatch):
+    interrupt_at(monkeypatch, 3)
+    with pytest.raises(RunInterrupted):
+        train(compose_train(tmp_path / "c", "reference=none", "selector.ratio=0.3"), tmp_path / "run",
+              overrides=["reference=none", "selector.ratio=0.3"])  # fmt: skip
+    monkeypatch.undo()
+    with pytest.raises(ResumeMismatch, match=r"selector.ratio: the run has 0.3, this launch asks for 0.6"):
+        train(compose_train(tmp_path / "c", "reference=none", "selector.ratio=0.6", "trainer.resume=true"),
+              tmp_path / "run", overrides=["selector.ratio=0.6", "trainer.resume=true"])  # fmt: skip
+    # Without repeating the override, the saved config (ratio 0.3) is what continues; a longer run is allowed.
+    train(compose_train(tmp_path / "c", "trainer.resume=true", "trainer.max_steps=8"), tmp_path / "run",
+          overrides=["trainer.resume=true", "trainer.max_steps=8"])  # fmt: skip
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["ratio"] == 0.3 and info["reference"] == "none" and info["status"] == "finished"
+    assert info["resumes"][-1] == {"trainer.max_steps": [6, 8], "trainer.resume": [False, True]}
+    fracs = [e["train/selected_frac"] for e in read_metrics(tmp_path / "run") if "train/loss" in e]
+    assert len(fracs) == 8 and all(f < 0.35 for f in fracs)
+
+
+def test_bad_settings_are_refused_before_anything_slow_with_the_full_key(tmp_path):
+    with pytest.raises(ValueError, match=r"selector.ratio must be in \(0, 1\]"):
+        train(compose_train(tmp_path / "c", "selector.ratio=1.5"), tmp_path / "run")
+    assert not (tmp_path / "c").exists()  # no data was packed
+    with pytest.raises(ValueError, match="reference=stored needs reference.scores_dir=.*run slm-score first"):
+        train(compose_train(tmp_path / "c", "reference=stored"), tmp_path / "run")
+    with pytest.raises(ValueError, match="reference=live needs reference.path="):
+        train(compose_train(tmp_path / "c", "reference=live"), tmp_path / "run")
+    with pytest.raises(ValueError, match="reference=none .* reference=live .* reference=stored"):
+        train(compose_train(tmp_path / "c", "data=files", f"data.source={tmp_path}/x.txt"), tmp_path / "run")
+
+
+def test_runs_are_named_and_recorded_by_what_they_select(tmp_path):
+    cfg = compose_train(tmp_path / "c", "reference=none", "trainer.max_steps=1")
+    assert cfg.name == "train_loss-0.6-none-s0"
+    train(cfg, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["selector"] == "train_loss"
+    assert compose_train(tmp_path / "c", "selector.ratio=1.0").name.startswith("all-1.0-demo")
+
+
+def test_saved_model_carries_the_tokenizers_special_ids_and_generation_stops_at_eos(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+    train(compose_train(tmp_path / "c", *FAST, "trainer.max_steps=1"), tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
+    for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        assert getattr(model.config, name) == getattr(tok, name), name
+        assert getattr(model.generation_config, name) == getattr(tok, name), name
+
+    class AlwaysEos(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:] = float("-inf")
+            scores[:, tok.eos_token_id] = 0.0
+            return scores
+
+    prompt = torch.tensor([tok("7*8=", add_special_tokens=False)["input_ids"]])
+    eos_only = LogitsProcessorList([AlwaysEos()])
+    out = model.generate(prompt, max_new_tokens=10, do_sample=False, logits_processor=eos_only)
+    assert out.shape[1] == prompt.shape[1] + 1  # stopped at the first <eos>
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_stops_the_sweep_with_a_non_zero_status(tmp_path):
+    exe = str(Path(sys.executable).with_name("slm-train"))
+    args = [o for o in TINY if not o.startswith(("trainer.max_steps", "reference."))]
+    args += ["trainer.max_steps=100000", *FAST, f"data.cache_dir={tmp_path / 'c'}"]
+    args += [f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "stderr.txt").open("w")  # a pipe would fill with progress bars and block the sweep
+    proc = subprocess.Popen([exe, "-m", *args, "seed=0,1"], env=env, cwd=tmp_path, stderr=log, text=True)
+    first = None
+    for _ in range(600):
+        time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-3000:]
+        runs = sorted((tmp_path / "sweep").glob("0_*/metrics.jsonl"))
+        if runs and len(read_metrics(runs[0])) >= 3:
+            first = runs[0].parent
+            break
+    assert first is not None, "the first job did not start"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=300)
+    assert proc.returncode == 130, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert json.loads((first / "result.json").read_text())["status"] == "interrupted"
+    assert not (first / "model").exists()
+    assert not list((tmp_path / "sweep").glob("1_*"))  # the next job was not launched
