@@ -216,12 +216,17 @@ def pack(docs, tokenizer, block_size: int, num_proc: int | None = None, desc: st
                    desc=f"packing {desc}")  # fmt: skip
 
 
-def content_hash(ds) -> str:
-    """sha256 of the packed token ids: identifies the data a stored ref column belongs to."""
+def column_hash(ds, column: str, dtype=np.int64) -> str:
+    """sha256 of one column of a packed dataset, read in blocks of rows."""
     h = hashlib.sha256()
     for i in range(0, len(ds), 4096):
-        h.update(np.asarray(ds[i : i + 4096]["input_ids"], dtype=np.int64).tobytes())
+        h.update(np.asarray(ds[i : i + 4096][column], dtype=dtype).tobytes())
     return h.hexdigest()[:16]
+
+
+def content_hash(ds) -> str:
+    """sha256 of the packed token ids: identifies the data a stored ref column belongs to."""
+    return column_hash(ds, "input_ids")
 
 
 def build(cfg) -> PackedData:

@@ -135,7 +135,10 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model) -> tuple:
         check_vocab(model, ref)
         return data["train"], RefSource("live", freeze(ref))
     if kind == "stored":
-        ds, _ = load_stored(cfg.reference.scores_dir, expected_store(data))
+        expected = expected_store(data)
+        if cfg.reference.get("path"):  # optional: the reference the store must have been scored with
+            expected["reference_name"] = str(cfg.reference.path)
+        ds, _ = load_stored(cfg.reference.scores_dir, expected)
         return ds, RefSource("stored", scores_dir=str(cfg.reference.scores_dir))
     if kind == "demo":
         name, ref = demo_reference(cfg, data, acc)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -93,19 +94,53 @@ def score_blocks(reference: nn.Module, ds, batch_size: int, device, progress=Non
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
+def _identity(meta: dict) -> dict:
+    """What decides a store's content: its data and its reference (not timings)."""
+    return {k: meta.get(k) for k in ("tokenizer", "block_size", "data_hash", "rows", "reference")}
+
+
+def _seal(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _claim_parts(parts: Path, identity: dict, accelerator) -> None:
+    """Chunks of a killed run are resumed only by the same reference on the same data."""
+    marker = parts / "identity.json"
+    found = json.loads(marker.read_text()) if marker.exists() else None  # every process reads before any write
+    if accelerator:
+        accelerator.wait_for_everyone()
+    if found is not None and found != identity:
+        differs = sorted(k for k in identity if found.get(k) != identity.get(k))
+        raise ValueError(
+            f"{parts} holds chunks scored by a killed run with another {', '.join(differs)} "
+            f"({found.get('reference', {}).get('name')!r}); they are never mixed with this run's. Delete {parts} "
+            "or choose another out_dir"
+        )
+    if found is None and (accelerator is None or accelerator.is_main_process):
+        marker.write_text(json.dumps(identity, indent=1))
+    if accelerator:
+        accelerator.wait_for_everyone()
+
+
 def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: dict, batch_size: int = 32,
                   accelerator=None) -> Path:  # fmt: skip
     """Score ``ds`` with ``reference`` and store it with a ``ref_loss`` column under ``out_dir``.
 
     Work is cut into chunks of :data:`CHUNK_BLOCKS` blocks, dealt round-robin to the processes of
     ``accelerator`` (one process without it). Each finished chunk is saved at once, so a killed
-    run resumes with the chunks still missing. The main process merges and writes the store.
+    run resumes with the chunks still missing (only for the same reference and data). The main
+    process merges and writes the store, with hashes of its columns and a seal over its metadata.
     """
+    from slm.data import column_hash, content_hash
+
     out_dir = Path(out_dir)
+    meta = {"data_hash": content_hash(ds), **meta, "rows": len(ds)}
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(reference.parameters()).device
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
+    _claim_parts(parts, _identity(meta), accelerator)
     part = lambda c: parts / f"{c:09d}.npy"
     block = len(ds[0]["input_ids"])
     tokens = lambda c: min(CHUNK_BLOCKS, len(ds) - c) * block
@@ -137,12 +172,13 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
         scored = ds.add_column("ref_loss", list(ref), feature=Sequence(Value("float32")))
         scored.save_to_disk(str(store))
         scored_now = sum(map(tokens, missing))
-        meta = {**meta, "processes": world, "seconds": round(seconds, 2),
+        meta = {**meta, "labels_sha256": column_hash(scored, "labels"),
+                "ref_loss_sha256": column_hash(scored, "ref_loss", np.float32), "processes": world,
+                "seconds": round(seconds, 2),
                 "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None}  # fmt: skip
-        (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))
-        for c in chunks:
-            part(c).unlink()
-        parts.rmdir()
+        meta["seal"] = _seal(meta)
+        (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))  # last: the store is complete
+        shutil.rmtree(parts)
         log.info("slm-score: stored %d blocks with ref_loss in %s", len(scored), store)
     if accelerator:
         accelerator.wait_for_everyone()
@@ -150,12 +186,17 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
 
 
 def load_stored(out_dir: str | os.PathLike, expected: dict):
-    """The stored dataset with ``ref_loss``, after checking it was made for this data.
+    """The stored dataset with ``ref_loss``, after checking it was made for this data and is intact.
 
-    ``expected`` holds ``tokenizer``, ``block_size`` and ``data_hash`` (of the split scored);
-    any disagreement raises with the setting that differs.
+    ``expected``: ``tokenizer``, ``block_size``, ``data_hash`` (of the split scored), ``rows``,
+    and optionally ``reference`` (an identity from :func:`reference_identity`) or
+    ``reference_name``. The metadata must be unedited (its seal), and the stored token ids,
+    labels and reference losses must hash to what ``slm-score`` wrote; any difference raises
+    naming it.
     """
     from datasets import load_from_disk
+
+    from slm.data import column_hash, content_hash
 
     out_dir = Path(out_dir)
     meta_path = out_dir / META_FILE
@@ -164,14 +205,40 @@ def load_stored(out_dir: str | os.PathLike, expected: dict):
             f"reference.scores_dir={str(out_dir)!r} holds no stored reference losses ({META_FILE} missing); "
             "run slm-score first"
         )
-    meta = json.loads(meta_path.read_text())
-    for key in ("tokenizer", "block_size", "data_hash"):
-        if meta.get(key) != expected.get(key):
+    redo = "rerun slm-score (into a new out_dir)"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}); {redo}") from e
+    if not isinstance(meta, dict) or meta.get("seal") != _seal(meta):
+        raise ValueError(f"{meta_path} was edited after slm-score wrote it (its seal does not match); {redo}")
+    for key in ("tokenizer", "block_size", "data_hash", "rows"):
+        if key in expected and meta.get(key) != expected[key]:
             raise ValueError(
                 f"stored reference losses in {out_dir} were made with {key}={meta.get(key)!r}, but this run "
-                f"uses {key}={expected.get(key)!r}; rerun slm-score with this run's data settings"
+                f"uses {key}={expected[key]!r}; rerun slm-score with this run's data settings"
             )
-    ds = load_from_disk(str(out_dir / "dataset"))
+    ref = meta.get("reference") or {}
+    want = expected.get("reference")
+    if want is not None and ref.get("weights_sha256") != want.get("weights_sha256"):
+        raise ValueError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r} (weights "
+                         f"{ref.get('weights_sha256')}), not {want.get('name')!r} (weights "
+                         f"{want.get('weights_sha256')}); choose another out_dir or delete this one")  # fmt: skip
+    if expected.get("reference_name") and ref.get("name") != expected["reference_name"]:
+        raise ValueError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r}, not "
+                         f"reference.path={expected['reference_name']!r}")  # fmt: skip
+    try:
+        ds = load_from_disk(str(out_dir / "dataset"))
+    except Exception as e:  # a truncated or missing Arrow file
+        raise ValueError(f"{out_dir}/dataset could not be read ({type(e).__name__}: {e}); the store is damaged; "
+                         f"{redo}") from e  # fmt: skip
     if "ref_loss" not in ds.column_names:
         raise ValueError(f"{out_dir}/dataset has no ref_loss column (columns: {ds.column_names})")
+    checks = [("rows", len(ds), meta.get("rows")), ("token ids", content_hash(ds), meta.get("data_hash")),
+              ("labels", column_hash(ds, "labels"), meta.get("labels_sha256")),
+              ("reference losses", column_hash(ds, "ref_loss", np.float32), meta.get("ref_loss_sha256"))]  # fmt: skip
+    for what, found, recorded in checks:
+        if found != recorded:
+            raise ValueError(f"the stored {what} in {out_dir}/dataset are not what slm-score wrote (edited or "
+                             f"damaged: {found} vs {recorded}); {redo}")  # fmt: skip
     return ds, meta

@@ -1,6 +1,7 @@
 """Data loading, packing, the built-in corpus, and stored reference losses."""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -281,3 +282,103 @@ def test_tokenizer_from_a_local_folder(tmp_path):
     assert a.identity["tokenizer"]["vocab_sha256"] == b.identity["tokenizer"]["vocab_sha256"]
     with pytest.raises(ValueError, match="could not load a tokenizer"):
         build(DataConfig(source=str(tmp_path / "d.txt"), tokenizer=str(tmp_path / "nope"), cache_dir=str(tmp_path)))
+
+
+# --- issue 12 #5, #6: stores are verified, references never mixed -------------------------------------
+
+
+def _store(tmp_path, name="s"):
+    data = build(DataConfig(builtin={"n_train_docs": 30, "n_clean_docs": 5, "n_val_docs": 5}, block_size=32,
+                            cache_dir=str(tmp_path / "c")))  # fmt: skip
+    from slm.ref_sources import expected_store
+    from slm.reference import reference_identity
+
+    ref = tiny_model("llama", vocab=len(data.tokenizer))
+    meta = {**expected_store(data), "reference": reference_identity(ref, "ref-a")}
+    score_dataset(ref, data["train"], tmp_path / name, meta, batch_size=8)
+    return data, expected_store(data), tmp_path / name
+
+
+def _rewrite(store, fn):
+    from datasets import load_from_disk
+
+    ds = fn(load_from_disk(str(store / "dataset")))
+    ds.save_to_disk(str(store / "dataset.new"))
+    shutil.rmtree(store / "dataset")
+    (store / "dataset.new").rename(store / "dataset")
+
+
+@pytest.mark.parametrize(
+    "tamper, match",
+    [
+        ("tokens", "stored token ids"),
+        ("row", "rows"),
+        ("shift", "stored reference losses"),
+        ("value", "stored reference losses"),
+        ("name", "was edited after slm-score wrote it"),
+        ("json", "is not valid JSON"),
+        ("arrow", "could not be read"),
+    ],
+)
+def test_a_tampered_store_is_refused_naming_what_differs(tmp_path, tamper, match):
+    data, expected, store = _store(tmp_path)
+    load_stored(store, expected)  # intact: accepted
+    if tamper == "tokens":
+        _rewrite(store, lambda d: d.map(lambda r, i: {"input_ids": [5] + r["input_ids"][1:]} if i == 3 else r,
+                                        with_indices=True))  # fmt: skip
+    elif tamper == "row":
+        _rewrite(store, lambda d: d.select(range(len(d) - 1)))
+    elif tamper == "shift":
+        _rewrite(store, lambda d: d.map(lambda r: {"ref_loss": [0.0] + r["ref_loss"][:-1]}))
+    elif tamper == "value":
+        _rewrite(store, lambda d: d.map(lambda r, i: {"ref_loss": [9.0] * len(r["ref_loss"])} if i == 0 else r,
+                                        with_indices=True))  # fmt: skip
+    elif tamper == "name":
+        meta = json.loads((store / "slm_ref.json").read_text())
+        meta["reference"]["name"] = "ref-b"
+        (store / "slm_ref.json").write_text(json.dumps(meta))
+    elif tamper == "json":
+        (store / "slm_ref.json").write_text("{not json")
+    else:
+        (arrow,) = (store / "dataset").glob("*.arrow")
+        with open(arrow, "r+b") as f:
+            f.truncate(arrow.stat().st_size // 2)
+    with pytest.raises(ValueError, match=match):
+        load_stored(store, expected)
+
+
+def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
+    import slm.reference as reference
+    from slm.cli import score
+
+    tok_size = len(builtin_tokenizer())
+    tiny_model("llama", seed=1, vocab=tok_size).save_pretrained(tmp_path / "ref_a")
+    tiny_model("llama", seed=2, vocab=tok_size).save_pretrained(tmp_path / "ref_b")
+
+    def cfg(ref, out):
+        return compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / ref}",
+                             f"out_dir={tmp_path / out}", config_name="score")  # fmt: skip
+
+    score(cfg("ref_a", "done"))
+    with pytest.raises(ValueError, match="come from reference .*ref_a.*not .*ref_b.*choose another out_dir"):
+        score(cfg("ref_b", "done"))
+    # a killed run's chunks are never resumed by another reference
+    monkeypatch.setattr(reference, "CHUNK_BLOCKS", 64)
+    real = reference.score_blocks
+    calls = []
+
+    def dies_on_second_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(reference, "score_blocks", dies_on_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        score(cfg("ref_a", "killed"))
+    monkeypatch.setattr(reference, "score_blocks", real)
+    with pytest.raises(ValueError, match="holds chunks scored by a killed run with another reference"):
+        score(cfg("ref_b", "killed"))
+    store = score(cfg("ref_a", "killed"))  # the same reference resumes
+    ds, meta = load_stored(store, {})
+    assert meta["reference"]["name"] == str(tmp_path / "ref_a")
