@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slm import checkpoints, parallel, runs
 from slm.data import DataConfig, build, check_block_size
+from slm.hub import check_run_sources
 from slm.model import SelectiveLM
 from slm.ref_sources import check_score_vocab, container, demo_reference, reference_source, stored_scores
 from slm.reference import load_reference
@@ -95,6 +96,25 @@ def _missing(node, key: str) -> bool:
     return OmegaConf.is_config(node) and (OmegaConf.is_missing(node, key) or node.get(key) is None)
 
 
+MAX_DEFAULT_BLOCK = 2048
+
+
+def resolve_block_size(cfg: DictConfig) -> None:
+    """``data.block_size: null`` becomes the model's context length (at most 2048)."""
+    if cfg.data.get("block_size") is not None:
+        return
+    if cfg.model.get("pretrained"):
+        from transformers import AutoConfig
+
+        mc = AutoConfig.from_pretrained(cfg.model.pretrained)
+        limit = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    else:
+        limit = cfg.model.config.get("max_position_embeddings") or cfg.model.config.get("n_positions")
+    cfg.data.block_size = min(int(limit or MAX_DEFAULT_BLOCK), MAX_DEFAULT_BLOCK)
+    log.info("data.block_size=null: using %d (the model's context length, at most %d)", cfg.data.block_size,
+             MAX_DEFAULT_BLOCK)  # fmt: skip
+
+
 def validate(cfg: DictConfig) -> TrainConfig:
     """Check the composed config before anything slow runs; every error names the full key."""
     sel = cfg.selector
@@ -106,7 +126,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
     if _missing(cfg.data, "source"):
         raise ValueError("data.source is required with this data option: a file, glob or folder (data=files) "
                          "or a hub dataset name (data=hub)")  # fmt: skip
-    DataConfig(**{k: v for k, v in container(cfg.data).items()})
+    DataConfig(**{**container(cfg.data), "block_size": cfg.data.get("block_size") or 2})  # null: resolved later
     kind = cfg.reference.kind
     if kind == "stored" and _missing(cfg.reference, "scores_dir"):
         raise ValueError("reference=stored needs reference.scores_dir=<folder>: run slm-score first (with the same "
@@ -180,7 +200,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     """
     run_dir = Path(run_dir)
     cfg, changed = run_config(cfg, run_dir, overrides)
-    tcfg = validate(cfg)
+    tcfg = validate(cfg)  # before anything slow: settings first, then what must be fetched
+    check_run_sources(cfg)
+    resolve_block_size(cfg)
     acc = make_accelerator(tcfg)
     _setup_logging(acc)
     runs.claim(run_dir, tcfg.resume, tcfg.overwrite, acc.is_main_process)
@@ -273,6 +295,8 @@ def train_app(cfg: DictConfig) -> float | None:
 
 def score(cfg: DictConfig) -> Path:
     """``slm-score``: store reference losses of the training split as a ``ref_loss`` column."""
+    check_run_sources(cfg)
+    resolve_block_size(cfg)
     acc = parallel.make_accelerator("no")
     _setup_logging(acc)
     with acc.main_process_first():

@@ -1,34 +1,36 @@
 """Documents -> tokens -> packed fixed-length blocks, cached on disk by their settings.
 
-Sources: the built-in corpus (``source: builtin``), local text / JSON Lines / Parquet files (a
-file, a glob or a folder), or an HF hub dataset name. Documents are joined with an end-of-document
-token and cut into blocks of ``block_size`` tokens; the last block of each packing batch is
-padded (labels ``-100``) so no token is dropped. Packed splits are saved under
-``cache_dir/packed/<hash of every setting>`` so a second run loads them instantly.
+Documents (see :mod:`slm.sources`) are joined with an end-of-document token and cut into blocks
+of ``block_size`` tokens; the last block of each packing batch is padded (labels ``-100``) so no
+token is dropped. A long document is tokenised in pieces of at most :data:`PIECE_CHARS`
+characters (cut after a line break or a space where there is one), so memory stays flat whatever
+the document's length. Packed splits are saved under ``cache_dir/packed/<hash of every
+setting>`` so a second run loads them instantly.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from slm.corpus import CorpusConfig, generate
-from slm.tokenizer import BUILTIN, load_tokenizer, tokenizer_identity
+from slm.corpus import CorpusConfig
+from slm.sources import BUILTIN, data_files, is_local, raw_documents
+from slm.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 1
+PACK_VERSION = 2
 IGNORE_INDEX = -100
-FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-           ".parquet": "parquet"}  # fmt: skip
+PIECE_CHARS = 1 << 16  # characters tokenised at once: bounds memory for arbitrarily long documents
+PACK_ROWS = 256  # pieces per packing batch (each batch pads at most its last block)
 
 
 def default_cache_dir() -> str:
@@ -52,10 +54,12 @@ class DataConfig:
     builtin: dict = field(default_factory=dict)  # CorpusConfig fields
 
     def __post_init__(self):
-        if self.block_size < 2:
+        if self.block_size is None or int(self.block_size) < 2:
             raise ValueError(f"data.block_size must be >= 2 (one input and one target), got {self.block_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.sample_by not in ("line", "paragraph", "document"):
+            raise ValueError(f"data.sample_by must be line, paragraph or document, got {self.sample_by!r}")
         self.builtin = dict(self.builtin)
         self.cache_dir = self.cache_dir or default_cache_dir()
 
@@ -83,101 +87,53 @@ def data_config(cfg) -> DataConfig:
     return DataConfig(**cfg)
 
 
-# --- raw documents ---------------------------------------------------------------------------
-
-
-def _data_files(source: str) -> list[str]:
-    p = Path(source).expanduser()
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.suffix in FORMATS)
-    elif any(c in source for c in "*?["):
-        files = sorted(glob.glob(os.path.expanduser(source), recursive=True))
-    else:
-        files = [str(p)] if p.exists() else []
-    if not files:
-        raise FileNotFoundError(f"data.source={source!r}: no data files found (looked for {sorted(FORMATS)} files)")
-    kinds = {FORMATS.get(Path(f).suffix) for f in files}
-    if None in kinds or len(kinds) > 1:
-        raise ValueError(f"data.source={source!r}: files must all be one of text/json/parquet, got {files[:5]}")
-    return files
-
-
-def _is_local(source: str) -> bool:
-    """A path, glob or file name; anything else (``org/name``) is a hub dataset name."""
-    return (
-        os.path.exists(os.path.expanduser(source))
-        or any(c in source for c in "*?[")
-        or source.startswith((".", "/", "~"))
-        or Path(source).suffix in FORMATS
-    )
-
-
 def _source_identity(cfg: DataConfig) -> dict:
     if cfg.source == BUILTIN:
         return {"builtin": CorpusConfig(**cfg.builtin).identity()}
-    if _is_local(cfg.source):
-        files = _data_files(cfg.source)
+    if is_local(cfg.source):
+        files = data_files(cfg.source)
         stat = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
         return {"files": stat, "text_field": cfg.text_field, "sample_by": cfg.sample_by}
     return {"hub": cfg.source, "config": cfg.hub_config, "text_field": cfg.text_field,
             "splits": [cfg.train_split, cfg.validation_split]}  # fmt: skip
 
 
-def raw_documents(cfg: DataConfig) -> dict:
-    """Split name -> a ``datasets.Dataset`` of documents with a ``text`` column."""
-    import datasets
-
-    if cfg.source == BUILTIN:
-        corpus = CorpusConfig(**cfg.builtin)
-        return {s: datasets.Dataset.from_list(generate(corpus, s)) for s in ("train", "clean", "validation")}
-    if _is_local(cfg.source):
-        files = _data_files(cfg.source)
-        if all(os.path.getsize(f) == 0 for f in files):
-            raise ValueError(f"data.source={cfg.source!r}: no documents (every file is empty)")
-        builder = FORMATS[Path(files[0]).suffix]
-        kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
-        try:
-            ds = {"train": datasets.load_dataset(builder, data_files=files, split="train", **kwargs)}
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise ValueError(
-                f"data.source={cfg.source!r}: could not read the {builder} files: {e.__cause__ or e}"
-            ) from e
-    else:
-        try:
-            loaded = datasets.load_dataset(cfg.source, cfg.hub_config)
-        except Exception as e:  # offline, unknown name, gated, ...
-            raise ValueError(f"data.source={cfg.source!r}: could not load this hub dataset: {e}") from e
-        if cfg.train_split not in loaded:
-            raise ValueError(f"data.train_split={cfg.train_split!r} not in {list(loaded)}")
-        ds = {"train": loaded[cfg.train_split]}
-        if cfg.validation_split and cfg.validation_split in loaded:
-            ds["validation"] = loaded[cfg.validation_split]
-    for name, d in ds.items():
-        if cfg.text_field not in d.column_names:
-            raise ValueError(
-                f"data.text_field={cfg.text_field!r} is not a column of {cfg.source!r} ({name}); "
-                f"columns: {d.column_names}"
-            )
-        if len(d) == 0:
-            raise ValueError(f"data.source={cfg.source!r}: the {name} split has no documents")
-        ds[name] = (
-            d.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
-            if cfg.text_field != "text"
-            else d.select_columns(["text"])
-        )
-    if "validation" not in ds:
-        parts = ds["train"].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
-        ds = {"train": parts["train"], "validation": parts["test"]}
-    return ds
-
-
 # --- tokenise and pack -----------------------------------------------------------------------
+
+
+def _cut_points(text: str, limit: int) -> list[int]:
+    """Piece boundaries of ``text``: each piece at most ``limit`` characters, ending after a line
+    break or a space when one lies in its second half (so a word is rarely cut in two)."""
+    cuts, start = [], 0
+    while len(text) - start > limit:
+        window = text[start : start + limit]
+        at = max(window.rfind("\n"), window.rfind(" "))
+        end = start + (at + 1 if at >= limit // 2 else limit)
+        cuts.append(end)
+        start = end
+    return cuts
+
+
+def _split_long(batch: dict, limit: int) -> dict:
+    """Documents -> pieces of at most ``limit`` characters; ``last`` marks a document's final piece."""
+    out = {"text": [], "last": []}
+    spans = batch.get("answer_spans")
+    if spans is not None:
+        out["answer_spans"] = []
+    for d, text in enumerate(batch["text"]):
+        bounds = [0, *_cut_points(text, limit), len(text)]
+        for a, b in zip(bounds, bounds[1:]):
+            out["text"].append(text[a:b])
+            out["last"].append(b == len(text))
+            if spans is not None:  # answer spans move with their piece
+                out["answer_spans"].append([[s - a, e - a] for s, e in spans[d] if a <= s and e <= b])
+    return out
 
 
 def _tokenize(batch: dict, tokenizer) -> dict:
     spans = batch.get("answer_spans")
     enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=spans is not None)
-    out = {"ids": enc["input_ids"]}
+    out = {"ids": enc["input_ids"], "last": batch["last"]}
     if spans is not None:
         out["answer"] = [
             [any(s <= a and b <= e for s, e in doc_spans) for a, b in offsets]
@@ -187,9 +143,11 @@ def _tokenize(batch: dict, tokenizer) -> dict:
 
 
 def _pack(batch: dict, block_size: int, eos_id: int, pad_id: int) -> dict:
-    """Concatenate documents with ``eos`` after each, cut into blocks, pad the last one."""
-    ids = [t for doc in batch["ids"] for t in (*doc, eos_id)]
-    answer = [a for doc in batch["answer"] for a in (*doc, False)] if "answer" in batch else None
+    """Concatenate pieces (``eos`` after each document's last one), cut into blocks, pad the last one."""
+    ids = [t for doc, last in zip(batch["ids"], batch["last"]) for t in (*doc, *([eos_id] if last else []))]
+    answer = None
+    if "answer" in batch:
+        answer = [a for doc, last in zip(batch["answer"], batch["last"]) for a in (*doc, *([False] if last else []))]
     n = len(ids)
     out = {"input_ids": [], "labels": [], "attention_mask": []}
     if answer is not None:
@@ -206,12 +164,14 @@ def _pack(batch: dict, block_size: int, eos_id: int, pad_id: int) -> dict:
 
 
 def pack(docs, tokenizer, block_size: int, num_proc: int | None = None, desc: str = ""):
-    """Tokenise a dataset of documents and pack it into ``block_size`` blocks (one pass each)."""
+    """Tokenise a dataset of documents and pack it into ``block_size`` blocks, in bounded pieces."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    tok = docs.map(_tokenize, batched=True, fn_kwargs={"tokenizer": tokenizer}, remove_columns=docs.column_names,
-                   num_proc=num_proc, desc=f"tokenising {desc}")  # fmt: skip
-    return tok.map(_pack, batched=True, batch_size=2000, remove_columns=tok.column_names, num_proc=num_proc,
+    pieces = docs.map(_split_long, batched=True, batch_size=64, fn_kwargs={"limit": PIECE_CHARS},
+                      remove_columns=docs.column_names, num_proc=num_proc, desc=f"splitting {desc}")  # fmt: skip
+    tok = pieces.map(_tokenize, batched=True, batch_size=32, fn_kwargs={"tokenizer": tokenizer},
+                     remove_columns=pieces.column_names, num_proc=num_proc, desc=f"tokenising {desc}")  # fmt: skip
+    return tok.map(_pack, batched=True, batch_size=PACK_ROWS, remove_columns=tok.column_names, num_proc=num_proc,
                    fn_kwargs={"block_size": block_size, "eos_id": eos, "pad_id": pad},
                    desc=f"packing {desc}")  # fmt: skip
 
@@ -229,23 +189,51 @@ def content_hash(ds) -> str:
     return column_hash(ds, "input_ids")
 
 
-def build(cfg) -> PackedData:
-    """Load, tokenise, pack and shuffle (train) every split, or load them from the cache."""
+def _warn_unknown(tokenizer, splits: dict) -> None:
+    """The built-in character tokenizer maps anything but printable ASCII to <unk>: say how much."""
+    unk = tokenizer.unk_token_id
+    if tokenizer.name_or_path != BUILTIN or unk is None:
+        return
+    for name, d in splits.items():
+        n_unk = n = 0
+        for i in range(0, len(d), 4096):
+            rows = d[i : i + 4096]
+            ids, mask = np.asarray(rows["input_ids"]), np.asarray(rows["attention_mask"], dtype=bool)
+            n_unk += int(((ids == unk) & mask).sum())
+            n += int(mask.sum())
+        if n_unk:
+            warnings.warn(
+                f"data: {n_unk / n:.2%} of the characters of the {name} split are not printable ASCII and became "
+                "<unk> with the built-in character tokenizer; set data.tokenizer (e.g. model=tinyllama, or a "
+                "local tokenizer folder) for such text",
+                stacklevel=3,
+            )
+
+
+def _load_cached(where: Path):
     import datasets
 
+    meta = json.loads((where / "meta.json").read_text())
+    return {s: datasets.load_from_disk(str(where / s)) for s in meta["splits"]}, meta
+
+
+def build(cfg) -> PackedData:
+    """Load, tokenise, pack and shuffle (train) every split, or load them from the cache."""
     cfg = data_config(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     settings = {"pack_version": PACK_VERSION, "source": _source_identity(cfg),
                 "tokenizer": tokenizer_identity(tokenizer), "block_size": cfg.block_size, "seed": cfg.seed,
-                "val_fraction": cfg.val_fraction}  # fmt: skip
+                "val_fraction": cfg.val_fraction, "sample_by": cfg.sample_by}  # fmt: skip
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
     where = Path(cfg.cache_dir) / "packed" / key
-    meta_file = where / "meta.json"
-    if meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        splits = {s: datasets.load_from_disk(str(where / s)) for s in meta["splits"]}
-        log.info("data: loaded packed splits %s from %s", list(splits), where)
-        return PackedData(splits, tokenizer, meta["identity"])
+    if (where / "meta.json").exists():
+        try:
+            splits, meta = _load_cached(where)
+            log.info("data: loaded packed splits %s from %s", list(splits), where)
+            return PackedData(splits, tokenizer, meta["identity"])
+        except Exception as e:  # a damaged cache (a truncated Arrow file): build it again
+            log.warning("data: the cached packed data in %s is damaged (%s); packing again", where, e)
+            shutil.rmtree(where, ignore_errors=True)
 
     splits = {}
     for name, docs in raw_documents(cfg).items():
@@ -255,6 +243,7 @@ def build(cfg) -> PackedData:
         if name == "train":
             packed = packed.shuffle(seed=cfg.seed).flatten_indices()
         splits[name] = packed
+    _warn_unknown(tokenizer, splits)
     identity = {"tokenizer": settings["tokenizer"], "block_size": cfg.block_size,
                 "data_hash": {s: content_hash(d) for s, d in splits.items()}}  # fmt: skip
     tmp = where.with_name(key + f".tmp{os.getpid()}")
@@ -266,7 +255,7 @@ def build(cfg) -> PackedData:
         os.replace(tmp, where)  # atomic: concurrent sweep jobs never see a half-written cache
     except OSError:  # another process finished the same cache first
         shutil.rmtree(tmp, ignore_errors=True)
-    splits = {s: datasets.load_from_disk(str(where / s)) for s in splits}
+    splits, _ = _load_cached(where)
     log.info("data: packed %s into %s", {s: len(d) for s, d in splits.items()}, where)
     return PackedData(splits, tokenizer, identity)
 

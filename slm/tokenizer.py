@@ -36,8 +36,8 @@ def load_tokenizer(name: str):
         tok = AutoTokenizer.from_pretrained(name)
     except OSError as e:
         raise ValueError(
-            f"data.tokenizer={name!r}: could not load a tokenizer from the hub or that path ({e}). "
-            "Use a local folder with tokenizer files, or data.tokenizer=builtin."
+            f"data.tokenizer={name!r}: could not load a tokenizer from the hub or that path ({e}). Use a local "
+            "folder with the model's tokenizer files (data.tokenizer=builtin only suits models built from config)"
         ) from e
     if tok.eos_token_id is None:
         raise ValueError(f"data.tokenizer={name!r} has no eos token; packing needs one between documents")

@@ -21,6 +21,8 @@ def compose_train(cache: Path, *overrides: str, config_name: str = "train"):
     base = [o for o in TINY if config_name == "train" or o.startswith(("model.", "data.", "reference."))]
     if any(o.startswith("reference=") and o != "reference=demo" for o in overrides):
         base = [o for o in base if not o.startswith("reference.trainer")]
+    if any(o.startswith("model=") and o != "model=tiny" for o in overrides):
+        base = [o for o in base if not o.startswith("model.config")]
     if any(o.startswith("data=") and o != "data=builtin" for o in overrides):
         base = [o for o in base if not o.startswith("data.builtin")]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

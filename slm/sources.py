@@ -1,0 +1,148 @@
+"""Raw documents from a data source: the built-in corpus, local files, or an HF hub dataset.
+
+Every split comes back as a ``datasets.Dataset`` with one ``text`` column of strings. Bad input
+is refused with the file, row and setting to fix: bytes that are not UTF-8, a text field that is
+missing, null or not text, files holding no documents, too few documents to carve a
+validation split. Nothing is silently skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+from slm.corpus import CorpusConfig, generate
+
+BUILTIN = "builtin"
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
+           ".parquet": "parquet"}  # fmt: skip
+
+
+def data_files(source: str) -> list[str]:
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.suffix in FORMATS)
+    elif any(c in source for c in "*?["):
+        files = sorted(glob.glob(os.path.expanduser(source), recursive=True))
+    else:
+        files = [str(p)] if p.exists() else []
+    if not files:
+        raise FileNotFoundError(f"data.source={source!r}: no data files found (looked for {sorted(FORMATS)} files)")
+    kinds = {FORMATS.get(Path(f).suffix) for f in files}
+    if None in kinds or len(kinds) > 1:
+        raise ValueError(f"data.source={source!r}: files must all be one of text/json/parquet, got {files[:5]}")
+    return files
+
+
+def is_local(source: str) -> bool:
+    """A path, glob or file name; anything else (``org/name``) is a hub dataset name."""
+    return (
+        os.path.exists(os.path.expanduser(source))
+        or any(c in source for c in "*?[")
+        or source.startswith((".", "/", "~"))
+        or Path(source).suffix in FORMATS
+    )
+
+
+def _first_bad_utf8(files: list[str]) -> str | None:
+    for f in files:
+        with open(f, "rb") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return f"{f}, line {lineno}: byte 0x{line[e.start]:02x} at column {e.start + 1}"
+    return None
+
+
+def _only_whitespace(files: list[str]) -> bool:
+    for f in files:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                if chunk.strip():
+                    return False
+    return True
+
+
+def _load_files(cfg) -> dict:
+    import datasets
+
+    files = data_files(cfg.source)
+    builder = FORMATS[Path(files[0]).suffix]
+    if builder != "parquet":
+        if _only_whitespace(files):
+            raise ValueError(f"data.source={cfg.source!r}: no documents (the files are empty or hold only blank lines)")
+        # Checked up front: the loaders accept bad bytes and fail later, far from the file that has them.
+        bad = _first_bad_utf8(files)
+        if bad is not None:
+            raise ValueError(f"data.source={cfg.source!r}: not UTF-8 text ({bad}). Convert the file, e.g. "
+                             "iconv -f latin1 -t utf-8 in.jsonl > out.jsonl")  # fmt: skip
+    kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
+    try:
+        return {"train": datasets.load_dataset(builder, data_files=files, split="train", **kwargs)}
+    except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
+        raise ValueError(f"data.source={cfg.source!r}: could not read the {builder} files: {e.__cause__ or e}") from e
+
+
+def _check_text(d, source: str, split: str, field: str) -> None:
+    """The text field holds a string in every row (no null, missing or non-text values)."""
+    feature = d.features[field]
+    is_text = getattr(feature, "dtype", None) in ("string", "large_string")
+    if is_text and d.data.column(field).null_count == 0:
+        return
+    bad = []
+    for i, value in enumerate(d[field]):
+        if not isinstance(value, str):
+            bad.append(f"row {i}: {'missing or null' if value is None else type(value).__name__ + ' ' + repr(value)}")
+            if len(bad) == 3:
+                break
+    raise ValueError(
+        f"data.source={source!r} ({split}): data.text_field={field!r} must be text in every row, but "
+        f"{'; '.join(bad)}. Fix those rows, or point data.text_field at the column that holds the text"
+    )
+
+
+def raw_documents(cfg) -> dict:
+    """Split name -> a ``datasets.Dataset`` of documents with a ``text`` column (``cfg``: DataConfig)."""
+    import datasets
+
+    if cfg.source == BUILTIN:
+        corpus = CorpusConfig(**cfg.builtin)
+        return {s: datasets.Dataset.from_list(generate(corpus, s)) for s in ("train", "clean", "validation")}
+    if is_local(cfg.source):
+        ds = _load_files(cfg)
+    else:
+        try:
+            loaded = datasets.load_dataset(cfg.source, cfg.hub_config)
+        except Exception as e:  # offline, unknown name, gated, ...
+            raise ValueError(f"data.source={cfg.source!r}: could not load this hub dataset: {e}") from e
+        if cfg.train_split not in loaded:
+            raise ValueError(f"data.train_split={cfg.train_split!r} not in {list(loaded)}")
+        ds = {"train": loaded[cfg.train_split]}
+        if cfg.validation_split and cfg.validation_split in loaded:
+            ds["validation"] = loaded[cfg.validation_split]
+    for name, d in ds.items():
+        if cfg.text_field not in d.column_names:
+            raise ValueError(
+                f"data.text_field={cfg.text_field!r} is not a column of {cfg.source!r} ({name}); "
+                f"columns: {d.column_names}"
+            )
+        if len(d) == 0:
+            raise ValueError(f"data.source={cfg.source!r}: the {name} split has no documents")
+        _check_text(d, cfg.source, name, cfg.text_field)
+        ds[name] = (
+            d.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
+            if cfg.text_field != "text"
+            else d.select_columns(["text"])
+        )
+    if "validation" not in ds:
+        if len(ds["train"]) < 2:
+            raise ValueError(
+                f"data.source={cfg.source!r} holds {len(ds['train'])} document: carving a validation split "
+                "(data.val_fraction) needs at least 2. Add documents (for .txt files, data.sample_by=paragraph "
+                "splits on blank lines and =line on every line)"
+            )
+        parts = ds["train"].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+        ds = {"train": parts["train"], "validation": parts["test"]}
+    return ds
