@@ -197,8 +197,9 @@ def test_stored_reference_refuses_other_data_settings(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, global top-k."""
+@pytest.mark.parametrize("scope", ["global", "sequence"])
+def test_two_processes_equal_one_process(tmp_path, scope):
+    """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, for the scopes that promise it."""
     from conftest import tiny_model
 
     from slm.tokenizer import builtin_tokenizer
@@ -211,7 +212,7 @@ def test_two_processes_equal_one_process(tmp_path):
         f"data.cache_dir={tmp_path / 'cache'}",
         "reference=live",
         f"reference.path={tmp_path / 'ref'}",
-        "selector.scope=global",
+        f"selector.scope={scope}",
         "trainer.eval_every=3",
         "trainer.grad_clip=1e9",
         # 25 validation blocks at batch 4: the processes get 13 and 12 rows, 4 and 3 batches
