@@ -217,7 +217,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     selector = effective_selector(sel.name, sel.ratio, cfg.reference.kind)
     ratio = 1.0 if selector == "all" else float(sel.ratio)
     lm = SelectiveLM(model, ratio=ratio, selector="train_loss" if selector == "all" else selector,
-                     scope=sel.scope, seed=cfg.seed)  # fmt: skip
+                     scope=sel.scope, seed=cfg.seed, head_backend=tcfg.head_backend,
+                     check_scores="deferred")  # the loop checks them with its end-of-step reduce  # fmt: skip
     info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=selector, ratio=ratio, scope=sel.scope,
                 reference=cfg.reference.kind, seed=cfg.seed, scores_dir=ref.scores_dir, status="running",
                 processes=acc.num_processes, mode=parallel.requested_mode())  # fmt: skip

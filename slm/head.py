@@ -11,7 +11,11 @@ Two operations, both over *rows* (one hidden state per predicted token):
 Per step the head costs one matmul per valid token (scoring) plus three per selected token,
 against HF's three per token on a B x T x V tensor. Logits always come out of the matmul in
 float32 (never rounded to bf16 first) and the loss math is float32; the matmul inputs run in the
-autocast dtype when autocast is on, else in the weight's dtype.
+autocast dtype when autocast is on, else in the weight's dtype. The matmuls are library calls;
+the element-wise work on each chunk of logits (log-sum-exp, softmax gradient) is one function
+per pass, run as is (``backend="torch"``) or fused by ``torch.compile`` (``"compiled"``, the
+default on CUDA, where those passes over float32 logits dominate). No step inside the head waits
+for the device: chunk boundaries come from shapes.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Float32 logits per chunk. CPU: 2**22 elements = 16 MiB (131 rows of a 32k vocabulary) stays in
-# cache-friendly sizes. GPU: 2**26 = 256 MiB (441 rows of Qwen's 152k) keeps kernels large enough
-# that launch overhead does not dominate.
-CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**26}
+# Float32 logits per chunk, by device and pass. CPU: 2**22 elements = 16 MiB (131 rows of a 32k
+# vocabulary) stays in cache-friendly sizes. GPU: large enough that launch overhead does not
+# dominate; training holds the logits and their gradient at once, so it gets half the budget.
+CHUNK_ELEMENTS = {"cpu": {"score": 2**22, "train": 2**22}, "cuda": {"score": 2**27, "train": 2**26}}
+BACKENDS = ("auto", "torch", "compiled")
 
 
 @dataclass
@@ -41,15 +46,23 @@ class OutputHead:
     bias: Tensor | None = None
     scale: float = 1.0
     softcap: float | None = None
-    chunk_elements: int | None = None  # None: by device, see CHUNK_ELEMENTS
+    chunk_elements: int | None = None  # None: by device and pass, see CHUNK_ELEMENTS
+    backend: str = "auto"  # auto (compiled on CUDA, torch elsewhere) | torch | compiled
 
     @property
     def vocab_size(self) -> int:
         return self.weight.shape[0]
 
-    def chunk_rows(self) -> int:
-        budget = self.chunk_elements or CHUNK_ELEMENTS.get(self.weight.device.type, CHUNK_ELEMENTS["cpu"])
-        return max(1, budget // self.vocab_size)
+    def chunk_rows(self, kind: str = "score") -> int:
+        """Rows per chunk: the budget over the vocabulary; on CUDA a multiple of 128 that also fits
+        in a quarter of the free memory (logits plus their temporaries)."""
+        device = self.weight.device.type
+        budget = self.chunk_elements or CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cpu"])[kind]
+        if device == "cuda" and not self.chunk_elements:
+            free, _ = torch.cuda.mem_get_info(self.weight.device)
+            budget = min(budget, free // (4 * 4 * 2))  # float32, about four chunk-sized buffers, half of free
+        rows = max(1, budget // self.vocab_size)
+        return max(128, rows // 128 * 128) if device == "cuda" else rows
 
     def compute_dtype(self) -> torch.dtype:
         """The matmul input dtype: autocast's when it is on for the weight's device, else the weight's."""
@@ -65,8 +78,14 @@ class OutputHead:
             z += bias.float()
         return z * self.scale if self.scale != 1.0 else z
 
-    def cap(self, z: Tensor) -> Tensor:
-        return self.softcap * torch.tanh(z / self.softcap) if self.softcap else z
+    def kernels(self):
+        """The element-wise chunk functions of this head's backend."""
+        backend = self.backend
+        if backend == "auto":
+            backend = "compiled" if self.weight.device.type == "cuda" else "torch"
+        if backend not in ("torch", "compiled"):
+            raise ValueError(f"head backend must be one of {BACKENDS}, got {self.backend!r}")
+        return _compiled() if backend == "compiled" else (score_chunk, grad_chunk)
 
 
 def mm_f32(a: Tensor, b: Tensor) -> Tensor:
@@ -86,6 +105,47 @@ def _no_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False)
 
 
+# --- element-wise chunk functions: pure, fixed-shape, no graph breaks (torch.compile fuses them) ---
+
+
+def score_chunk(raw: Tensor, t: Tensor, softcap: float | None, hits: bool):
+    """(loss, lse, hit or None) of each row of one chunk of float32 pre-cap logits."""
+    z = softcap * torch.tanh(raw / softcap) if softcap else raw
+    lse = torch.logsumexp(z, dim=-1)
+    loss = lse - z.gather(1, t[:, None]).squeeze(1)
+    return loss, lse, (z.argmax(-1) == t) if hits else None
+
+
+def grad_chunk(raw: Tensor, t: Tensor, lse: Tensor | None, row_scale: Tensor | None, softcap: float | None,
+               scale: float):  # fmt: skip
+    """(d(sum of row_scale * loss)/d(pre-scale logits), loss) of one chunk, both float32."""
+    z = softcap * torch.tanh(raw / softcap) if softcap else raw
+    if lse is None:
+        lse = torch.logsumexp(z, dim=-1)
+    loss = lse - z.gather(1, t[:, None]).squeeze(1)
+    # In place on g, its own buffer: one chunk-sized temporary in eager mode; compile fuses the lot.
+    g = (z - lse[:, None]).exp_()  # softmax
+    g.scatter_add_(1, t[:, None], torch.full_like(g[:, :1], -1.0))  # minus the one-hot target
+    if softcap:
+        g.mul_(1.0 - (z / softcap).square())
+    if scale != 1.0:
+        g.mul_(scale)
+    if row_scale is not None:
+        g.mul_(row_scale[:, None])
+    return g, loss
+
+
+_COMPILED: tuple | None = None
+
+
+def _compiled():
+    global _COMPILED
+    if _COMPILED is None:
+        opts = dict(fullgraph=True, dynamic=False)
+        _COMPILED = (torch.compile(score_chunk, **opts), torch.compile(grad_chunk, **opts))
+    return _COMPILED
+
+
 @torch.no_grad()
 def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = False):
     """Per-row cross-entropy and log-sum-exp (float32), one chunk of logits at a time.
@@ -97,31 +157,16 @@ def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = F
     lse = torch.empty_like(loss)
     hit = torch.empty(n, dtype=torch.bool, device=hidden.device) if hits else None
     dtype = head.compute_dtype()
-    step = head.chunk_rows()
+    step = head.chunk_rows("score")
+    score, _ = head.kernels()
     with _no_autocast(hidden.device.type):
         weight = head.weight.to(dtype)
         for i in range(0, n, step):
-            logits = head.cap(head.raw_logits(hidden[i : i + step].to(dtype), weight, head.bias))
-            lse[i : i + step] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, targets[i : i + step, None]).squeeze(1)
-            loss[i : i + step] = lse[i : i + step] - target_logit
+            raw = head.raw_logits(hidden[i : i + step].to(dtype), weight, head.bias)
+            loss[i : i + step], lse[i : i + step], h = score(raw, targets[i : i + step], head.softcap, hits)
             if hits:
-                hit[i : i + step] = logits.argmax(-1) == targets[i : i + step]
+                hit[i : i + step] = h
     return (loss, lse, hit) if hits else (loss, lse)
-
-
-def _chunk_grads(head: OutputHead, logits: Tensor, row_lse: Tensor, t: Tensor, row_scale: Tensor | None) -> Tensor:
-    """d(sum of row losses)/d(pre-scale logits) for one chunk, in float32; overwrites ``logits``."""
-    cap_factor = 1.0 - (logits / head.softcap).square() if head.softcap else None
-    g = logits.sub_(row_lse[:, None]).exp_()  # softmax
-    g.scatter_add_(1, t, torch.full_like(g[:, :1], -1.0))  # minus the one-hot target
-    if cap_factor is not None:
-        g *= cap_factor
-    if head.scale != 1.0:
-        g *= head.scale
-    if row_scale is not None:
-        g *= row_scale[:, None]
-    return g
 
 
 class _SelectedRowsCE(torch.autograd.Function):
@@ -143,28 +188,28 @@ class _SelectedRowsCE(torch.autograd.Function):
         ctx.head, ctx.defer, ctx.dtype = head, defer, dtype
         ctx.hidden_dtype = hidden.dtype
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        step = head.chunk_rows()
+        step = head.chunk_rows("train")
+        score, grad = head.kernels()
         with _no_autocast(hidden.device.type):
             w = weight.to(dtype)
             if defer:
                 row_lse = torch.empty_like(loss)
                 for i in range(0, n, step):
-                    logits = head.cap(head.raw_logits(hidden[i : i + step].to(dtype), w, bias))
-                    lse_i = torch.logsumexp(logits, dim=-1) if lse is None else lse[i : i + step]
-                    row_lse[i : i + step] = lse_i
-                    loss[i : i + step] = lse_i - logits.gather(1, targets[i : i + step, None]).squeeze(1)
+                    raw = head.raw_logits(hidden[i : i + step].to(dtype), w, bias)
+                    loss[i : i + step], lse_i, _ = score(raw, targets[i : i + step], head.softcap, False)
+                    row_lse[i : i + step] = lse_i if lse is None else lse[i : i + step]
                 ctx.save_for_backward(hidden, weight, bias, targets, row_lse, row_weight)
             else:
                 grad_h = torch.empty_like(hidden) if need_h else None
                 grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
                 grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
                 for i in range(0, n, step):
-                    h, t = hidden[i : i + step].to(dtype), targets[i : i + step, None]
-                    logits = head.cap(head.raw_logits(h, w, bias))
-                    row_lse = torch.logsumexp(logits, dim=-1) if lse is None else lse[i : i + step]
-                    loss[i : i + step] = row_lse - logits.gather(1, t).squeeze(1)
+                    h = hidden[i : i + step].to(dtype)
+                    raw = head.raw_logits(h, w, bias)
                     rw = None if row_weight is None else row_weight[i : i + step]
-                    _accumulate(_chunk_grads(head, logits, row_lse, t, rw), h, w, grad_h, grad_w, grad_b, i)
+                    row_lse = None if lse is None else lse[i : i + step]
+                    g, loss[i : i + step] = grad(raw, targets[i : i + step], row_lse, rw, head.softcap, head.scale)
+                    _accumulate(g, h, w, grad_h, grad_w, grad_b, i)
                 # The weight is saved only so that changing it in place before backward raises.
                 ctx.save_for_backward(weight, grad_h, grad_w, grad_b)
         ctx.mark_non_differentiable(loss)
@@ -221,13 +266,15 @@ def _deferred_grads(ctx, grad_sum: Tensor):
     scale = grad_sum.float().expand(hidden.shape[0])
     if row_weight is not None:
         scale = scale * row_weight
-    step = head.chunk_rows()
+    step = head.chunk_rows("train")
+    _, grad = head.kernels()
     with _no_autocast(hidden.device.type):
         w = weight.to(dtype)
         for i in range(0, hidden.shape[0], step):
-            h, t = hidden[i : i + step].to(dtype), targets[i : i + step, None]
-            logits = head.cap(head.raw_logits(h, w, bias))
-            g = _chunk_grads(head, logits, row_lse[i : i + step], t, scale[i : i + step])
+            h = hidden[i : i + step].to(dtype)
+            raw = head.raw_logits(h, w, bias)
+            g, _ = grad(raw, targets[i : i + step], row_lse[i : i + step], scale[i : i + step], head.softcap,
+                        head.scale)  # fmt: skip
             _accumulate(g, h, w, grad_h, grad_w, grad_b, i)
     return grad_h, grad_w, grad_b
 

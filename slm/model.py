@@ -15,13 +15,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from slm.head import OutputHead, full_logits_rows_loss, score_rows, selected_rows_loss
-from slm.selection import SCOPES, check_ratio, score_tokens, select_tokens
-
-IGNORE_INDEX = -100
+from slm.head import BACKENDS, OutputHead, full_logits_rows_loss, score_rows
+from slm.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
+from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_tokens
 
 # Architectures whose logits are exactly ``cap(scale * (final_hidden @ W.T + b))`` with the
 # final norm inside ``model.base_model``; checked against HF's own loss in the tests.
@@ -97,7 +97,8 @@ def _gathered(params: list[Tensor | None]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else nullcontext()
 
 
-def output_head(model: nn.Module, chunk_elements: int | None = None) -> tuple[OutputHead | None, str]:
+def output_head(model: nn.Module, chunk_elements: int | None = None,
+                backend: str = "auto") -> tuple[OutputHead | None, str]:  # fmt: skip
     """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` and the reason."""
     lm = causal_lm(model)
     cfg = lm.config
@@ -114,7 +115,7 @@ def output_head(model: nn.Module, chunk_elements: int | None = None) -> tuple[Ou
     elif cfg.model_type == "granite":
         scale = 1.0 / float(cfg.logits_scaling)
     softcap = getattr(cfg, "final_logit_softcapping", None) if cfg.model_type == "gemma2" else None
-    return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements), ""
+    return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements, backend), ""
 
 
 @dataclass
@@ -128,32 +129,7 @@ class SelectiveOutput(ModelOutput):
     n_selected: int | None = None
     n_valid: int | None = None
     hits: Tensor | None = None  # [B, T] bool, label == arg-max prediction (with return_hits=True)
-
-
-def shifted_valid(labels: Tensor) -> Tensor:
-    """[B, T] bool: tokens whose loss is defined (t >= 1 and label != -100)."""
-    valid = labels != IGNORE_INDEX
-    valid[:, 0] = False
-    return valid
-
-
-def check_loss_mask(loss_mask: Tensor) -> Tensor:
-    """``loss_mask`` as bool; a non-boolean value (0.5, 2, -1) is an error, not a silent True."""
-    if loss_mask.dtype == torch.bool:
-        return loss_mask
-    if not ((loss_mask == 0) | (loss_mask == 1)).all():
-        raise ValueError(
-            "loss_mask must be boolean (or 0/1); it holds other values. For per-token loss weights pass "
-            "loss_weight (the loss is then sum(weight * loss) / sum(weight))"
-        )
-    return loss_mask.bool()
-
-
-def check_loss_weight(loss_weight: Tensor) -> Tensor:
-    w = loss_weight.float()
-    if not torch.isfinite(w).all() or (w < 0).any():
-        raise ValueError("loss_weight must be finite and >= 0 (0 = not trained)")
-    return w
+    n_nonfinite: Tensor | None = None  # with check_scores="deferred": NaN/inf selection scores (device scalar)
 
 
 class SelectiveLM(nn.Module):
@@ -167,7 +143,15 @@ class SelectiveLM(nn.Module):
         scope: ``sequence``, ``batch`` or ``global`` (see :func:`slm.select_tokens`).
         seed: seed of the ``random`` selector and of random tie-breaking.
         chunk_elements: logits held at once by the chunked head (rows x vocabulary); ``None``
-            picks a size for the device (see :data:`slm.head.CHUNK_ELEMENTS`).
+            picks a size for the device and pass (see :data:`slm.head.CHUNK_ELEMENTS`).
+        head_backend: ``auto`` (``compiled`` on CUDA, ``torch`` elsewhere), ``torch`` or
+            ``compiled`` (the chunk's element-wise math fused by ``torch.compile``).
+        check_scores: ``eager`` raises :class:`slm.selection.NonFiniteScores` at once (a device
+            sync); ``deferred`` reports their count in ``out.n_nonfinite`` for the caller to check
+            with its own end-of-step sync (what ``slm-train`` does).
+
+    A forward waits for the device once (the row counts and input checks, see :mod:`slm.rows`);
+    with ``scope="global"`` the cross-process gather adds its own.
     """
 
     main_input_name = "input_ids"
@@ -180,8 +164,14 @@ class SelectiveLM(nn.Module):
         scope: str = "batch",
         seed: int = 0,
         chunk_elements: int | None = None,
+        head_backend: str = "auto",
+        check_scores: str = "eager",
     ):
         super().__init__()
+        if head_backend not in BACKENDS:
+            raise ValueError(f"head_backend must be one of {BACKENDS}, got {head_backend!r}")
+        if check_scores not in ("eager", "deferred"):
+            raise ValueError(f"check_scores must be 'eager' or 'deferred', got {check_scores!r}")
         if selector not in SELECTORS:
             raise ValueError(f"selector must be one of {SELECTORS}, got {selector!r}")
         if scope not in SCOPES:
@@ -191,6 +181,8 @@ class SelectiveLM(nn.Module):
         self.selector = selector
         self.scope = scope
         self.chunk_elements = chunk_elements
+        self.head_backend = head_backend
+        self.check_scores = check_scores
         self.generator = torch.Generator().manual_seed(seed)
         self._decoder_kwargs = self._accepted_kwargs()
         head, why = output_head(model, chunk_elements)
@@ -308,7 +300,6 @@ class SelectiveLM(nn.Module):
             raise ValueError(
                 f"labels {tuple(labels.shape)} must have the [B, T] shape of input_ids {tuple(input_ids.shape)}"
             )
-        valid = shifted_valid(labels)
         for name, t in (("ref_loss", ref_loss), ("loss_mask", loss_mask), ("loss_weight", loss_weight)):
             if t is not None and t.shape != labels.shape:
                 raise ValueError(
@@ -320,73 +311,72 @@ class SelectiveLM(nn.Module):
             _warn_low_precision_ref(ref_loss.dtype)
         ratio = self.ratio if ratio is None else check_ratio(ratio)
 
-        rows = valid[:, 1:]  # row i of the flattened selection predicts labels[:, 1:][rows][i]
-        targets = labels[:, 1:][rows]
         head = self._head()
         if head is not None and not _zero3_ready(self, head):
             head = None  # this one call runs HF's own forward; ZeRO-3 gathers the head from the next call on
         vocab = head.vocab_size if head is not None else self.get_output_embeddings().weight.shape[0]
-        _check_targets(targets, vocab)
+        plan = plan_rows(labels, vocab, loss_mask, loss_weight, ratio, self.scope)  # the forward's one sync
+        rows = self._rows(head, input_ids, attention_mask, plan, labels, model_kwargs)
 
-        weights = None
-        if loss_weight is not None:
-            weights = check_loss_weight(loss_weight.to(valid.device)) * valid
-            known = weights > 0
-        elif loss_mask is not None:
-            known = check_loss_mask(loss_mask.to(valid.device)) & valid
-        else:
-            known = valid if ratio == 1.0 else None
-
-        token_loss = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-        hits = None
-        head_rows = self._rows(head, input_ids, attention_mask, rows, targets, model_kwargs)
-        if known is None or return_hits:
+        hits = n_nonfinite = None
+        if plan.known is None or return_hits:
             # Selection needs the current loss of every valid token: a no-grad scoring pass.
-            row_loss, row_hits = head_rows.score(return_hits)
-            token_loss[:, 1:][rows] = row_loss
+            row_loss, row_hits = rows.score(return_hits)
+            token_loss = plan.scatter(plan.valid_pos, row_loss)
             if return_hits:
-                hits = torch.zeros_like(valid)
-                hits[:, 1:][rows] = row_hits
-            mask = known if known is not None else self._select(token_loss, ref_loss, valid, ratio)
-            row_w = None if weights is None else weights[:, 1:][rows]
-            loss_sum, _ = head_rows.train(mask[:, 1:][rows], row_w)
-            if known is not None:
+                hits = plan.scatter(plan.valid_pos, row_hits)
+            if plan.known is None:
+                mask, pos, n_nonfinite = self._select(token_loss, ref_loss, plan, ratio)
+            else:
+                mask, pos = plan.known, plan.known_pos
                 token_loss = token_loss * mask
+            loss_sum, _ = rows.train(plan.rows_of(pos), plan.weights_at(pos))
         else:
             # The trained tokens are known up front (a loss_mask, weights, or all): one fused pass.
-            mask = known
-            row_w = None if weights is None else weights[:, 1:][rows]
-            loss_sum, row_loss = head_rows.train(mask[:, 1:][rows], row_w)
-            token_loss[mask] = row_loss
+            mask, pos = plan.known, plan.known_pos
+            loss_sum, row_loss = rows.train(plan.rows_of(pos), plan.weights_at(pos))
+            token_loss = plan.scatter(pos, row_loss)
 
-        n_selected = int(mask.sum())
+        n_selected = pos.numel()
         if num_items_in_batch is not None:
             denom = num_items_in_batch
         else:
-            denom = n_selected if weights is None else (weights * mask).sum()
+            denom = n_selected if plan.weights is None else plan.weights_at(pos).sum()
         return SelectiveOutput(loss=loss_sum / _nonzero(denom, loss_sum.device), token_loss=token_loss, mask=mask,
-                               n_selected=n_selected, n_valid=int(valid.sum()), hits=hits)  # fmt: skip
+                               n_selected=n_selected, n_valid=plan.n_valid, hits=hits,
+                               n_nonfinite=n_nonfinite)  # fmt: skip
 
     def _head(self) -> OutputHead | None:
-        head, why = output_head(self.model, self.chunk_elements)
+        head, why = output_head(self.model, self.chunk_elements, self.head_backend)
         if head is None and not self._fallback_warned:
             self._fallback_warned = True
             warnings.warn(f"slm: {why}; falling back to HF's full logits from now on (correct loss, no head savings).",
                           stacklevel=3)  # fmt: skip
         return head
 
-    def _select(self, token_loss: Tensor, ref_loss: Tensor | None, valid: Tensor, ratio: float) -> Tensor:
+    def _select(self, token_loss: Tensor, ref_loss: Tensor | None, plan: RowPlan, ratio: float):
+        """(mask, flat positions of the selected rows, count of non-finite scores or None)."""
         selector = "train_loss" if self.selector == "excess_loss" and ref_loss is None else self.selector
         ref = None if ref_loss is None else ref_loss.to(token_loss.device)
-        return select_tokens(score_tokens(selector, token_loss, ref, self.generator), ratio, valid, self.scope)
+        scores = score_tokens(selector, token_loss, ref, self.generator)
+        eager = self.check_scores == "eager"
+        mask = select_tokens(scores, ratio, plan.valid, self.scope, counts=plan.counts, check_finite=eager)
+        nonfinite = None if eager else (~torch.isfinite(scores) & plan.valid).sum()
+        if plan.counts is None:  # global scope: the count is known only after the gather
+            return mask, mask[:, 1:].reshape(-1).nonzero().squeeze(1), nonfinite
+        k = sum(num_to_keep(ratio, n) for n in plan.counts)
+        return mask, plan.positions(mask, k), nonfinite
 
-    def _rows(self, head, input_ids, attention_mask, rows, targets, model_kwargs):
+    def _rows(self, head, input_ids, attention_mask, plan: RowPlan, labels, model_kwargs):
         lm = causal_lm(self.model)
+        targets = labels[:, 1:].reshape(-1).index_select(0, plan.valid_pos)
         if head is None:
             logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
-            return _FullLogitRows(logits[:, :-1][rows], targets)
+            return FullLogitRows(logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, plan.valid_pos),
+                                 targets)  # fmt: skip
         out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-        return _HeadRows(head, out.last_hidden_state[:, :-1][rows], targets)
+        hidden = out.last_hidden_state[:, :-1]
+        return HeadRows(head, hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos), targets)
 
 
 def _call_either(obj, name: str, old_name: str, *args, **kwargs):
@@ -401,14 +391,6 @@ def _nonzero(denom, device) -> Tensor | float:
     return denom or 1
 
 
-def _check_targets(targets: Tensor, vocab: int) -> None:
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
-        raise ValueError(
-            f"labels must be token ids in [0, {vocab}) or -100, got values in "
-            f"[{int(targets.min())}, {int(targets.max())}]; is the tokenizer the model's?"
-        )
-
-
 _warned_dtypes: set = set()
 
 
@@ -420,43 +402,6 @@ def _warn_low_precision_ref(dtype) -> None:
             "mixed-precision wrapper that casts forward inputs, e.g. FSDP's cast_forward_inputs, rounds it)",
             stacklevel=3,
         )
-
-
-class _HeadRows:
-    """Valid rows' hidden states; scores all of them, trains a subset, never all logits at once."""
-
-    def __init__(self, head: OutputHead, hidden: Tensor, targets: Tensor):
-        self.head, self.hidden, self.targets = head, hidden, targets
-        self.loss = self.lse = None
-
-    def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
-        out = score_rows(self.head, self.hidden.detach(), self.targets, hits=hits)
-        self.loss, self.lse = out[0], out[1]
-        return out[0], out[2] if hits else None
-
-    def train(self, picked: Tensor, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        rw = None if row_weight is None else row_weight[picked]
-        if self.loss is not None and not torch.is_grad_enabled():  # e.g. eval: the scores are the losses
-            loss = self.loss[picked]
-            return (loss.sum() if rw is None else (loss * rw).sum()), loss
-        lse = None if self.lse is None else self.lse[picked]
-        return selected_rows_loss(self.head, self.hidden[picked], self.targets[picked], lse, rw)
-
-
-class _FullLogitRows:
-    """Fallback for heads we cannot reproduce: HF's own logits, masked. Correct, not faster."""
-
-    def __init__(self, logits: Tensor, targets: Tensor):
-        self.ce = full_logits_rows_loss(logits, targets)
-        self.hit = logits.detach().argmax(-1) == targets
-
-    def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
-        return self.ce.detach(), self.hit if hits else None
-
-    def train(self, picked: Tensor, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        ce = self.ce[picked]
-        total = ce.sum() if row_weight is None else (ce * row_weight[picked]).sum()
-        return total, ce.detach()
 
 
 @torch.no_grad()
@@ -480,26 +425,28 @@ def token_losses(
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
     labels = labels.to(input_ids.device)
-    valid = shifted_valid(labels)
-    out = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
-    hits = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     lm = causal_lm(model)
     head, _ = output_head(model, chunk_elements)
-    rows = valid[:, 1:]
-    _check_targets(labels[:, 1:][rows], lm.get_output_embeddings().weight.shape[0] if head is None else head.vocab_size)
-    if head is None:
-        for b in range(input_ids.shape[0]):
-            am = None if attention_mask is None else attention_mask[b : b + 1]
-            logits = lm(input_ids=input_ids[b : b + 1], attention_mask=am, use_cache=False, **model_kwargs).logits[0]
-            ce = full_logits_rows_loss(logits[:-1], labels[b, 1:].clamp(min=0))
-            out[b, 1:] = ce * valid[b, 1:]
-            hits[b, 1:] = (logits[:-1].argmax(-1) == labels[b, 1:]) & valid[b, 1:]
-    else:
-        with _gathered([head.weight, head.bias]):
-            hidden = lm.base_model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
-            ).last_hidden_state
-            loss, _, hit = score_rows(head, hidden[:, :-1][rows], labels[:, 1:][rows], hits=True)
-        out[:, 1:][rows] = loss
-        hits[:, 1:][rows] = hit
-    return (out, hits) if return_hits else out
+    vocab = lm.get_output_embeddings().weight.shape[0] if head is None else head.vocab_size
+    plan = plan_rows(labels, vocab, None, None, 1.0, "batch")  # one sync: the valid rows and the label check
+    targets = labels[:, 1:].reshape(-1).index_select(0, plan.valid_pos)
+    if head is None:  # one sequence of full logits at a time
+        b, t = labels.shape
+        loss, hit = torch.zeros(b, t - 1, device=labels.device), torch.zeros(b, t - 1, dtype=torch.bool,
+                                                                             device=labels.device)  # fmt: skip
+        for i in range(b):
+            am = None if attention_mask is None else attention_mask[i : i + 1]
+            z = lm(input_ids=input_ids[i : i + 1], attention_mask=am, use_cache=False, **model_kwargs).logits[0, :-1]
+            loss[i] = full_logits_rows_loss(z, labels[i, 1:].clamp(min=0))
+            hit[i] = z.argmax(-1) == labels[i, 1:]
+        rows = plan.valid[:, 1:]
+        out, hits = F.pad(loss * rows, (1, 0)), F.pad(hit & rows, (1, 0))
+        return (out, hits) if return_hits else out
+    with _gathered([head.weight, head.bias]):
+        hidden = lm.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
+        ).last_hidden_state[:, :-1]
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos)
+        loss, _, hit = score_rows(head, rows, targets, hits=True)
+    out = plan.scatter(plan.valid_pos, loss)
+    return (out, plan.scatter(plan.valid_pos, hit)) if return_hits else out

@@ -74,14 +74,17 @@ def _check_finite(scores: Tensor, valid: Tensor) -> None:
         )
 
 
-def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | None) -> Tensor:
-    """Top-k per row of a 2-D ``scores``, k computed from each row's valid count."""
+def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | None,
+                counts: list[int] | None = None) -> Tensor:  # fmt: skip
+    """Top-k per row of a 2-D ``scores``, k computed from each row's valid count (``counts``:
+    those counts already on the host, so nothing waits for the device)."""
     masked = scores.float().masked_fill(~valid, float("-inf"))
     if tiebreak is not None:
         masked = masked[:, tiebreak]
     # A stable descending sort keeps the earlier position first among equal scores.
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
-    ks = torch.tensor([num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist()], device=scores.device)
+    counts = valid.sum(dim=1).tolist() if counts is None else counts
+    ks = torch.tensor([num_to_keep(ratio, int(n)) for n in counts]).to(scores.device, non_blocking=True)
     keep_sorted = torch.arange(scores.shape[1], device=scores.device)[None, :] < ks[:, None]
     keep = torch.zeros_like(valid)
     keep.scatter_(1, order, keep_sorted)
@@ -112,6 +115,8 @@ def select_tokens(
     valid: Tensor | None = None,
     scope: str = "batch",
     generator: torch.Generator | None = None,
+    counts: list[int] | None = None,
+    check_finite: bool = True,
 ) -> Tensor:
     """Keep the top ``ratio`` share of valid tokens by score.
 
@@ -128,6 +133,11 @@ def select_tokens(
             batch; ``"batch"`` when not distributed).
         generator: if given, ties are broken by a random permutation drawn from it; otherwise
             the earlier position wins (deterministic).
+        counts: the valid count of each scope unit when the caller already has it on the host
+            (per row for ``"sequence"``, one total for ``"batch"``): then selection never waits
+            for the device. Ignored for ``"global"`` (which gathers across processes anyway).
+        check_finite: raise :class:`NonFiniteScores` on NaN/inf scores of valid tokens (a device
+            sync); ``False`` leaves the check to the caller.
 
     Returns:
         bool tensor of the scores' shape.
@@ -146,18 +156,20 @@ def select_tokens(
         all_v, _, _ = _gather_global(flat_v[0].to(torch.uint8))
         # Checked on the gathered scores: every process raises, or none does (a process that raised
         # alone would leave the others waiting in, or mispaired by, the next gather).
-        _check_finite(all_s, all_v.bool())
+        if check_finite:
+            _check_finite(all_s, all_v.bool())
         perm = _permutation(all_s.numel(), generator, scores.device)
         keep = _top_k_rows(all_s[None], all_v[None].bool(), ratio, perm)[0, offset : offset + n]
         return keep.reshape(scores.shape)
-    _check_finite(scores, valid)
+    if check_finite:
+        _check_finite(scores, valid)
     if scope == "sequence":
         if scores.dim() != 2:
             raise ValueError(f'scope="sequence" needs [B, T] scores, got shape {tuple(scores.shape)}')
         perm = _permutation(scores.shape[1], generator, scores.device)
-        return _top_k_rows(scores, valid, ratio, perm)
+        return _top_k_rows(scores, valid, ratio, perm, counts)
     perm = _permutation(flat_s.shape[1], generator, scores.device)
-    return _top_k_rows(flat_s, flat_v, ratio, perm).reshape(scores.shape)
+    return _top_k_rows(flat_s, flat_v, ratio, perm, counts).reshape(scores.shape)
 
 
 def _permutation(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor | None:

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from slm import checkpoints
-from slm.model import SelectiveLM, shifted_valid, token_losses
+from slm.model import SelectiveLM, token_losses
 from slm.parallel import Engine, param_dim, resolve_mixed_precision
+from slm.rows import shifted_valid
 from slm.selection import NonFiniteScores, num_selected, num_to_keep
 from slm.signals import StopSignals
 from slm.tracking import Tracker, read_metrics
@@ -45,6 +46,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    head_backend: str = "auto"  # auto | torch | compiled (see slm.head)
     master_dtype: str | None = "float32"  # trainable weights' dtype; None keeps the loaded dtype
     eval_every: int = 100
     eval_batch_size: int = 32
@@ -62,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"trainer.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.head_backend not in ("auto", "torch", "compiled"):
+            raise ValueError(f"trainer.head_backend must be auto, torch or compiled, got {self.head_backend!r}")
         if self.master_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"trainer.master_dtype must be float32 (default), bfloat16, float16 or null, "
                              f"got {self.master_dtype!r}")  # fmt: skip
@@ -277,6 +281,7 @@ class Trainer:
                    for m in range(cfg.grad_accum)]  # fmt: skip
         n_step, n_tok = self._step_count(batches)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
         for m, batch in enumerate(batches):
             batch = to_device(batch, self.acc.device)
             ref = self.ref.losses(batch)
@@ -290,9 +295,15 @@ class Trainer:
                         raise self._non_finite(str(e)) from e
                 engine.backward(out.loss)
             loss_sum += out.loss.detach().double()
-        reduced = self.acc.reduce(torch.stack([loss_sum, torch.tensor(float(self.signals.requested),
-                                  dtype=torch.float64, device=loss_sum.device)]), "sum").tolist()  # fmt: skip
-        loss, self._stop = reduced[0], reduced[1] > 0
+            if out.n_nonfinite is not None:
+                nonfinite += out.n_nonfinite
+        stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
+        # The step's one sync: its loss, any non-finite selection score, and stop requests, on every process.
+        loss, bad_scores, stop = self.acc.reduce(torch.stack([loss_sum, nonfinite, stop]), "sum").tolist()
+        self._stop = stop > 0
+        if bad_scores:
+            raise self._non_finite(f"{int(bad_scores)} valid token(s) had NaN or inf selection scores; check the "
+                                   "reference losses and the model")  # fmt: skip
         if not math.isfinite(loss):
             raise self._non_finite("the training loss is NaN or inf")
         grad_norm = engine.clip_and_step(cfg.grad_clip or None)

@@ -22,3 +22,35 @@ class MatmulFlops(TorchDispatchMode):
             a, b = (args[0], args[1]) if packet in (aten.mm, aten.bmm) else (args[1], args[2])
             self.flops += 2 * a.numel() * b.shape[-1]
         return func(*args, **(kwargs or {}))
+
+
+def _has_bool_index(args) -> bool:
+    for a in args:
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in a):
+            return True
+    return False
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the ops that make the host wait for a GPU: reading a value (``item``, ``int``), a
+    copy to the CPU, data-dependent shapes (``nonzero``, boolean indexing, ``masked_select``).
+    On CPU nothing waits, but the same ops run: their count is what a GPU step would wait for."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        packet = func._overloadpacket
+        name = None
+        if packet in (aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_consecutive,
+                      aten._unique2):  # fmt: skip
+            name = str(packet)
+        elif packet in (aten.index, aten.index_put, aten.index_put_) and _has_bool_index(args):
+            name = f"{packet} with a boolean index"
+        elif packet == aten._to_copy and str(kwargs.get("device")) == "cpu":
+            name = "copy to cpu"
+        if name is not None:
+            self.ops.append(name)
+        return func(*args, **kwargs)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import ARCHS, VOCAB, tiny_model
 
 import slm
-from slm.model import shifted_valid
+from slm.rows import shifted_valid
 
 
 def hf_token_ce(model, ids, labels, am=None):
@@ -358,3 +358,76 @@ def test_fp16_with_a_loss_scaler_keeps_rare_tokens_weight_gradients():
     assert rows_hf.sum() > 0.9 * VOCAB  # nearly every row gets a (tiny) gradient in HF's computation
     assert torch.equal(rows_ours, rows_hf)
     torch.testing.assert_close(ours, hf, atol=1e-6, rtol=2e-2)
+
+
+# --- issue 10: one device sync per forward, none in backward; chunk functions compile whole ----------
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["loss_mask", "loss_weight", "ratio_1", "excess_batch", "excess_sequence", "random_sequence", "eval_hits"],
+)
+def test_a_forward_waits_for_the_device_once_and_the_backward_never(batch, case):
+    from probes import HostSyncs
+
+    ids, am, labels = batch
+    model = tiny_model("phi")
+    scope = "sequence" if case.endswith("sequence") else "batch"
+    selector = "random" if case.startswith("random") else "excess_loss"
+    lm = slm.SelectiveLM(model, scope=scope, selector=selector, check_scores="deferred")
+    ref = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    kwargs = {
+        "loss_mask": dict(loss_mask=labels > 30),
+        "loss_weight": dict(loss_weight=torch.rand(ids.shape)),
+        "ratio_1": dict(ratio=1.0),
+        "eval_hits": dict(ratio=1.0, return_hits=True),
+    }.get(case, dict(ref_loss=ref, ratio=0.4))
+    with HostSyncs() as decoder:  # what HF's decoder waits for on its own (its attention-mask checks)
+        model.base_model(input_ids=ids, attention_mask=am, use_cache=False)
+    with HostSyncs() as forward:
+        out = lm(input_ids=ids, labels=labels, attention_mask=am, **kwargs)
+    assert sorted(forward.ops) == sorted(decoder.ops + ["copy to cpu"]), (forward.ops, decoder.ops)
+    with HostSyncs() as backward:
+        out.loss.backward()
+    assert backward.ops == [], backward.ops
+    if case.startswith("excess"):  # the same selection as the eagerly checked path
+        eager = slm.SelectiveLM(model, scope=scope)(input_ids=ids, labels=labels, attention_mask=am, **kwargs)
+        assert torch.equal(out.mask, eager.mask) and int(out.n_nonfinite) == 0
+
+
+def test_chunk_functions_compile_without_graph_breaks():
+    from slm.head import grad_chunk, score_chunk
+
+    g = torch.Generator().manual_seed(0)
+    raw, t = torch.randn(8, VOCAB, generator=g), torch.randint(0, VOCAB, (8,), generator=g)
+    lse, scale = torch.logsumexp(raw, -1), torch.rand(8, generator=g)
+    for softcap in (None, 3.0):
+        for fn, args in ((score_chunk, (raw, t, softcap, True)), (grad_chunk, (raw, t, lse, scale, softcap, 0.5)),
+                         (grad_chunk, (raw, t, None, None, softcap, 1.0))):  # fmt: skip
+            explained = torch._dynamo.explain(fn)(*args)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "phi", "gemma2", "cohere", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_backend_equals_the_torch_backend(batch, arch, dtype):
+    """torch.compile'd chunk math (the CUDA default), on CPU: the same losses, masks and gradients."""
+    ids, am, labels = batch
+    ref = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for backend in ("torch", "compiled"):
+        model = tiny_model(arch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = slm.SelectiveLM(model, head_backend=backend, chunk_elements=4 * VOCAB)(
+                input_ids=ids, labels=labels, attention_mask=am, ref_loss=ref, ratio=0.5
+            )
+        results.append((out, grads(out.loss, model)))
+    (a, ga), (b, gb) = results
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-3)
+    assert torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(a.loss, b.loss, **tol)
+    torch.testing.assert_close(a.token_loss, b.token_loss, **tol)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, **tol)
