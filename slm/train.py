@@ -99,9 +99,9 @@ class BatchStream:
 
 
 def fetch(ds, idx: list[int]) -> dict:
-    """Rows ``idx`` of a packed split as CPU tensors (counting needs them on the host anyway)."""
-    rows = ds[idx]
-    return {k: torch.as_tensor(v) for k, v in rows.items()}
+    """Rows ``idx`` of a packed split as CPU tensors (counting needs them on the host anyway).
+    A split in datasets' torch format (as the Trainer sets it) skips Python lists altogether."""
+    return {k: v if torch.is_tensor(v) else torch.as_tensor(v) for k, v in ds[idx].items()}
 
 
 def to_device(batch: dict, device) -> dict:
@@ -220,7 +220,7 @@ class Trainer:
                  mode: str | None = None):  # fmt: skip
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
-        self.val_ds = val_ds
+        self.val_ds = val_ds.with_format("torch")
         self.tracker = tracker or Tracker(run_dir, enabled=False)
         master_weights(lm, cfg.master_dtype)
 
@@ -235,7 +235,7 @@ class Trainer:
             mode=mode, grad_clip=cfg.grad_clip)  # fmt: skip
         self.selective = lm
         columns = ["input_ids", "labels", "attention_mask"] + (["ref_loss"] if self.ref.kind == "stored" else [])
-        self.train_ds = train_ds.select_columns(columns)
+        self.train_ds = train_ds.select_columns(columns).with_format("torch")
         self.stream = BatchStream(len(train_ds), cfg.batch_size, accelerator.num_processes,
                                   accelerator.process_index, cfg.seed)  # fmt: skip
         self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0

@@ -1,18 +1,36 @@
-"""slm-bench runs every case on one model and reports ratios to the HF baseline of the same run."""
+"""slm-bench runs every case on one model and reports ratios to the baselines of the same run."""
 
 import json
 
-from slm.bench import BASELINE, main
+import pytest
+
+from slm.bench import BASELINE, FLOOR, SPARSE_CASES, main
 
 
 def test_bench_table_and_json(tmp_path, capsys):
     main(["--shape", "tiny", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "b.json")])
     printed = capsys.readouterr().out
     res = json.loads((tmp_path / "b.json").read_text())["cases"]
-    expected = {BASELINE, "backbone_only (floor)", "slm_loss_mask_0.3", "slm_excess_1.0", "slm_excess_0.6",
-                "slm_excess_0.3"}  # fmt: skip
-    assert set(res) == expected
+    expected = {BASELINE, FLOOR, "slm_loss_mask_0.3", "slm_excess_1.0", "slm_excess_0.6", "slm_excess_0.3"}
+    assert set(res) == expected  # the GPU library cases join on CUDA only
     assert res[BASELINE]["time_ratio"] == 1.0 and res[BASELINE]["mem_ratio"] == 1.0
+    assert res[FLOOR]["floor_ratio"] == 1.0
     for name, r in res.items():
         assert r["ms"] > 0 and r["peak_mib"] >= 0 and r["tokens_per_s"] > 0
+        assert r["floor_ratio"] == r["ms"] / res[FLOOR]["ms"]
         assert f"| {name} |" in printed
+
+
+@pytest.mark.slow  # about twenty fresh processes
+def test_scoring_and_sparse_mask_tables(tmp_path, capsys):
+    main(["--shape", "tiny", "--scoring", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "s.json")])
+    scoring = json.loads((tmp_path / "s.json").read_text())["cases"]
+    assert set(scoring) == {"slm_token_losses", "hf_full_logits"}
+    main(["--shape", "tiny", "--sparse-mask", "--batches", "1", "2", "--steps", "1", "--warmup", "1",
+          "--json", str(tmp_path / "m.json")])  # fmt: skip
+    sparse = json.loads((tmp_path / "m.json").read_text())["batches"]
+    assert set(sparse) == {"1", "2"}
+    for rows in sparse.values():
+        assert set(rows) == set(SPARSE_CASES)
+        assert all(r["peak_mib"] >= 0 and r["accumulating_peak_mib"] >= 0 for r in rows.values())
+    assert "peak MiB, accumulating" in capsys.readouterr().out

@@ -1,0 +1,63 @@
+"""On a CUDA device (skipped elsewhere; scripts/gpu_check.sh runs them with slm-bench's GPU tables)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import VOCAB, tiny_model
+
+import slm
+from slm.rows import shifted_valid
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _batch(device):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (4, 64), generator=g)
+    labels = ids.clone()
+    labels[1, -9:] = -100
+    return ids.to(device), labels.to(device)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "gemma2"])
+@pytest.mark.parametrize("backend", ["torch", "compiled"])
+def test_bf16_autocast_matches_hf_full_logits(arch, backend):
+    ids, labels = _batch("cuda")
+    model = tiny_model(arch).cuda()
+    keep = shifted_valid(labels) & (torch.arange(64, device="cuda") % 3 == 0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = slm.SelectiveLM(model, head_backend=backend)(input_ids=ids, labels=labels, loss_mask=keep)
+        ours = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:].clamp(min=0), reduction="none")
+        ref = (ce * keep[:, 1:]).sum() / keep[:, 1:].sum()
+        theirs = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(out.loss, ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(ours, theirs):
+        if a is not None and b is not None:
+            torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=5e-2)
+
+
+def test_one_device_sync_per_forward_on_cuda():
+    from probes import HostSyncs
+
+    ids, labels = _batch("cuda")
+    model = tiny_model("llama").cuda()
+    lm = slm.SelectiveLM(model, check_scores="deferred")
+    ref = torch.rand(ids.shape, device="cuda")
+    with HostSyncs() as decoder:
+        model.base_model(input_ids=ids, use_cache=False)
+    with HostSyncs() as forward:
+        out = lm(input_ids=ids, labels=labels, ref_loss=ref, ratio=0.6)
+    assert sorted(forward.ops) == sorted(decoder.ops + ["copy to cpu"])
+    with HostSyncs() as backward:
+        out.loss.backward()
+    assert backward.ops == []
+
+
+def test_chunks_are_multiples_of_128_rows_on_cuda():
+    from slm.head import OutputHead
+
+    head = OutputHead(torch.zeros(151936, 896, device="cuda", dtype=torch.bfloat16))
+    for kind in ("score", "train"):
+        assert head.chunk_rows(kind) % 128 == 0
