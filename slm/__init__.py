@@ -7,8 +7,10 @@ on first use.
 from slm.selection import (
     excess_loss,
     random_scores,
+    reference_entropy,
     reference_loss,
     score_tokens,
+    select_combined,
     select_tokens,
     train_loss,
 )
@@ -23,7 +25,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "select_tokens", "score_tokens", "excess_loss", "train_loss", "reference_loss", "random_scores",
+    "select_tokens", "select_combined", "score_tokens", "excess_loss", "train_loss", "reference_loss",
+    "reference_entropy", "random_scores",
     *_LAZY,
 ]  # fmt: skip
 

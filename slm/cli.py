@@ -15,17 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from slm import checkpoints, parallel, runs
 from slm.data import DataConfig, build, check_block_size
+from slm.downstream import DownstreamConfig, harness
 from slm.hub import check_run_sources
-from slm.model import SelectiveLM
-from slm.ref_sources import check_score_vocab, container, demo_reference, reference_source, stored_scores
+from slm.model import SCORES, SelectiveLM
+from slm.ref_sources import check_score_vocab, container, reference_source, stored_scores, trained_reference
 from slm.reference import load_reference
-from slm.selection import SCOPES, check_ratio
+from slm.selection import SCOPES, ratio_schedule
 from slm.tracking import Tracker
 from slm.train import NonFiniteLoss, RunInterrupted, TrainConfig, Trainer
 
 log = logging.getLogger("slm")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-SELECTOR_NAMES = ("excess_loss", "train_loss", "reference_loss", "random", "all")
+SELECTOR_NAMES = ("excess_loss", "train_loss", "reference_loss", "reference_entropy", "random", "all", "union",
+                  "intersection")  # fmt: skip
 
 
 def _run_stamp() -> str:
@@ -40,20 +42,33 @@ def _run_stamp() -> str:
 
 
 def effective_selector(selector: str, ratio, reference_kind: str) -> str:
-    """What a run actually selects by: every token at ratio 1.0; the training loss when excess
-    loss has no reference. Run names, run_info.json and curve legends use this."""
+    """What a run actually selects by: every token at a constant ratio 1.0; the training loss when
+    excess loss has no reference. Run names, run_info.json and curve legends use this."""
     try:
-        if float(ratio) >= 1.0 or selector == "all":
-            return "all"
-    except (TypeError, ValueError):
-        return selector
+        schedule = ratio_schedule(ratio)
+    except ValueError:
+        return selector  # an invalid ratio: validate() names it
+    if selector == "all" or (schedule.is_constant and schedule.start >= 1.0):
+        return "all"
     if selector == "excess_loss" and reference_kind == "none":
         return "train_loss"
     return selector
 
 
 def _run_name(selector: str, ratio, reference_kind: str, seed) -> str:
-    return f"{effective_selector(selector, ratio, reference_kind)}-{ratio}-{reference_kind}-s{seed}"
+    try:
+        label = ratio_schedule(ratio).label()
+    except ValueError:
+        label = str(ratio)
+    return f"{effective_selector(selector, ratio, reference_kind)}-{label}-{reference_kind}-s{seed}"
+
+
+def needed_reference(cfg: DictConfig) -> dict:
+    """Which reference values the selector needs: ``{"loss": bool, "entropy": bool}``."""
+    sel = cfg.selector
+    names = list(sel.get("scores") or []) if sel.name in ("union", "intersection") else [sel.name]
+    return {"loss": any(n in ("excess_loss", "reference_loss") for n in names),
+            "entropy": "reference_entropy" in names}  # fmt: skip
 
 
 for _name, _fn in (("slm_stamp", _run_stamp), ("slm_run_name", _run_name)):
@@ -61,14 +76,20 @@ for _name, _fn in (("slm_stamp", _run_stamp), ("slm_run_name", _run_name)):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=_name == "slm_stamp")
 
 
-def build_model(mcfg, vocab_size: int, seed: int, tokenizer=None):
+def build_model(mcfg, vocab_size: int, seed: int, tokenizer=None, fresh: bool = False):
     """An HF causal LM: ``pretrained`` (hub name or path), else built from ``config``. A model built
-    from config carries ``tokenizer``'s special token ids (generation stops at its end token)."""
+    from config carries ``tokenizer``'s special token ids (generation stops at its end token).
+    ``fresh=True``: a pretrained model's architecture, freshly initialised (a reference trained
+    from scratch)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, mcfg.get("dtype", "float32"))
-    if mcfg.get("pretrained"):
+    if mcfg.get("pretrained") and not fresh:
         return _from_pretrained(mcfg.pretrained, dtype)
+    if mcfg.get("pretrained"):
+        config = AutoConfig.from_pretrained(mcfg.pretrained)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
     kwargs = container(mcfg.config)
     model_type = kwargs.pop("model_type")
     if tokenizer is not None:
@@ -120,7 +141,11 @@ def validate(cfg: DictConfig) -> TrainConfig:
     sel = cfg.selector
     if sel.name not in SELECTOR_NAMES:
         raise ValueError(f"selector.name must be one of {SELECTOR_NAMES}, got {sel.name!r}")
-    check_ratio(sel.ratio, "selector.ratio")
+    schedule = ratio_schedule(sel.ratio)
+    if sel.name in ("union", "intersection"):
+        scores = list(sel.get("scores") or [])
+        if len(scores) != 2 or not set(scores) <= set(SCORES):
+            raise ValueError(f"selector={sel.name} combines two scores: selector.scores=[a,b] with a, b in {SCORES}")
     if sel.scope not in SCOPES:
         raise ValueError(f"selector.scope must be one of {SCOPES}, got {sel.scope!r}")
     if _missing(cfg.data, "source"):
@@ -138,12 +163,30 @@ def validate(cfg: DictConfig) -> TrainConfig:
         raise ValueError(
             f"reference=demo trains its reference on the built-in corpus's clean split, but data.source="
             f"{cfg.data.source!r}. Choose one: reference=none (no reference: every token with selector=all, or "
-            "selection by the training loss), reference=live reference.path=<model> (a pretrained reference), or "
+            "selection by the training loss), reference=train reference.data.source=<clean text> (a reference "
+            "trained once on it), reference=live reference.path=<model> (a pretrained reference), or "
             "reference=stored reference.scores_dir=<folder> (losses stored by slm-score)"
         )
-    if sel.name == "reference_loss" and kind == "none" and float(sel.ratio) < 1.0:
-        raise ValueError("selector=reference_loss needs a reference (reference=live, stored or demo)")
-    return TrainConfig(**container(cfg.trainer), seed=cfg.seed)
+    needs = needed_reference(cfg)
+    selecting = not (schedule.is_constant and schedule.start >= 1.0)
+    if kind == "none" and selecting and (needs["entropy"] or sel.name == "reference_loss"):
+        raise ValueError(f"selector={sel.name} needs a reference (reference=live, stored, train or demo)")
+    if kind == "train" and _missing(cfg.reference.data, "source"):
+        raise ValueError("reference=train needs reference.data.source=<the reference's training text: a file, glob, "
+                         "folder, hub dataset or builtin>")  # fmt: skip
+    if cfg.reference.get("init") == "pretrained" and not cfg.model.get("pretrained"):
+        raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
+    if downstream_config(cfg).tasks:
+        harness()  # a clear error now if lm-evaluation-harness is missing, not at the first eval point
+    tcfg = TrainConfig(**container(cfg.trainer), seed=cfg.seed)
+    if sel.name in ("union", "intersection") and tcfg.grad_accum != 1:
+        raise ValueError(f"selector={sel.name} keeps a data-dependent number of tokens: trainer.grad_accum must be 1 "
+                         "(the step is normalised after its one forward)")  # fmt: skip
+    return tcfg
+
+
+def downstream_config(cfg: DictConfig) -> DownstreamConfig:
+    return DownstreamConfig(**container(cfg.downstream)) if cfg.get("downstream") else DownstreamConfig()
 
 
 def _setup_logging(acc) -> None:
@@ -212,11 +255,14 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     with parallel.model_init():
         model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
     check_block_size(model.config, int(cfg.data.block_size))
-    train_ds, ref = reference_source(cfg, data, acc, model)
+    train_ds, ref = reference_source(cfg, data, acc, model, entropy=needed_reference(cfg)["entropy"])
     sel = cfg.selector
     selector = effective_selector(sel.name, sel.ratio, cfg.reference.kind)
-    ratio = 1.0 if selector == "all" else float(sel.ratio)
-    lm = SelectiveLM(model, ratio=ratio, selector="train_loss" if selector == "all" else selector,
+    schedule = ratio_schedule(1.0 if selector == "all" else sel.ratio)
+    ratio = schedule.start if schedule.is_constant else schedule.label()
+    combine = tuple(sel.scores) if selector in ("union", "intersection") else None
+    lm = SelectiveLM(model, ratio=schedule.start, selector="train_loss" if selector == "all" else selector,
+                     combine=combine,
                      scope=sel.scope, seed=cfg.seed, head_backend=tcfg.head_backend,
                      check_scores="deferred")  # the loop checks them with its end-of-step reduce  # fmt: skip
     info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=selector, ratio=ratio, scope=sel.scope,
@@ -234,7 +280,8 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     wandb_cfg = None if cfg.logger.kind == "none" else container(cfg.logger)
     tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg, config=container(cfg),
                       resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip
-    trainer = Trainer(acc, lm, train_ds, data["validation"], tcfg, run_dir, ref=ref, tracker=tracker, name=cfg.name)
+    trainer = Trainer(acc, lm, train_ds, data.eval_sets, tcfg, run_dir, ref=ref, tracker=tracker, name=cfg.name,
+                      ratio=schedule, downstream=downstream_config(cfg), tokenizer=data.tokenizer)  # fmt: skip
     try:
         result = trainer.fit()
     except RunInterrupted as e:
@@ -302,15 +349,15 @@ def score(cfg: DictConfig) -> Path:
     _setup_logging(acc)
     with acc.main_process_first():
         data = build(cfg.data)
-    if cfg.reference.kind == "demo":
-        name, ref = demo_reference(cfg, data, acc)
+    if cfg.reference.kind in ("demo", "train"):
+        name, ref = trained_reference(cfg, data, acc)
     elif cfg.reference.kind != "live":
-        raise ValueError(f"slm-score needs reference=demo or reference=live, got reference.kind={cfg.reference.kind!r}")
+        raise ValueError(f"slm-score needs reference=demo, train or live, got reference.kind={cfg.reference.kind!r}")
     else:
         name, ref = cfg.reference.path, load_reference(cfg.reference.path, device=acc.device,
                                                        dtype=cfg.reference.get("dtype", "auto"))  # fmt: skip
     check_score_vocab(cfg, data, ref)
-    out = stored_scores(cfg, data, ref, name, acc, out_dir=cfg.get("out_dir"))
+    out = stored_scores(cfg, data, ref, name, acc, out_dir=cfg.get("out_dir"), entropy=bool(cfg.get("entropy")))
     if acc.is_main_process:
         meta = runs.read_json(out / "slm_ref.json") or {}
         print(f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out}"
@@ -342,7 +389,7 @@ def one_line_errors():
     except KeyboardInterrupt as e:
         _fail("interrupted (Ctrl-C); caches and stores are written only when complete, so rerun to continue", 130, e)
     except (runs.RunDirExists, runs.ResumeMismatch, NonFiniteLoss, checkpoints.CheckpointError, ValueError,
-            FileNotFoundError) as e:  # fmt: skip
+            FileNotFoundError, ImportError) as e:  # fmt: skip
         _fail(str(e), 1, e)
 
 

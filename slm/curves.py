@@ -51,7 +51,12 @@ class Run:
 
     @property
     def is_baseline(self) -> bool:
-        return float(self.info.get("ratio", 0)) >= 1.0 or self.info.get("selector") == "all"
+        if self.info.get("selector") == "all":
+            return True
+        try:
+            return float(self.info.get("ratio", 0)) >= 1.0
+        except (TypeError, ValueError):  # a ratio schedule's label
+            return False
 
     def evals(self, metric: str) -> list[dict]:
         return [e for e in self.events if e.get(metric) is not None]
@@ -186,13 +191,14 @@ def savings_table(cs: list[Curve]) -> tuple[list[dict], str | None]:
     return rows, None
 
 
-def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path) -> list[Path]:
+def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "eval/loss") -> list[Path]:
     """Write curves.png/.svg. A ``Figure`` of its own: the caller's pyplot backend is left alone."""
     from matplotlib import rcParams
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [(cs_loss, "eval loss (all tokens, clean split)")] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
+    loss_label = "eval loss (all tokens of the first eval set)" if metric == "eval/loss" else metric
+    panels = [(cs_loss, loss_label)] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
     fig = Figure(figsize=(11, 4 * len(panels)))
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 2, squeeze=False)
@@ -239,21 +245,27 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="slm-curves", description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or wandb:ENTITY/PROJECT[/GROUP]")
     p.add_argument("--out", default=None, help="output folder (default: the first path, or ./curves)")
+    p.add_argument("--metric", default="eval/loss",
+                   help="the eval loss to plot and tabulate: eval/<name>/loss for an eval set (default: eval/loss, "
+                        "the first set)")  # fmt: skip
     args = p.parse_args(argv)
     runs = load_runs(args.paths)
-    empty = [r.path for r in runs if not r.evals("eval/loss")]
+    empty = [r.path for r in runs if not r.evals(args.metric)]
     for path in empty:
-        print(f"slm-curves: {path} has no eval points yet; skipped")
-    cs_loss, cs_acc = curves(runs, "eval/loss"), curves(runs, "eval/answer_acc")
+        print(f"slm-curves: {path} has no {args.metric} points; skipped")
+    acc_metric = args.metric[: -len("loss")] + "answer_acc" if args.metric.endswith("/loss") else None
+    cs_loss, cs_acc = curves(runs, args.metric), curves(runs, acc_metric) if acc_metric else []
     if not cs_loss:
-        raise SystemExit("slm-curves: none of the runs has eval points; nothing to plot")
+        known = sorted({k for r in runs for e in r.events for k in e if k.startswith("eval/") and k.endswith("loss")})
+        raise SystemExit(f"slm-curves: none of the runs has {args.metric} points; nothing to plot (they have: "
+                         f"{', '.join(known) or 'no eval points'})")  # fmt: skip
     for c in cs_loss:
         if c.partial:
             print(f"slm-curves: {c.group} is partial: {c.partial}; its curve stops at the last eval step all of "
                   "its runs reached and is labelled (partial)")  # fmt: skip
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
-    for path in plot(cs_loss, cs_acc, out):
+    for path in plot(cs_loss, cs_acc, out, args.metric):
         print(f"slm-curves: wrote {path}")
     rows, note = savings_table(cs_loss)
     if note:

@@ -52,6 +52,7 @@ class DataConfig:
     cache_dir: str | None = None
     num_proc: int | None = None
     builtin: dict = field(default_factory=dict)  # CorpusConfig fields
+    eval: dict = field(default_factory=dict)  # name -> SourceSpec fields: extra eval sets (e.g. clean text)
 
     def __post_init__(self):
         if self.block_size is None or int(self.block_size) < 2:
@@ -62,6 +63,45 @@ class DataConfig:
             raise ValueError(f"data.sample_by must be line, paragraph or document, got {self.sample_by!r}")
         self.builtin = dict(self.builtin)
         self.cache_dir = self.cache_dir or default_cache_dir()
+        self.eval = {str(k): eval_spec(k, v) for k, v in dict(self.eval or {}).items()}
+        if "validation" in self.eval:
+            raise ValueError("data.eval.validation: that name is the training source's own validation split")
+
+
+def eval_spec(name, value) -> SourceSpec:
+    """A :class:`SourceSpec` from ``data.eval.<name>``: a path or hub name, or a mapping of its fields."""
+    if isinstance(value, SourceSpec):
+        return value
+    if isinstance(value, str):
+        return SourceSpec(source=value)
+    try:
+        fields = dict(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"data.eval.{name} must be a source or a mapping with a source, got {value!r}") from None
+    if "source" not in fields:
+        raise ValueError(f"data.eval.{name} needs a source (a file, glob, folder, hub name or builtin)")
+    known = set(SourceSpec.__dataclass_fields__)
+    if set(fields) - known:
+        raise ValueError(f"data.eval.{name} has unknown keys {sorted(set(fields) - known)}; use {sorted(known)}")
+    return SourceSpec(**fields)
+
+
+@dataclass
+class SourceSpec:
+    """One source read as a single split: an eval set (``data.eval.<name>``) or a reference's text."""
+
+    source: str
+    text_field: str = "text"
+    split: str | None = None  # hub / built-in split; files: every document
+    sample_by: str = "paragraph"
+    hub_config: str | None = None
+    builtin: dict = field(default_factory=dict)
+
+    def identity(self) -> dict:
+        src = {"builtin": CorpusConfig(**self.builtin).identity()} if self.source == BUILTIN else (
+            _source_identity(DataConfig(source=self.source, text_field=self.text_field, sample_by=self.sample_by,
+                                        hub_config=self.hub_config)))  # fmt: skip
+        return {"source": src, "split": self.split, "text_field": self.text_field, "sample_by": self.sample_by}
 
 
 @dataclass
@@ -69,6 +109,7 @@ class PackedData:
     splits: dict  # name -> datasets.Dataset with input_ids, labels, attention_mask[, answer_mask]
     tokenizer: object
     identity: dict  # what a stored reference column must agree with
+    eval_sets: dict = field(default_factory=dict)  # name -> packed eval set (data.eval, then validation)
 
     def __getitem__(self, split: str):
         return self.splits[split]
@@ -217,47 +258,82 @@ def _load_cached(where: Path):
     return {s: datasets.load_from_disk(str(where / s)) for s in meta["splits"]}, meta
 
 
+def _cached(where: Path, make, meta: dict):
+    """Splits from the cache at ``where``, or made by ``make()`` and cached (atomically: concurrent
+    sweep jobs never see a half-written cache; a damaged cache is made again)."""
+    if (where / "meta.json").exists():
+        try:
+            loaded = _load_cached(where)
+            log.info("data: loaded packed %s from %s", list(loaded[0]), where)
+            return loaded
+        except Exception as e:  # a truncated Arrow file, say
+            log.warning("data: the cached packed data in %s is damaged (%s); packing again", where, e)
+            shutil.rmtree(where, ignore_errors=True)
+    splits, extra = make()
+    tmp = where.with_name(where.name + f".tmp{os.getpid()}")
+    for name, d in splits.items():
+        d.save_to_disk(str(tmp / name))
+    (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), **meta, **extra}, indent=1, default=str))
+    try:
+        os.replace(tmp, where)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("data: packed %s into %s", {s: len(d) for s, d in splits.items()}, where)
+    return _load_cached(where)
+
+
+def _key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def build_split(spec: SourceSpec, tokenizer, block_size: int, cache_dir: str, shuffle_seed: int | None = None):
+    """One source packed as one split with the run's tokenizer and block size, cached like the rest."""
+    settings = {"pack_version": PACK_VERSION, **spec.identity(), "tokenizer": tokenizer_identity(tokenizer),
+                "block_size": block_size, "shuffle": shuffle_seed}  # fmt: skip
+
+    def make():
+        from slm.sources import source_documents
+
+        packed = pack(source_documents(spec), tokenizer, block_size, desc=Path(str(spec.source)).name)
+        if len(packed) == 0:
+            raise ValueError(f"{spec.source!r} produced no tokens")
+        if shuffle_seed is not None:
+            packed = packed.shuffle(seed=shuffle_seed).flatten_indices()
+        _warn_unknown(tokenizer, {str(spec.source): packed})
+        return {"split": packed}, {}
+
+    splits, _ = _cached(Path(cache_dir) / "packed" / _key(settings), make, {"settings": settings})
+    return splits["split"]
+
+
 def build(cfg) -> PackedData:
-    """Load, tokenise, pack and shuffle (train) every split, or load them from the cache."""
+    """Load, tokenise, pack and shuffle (train) every split, or load them from the cache; then the
+    extra eval sets of ``data.eval`` (each cached on its own, so adding one repacks nothing else)."""
     cfg = data_config(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     settings = {"pack_version": PACK_VERSION, "source": _source_identity(cfg),
                 "tokenizer": tokenizer_identity(tokenizer), "block_size": cfg.block_size, "seed": cfg.seed,
                 "val_fraction": cfg.val_fraction, "sample_by": cfg.sample_by}  # fmt: skip
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    where = Path(cfg.cache_dir) / "packed" / key
-    if (where / "meta.json").exists():
-        try:
-            splits, meta = _load_cached(where)
-            log.info("data: loaded packed splits %s from %s", list(splits), where)
-            return PackedData(splits, tokenizer, meta["identity"])
-        except Exception as e:  # a damaged cache (a truncated Arrow file): build it again
-            log.warning("data: the cached packed data in %s is damaged (%s); packing again", where, e)
-            shutil.rmtree(where, ignore_errors=True)
 
-    splits = {}
-    for name, docs in raw_documents(cfg).items():
-        packed = pack(docs, tokenizer, cfg.block_size, cfg.num_proc, desc=name)
-        if len(packed) == 0:
-            raise ValueError(f"data.source={cfg.source!r}: the {name} split produced no tokens")
-        if name == "train":
-            packed = packed.shuffle(seed=cfg.seed).flatten_indices()
-        splits[name] = packed
-    _warn_unknown(tokenizer, splits)
-    identity = {"tokenizer": settings["tokenizer"], "block_size": cfg.block_size,
-                "data_hash": {s: content_hash(d) for s, d in splits.items()}}  # fmt: skip
-    tmp = where.with_name(key + f".tmp{os.getpid()}")
-    for name, d in splits.items():
-        d.save_to_disk(str(tmp / name))
-    (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), "identity": identity,
-                                               "settings": settings}, indent=1, default=str))  # fmt: skip
-    try:
-        os.replace(tmp, where)  # atomic: concurrent sweep jobs never see a half-written cache
-    except OSError:  # another process finished the same cache first
-        shutil.rmtree(tmp, ignore_errors=True)
-    splits, _ = _load_cached(where)
-    log.info("data: packed %s into %s", {s: len(d) for s, d in splits.items()}, where)
-    return PackedData(splits, tokenizer, identity)
+    def make():
+        splits = {}
+        for name, docs in raw_documents(cfg).items():
+            packed = pack(docs, tokenizer, cfg.block_size, cfg.num_proc, desc=name)
+            if len(packed) == 0:
+                raise ValueError(f"data.source={cfg.source!r}: the {name} split produced no tokens")
+            if name == "train":
+                packed = packed.shuffle(seed=cfg.seed).flatten_indices()
+            splits[name] = packed
+        _warn_unknown(tokenizer, splits)
+        identity = {"tokenizer": settings["tokenizer"], "block_size": cfg.block_size,
+                    "data_hash": {s: content_hash(d) for s, d in splits.items()}}  # fmt: skip
+        return splits, {"identity": identity}
+
+    where = Path(cfg.cache_dir) / "packed" / _key(settings)
+    splits, meta = _cached(where, make, {"settings": settings})
+    evals = {name: build_split(spec, tokenizer, cfg.block_size, cfg.cache_dir) for name, spec in cfg.eval.items()}
+    evals["validation"] = splits["validation"]
+    return PackedData(splits, tokenizer, meta["identity"], evals)
 
 
 def check_block_size(model_config, block_size: int) -> None:

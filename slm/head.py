@@ -108,12 +108,13 @@ def _no_autocast(device_type: str):
 # --- element-wise chunk functions: pure, fixed-shape, no graph breaks (torch.compile fuses them) ---
 
 
-def score_chunk(raw: Tensor, t: Tensor, softcap: float | None, hits: bool):
-    """(loss, lse, hit or None) of each row of one chunk of float32 pre-cap logits."""
+def score_chunk(raw: Tensor, t: Tensor, softcap: float | None, hits: bool, entropy: bool = False):
+    """(loss, lse, hit or None, entropy or None) of each row of one chunk of float32 pre-cap logits."""
     z = softcap * torch.tanh(raw / softcap) if softcap else raw
     lse = torch.logsumexp(z, dim=-1)
     loss = lse - z.gather(1, t[:, None]).squeeze(1)
-    return loss, lse, (z.argmax(-1) == t) if hits else None
+    ent = lse - (torch.softmax(z, dim=-1) * z).sum(-1) if entropy else None  # H = lse - E_p[z]
+    return loss, lse, (z.argmax(-1) == t) if hits else None, ent
 
 
 def grad_chunk(raw: Tensor, t: Tensor, lse: Tensor | None, row_scale: Tensor | None, softcap: float | None,
@@ -147,15 +148,17 @@ def _compiled():
 
 
 @torch.no_grad()
-def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = False):
+def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bool = False):
     """Per-row cross-entropy and log-sum-exp (float32), one chunk of logits at a time.
 
-    With ``hits=True`` also returns whether each row's target is the arg-max prediction.
+    With ``hits=True`` also returns whether each row's target is the arg-max prediction, and with
+    ``entropy=True`` (after it) the entropy of each row's predictive distribution.
     """
     n = hidden.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty_like(loss)
     hit = torch.empty(n, dtype=torch.bool, device=hidden.device) if hits else None
+    ent = torch.empty_like(loss) if entropy else None
     dtype = head.compute_dtype()
     step = head.chunk_rows("score")
     score, _ = head.kernels()
@@ -163,10 +166,12 @@ def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = F
         weight = head.weight.to(dtype)
         for i in range(0, n, step):
             raw = head.raw_logits(hidden[i : i + step].to(dtype), weight, head.bias)
-            loss[i : i + step], lse[i : i + step], h = score(raw, targets[i : i + step], head.softcap, hits)
+            loss[i : i + step], lse[i : i + step], h, e = score(raw, targets[i : i + step], head.softcap, hits, entropy)
             if hits:
                 hit[i : i + step] = h
-    return (loss, lse, hit) if hits else (loss, lse)
+            if entropy:
+                ent[i : i + step] = e
+    return (loss, lse) + ((hit,) if hits else ()) + ((ent,) if entropy else ())
 
 
 class _SelectedRowsCE(torch.autograd.Function):
@@ -196,7 +201,7 @@ class _SelectedRowsCE(torch.autograd.Function):
                 row_lse = torch.empty_like(loss)
                 for i in range(0, n, step):
                     raw = head.raw_logits(hidden[i : i + step].to(dtype), w, bias)
-                    loss[i : i + step], lse_i, _ = score(raw, targets[i : i + step], head.softcap, False)
+                    loss[i : i + step], lse_i, _, _ = score(raw, targets[i : i + step], head.softcap, False)
                     row_lse[i : i + step] = lse_i if lse is None else lse[i : i + step]
                 ctx.save_for_backward(hidden, weight, bias, targets, row_lse, row_weight)
             else:

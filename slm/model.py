@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from slm.head import BACKENDS, OutputHead, full_logits_rows_loss, score_rows
 from slm.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
-from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_tokens
+from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_combined, select_tokens
 
 # Architectures whose logits are exactly ``cap(scale * (final_hidden @ W.T + b))`` with the
 # final norm inside ``model.base_model``; checked against HF's own loss in the tests.
@@ -30,7 +30,8 @@ _EXACT_HEADS = {
     "gemma", "gemma2", "cohere", "granite", "olmo", "olmo2", "starcoder2",
 }  # fmt: skip
 
-SELECTORS = ("excess_loss", "train_loss", "reference_loss", "random")
+SCORES = ("excess_loss", "train_loss", "reference_loss", "reference_entropy", "random")
+SELECTORS = (*SCORES, "union", "intersection")  # the last two combine two scores' top-k sets
 
 # Keyword arguments a padding-free collator (DataCollatorWithFlattening) adds for flash attention.
 _PACKING_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
@@ -139,7 +140,11 @@ class SelectiveLM(nn.Module):
         model: any ``AutoModelForCausalLM`` model, or a PEFT (LoRA) model of one.
         ratio: default share of valid tokens to train on (overridable per call).
         selector: score used to rank tokens: ``excess_loss`` (default; ``train_loss`` when a
-            call gives no ``ref_loss``), ``train_loss``, ``reference_loss`` or ``random``.
+            call gives no ``ref_loss``), ``train_loss``, ``reference_loss``, ``reference_entropy``
+            (keep what the reference is most certain about; needs ``ref_entropy``) or ``random``;
+            or ``union`` / ``intersection`` of the top-k sets of the two scores in ``combine``.
+        combine: the two scores of ``union`` / ``intersection``, e.g.
+            ``("excess_loss", "reference_entropy")``.
         scope: ``sequence``, ``batch`` or ``global`` (see :func:`slm.select_tokens`).
         seed: seed of the ``random`` selector and of random tie-breaking.
         chunk_elements: logits held at once by the chunked head (rows x vocabulary); ``None``
@@ -166,8 +171,16 @@ class SelectiveLM(nn.Module):
         chunk_elements: int | None = None,
         head_backend: str = "auto",
         check_scores: str = "eager",
+        combine: tuple[str, str] | None = None,
     ):
         super().__init__()
+        if selector in ("union", "intersection"):
+            if combine is None or len(combine) != 2 or not set(combine) <= set(SCORES):
+                raise ValueError(f"selector={selector!r} combines two scores: combine=(a, b) with a, b in {SCORES}")
+            combine = tuple(combine)
+        elif combine is not None:
+            raise ValueError(f"combine= goes with selector='union' or 'intersection', not {selector!r}")
+        self.combine = combine
         if head_backend not in BACKENDS:
             raise ValueError(f"head_backend must be one of {BACKENDS}, got {head_backend!r}")
         if check_scores not in ("eager", "deferred"):
@@ -272,6 +285,7 @@ class SelectiveLM(nn.Module):
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         ref_loss: Tensor | None = None,
+        ref_entropy: Tensor | None = None,
         loss_mask: Tensor | None = None,
         loss_weight: Tensor | None = None,
         ratio: float | None = None,
@@ -300,7 +314,8 @@ class SelectiveLM(nn.Module):
             raise ValueError(
                 f"labels {tuple(labels.shape)} must have the [B, T] shape of input_ids {tuple(input_ids.shape)}"
             )
-        for name, t in (("ref_loss", ref_loss), ("loss_mask", loss_mask), ("loss_weight", loss_weight)):
+        for name, t in (("ref_loss", ref_loss), ("ref_entropy", ref_entropy), ("loss_mask", loss_mask),
+                        ("loss_weight", loss_weight)):  # fmt: skip
             if t is not None and t.shape != labels.shape:
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}; it must be aligned with labels {tuple(labels.shape)}"
@@ -326,7 +341,7 @@ class SelectiveLM(nn.Module):
             if return_hits:
                 hits = plan.scatter(plan.valid_pos, row_hits)
             if plan.known is None:
-                mask, pos, n_nonfinite = self._select(token_loss, ref_loss, plan, ratio)
+                mask, pos, n_nonfinite = self._select(token_loss, ref_loss, ref_entropy, plan, ratio)
             else:
                 mask, pos = plan.known, plan.known_pos
                 token_loss = token_loss * mask
@@ -354,18 +369,30 @@ class SelectiveLM(nn.Module):
                           stacklevel=3)  # fmt: skip
         return head
 
-    def _select(self, token_loss: Tensor, ref_loss: Tensor | None, plan: RowPlan, ratio: float):
+    def _select(self, token_loss: Tensor, ref_loss: Tensor | None, ref_entropy: Tensor | None, plan: RowPlan,
+                ratio: float):  # fmt: skip
         """(mask, flat positions of the selected rows, count of non-finite scores or None)."""
-        selector = "train_loss" if self.selector == "excess_loss" and ref_loss is None else self.selector
-        ref = None if ref_loss is None else ref_loss.to(token_loss.device)
-        scores = score_tokens(selector, token_loss, ref, self.generator)
+        dev = token_loss.device
+        ref, ent = (None if t is None else t.to(dev) for t in (ref_loss, ref_entropy))
         eager = self.check_scores == "eager"
-        mask = select_tokens(scores, ratio, plan.valid, self.scope, counts=plan.counts, check_finite=eager)
-        nonfinite = None if eager else (~torch.isfinite(scores) & plan.valid).sum()
-        if plan.counts is None:  # global scope: the count is known only after the gather
+        kw = dict(counts=plan.counts, check_finite=eager)
+        if self.combine is not None:
+            scores = [score_tokens(name, token_loss, ref, self.generator, ent) for name in self.combine]
+            mask = select_combined(self.selector, *scores, ratio, plan.valid, self.scope, **kw)
+        else:
+            selector = "train_loss" if self.selector == "excess_loss" and ref is None else self.selector
+            scores = [score_tokens(selector, token_loss, ref, self.generator, ent)]
+            mask = select_tokens(scores[0], ratio, plan.valid, self.scope, **kw)
+        nonfinite = None if eager else sum((~torch.isfinite(s) & plan.valid).sum() for s in scores)
+        if plan.counts is None or self.combine is not None:  # the count is known only after selecting
             return mask, mask[:, 1:].reshape(-1).nonzero().squeeze(1), nonfinite
         k = sum(num_to_keep(ratio, n) for n in plan.counts)
         return mask, plan.positions(mask, k), nonfinite
+
+    @property
+    def fixed_count(self) -> bool:
+        """Whether how many tokens a batch trains is known from its labels alone (not for unions)."""
+        return self.combine is None
 
     def _rows(self, head, input_ids, attention_mask, plan: RowPlan, labels, model_kwargs):
         lm = causal_lm(self.model)
@@ -412,13 +439,15 @@ def token_losses(
     attention_mask: Tensor | None = None,
     chunk_elements: int | None = None,
     return_hits: bool = False,
+    return_entropy: bool = False,
     **model_kwargs,
 ):
     """Per-token next-token losses ``[B, T]`` (float32), aligned with ``labels``, 0 where invalid.
 
     Never materialises ``B x T x V`` logits: the head runs in row chunks (or, for an
     architecture without an exact selective head, one sequence at a time). With
-    ``return_hits=True`` also returns ``[B, T]`` bool: the label is the arg-max prediction.
+    ``return_hits=True`` also returns ``[B, T]`` bool: the label is the arg-max prediction; with
+    ``return_entropy=True`` (after it) the entropy of the model's predictive distribution.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
@@ -434,19 +463,28 @@ def token_losses(
         b, t = labels.shape
         loss, hit = torch.zeros(b, t - 1, device=labels.device), torch.zeros(b, t - 1, dtype=torch.bool,
                                                                              device=labels.device)  # fmt: skip
+        ent = torch.zeros_like(loss)
         for i in range(b):
             am = None if attention_mask is None else attention_mask[i : i + 1]
             z = lm(input_ids=input_ids[i : i + 1], attention_mask=am, use_cache=False, **model_kwargs).logits[0, :-1]
             loss[i] = full_logits_rows_loss(z, labels[i, 1:].clamp(min=0))
             hit[i] = z.argmax(-1) == labels[i, 1:]
+            if return_entropy:
+                ent[i] = torch.distributions.Categorical(logits=z.float()).entropy()
         rows = plan.valid[:, 1:]
-        out, hits = F.pad(loss * rows, (1, 0)), F.pad(hit & rows, (1, 0))
-        return (out, hits) if return_hits else out
+        parts = [F.pad(loss * rows, (1, 0)), F.pad(hit & rows, (1, 0)), F.pad(ent * rows, (1, 0))]
+        return _pick(parts, return_hits, return_entropy)
     with _gathered([head.weight, head.bias]):
         hidden = lm.base_model(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
         ).last_hidden_state[:, :-1]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos)
-        loss, _, hit = score_rows(head, rows, targets, hits=True)
-    out = plan.scatter(plan.valid_pos, loss)
-    return (out, plan.scatter(plan.valid_pos, hit)) if return_hits else out
+        loss, _, hit, ent = score_rows(head, rows, targets, hits=True, entropy=True) if return_entropy else (
+            *score_rows(head, rows, targets, hits=True), None)  # fmt: skip
+    parts = [plan.scatter(plan.valid_pos, v) if v is not None else None for v in (loss, hit, ent)]
+    return _pick(parts, return_hits, return_entropy)
+
+
+def _pick(parts: list, hits: bool, entropy: bool):
+    chosen = [parts[0]] + ([parts[1]] if hits else []) + ([parts[2]] if entropy else [])
+    return chosen[0] if len(chosen) == 1 else tuple(chosen)

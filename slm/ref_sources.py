@@ -1,5 +1,6 @@
-"""Where a run's reference losses come from: none, a live model, a stored column, or the built-in
-demo reference (trained once on the clean split, cached, scored once, reused by every run).
+"""Where a run's reference losses come from: none, a live model, a stored column, or a reference
+trained once on its own text (``reference=train``; the built-in ``demo`` trains on the corpus's
+clean split), cached, scored once and reused by every run.
 
 Caches are keyed by a hash of everything that decides their content and become visible only
 when complete (a ``DONE`` marker written last), so an interrupted run never leaves a cache that
@@ -20,7 +21,7 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from slm import parallel
-from slm.data import PackedData, default_cache_dir
+from slm.data import PackedData, SourceSpec, build_split, default_cache_dir
 from slm.model import SelectiveLM
 from slm.reference import (
     META_FILE,
@@ -63,37 +64,65 @@ def _agreed(value: bool) -> bool:
     return box[0]
 
 
-def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
-    """The built-in demo's reference: trained on the clean split once, then cached and reused."""
+def _reference_data(cfg: DictConfig, data: PackedData, seed: int) -> tuple:
+    """(packed training text of a trained reference, its identity). The built-in corpus's own
+    splits come from the run's packed data; any other source is packed with the run's tokenizer
+    and block size and cached."""
+    spec = container(cfg.reference.data)
+    if spec.get("source") == "builtin" and cfg.data.source == "builtin":
+        split = spec.get("split") or "clean"
+        if split not in data.splits:
+            raise ValueError(f"reference.data.split={split!r}: the built-in corpus has {sorted(data.splits)}")
+        return data[split], {"builtin": data.identity["data_hash"][split]}
+    source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
+    packed = build_split(source, data.tokenizer, data.identity["block_size"], cfg.data.get("cache_dir") or
+                         default_cache_dir(), shuffle_seed=seed)  # fmt: skip
+    return packed, {"source": source.identity(), "tokenizer": data.identity["tokenizer"],
+                    "block_size": data.identity["block_size"]}  # fmt: skip
+
+
+def _reference_model(cfg: DictConfig, data: PackedData, seed: int):
     from slm.cli import build_model
 
+    if cfg.reference.get("init", "scratch") == "pretrained":
+        return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer)
+    return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer, fresh=True)
+
+
+def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
+    """``reference=train`` (and the built-in ``demo``): a reference trained once on its own text
+    (``reference.data``) from scratch or from ``model.pretrained`` (``reference.init``), cached by
+    a hash of everything that decides its weights and reused by every run and sweep job."""
     rcfg = cfg.reference
     seed = int(rcfg.get("seed", 0))  # not the run's seed: every seed of a sweep shares one reference
     tcfg = TrainConfig(**container(rcfg.trainer), seed=seed)
+    ref_data, data_identity = _reference_data(cfg, data, seed)
     # Everything that changes the reference's weights: the global batch depends on the process count.
-    settings = {"model": container(cfg.model), "trainer": container(rcfg.trainer),
-                "clean": data.identity["data_hash"]["clean"], "seed": seed, "processes": acc.num_processes,
+    settings = {"model": container(cfg.model), "init": rcfg.get("init", "scratch"),
+                "trainer": container(rcfg.trainer), "data": data_identity, "seed": seed,
+                "processes": acc.num_processes,
                 "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision)}  # fmt: skip
     where = cache_root(cfg) / "reference" / config_hash(settings)
+    what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
     with _locked(where) if acc.is_main_process else nullcontext():
         if _agreed((where / DONE).exists()):
-            log.info("reference: reusing the cached demo reference %s (trained once, shared by every run "
-                     "and sweep job with these settings)", where)  # fmt: skip
+            log.info("reference: reusing the cached reference %s (trained once on %s, shared by every run and "
+                     "sweep job with these settings)", where, what)  # fmt: skip
         else:
             if acc.is_main_process and where.exists():
-                log.warning("reference: %s holds a partial demo reference (an interrupted run); rebuilding it", where)
+                log.warning("reference: %s holds a partial reference (an interrupted run); rebuilding it", where)
                 shutil.rmtree(where)
             acc.wait_for_everyone()
-            log.info("reference: training the demo reference on the clean split (first run only) -> %s", where)
+            log.info("reference: training the reference on %s (first run only) -> %s", what, where)
             with parallel.model_init(trained=False):  # trained with DDP under DeepSpeed, see below
-                model = build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer)
+                model = _reference_model(cfg, data, seed)
             lm = SelectiveLM(model, ratio=1.0)
             # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
-            t = Trainer(acc, lm, data["clean"], data["validation"], tcfg, where / "run", mode=mode,
+            t = Trainer(acc, lm, ref_data, data.eval_sets, tcfg, where / "run", mode=mode,
                         tracker=Tracker(where / "run", enabled=acc.is_main_process), name="reference")  # fmt: skip
             res = t.fit()
-            t.engine.save_pretrained(where / "model")
+            t.engine.save_pretrained(where / "model", data.tokenizer)
             if acc.is_main_process:
                 (where / "result.json").write_text(json.dumps(res, indent=1))
                 (where / DONE).write_text("")  # last: the cache is complete
@@ -103,12 +132,11 @@ def demo_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.n
     return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
 
 
-def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, acc, out_dir=None) -> Path:
-    """Score the training split once per (reference weights, data); reuse the store afterwards."""
+def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, acc, out_dir=None,
+                  entropy: bool = False) -> Path:  # fmt: skip
+    """Score the training split once per (reference weights, data, columns); reuse the store afterwards."""
     ident = reference_identity(reference, ref_name)
-    meta = {"tokenizer": data.identity["tokenizer"], "block_size": data.identity["block_size"],
-            "data_hash": data.identity["data_hash"]["train"], "rows": len(data["train"]),
-            "reference": ident}  # fmt: skip
+    meta = {**expected_store(data), "reference": ident, "entropy": entropy}
     out_dir = Path(out_dir) if out_dir else cache_root(cfg) / "scores" / config_hash(meta)
     with _locked(out_dir) if acc.is_main_process else nullcontext():  # concurrent sweep jobs score once
         if _agreed((out_dir / META_FILE).exists()):
@@ -116,7 +144,7 @@ def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, a
             log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
         else:
             score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
-                          accelerator=acc)  # fmt: skip
+                          accelerator=acc, entropy=entropy)  # fmt: skip
     return out_dir
 
 
@@ -125,28 +153,29 @@ def expected_store(data: PackedData) -> dict:
             "data_hash": data.identity["data_hash"]["train"], "rows": len(data["train"])}  # fmt: skip
 
 
-def reference_source(cfg: DictConfig, data: PackedData, acc, model) -> tuple:
-    """(train dataset, RefSource) for ``cfg.reference.kind``: none | live | stored | demo."""
+def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: bool = False) -> tuple:
+    """(train dataset, RefSource) for ``cfg.reference.kind``: none | live | stored | train | demo.
+    ``entropy``: the selector also needs the reference's per-token entropy."""
     kind = cfg.reference.kind
     if kind == "none":
         return data["train"], RefSource("none")
     if kind == "live":
         ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
         check_vocab(model, ref)
-        return data["train"], RefSource("live", freeze(ref))
+        return data["train"], RefSource("live", freeze(ref), entropy=entropy)
     if kind == "stored":
-        expected = expected_store(data)
+        expected = {**expected_store(data), "entropy": entropy}
         if cfg.reference.get("path"):  # optional: the reference the store must have been scored with
             expected["reference_name"] = str(cfg.reference.path)
         ds, _ = load_stored(cfg.reference.scores_dir, expected)
-        return ds, RefSource("stored", scores_dir=str(cfg.reference.scores_dir))
-    if kind == "demo":
-        name, ref = demo_reference(cfg, data, acc)
+        return ds, RefSource("stored", scores_dir=str(cfg.reference.scores_dir), entropy=entropy)
+    if kind in ("train", "demo"):
+        name, ref = trained_reference(cfg, data, acc)
         check_vocab(model, ref)
-        store = stored_scores(cfg, data, ref, name, acc)
+        store = stored_scores(cfg, data, ref, name, acc, entropy=entropy)
         ds, _ = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
-        return ds, RefSource("stored", scores_dir=str(store))
-    raise ValueError(f"reference.kind must be none, live, stored or demo, got {kind!r}")
+        return ds, RefSource("stored", scores_dir=str(store), entropy=entropy)
+    raise ValueError(f"reference.kind must be none, live, stored, train or demo, got {kind!r}")
 
 
 def check_score_vocab(cfg: DictConfig, data: PackedData, ref) -> None:

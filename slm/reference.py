@@ -80,23 +80,28 @@ def _rows_with_progress(n: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
-def score_blocks(reference: nn.Module, ds, batch_size: int, device, progress=None) -> np.ndarray:
-    """``[len(ds), block]`` float32 reference losses of a packed dataset (0 where invalid)."""
-    out = []
+def score_blocks(reference: nn.Module, ds, batch_size: int, device, progress=None, entropy: bool = False):
+    """``[len(ds), block]`` float32 reference losses of a packed dataset (0 where invalid); with
+    ``entropy=True`` a pair (losses, entropies of the reference's predictive distribution)."""
+    losses, entropies = [], []
+    ds = ds.with_format("torch")
     for i in range(0, len(ds), batch_size):
         rows = ds[i : i + batch_size]
-        ids = torch.tensor(rows["input_ids"], device=device)
-        labels = torch.tensor(rows["labels"], device=device)
-        am = torch.tensor(rows["attention_mask"], device=device)
-        out.append(token_losses(reference, ids, labels, attention_mask=am).cpu().numpy())
+        ids, labels, am = (rows[k].to(device) for k in ("input_ids", "labels", "attention_mask"))
+        out = token_losses(reference, ids, labels, attention_mask=am, return_entropy=entropy)
+        loss, ent = out if entropy else (out, None)
+        losses.append(loss.cpu().numpy())
+        if entropy:
+            entropies.append(ent.cpu().numpy())
         if progress is not None:
             progress.update(ids.numel())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+    stack = lambda xs: np.concatenate(xs) if xs else np.zeros((0, 0), np.float32)
+    return (stack(losses), stack(entropies)) if entropy else stack(losses)
 
 
 def _identity(meta: dict) -> dict:
-    """What decides a store's content: its data and its reference (not timings)."""
-    return {k: meta.get(k) for k in ("tokenizer", "block_size", "data_hash", "rows", "reference")}
+    """What decides a store's content: its data, its reference, its columns (not timings)."""
+    return {k: meta.get(k) for k in ("tokenizer", "block_size", "data_hash", "rows", "reference", "entropy")}
 
 
 def _seal(meta: dict) -> str:
@@ -124,7 +129,7 @@ def _claim_parts(parts: Path, identity: dict, accelerator) -> None:
 
 
 def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: dict, batch_size: int = 32,
-                  accelerator=None) -> Path:  # fmt: skip
+                  accelerator=None, entropy: bool = False) -> Path:  # fmt: skip
     """Score ``ds`` with ``reference`` and store it with a ``ref_loss`` column under ``out_dir``.
 
     Work is cut into chunks of :data:`CHUNK_BLOCKS` blocks, dealt round-robin to the processes of
@@ -135,13 +140,13 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
     from slm.data import column_hash, content_hash
 
     out_dir = Path(out_dir)
-    meta = {"data_hash": content_hash(ds), **meta, "rows": len(ds)}
+    meta = {"data_hash": content_hash(ds), **meta, "rows": len(ds), "entropy": entropy}
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(reference.parameters()).device
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     _claim_parts(parts, _identity(meta), accelerator)
-    part = lambda c: parts / f"{c:09d}.npy"
+    part = lambda c, what="loss": parts / f"{c:09d}.{what}.npy"
     block = len(ds[0]["input_ids"])
     tokens = lambda c: min(CHUNK_BLOCKS, len(ds) - c) * block
     chunks = list(range(0, len(ds), CHUNK_BLOCKS))
@@ -157,23 +162,28 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
     ) as bar:
         for c in mine:
             sub = ds.select(range(c, min(c + CHUNK_BLOCKS, len(ds))))
-            losses = score_blocks(reference, sub, batch_size, device, bar)
-            tmp = parts / f"{c:09d}.tmp{rank}.npy"
-            np.save(tmp, losses.astype(np.float32))
-            os.replace(tmp, part(c))
+            scored = score_blocks(reference, sub, batch_size, device, bar, entropy)
+            loss, ent = scored if entropy else (scored, None)
+            for what, values in (("entropy", ent), ("loss", loss)):  # the loss file last: it marks the chunk done
+                if values is not None:
+                    tmp = parts / f"{c:09d}.{what}.tmp{rank}.npy"
+                    np.save(tmp, values.astype(np.float32))
+                    os.replace(tmp, part(c, what))
     seconds = time.perf_counter() - t0
     if accelerator:
         accelerator.wait_for_everyone()
     store = out_dir / "dataset"
     if rank == 0:
-        ref = np.concatenate([np.load(part(c)) for c in chunks])
         from datasets import Sequence, Value
 
-        scored = ds.add_column("ref_loss", list(ref), feature=Sequence(Value("float32")))
+        scored = ds
+        for column, what in (("ref_loss", "loss"), ("ref_entropy", "entropy"))[: 2 if entropy else 1]:
+            values = np.concatenate([np.load(part(c, what)) for c in chunks])
+            scored = scored.add_column(column, list(values), feature=Sequence(Value("float32")))
+            meta[f"{column}_sha256"] = column_hash(scored, column, np.float32)
         scored.save_to_disk(str(store))
         scored_now = sum(map(tokens, missing))
-        meta = {**meta, "labels_sha256": column_hash(scored, "labels"),
-                "ref_loss_sha256": column_hash(scored, "ref_loss", np.float32), "processes": world,
+        meta = {**meta, "labels_sha256": column_hash(scored, "labels"), "processes": world,
                 "seconds": round(seconds, 2),
                 "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None}  # fmt: skip
         meta["seal"] = _seal(meta)
@@ -234,9 +244,15 @@ def load_stored(out_dir: str | os.PathLike, expected: dict):
                          f"{redo}") from e  # fmt: skip
     if "ref_loss" not in ds.column_names:
         raise ValueError(f"{out_dir}/dataset has no ref_loss column (columns: {ds.column_names})")
+    if expected.get("entropy") and "ref_entropy" not in ds.column_names:
+        raise ValueError(f"this selector needs the reference's per-token entropy, which {out_dir} does not hold; "
+                         "score again with slm-score entropy=true")  # fmt: skip
     checks = [("rows", len(ds), meta.get("rows")), ("token ids", content_hash(ds), meta.get("data_hash")),
               ("labels", column_hash(ds, "labels"), meta.get("labels_sha256")),
               ("reference losses", column_hash(ds, "ref_loss", np.float32), meta.get("ref_loss_sha256"))]  # fmt: skip
+    if "ref_entropy" in ds.column_names:
+        checks.append(("reference entropies", column_hash(ds, "ref_entropy", np.float32),
+                       meta.get("ref_entropy_sha256")))  # fmt: skip
     for what, found, recorded in checks:
         if found != recorded:
             raise ValueError(f"the stored {what} in {out_dir}/dataset are not what slm-score wrote (edited or "

@@ -23,7 +23,8 @@ RUN_FILES = ("metrics.jsonl", RESULT, RUN_INFO, CONFIG, "checkpoints", "model", 
 RESUMABLE = (
     "trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
     "trainer.keep_checkpoints", "trainer.progress", "trainer.eval_batch_size", "trainer.resume",
-    "trainer.overwrite", "logger", "data.num_proc", "data.cache_dir", "score_batch_size", "hydra",
+    "trainer.overwrite", "logger", "data.num_proc", "data.cache_dir", "data.eval", "downstream",
+    "score_batch_size", "hydra",
 )  # fmt: skip
 
 

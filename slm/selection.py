@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -209,28 +210,36 @@ def random_scores(like: Tensor, generator: torch.Generator | None = None) -> Ten
     return torch.rand(like.shape, generator=generator, device=device).to(like.device)
 
 
-def _same_shape(a: Tensor, b: Tensor) -> None:
+def reference_entropy(ref_entropy: Tensor) -> Tensor:
+    """Rho-1's self-reference scorer: keep the tokens the reference is most certain about (lowest
+    entropy of its predictive distribution)."""
+    return -ref_entropy.float()
+
+
+def _same_shape(a: Tensor, b: Tensor, name: str = "ref_loss") -> None:
     if a.shape != b.shape:
         raise ValueError(
-            f"ref_loss has shape {tuple(b.shape)} but the token losses have shape {tuple(a.shape)}; "
-            "reference losses must be aligned with labels, one per token"
+            f"{name} has shape {tuple(b.shape)} but the token losses have shape {tuple(a.shape)}; "
+            "reference values must be aligned with labels, one per token"
         )
 
 
-ScoreFn = Callable[[Tensor, "Tensor | None", "torch.Generator | None"], Tensor]
+ScoreFn = Callable[..., Tensor]  # (token_loss, ref_loss, generator, ref_entropy) -> scores
 
 SCORERS: dict[str, ScoreFn] = {
-    "excess_loss": lambda tl, ref, g: excess_loss(tl, _need_ref(ref, "excess_loss")),
-    "train_loss": lambda tl, ref, g: train_loss(tl),
-    "reference_loss": lambda tl, ref, g: reference_loss(_need_ref(ref, "reference_loss")),
-    "random": lambda tl, ref, g: random_scores(tl, g),
+    "excess_loss": lambda tl, ref, g, ent: excess_loss(tl, _need(ref, "excess_loss", "ref_loss")),
+    "train_loss": lambda tl, ref, g, ent: train_loss(tl),
+    "reference_loss": lambda tl, ref, g, ent: reference_loss(_need(ref, "reference_loss", "ref_loss")),
+    "reference_entropy": lambda tl, ref, g, ent: reference_entropy(_need(ent, "reference_entropy", "ref_entropy")),
+    "random": lambda tl, ref, g, ent: random_scores(tl, g),
 }
+NEEDS = {"excess_loss": "ref_loss", "reference_loss": "ref_loss", "reference_entropy": "ref_entropy"}
 
 
-def _need_ref(ref: Tensor | None, name: str) -> Tensor:
-    if ref is None:
-        raise ValueError(f"selector {name!r} needs ref_loss (live or stored reference losses)")
-    return ref
+def _need(value: Tensor | None, name: str, column: str) -> Tensor:
+    if value is None:
+        raise ValueError(f"selector {name!r} needs {column} (live or stored reference values)")
+    return value
 
 
 def score_tokens(
@@ -238,8 +247,97 @@ def score_tokens(
     token_loss: Tensor,
     ref_loss: Tensor | None = None,
     generator: torch.Generator | None = None,
+    ref_entropy: Tensor | None = None,
 ) -> Tensor:
-    """Dispatch to a named score function (``excess_loss``, ``train_loss``, ``reference_loss``, ``random``)."""
+    """Dispatch to a named score function (``excess_loss``, ``train_loss``, ``reference_loss``,
+    ``reference_entropy``, ``random``)."""
     if name not in SCORERS:
         raise ValueError(f"unknown selector score {name!r}; choose one of {sorted(SCORERS)}")
-    return SCORERS[name](token_loss, ref_loss, generator)
+    if ref_entropy is not None:
+        _same_shape(token_loss, ref_entropy, "ref_entropy")
+    return SCORERS[name](token_loss, ref_loss, generator, ref_entropy)
+
+
+# --- two scores combined: the union or intersection of their exact top-k sets ---------------------
+
+COMBINATIONS = ("union", "intersection")
+
+
+def select_combined(
+    how: str,
+    scores_a: Tensor,
+    scores_b: Tensor,
+    ratio: float,
+    valid: Tensor | None = None,
+    scope: str = "batch",
+    generator: torch.Generator | None = None,
+    counts: list[int] | None = None,
+    check_finite: bool = True,
+) -> Tensor:
+    """Tokens in the top ``ratio`` of ``scores_a`` or (``"union"``) / and (``"intersection"``) in the
+    top ``ratio`` of ``scores_b``; each set is exactly :func:`select_tokens`'s. The result holds
+    between k and 2k (union) or between 0 and k (intersection) tokens per scope unit, so its size is
+    known only after scoring."""
+    if how not in COMBINATIONS:
+        raise ValueError(f"combination must be one of {COMBINATIONS}, got {how!r}")
+    if scores_a.shape != scores_b.shape:
+        raise ValueError(f"the two scores differ in shape: {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}")
+    a = select_tokens(scores_a, ratio, valid, scope, generator, counts, check_finite)
+    b = select_tokens(scores_b, ratio, valid, scope, generator, counts, check_finite)
+    return a | b if how == "union" else a & b
+
+
+# --- the ratio over a run -------------------------------------------------------------------------
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class RatioSchedule:
+    """The selection ratio at each optimizer step: ``constant`` (``start``), or ``linear`` /
+    ``cosine`` from ``start`` at the first step to ``end`` at the last."""
+
+    kind: str = "constant"
+    start: float = 0.6
+    end: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in SCHEDULES:
+            raise ValueError(f"selector.ratio schedule must be one of {SCHEDULES}, got {self.kind!r}")
+        check_ratio(self.start, "selector.ratio.start")
+        if self.kind != "constant":
+            if self.end is None:
+                raise ValueError(f"a {self.kind} selector.ratio schedule needs an end")
+            check_ratio(self.end, "selector.ratio.end")
+
+    def at(self, step: int, total_steps: int) -> float:
+        """The ratio of optimizer step ``step`` (0-based) of ``total_steps``."""
+        if self.kind == "constant":
+            return self.start
+        progress = min(1.0, step / max(1, total_steps - 1))
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * progress
+        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    @property
+    def is_constant(self) -> bool:
+        return self.kind == "constant" or self.start == self.end
+
+    def label(self) -> str:
+        return f"{self.start}" if self.kind == "constant" else f"{self.kind}-{self.start}-{self.end}"
+
+
+def ratio_schedule(value) -> RatioSchedule:
+    """A schedule from a number (constant) or a mapping ``{schedule, start, end}``."""
+    if isinstance(value, RatioSchedule):
+        return value
+    if isinstance(value, (int, float, str)):
+        return RatioSchedule("constant", check_ratio(value, "selector.ratio"))
+    try:
+        spec = dict(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"selector.ratio must be a number or {{schedule, start, end}}, got {value!r}") from None
+    unknown = set(spec) - {"schedule", "start", "end"}
+    if unknown:
+        raise ValueError(f"selector.ratio schedule has unknown keys {sorted(unknown)}; use schedule, start, end")
+    return RatioSchedule(spec.get("schedule", "constant"), spec.get("start", 0.6), spec.get("end"))

@@ -146,3 +146,32 @@ def raw_documents(cfg) -> dict:
         parts = ds["train"].train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
         ds = {"train": parts["train"], "validation": parts["test"]}
     return ds
+
+
+def source_documents(spec) -> object:
+    """All documents of one source as a single split (an eval set, a reference's training text).
+
+    ``spec`` has ``source``, ``text_field``, ``split`` (hub split or built-in split; files: all of
+    them), ``sample_by``, ``hub_config`` and ``builtin`` (the corpus settings).
+    """
+    import datasets
+
+    if spec.source == BUILTIN:
+        corpus = CorpusConfig(**(spec.builtin or {}))
+        return datasets.Dataset.from_list(generate(corpus, spec.split or "validation"))
+    if is_local(spec.source):
+        d = _load_files(spec)["train"]
+    else:
+        try:
+            d = datasets.load_dataset(spec.source, spec.hub_config, split=spec.split or "validation")
+        except Exception as e:  # offline, unknown name or split, gated, ...
+            raise ValueError(f"{spec.source!r}: could not load this hub dataset split ({e})") from e
+    if spec.text_field not in d.column_names:
+        raise ValueError(
+            f"text_field={spec.text_field!r} is not a column of {spec.source!r}; columns: {d.column_names}"
+        )
+    if len(d) == 0:
+        raise ValueError(f"{spec.source!r}: no documents")
+    _check_text(d, spec.source, spec.split or "all", spec.text_field)
+    d = d.select_columns([spec.text_field])
+    return d.rename_column(spec.text_field, "text") if spec.text_field != "text" else d

@@ -90,6 +90,7 @@ class Tracker:
                 self.wandb.define_metric(axis)
             self.wandb.define_metric("train/*", step_metric="tokens_seen")
             self.wandb.define_metric("eval/*", step_metric="tokens_seen")
+            self.wandb.define_metric("downstream/*", step_metric="tokens_seen")
             log.info("W&B run %s (%s) in %s", run_id, mode, run_dir)
         except Exception as e:  # an unreachable server, a bad key, a broken install: keep training
             log.warning("W&B disabled for this run (%s: %s); metrics.jsonl still records everything",

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from slm import checkpoints
-from slm.model import SelectiveLM, token_losses
+from slm.downstream import DownstreamConfig, evaluate_tasks
+from slm.model import SelectiveLM, causal_lm, token_losses
 from slm.parallel import Engine, param_dim, resolve_mixed_precision
 from slm.rows import shifted_valid
-from slm.selection import NonFiniteScores, num_selected, num_to_keep
+from slm.selection import NonFiniteScores, RatioSchedule, num_selected, num_to_keep, ratio_schedule
 from slm.signals import StopSignals
 from slm.tracking import Tracker, read_metrics
 
@@ -184,18 +185,27 @@ class RunInterrupted(Exception):
 
 @dataclass
 class RefSource:
-    """Where reference losses come from: none, a ``ref_loss`` column, or a live model."""
+    """Where reference values come from: none, stored columns (``ref_loss``, ``ref_entropy``), or a
+    live model. ``entropy``: the selector also needs the reference's per-token entropy."""
 
     kind: str = "none"  # none | stored | live
     model: nn.Module | None = None
-    scores_dir: str | None = None  # where a stored column came from
+    scores_dir: str | None = None  # where stored columns came from
+    entropy: bool = False
 
-    def losses(self, batch: dict):
+    @property
+    def columns(self) -> list[str]:
+        return ["ref_loss"] + (["ref_entropy"] if self.entropy else []) if self.kind == "stored" else []
+
+    def values(self, batch: dict) -> dict:
+        """Keyword arguments for SelectiveLM: ``ref_loss`` (and ``ref_entropy``) of this batch."""
         if self.kind == "stored":
-            return batch["ref_loss"]
+            return {c: batch[c] for c in self.columns}
         if self.kind == "live":
-            return token_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"])
-        return None
+            out = token_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                               return_entropy=self.entropy)  # fmt: skip
+            return {"ref_loss": out[0], "ref_entropy": out[1]} if self.entropy else {"ref_loss": out}
+        return {}
 
 
 def master_weights(lm: nn.Module, dtype: str | None) -> None:
@@ -215,12 +225,25 @@ def master_weights(lm: nn.Module, dtype: str | None) -> None:
 class Trainer:
     """Owns one training run: model, optimizer, data stream, counters, checkpoints and logs."""
 
-    def __init__(self, accelerator, lm: SelectiveLM, train_ds, val_ds, cfg: TrainConfig, run_dir,
+    def __init__(self, accelerator, lm: SelectiveLM, train_ds, eval_sets, cfg: TrainConfig, run_dir,
                  ref: RefSource | None = None, tracker: Tracker | None = None, name: str = "train",
-                 mode: str | None = None):  # fmt: skip
+                 mode: str | None = None, ratio: RatioSchedule | float | None = None,
+                 downstream: DownstreamConfig | None = None, tokenizer=None):  # fmt: skip
+        """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
+        also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
+        model's own). ``downstream``: lm-evaluation-harness tasks run at eval points (needs the
+        ``tokenizer``)."""
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
-        self.val_ds = val_ds.with_format("torch")
+        if not isinstance(eval_sets, dict):
+            eval_sets = {"validation": eval_sets}
+        self.eval_sets = {k: v.with_format("torch") for k, v in eval_sets.items()}
+        self.schedule = ratio_schedule(lm.ratio if ratio is None else ratio)
+        if not lm.fixed_count and cfg.grad_accum != 1:
+            raise ValueError(
+                f"selector={lm.selector} keeps a data-dependent number of tokens, so a step can be normalised "
+                "exactly only when it is one micro-batch: use trainer.grad_accum=1 (and a larger trainer.batch_size)"
+            )
         self.tracker = tracker or Tracker(run_dir, enabled=False)
         master_weights(lm, cfg.master_dtype)
 
@@ -234,7 +257,11 @@ class Trainer:
             opt, lr_lambda(cfg)), cfg.grad_accum, cfg.batch_size, resolve_mixed_precision(cfg.mixed_precision),
             mode=mode, grad_clip=cfg.grad_clip)  # fmt: skip
         self.selective = lm
-        columns = ["input_ids", "labels", "attention_mask"] + (["ref_loss"] if self.ref.kind == "stored" else [])
+        self.downstream, self.tokenizer = downstream or DownstreamConfig(), tokenizer
+        if self.downstream.tasks and self.engine.mode in ("fsdp2", "deepspeed"):
+            raise ValueError("downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
+                             "shard: evaluate the saved model/ afterwards with lm_eval instead")  # fmt: skip
+        columns = ["input_ids", "labels", "attention_mask", *self.ref.columns]
         self.train_ds = train_ds.select_columns(columns).with_format("torch")
         self.stream = BatchStream(len(train_ds), cfg.batch_size, accelerator.num_processes,
                                   accelerator.process_index, cfg.seed)  # fmt: skip
@@ -261,40 +288,49 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _step_count(self, batches: list[dict]) -> tuple[int, int]:
-        """(tokens this step trains, tokens it sees) over every micro-batch and process, from labels."""
+    def _step_count(self, batches: list[dict], ratio: float) -> tuple[int | None, int]:
+        """(tokens this step trains, tokens it sees) over every micro-batch and process, from host-side
+        labels (one all-reduce); the first is None for a selector whose count depends on the scores."""
         lm = self.selective
         valid = [shifted_valid(b["labels"]) for b in batches]
-        local = [num_selected(v, lm.ratio, "batch" if lm.scope == "global" else lm.scope) for v in valid]
+        local = [num_selected(v, ratio, "batch" if lm.scope == "global" else lm.scope) for v in valid]
         n_valid = [int(v.sum()) for v in valid]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         counts = torch.tensor([*local, *n_valid, tokens], dtype=torch.float64, device=self.acc.device)
         counts = self.acc.reduce(counts, "sum").tolist()
         k = len(batches)
-        if lm.scope == "global" and lm.ratio < 1.0:  # top-k over each global micro-batch
-            return sum(num_to_keep(lm.ratio, int(n)) for n in counts[k : 2 * k]), int(counts[-1])
+        if not lm.fixed_count:
+            return None, int(counts[-1])
+        if lm.scope == "global" and ratio < 1.0:  # top-k over each global micro-batch
+            return sum(num_to_keep(ratio, int(n)) for n in counts[k : 2 * k]), int(counts[-1])
         return int(sum(counts[:k])), int(counts[-1])
 
     def train_step(self) -> dict:
         cfg, engine = self.cfg, self.engine
         batches = [fetch(self.train_ds, self.stream.indices(self.step * cfg.grad_accum + m))
                    for m in range(cfg.grad_accum)]  # fmt: skip
-        n_step, n_tok = self._step_count(batches)
+        ratio = self.schedule.at(self.step, cfg.max_steps)
+        n_step, n_tok = self._step_count(batches, ratio)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
         for m, batch in enumerate(batches):
             batch = to_device(batch, self.acc.device)
-            ref = self.ref.losses(batch)
+            ref = self.ref.values(batch)
             with engine.micro_step(last=m == cfg.grad_accum - 1):
                 with engine.autocast():
                     try:
                         out = engine.model(input_ids=batch["input_ids"], labels=batch["labels"],
-                                           attention_mask=batch["attention_mask"], ref_loss=ref,
-                                           num_items_in_batch=n_step)  # fmt: skip
+                                           attention_mask=batch["attention_mask"], ratio=ratio,
+                                           num_items_in_batch=1 if n_step is None else n_step, **ref)  # fmt: skip
                     except NonFiniteScores as e:
                         raise self._non_finite(str(e)) from e
-                engine.backward(out.loss)
-            loss_sum += out.loss.detach().double()
+                loss = out.loss
+                if n_step is None:  # a union/intersection: its count is known now (one micro-batch per step)
+                    counted = torch.tensor([out.n_selected], dtype=torch.float64, device=self.acc.device)
+                    n_step = int(self.acc.reduce(counted, "sum").item())
+                    loss = loss / max(n_step, 1)
+                engine.backward(loss)
+            loss_sum += loss.detach().double()
             if out.n_nonfinite is not None:
                 nonfinite += out.n_nonfinite
         stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
@@ -311,7 +347,7 @@ class Trainer:
         self.tokens_seen += n_tok
         self.tokens_selected += n_step
         return {"train/loss": loss, "train/selected_frac": n_step / max(n_tok, 1), "train/lr": engine.lr(),
-                "train/grad_norm": grad_norm}  # fmt: skip
+                "train/grad_norm": grad_norm, "train/ratio": ratio}  # fmt: skip
 
     def _non_finite(self, what: str) -> NonFiniteLoss:
         ckpt = checkpoints.latest(self.run_dir, warn=False)
@@ -330,7 +366,18 @@ class Trainer:
                 **metrics}  # fmt: skip
 
     def eval(self) -> dict:
-        res = evaluate(self.engine, self.val_ds, self.cfg.eval_batch_size)
+        """Every eval set: ``eval/<name>/loss`` (``/tokens``, ``/answer_acc``); the first set's numbers
+        also as ``eval/loss`` (``/tokens``, ``/answer_acc``)."""
+        res = {}
+        for i, (name, ds) in enumerate(self.eval_sets.items()):
+            one = evaluate(self.engine, ds, self.cfg.eval_batch_size)
+            res.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in one.items()})
+            if i == 0:
+                res.update(one)
+        if self.downstream.due(self.step, self.cfg.eval_every):
+            if self.acc.is_main_process:  # the others wait: the harness runs in one process
+                res.update(evaluate_tasks(causal_lm(self.selective.model), self.tokenizer, self.downstream))
+            self.acc.wait_for_everyone()
         self.tracker.log(self._event(**res))
         return res
 

@@ -19,7 +19,7 @@ TINY = [
 
 def compose_train(cache: Path, *overrides: str, config_name: str = "train"):
     base = [o for o in TINY if config_name == "train" or o.startswith(("model.", "data.", "reference."))]
-    if any(o.startswith("reference=") and o != "reference=demo" for o in overrides):
+    if any(o.startswith("reference=") and o not in ("reference=demo", "reference=train") for o in overrides):
         base = [o for o in base if not o.startswith("reference.trainer")]
     if any(o.startswith("model=") and o != "model=tiny" for o in overrides):
         base = [o for o in base if not o.startswith("model.config")]

@@ -13,7 +13,8 @@ from slm.cli import CONF_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"data=files": ["data.source=x.jsonl"], "data=hub": ["data.source=org/name"],
-            "reference=live": ["reference.path=/m"], "reference=stored": ["reference.scores_dir=/s"]}  # fmt: skip
+            "reference=live": ["reference.path=/m"], "reference=stored": ["reference.scores_dir=/s"],
+            "reference=train": ["reference.data.source=clean.txt"]}  # fmt: skip
 
 
 def options():

@@ -56,8 +56,8 @@ def test_single_run_and_runs_without_evals(sweep, tmp_path, capsys):
     empty.mkdir()
     (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens_seen": 10, "train/loss": 3.0}) + "\n")
     main([str(sweep), str(empty), "--out", str(tmp_path / "two")])
-    assert "has no eval points yet; skipped" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="none of the runs has eval points"):
+    assert "has no eval/loss points; skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="none of the runs has eval/loss points"):
         main([str(empty)])
 
 

@@ -431,3 +431,34 @@ def test_compiled_backend_equals_the_torch_backend(batch, arch, dtype):
     torch.testing.assert_close(a.token_loss, b.token_loss, **tol)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "cohere"])
+def test_token_entropy_equals_the_entropy_of_hf_logits(arch, batch):
+    ids, am, labels = batch
+    model = tiny_model(arch)
+    loss, ent = slm.token_losses(model, ids, labels, attention_mask=am, return_entropy=True, chunk_elements=3 * VOCAB)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=am).logits[:, :-1].float()
+    expected = F.pad(torch.distributions.Categorical(logits=logits).entropy(), (1, 0)) * shifted_valid(labels)
+    torch.testing.assert_close(ent, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, hf_token_ce(model, ids, labels, am).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["union", "intersection"])
+def test_combined_selectors_train_exactly_the_combined_set(batch, how):
+    ids, am, labels = batch
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(5)
+    ref_loss, ref_entropy = torch.rand(ids.shape, generator=g) * 4, torch.rand(ids.shape, generator=g) * 3
+    lm = slm.SelectiveLM(model, selector=how, combine=("excess_loss", "reference_entropy"))
+    out = lm(input_ids=ids, labels=labels, attention_mask=am, ref_loss=ref_loss, ref_entropy=ref_entropy, ratio=0.3)
+    ce = hf_token_ce(model, ids, labels, am)
+    valid = shifted_valid(labels)
+    expected = slm.select_combined(how, slm.excess_loss(ce.detach(), ref_loss), -ref_entropy, 0.3, valid)
+    assert torch.equal(out.mask, expected) and out.n_selected == int(expected.sum())
+    ref = ce[expected].sum() / expected.sum()
+    torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-5)
+    assert_grads_close(grads(out.loss, model), grads(ref, model))
+    with pytest.raises(ValueError, match="combine=\\(a, b\\)"):
+        slm.SelectiveLM(model, selector="union")

@@ -90,7 +90,7 @@ def test_a_partial_demo_reference_cache_is_rebuilt(tmp_path, caplog):
     cached.unlink()  # as if the run that trained it had been killed before the end
     (cached.parent / "model" / "model.safetensors").unlink()
     train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "b")
-    assert "partial demo reference" in caplog.text and cached.exists()
+    assert "partial reference" in caplog.text and cached.exists()
 
 
 def test_sigterm_checkpoints_and_stops_with_a_requeue_status(tmp_path, monkeypatch, capsys):

@@ -182,3 +182,58 @@ def test_num_selected_counts_what_select_tokens_keeps():
         for scope in ("sequence", "batch"):
             for ratio in (0.1, 0.37, 0.6, 1.0):
                 assert num_selected(valid, ratio, scope) == int(select_tokens(scores, ratio, valid, scope).sum())
+
+
+# --- issue 11: the paper's self-reference scorers, combinations, ratio schedules ---------------------
+
+
+def test_reference_entropy_keeps_the_most_certain_tokens():
+    from slm.selection import reference_entropy
+
+    scores, valid = random_case(3, ties=True)
+    entropy = scores.abs()  # entropies are >= 0; ties included
+    got = select_tokens(score_tokens("reference_entropy", torch.zeros_like(entropy), ref_entropy=entropy), 0.4,
+                        valid=valid)  # fmt: skip
+    k = num_to_keep(0.4, int(valid.sum()))
+    assert torch.equal(got, plain_top_k(-entropy, valid, k))  # lowest entropy first, earlier position on ties
+    assert torch.equal(reference_entropy(entropy), -entropy)
+    with pytest.raises(ValueError, match="needs ref_entropy"):
+        score_tokens("reference_entropy", entropy)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("scope", ["batch", "sequence"])
+def test_union_and_intersection_of_exact_top_k_sets(seed, scope):
+    from slm.selection import select_combined
+
+    a, valid = random_case(seed, ties=True)
+    b = random_case(seed + 10, ties=True)[0]
+    rows = range(a.shape[0]) if scope == "sequence" else [None]
+    expect_u, expect_i = torch.zeros_like(valid), torch.zeros_like(valid)
+    for r in rows:
+        sl = slice(None) if r is None else r
+        k = num_to_keep(0.3, int(valid[sl].sum()))
+        top_a, top_b = plain_top_k(a[sl], valid[sl], k), plain_top_k(b[sl], valid[sl], k)
+        expect_u[sl], expect_i[sl] = top_a | top_b, top_a & top_b
+    assert torch.equal(select_combined("union", a, b, 0.3, valid, scope), expect_u)
+    assert torch.equal(select_combined("intersection", a, b, 0.3, valid, scope), expect_i)
+    assert not (expect_u & ~valid).any()  # invalid tokens never selected
+    with pytest.raises(ValueError, match="combination must be one of"):
+        select_combined("xor", a, b, 0.3, valid)
+
+
+def test_ratio_schedules():
+    from slm.selection import RatioSchedule, ratio_schedule
+
+    assert ratio_schedule(0.6).at(7, 10) == 0.6 and ratio_schedule(0.6).is_constant
+    lin = ratio_schedule({"schedule": "linear", "start": 1.0, "end": 0.6})
+    assert [round(lin.at(s, 5), 6) for s in range(5)] == [1.0, 0.9, 0.8, 0.7, 0.6]
+    cos = RatioSchedule("cosine", 1.0, 0.5)
+    assert cos.at(0, 11) == 1.0 and cos.at(10, 11) == pytest.approx(0.5) and cos.at(5, 11) == pytest.approx(0.75)
+    assert lin.label() == "linear-1.0-0.6"
+    with pytest.raises(ValueError, match="selector.ratio.end must be in"):
+        ratio_schedule({"schedule": "linear", "start": 1.0, "end": 0.0})
+    with pytest.raises(ValueError, match="needs an end"):
+        ratio_schedule({"schedule": "cosine", "start": 0.5})
+    with pytest.raises(ValueError, match="unknown keys"):
+        ratio_schedule({"schedule": "linear", "begin": 1.0})

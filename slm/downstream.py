@@ -1,0 +1,74 @@
+"""Downstream evaluation with lm-evaluation-harness at chosen eval points.
+
+The main process runs the listed tasks on the current model (the others wait) and the results
+are logged as ``downstream/<task>/<metric>`` against ``tokens_seen``. Any harness task works:
+a registered one (``gsm8k``) or your own YAML in ``downstream.include_path``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DownstreamConfig:
+    tasks: list = field(default_factory=list)  # harness task names; empty: no downstream evaluation
+    every: int | None = None  # steps between runs; None: at every eval point
+    include_path: str | None = None  # a folder of custom task YAMLs
+    limit: float | None = None  # examples per task (a fraction below 1); None: all
+    num_fewshot: int | None = None
+    batch_size: int = 8
+
+    def __post_init__(self):
+        self.tasks = list(self.tasks or [])
+        if self.every is not None and int(self.every) < 1:
+            raise ValueError(f"downstream.every must be >= 1 (or null: every eval point), got {self.every}")
+
+    def due(self, step: int, eval_every: int) -> bool:
+        return bool(self.tasks) and step % (self.every or eval_every) == 0
+
+
+def harness():
+    """The lm_eval package, or an error that says how to get it."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "downstream.tasks needs lm-evaluation-harness: pip install -e '.[eval]' (or pip install lm-eval)"
+        ) from e
+    return lm_eval
+
+
+@torch.no_grad()
+def evaluate_tasks(model: nn.Module, tokenizer, cfg: DownstreamConfig) -> dict[str, float]:
+    """``{"downstream/<task>/<metric>": value}`` of ``cfg.tasks`` on ``model`` (an HF causal LM)."""
+    lm_eval = harness()
+    from lm_eval.models.huggingface import HFLM
+
+    was_training = model.training
+    model.eval()
+    try:
+        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        out = lm_eval.simple_evaluate(
+            model=wrapped, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            task_manager=lm_eval.tasks.TaskManager(include_path=cfg.include_path), log_samples=False,
+            verbosity="WARNING",
+        )  # fmt: skip
+    finally:
+        model.train(was_training)
+    results = {}
+    for task, metrics in out["results"].items():
+        for key, value in metrics.items():
+            metric, _, filt = key.partition(",")  # e.g. "acc,none", "exact_match,strict-match"
+            if metric in ("alias", "sample_len") or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            results[f"downstream/{task}/{metric}" + (f"/{filt}" if filt not in ("", "none") else "")] = float(value)
+    log.info("downstream: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+    return results

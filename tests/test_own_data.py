@@ -1,0 +1,141 @@
+"""Rho-1 on your own data: clean eval sets, a reference trained from files, the self-reference
+scorers, ratio schedules (issue 11)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY, compose_train
+
+from slm.cli import train
+from slm.curves import main as curves
+from slm.tracking import read_metrics
+
+WORDS = "the a cat dog sat ran on under near big small red blue house tree river quickly slowly".split()
+
+
+def _sentence(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14))) + "."
+
+
+def _junk(rng):
+    return "".join(rng.choice("0123456789abcdef") for _ in range(rng.randint(20, 60)))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """clean.jsonl (the reference's text), noisy.jsonl (half web junk), eval.jsonl (clean, held out)."""
+    root = tmp_path_factory.mktemp("own")
+    rng = random.Random(0)
+    write = lambda name, docs: (root / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write("clean.jsonl", [" ".join(_sentence(rng) for _ in range(4)) for _ in range(80)])
+    write("noisy.jsonl", [" ".join(_sentence(rng) if rng.random() < 0.5 else _junk(rng) for _ in range(4))
+                          for _ in range(80)])  # fmt: skip
+    write("eval.jsonl", [" ".join(_sentence(rng) for _ in range(4)) for _ in range(12)])
+    return root
+
+
+def _own(corpus, *extra):
+    return ("data=files", f"data.source={corpus / 'noisy.jsonl'}", f"+data.eval.clean={corpus / 'eval.jsonl'}",
+            "data.block_size=64", *extra)  # fmt: skip
+
+
+def test_baseline_and_slm_on_files_are_judged_on_a_clean_eval_set(corpus, tmp_path):
+    ref = ("reference=train", f"reference.data.source={corpus / 'clean.jsonl'}", "reference.trainer.max_steps=4",
+           "reference.trainer.batch_size=4", "reference.trainer.progress=false")  # fmt: skip
+    train(compose_train(tmp_path / "c", *_own(corpus, "selector=all", "reference=none")), tmp_path / "runs" / "base")
+    train(compose_train(tmp_path / "c", *_own(corpus, *ref)), tmp_path / "runs" / "slm")
+    for run in ("base", "slm"):
+        evals = [e for e in read_metrics(tmp_path / "runs" / run) if "eval/clean/loss" in e]
+        assert [e["step"] for e in evals] == [0, 3, 6]
+        assert all(e["eval/clean/tokens"] > 0 and "eval/validation/loss" in e for e in evals)
+        assert all(e["eval/loss"] == e["eval/clean/loss"] for e in evals)  # the first set is eval/loss
+    info = json.loads((tmp_path / "runs" / "slm" / "run_info.json").read_text())
+    assert info["selector"] == "excess_loss" and info["reference"] == "train"
+    curves([str(tmp_path / "runs"), "--metric", "eval/clean/loss", "--out", str(tmp_path / "plots")])
+    table = (tmp_path / "plots" / "tokens_to_baseline.csv").read_text().splitlines()
+    assert table[1].startswith("baseline (all tokens)") and table[2].startswith("excess_loss 0.6")
+    final = {r: read_metrics(tmp_path / "runs" / r)[-1]["eval/clean/loss"] for r in ("base", "slm")}
+    assert table[1].split(",")[2] == str(round(final["base"], 4))
+
+
+@pytest.mark.slow
+def test_a_reference_trained_from_files_is_trained_once_per_sweep(corpus, tmp_path):
+    exe = str(Path(sys.executable).with_name("slm-train"))
+    args = [o for o in TINY if not o.startswith(("reference.", "data.builtin"))]
+    ref = ("reference.trainer.max_steps=4", "reference.trainer.batch_size=4", "reference.trainer.progress=false")
+    args += [*_own(corpus, "reference=train", f"reference.data.source={corpus / 'clean.jsonl'}", *ref),
+             f"data.cache_dir={tmp_path / 'c'}", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([exe, "-m", *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert log.count("reference: training the reference on") == 1
+    assert log.count("reference: reusing the cached reference") == 1
+    assert len(list((tmp_path / "c" / "reference").glob("*/DONE"))) == 1
+
+
+def test_a_ratio_schedule_sets_each_steps_ratio(tmp_path):
+    sched = "selector.ratio={schedule:linear,start:1.0,end:0.5}"
+    cfg = compose_train(tmp_path / "c", "reference=none", sched, "trainer.max_steps=6")
+    assert cfg.name == "train_loss-linear-1.0-0.5-none-s0"
+    train(cfg, tmp_path / "run")
+    steps = [e for e in read_metrics(tmp_path / "run") if "train/ratio" in e]
+    assert [round(e["train/ratio"], 6) for e in steps] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
+    for e in steps:  # each step keeps round(ratio * valid) tokens of every micro-batch
+        assert e["train/selected_frac"] <= e["train/ratio"] + 0.01
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["ratio"] == "linear-1.0-0.5"
+
+
+def test_slm_score_stores_the_references_entropy_and_the_self_reference_selectors_train(tmp_path):
+    from datasets import load_from_disk
+
+    import slm
+    from slm.cli import score
+
+    store = score(compose_train(tmp_path / "c", "entropy=true", config_name="score"))
+    ds = load_from_disk(str(store / "dataset"))
+    ref_model = next((tmp_path / "c" / "reference").glob("*/model"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ref_model).eval()
+    rows = ds.with_format("torch")[:8]
+    loss, ent = slm.token_losses(model, rows["input_ids"], rows["labels"], rows["attention_mask"], return_entropy=True)
+    torch.testing.assert_close(rows["ref_entropy"], ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows["ref_loss"], loss, atol=1e-5, rtol=1e-5)
+    stored = ("reference=stored", f"reference.scores_dir={store}")
+    train(compose_train(tmp_path / "c", *stored, "selector=reference_entropy", "trainer.max_steps=2"), tmp_path / "e")
+    train(compose_train(tmp_path / "c", *stored, "selector=union", "trainer.max_steps=2"), tmp_path / "u")
+    fracs = [e["train/selected_frac"] for e in read_metrics(tmp_path / "u") if "train/selected_frac" in e]
+    assert all(0.6 <= f <= 1.0 for f in fracs)  # a union of two 60% sets
+    with pytest.raises(ValueError, match="trainer.grad_accum must be 1"):
+        train(compose_train(tmp_path / "c", *stored, "selector=union", "trainer.grad_accum=2"), tmp_path / "x")
+    no_entropy = score(compose_train(tmp_path / "c", "out_dir=" + str(tmp_path / "plain"), config_name="score"))
+    with pytest.raises(ValueError, match="needs the reference's per-token entropy.*entropy=true"):
+        train(compose_train(tmp_path / "c", "reference=stored", f"reference.scores_dir={no_entropy}",
+                            "selector=reference_entropy"), tmp_path / "y")  # fmt: skip
+    assert np.isfinite(np.array(ds["ref_entropy"][0], np.float32)).all()
+
+
+def test_downstream_tasks_run_at_eval_points_and_are_logged(tmp_path, monkeypatch):
+    """A custom offline lm-evaluation-harness task (tests/data/lm_eval) at steps 0 and 6."""
+    pytest.importorskip("lm_eval")
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the task YAML's data path is relative to the repo
+    task = ("downstream.tasks=[slm_arith]", "downstream.include_path=tests/data/lm_eval", "downstream.every=6")
+    train(compose_train(tmp_path / "c", "reference=none", *task), tmp_path / "run")
+    logged = [e for e in read_metrics(tmp_path / "run") if "downstream/slm_arith/acc" in e]
+    assert [e["step"] for e in logged] == [0, 6]
+    assert all(0.0 <= e["downstream/slm_arith/acc"] <= 1.0 and e["tokens_seen"] >= 0 for e in logged)
+
+
+def test_downstream_without_the_harness_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install -e '.\[eval\]'"):
+        train(compose_train(tmp_path / "c", "reference=none", "downstream.tasks=[gsm8k]"), tmp_path / "run")
+    assert not (tmp_path / "c").exists()  # refused before any data was packed
