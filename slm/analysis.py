@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.model import token_losses
 from slm.rows import shifted_valid
 from slm.runs import RUN_INFO
+from slm.scoring import token_losses
 from slm.selection import excess_loss, select_tokens
 
 

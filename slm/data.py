@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from slm.corpus import CorpusConfig
 from slm.sources import BUILTIN, data_files, is_local, raw_documents
@@ -334,6 +335,16 @@ def build(cfg) -> PackedData:
     evals = {name: build_split(spec, tokenizer, cfg.block_size, cfg.cache_dir) for name, spec in cfg.eval.items()}
     evals["validation"] = splits["validation"]
     return PackedData(splits, tokenizer, meta["identity"], evals)
+
+
+def fetch(ds, idx: list[int]) -> dict:
+    """Rows ``idx`` of a packed split as CPU tensors (counting needs them on the host anyway).
+    A split in datasets' torch format (as the Trainer sets it) skips Python lists altogether."""
+    return {k: v if torch.is_tensor(v) else torch.as_tensor(v) for k, v in ds[idx].items()}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def check_block_size(model_config, block_size: int) -> None:

@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from slm.head import BACKENDS, OutputHead, full_logits_rows_loss, score_rows
+from slm.architectures import causal_lm, output_head, zero3_ready
+from slm.head import BACKENDS, OutputHead
 from slm.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
 from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_combined, select_tokens
-
-# Architectures whose logits are exactly ``cap(scale * (final_hidden @ W.T + b))`` with the
-# final norm inside ``model.base_model``; checked against HF's own loss in the tests.
-_EXACT_HEADS = {
-    "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3",
-    "gemma", "gemma2", "cohere", "granite", "olmo", "olmo2", "starcoder2",
-}  # fmt: skip
 
 SCORES = ("excess_loss", "train_loss", "reference_loss", "reference_entropy", "random")
 SELECTORS = (*SCORES, "union", "intersection")  # the last two combine two scores' top-k sets
@@ -46,77 +38,6 @@ _UNSUPPORTED = {
     "past_key_values": "SelectiveLM is for training; it runs without a cache",
     "inputs_embeds": "SelectiveLM needs input_ids (labels are aligned with them)",
 }
-
-
-def causal_lm(model: nn.Module) -> nn.Module:
-    """The HF causal LM inside ``model``: itself, or a PEFT model's base model (LoRA layers injected)."""
-    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
-        config = model.peft_config.get(getattr(model, "active_adapter", "default"))
-        if config is not None and getattr(config, "is_prompt_learning", False):
-            raise ValueError(
-                f"SelectiveLM supports PEFT adapters that change weights (LoRA and similar), not prompt learning "
-                f"({type(config).__name__}): its virtual tokens would shift the labels"
-            )
-        return model.get_base_model()
-    return model
-
-
-def _zero3_ready(module: nn.Module, head: OutputHead) -> bool:
-    """Under DeepSpeed ZeRO-3 the head's parameters are partitioned outside lm_head's forward, which
-    the selective head never calls. Register them as external parameters of ``module`` so that
-    ZeRO-3 gathers them for ``module``'s forward and backward; True once they are gathered."""
-    params = [p for p in (head.weight, head.bias) if p is not None and hasattr(p, "ds_id")]
-    if not params:
-        return True
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
-
-    known = getattr(module, "_external_params", {})
-    registered_before = all(id(p) in known for p in params)
-    for p in params:
-        if id(p) not in known:
-            register_external_parameter(module, p)
-    ready = all(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params)
-    if registered_before and not ready:
-        raise RuntimeError(
-            "ZeRO-3 did not gather the output layer's weight for SelectiveLM's forward; call SelectiveLM (the "
-            "module given to DeepSpeed) rather than its inner model"
-        )
-    return ready
-
-
-def _gathered(params: list[Tensor | None]):
-    """Under DeepSpeed ZeRO-3 the head's parameters live partitioned outside their module's
-    forward; gather them (read-only) for as long as the head needs them."""
-    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
-    if not partitioned:
-        return nullcontext()
-    import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    # Small parameters stay whole under ZeRO-3 (the persistence threshold): only gather the others.
-    partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else nullcontext()
-
-
-def output_head(model: nn.Module, chunk_elements: int | None = None,
-                backend: str = "auto") -> tuple[OutputHead | None, str]:  # fmt: skip
-    """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` and the reason."""
-    lm = causal_lm(model)
-    cfg = lm.config
-    out = lm.get_output_embeddings()
-    if cfg.model_type not in _EXACT_HEADS:
-        return None, f"no exact selective head for model_type={cfg.model_type!r}"
-    if not isinstance(out, nn.Linear) or type(out).forward is not nn.Linear.forward:
-        return None, f"the output layer is a {type(out).__module__}.{type(out).__name__}, not a plain nn.Linear"
-    if type(out.weight).__name__ == "DTensor":
-        return None, "the output layer's weight is sharded on its own (a DTensor); keep it in the root FSDP unit"
-    scale = 1.0
-    if cfg.model_type == "cohere":
-        scale = float(cfg.logit_scale)
-    elif cfg.model_type == "granite":
-        scale = 1.0 / float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None) if cfg.model_type == "gemma2" else None
-    return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements, backend), ""
 
 
 @dataclass
@@ -327,7 +248,7 @@ class SelectiveLM(nn.Module):
         ratio = self.ratio if ratio is None else check_ratio(ratio)
 
         head = self._head()
-        if head is not None and not _zero3_ready(self, head):
+        if head is not None and not zero3_ready(self, head):
             head = None  # this one call runs HF's own forward; ZeRO-3 gathers the head from the next call on
         vocab = head.vocab_size if head is not None else self.get_output_embeddings().weight.shape[0]
         plan = plan_rows(labels, vocab, loss_mask, loss_weight, ratio, self.scope)  # the forward's one sync
@@ -429,62 +350,3 @@ def _warn_low_precision_ref(dtype) -> None:
             "mixed-precision wrapper that casts forward inputs, e.g. FSDP's cast_forward_inputs, rounds it)",
             stacklevel=3,
         )
-
-
-@torch.no_grad()
-def token_losses(
-    model: nn.Module,
-    input_ids: Tensor,
-    labels: Tensor,
-    attention_mask: Tensor | None = None,
-    chunk_elements: int | None = None,
-    return_hits: bool = False,
-    return_entropy: bool = False,
-    **model_kwargs,
-):
-    """Per-token next-token losses ``[B, T]`` (float32), aligned with ``labels``, 0 where invalid.
-
-    Never materialises ``B x T x V`` logits: the head runs in row chunks (or, for an
-    architecture without an exact selective head, one sequence at a time). With
-    ``return_hits=True`` also returns ``[B, T]`` bool: the label is the arg-max prediction; with
-    ``return_entropy=True`` (after it) the entropy of the model's predictive distribution.
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-    if labels.shape != input_ids.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-    labels = labels.to(input_ids.device)
-    lm = causal_lm(model)
-    head, _ = output_head(model, chunk_elements)
-    vocab = lm.get_output_embeddings().weight.shape[0] if head is None else head.vocab_size
-    plan = plan_rows(labels, vocab, None, None, 1.0, "batch")  # one sync: the valid rows and the label check
-    targets = labels[:, 1:].reshape(-1).index_select(0, plan.valid_pos)
-    if head is None:  # one sequence of full logits at a time
-        b, t = labels.shape
-        loss, hit = torch.zeros(b, t - 1, device=labels.device), torch.zeros(b, t - 1, dtype=torch.bool,
-                                                                             device=labels.device)  # fmt: skip
-        ent = torch.zeros_like(loss)
-        for i in range(b):
-            am = None if attention_mask is None else attention_mask[i : i + 1]
-            z = lm(input_ids=input_ids[i : i + 1], attention_mask=am, use_cache=False, **model_kwargs).logits[0, :-1]
-            loss[i] = full_logits_rows_loss(z, labels[i, 1:].clamp(min=0))
-            hit[i] = z.argmax(-1) == labels[i, 1:]
-            if return_entropy:
-                ent[i] = torch.distributions.Categorical(logits=z.float()).entropy()
-        rows = plan.valid[:, 1:]
-        parts = [F.pad(loss * rows, (1, 0)), F.pad(hit & rows, (1, 0)), F.pad(ent * rows, (1, 0))]
-        return _pick(parts, return_hits, return_entropy)
-    with _gathered([head.weight, head.bias]):
-        hidden = lm.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
-        ).last_hidden_state[:, :-1]
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos)
-        loss, _, hit, ent = score_rows(head, rows, targets, hits=True, entropy=True) if return_entropy else (
-            *score_rows(head, rows, targets, hits=True), None)  # fmt: skip
-    parts = [plan.scatter(plan.valid_pos, v) if v is not None else None for v in (loss, hit, ent)]
-    return _pick(parts, return_hits, return_entropy)
-
-
-def _pick(parts: list, hits: bool, entropy: bool):
-    chosen = [parts[0]] + ([parts[1]] if hits else []) + ([parts[2]] if entropy else [])
-    return chosen[0] if len(chosen) == 1 else tuple(chosen)

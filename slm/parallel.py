@@ -73,9 +73,11 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1):
 
     mode = requested_mode()
     kwargs: dict = {"cpu": not torch.cuda.is_available()}
+    if not torch.cuda.is_available():
+        # Say so before anything imports DeepSpeed (Accelerate does when saving), or it warns that it guessed.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if mode == "deepspeed" and not torch.cuda.is_available():
         # DeepSpeed runs on CPU too (its CPU accelerator, gloo): what the tests use.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         kwargs = {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     # Autocast and loss scaling are the Engine's, except under DeepSpeed, whose engine Accelerate configures.
     precision = mixed_precision if mode == "deepspeed" else "no"

@@ -21,10 +21,12 @@ from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
 from slm import parallel
+from slm.architectures import build_model
 from slm.data import PackedData, SourceSpec, build_split, default_cache_dir
 from slm.model import SelectiveLM
 from slm.reference import (
     META_FILE,
+    RefSource,
     check_vocab,
     freeze,
     load_reference,
@@ -33,7 +35,7 @@ from slm.reference import (
     score_dataset,
 )
 from slm.tracking import Tracker
-from slm.train import RefSource, TrainConfig, Trainer
+from slm.train import TrainConfig, Trainer
 
 log = logging.getLogger("slm")
 DONE = "DONE"
@@ -82,8 +84,6 @@ def _reference_data(cfg: DictConfig, data: PackedData, seed: int) -> tuple:
 
 
 def _reference_model(cfg: DictConfig, data: PackedData, seed: int):
-    from slm.cli import build_model
-
     if cfg.reference.get("init", "scratch") == "pretrained":
         return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer)
     return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer, fresh=True)

@@ -13,13 +13,14 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from slm.model import token_losses
+from slm.scoring import token_losses
 
 log = logging.getLogger(__name__)
 
@@ -258,3 +259,28 @@ def load_stored(out_dir: str | os.PathLike, expected: dict):
             raise ValueError(f"the stored {what} in {out_dir}/dataset are not what slm-score wrote (edited or "
                              f"damaged: {found} vs {recorded}); {redo}")  # fmt: skip
     return ds, meta
+
+
+@dataclass
+class RefSource:
+    """Where reference values come from: none, stored columns (``ref_loss``, ``ref_entropy``), or a
+    live model. ``entropy``: the selector also needs the reference's per-token entropy."""
+
+    kind: str = "none"  # none | stored | live
+    model: nn.Module | None = None
+    scores_dir: str | None = None  # where stored columns came from
+    entropy: bool = False
+
+    @property
+    def columns(self) -> list[str]:
+        return ["ref_loss"] + (["ref_entropy"] if self.entropy else []) if self.kind == "stored" else []
+
+    def values(self, batch: dict) -> dict:
+        """Keyword arguments for SelectiveLM: ``ref_loss`` (and ``ref_entropy``) of this batch."""
+        if self.kind == "stored":
+            return {c: batch[c] for c in self.columns}
+        if self.kind == "live":
+            out = token_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                               return_entropy=self.entropy)  # fmt: skip
+            return {"ref_loss": out[0], "ref_entropy": out[1]} if self.entropy else {"ref_loss": out}
+        return {}

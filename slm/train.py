@@ -23,9 +23,12 @@ import torch
 from torch import nn
 
 from slm import checkpoints
+from slm.data import fetch, to_device
 from slm.downstream import DownstreamConfig, evaluate_tasks
-from slm.model import SelectiveLM, causal_lm, token_losses
+from slm.evaluation import evaluate
+from slm.model import SelectiveLM, causal_lm
 from slm.parallel import Engine, param_dim, resolve_mixed_precision
+from slm.reference import RefSource
 from slm.rows import shifted_valid
 from slm.selection import NonFiniteScores, RatioSchedule, num_selected, num_to_keep, ratio_schedule
 from slm.signals import StopSignals
@@ -99,68 +102,6 @@ class BatchStream:
         return [int(self._perm(p // self.n)[p % self.n]) for p in range(start, start + self.b)]
 
 
-def fetch(ds, idx: list[int]) -> dict:
-    """Rows ``idx`` of a packed split as CPU tensors (counting needs them on the host anyway).
-    A split in datasets' torch format (as the Trainer sets it) skips Python lists altogether."""
-    return {k: v if torch.is_tensor(v) else torch.as_tensor(v) for k, v in ds[idx].items()}
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-def answer_accuracy(answer_mask: torch.Tensor, hits: torch.Tensor, valid: torch.Tensor) -> tuple[int, int]:
-    """(correct, total) answers: runs of answer tokens, correct when every token is the arg-max.
-
-    Answers cut by a block boundary (a token without a prediction) are not counted.
-    """
-    ans = answer_mask.bool()
-    start = ans & ~torch.nn.functional.pad(ans[:, :-1], (1, 0), value=False)
-    run = torch.cumsum(start.flatten().long(), 0) * ans.flatten()  # 0 = not an answer token
-    n_runs = int(start.sum())
-    if n_runs == 0:
-        return 0, 0
-    ok_valid = torch.ones(n_runs + 1, dtype=torch.long, device=ans.device)
-    ok_hit = torch.ones_like(ok_valid)
-    ok_valid.scatter_reduce_(0, run, valid.flatten().long(), "amin")
-    ok_hit.scatter_reduce_(0, run, hits.flatten().long(), "amin")
-    counted = ok_valid[1:].bool()
-    return int((counted & ok_hit[1:].bool()).sum()), int(counted.sum())
-
-
-@torch.no_grad()
-def evaluate(engine: Engine, ds, batch_size: int) -> dict:
-    """Loss over all valid tokens of ``ds`` and, if it has ``answer_mask``, answer accuracy."""
-    acc, lm = engine.acc, engine.lm
-    lm.eval()
-    rank, world = acc.process_index, acc.num_processes
-    sums = torch.zeros(4, dtype=torch.float64, device=acc.device)  # loss, tokens, correct, answers
-    mine = list(range(rank, len(ds), world))
-    # Every process runs the same number of forwards (FSDP and ZeRO-3 gather weights inside each
-    # one): a process out of rows runs row 0 with every label ignored, which adds nothing.
-    n_batches = math.ceil(math.ceil(len(ds) / world) / batch_size)
-    for i in range(n_batches):
-        b = fetch(ds, mine[i * batch_size : (i + 1) * batch_size] or [0])
-        if i * batch_size >= len(mine):
-            b["labels"] = torch.full_like(b["labels"], -100)
-        b = to_device(b, acc.device)
-        with engine.autocast():
-            out = lm(input_ids=b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
-                     ratio=1.0, return_hits=True)  # fmt: skip
-        sums[0] += out.token_loss.sum().double()
-        sums[1] += out.n_valid
-        if "answer_mask" in b:
-            correct, total = answer_accuracy(b["answer_mask"], out.hits, shifted_valid(b["labels"]))
-            sums[2] += correct
-            sums[3] += total
-    sums = acc.reduce(sums, "sum")
-    lm.train()
-    res = {"eval/loss": (sums[0] / sums[1].clamp(min=1)).item(), "eval/tokens": int(sums[1])}
-    if sums[3] > 0:
-        res["eval/answer_acc"] = (sums[2] / sums[3]).item()
-    return res
-
-
 def lr_lambda(cfg: TrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -181,31 +122,6 @@ class RunInterrupted(Exception):
     def __init__(self, signum: int, step: int, checkpoint: Path | None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint: {checkpoint}")
-
-
-@dataclass
-class RefSource:
-    """Where reference values come from: none, stored columns (``ref_loss``, ``ref_entropy``), or a
-    live model. ``entropy``: the selector also needs the reference's per-token entropy."""
-
-    kind: str = "none"  # none | stored | live
-    model: nn.Module | None = None
-    scores_dir: str | None = None  # where stored columns came from
-    entropy: bool = False
-
-    @property
-    def columns(self) -> list[str]:
-        return ["ref_loss"] + (["ref_entropy"] if self.entropy else []) if self.kind == "stored" else []
-
-    def values(self, batch: dict) -> dict:
-        """Keyword arguments for SelectiveLM: ``ref_loss`` (and ``ref_entropy``) of this batch."""
-        if self.kind == "stored":
-            return {c: batch[c] for c in self.columns}
-        if self.kind == "live":
-            out = token_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                               return_entropy=self.entropy)  # fmt: skip
-            return {"ref_loss": out[0], "ref_entropy": out[1]} if self.entropy else {"ref_loss": out}
-        return {}
 
 
 def master_weights(lm: nn.Module, dtype: str | None) -> None:

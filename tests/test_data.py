@@ -133,7 +133,7 @@ def test_corpus_answers_follow_from_prompts():
 
 def test_reference_trained_on_clean_split_separates_answers_from_noise(tmp_path):
     """The built-in corpus's point: a reference trained on clean data finds noise hard."""
-    from slm.cli import build_model
+    from slm.architectures import build_model
 
     cfg = compose_train(
         tmp_path / "cache",

@@ -119,7 +119,7 @@ def test_a_model_loaded_in_bf16_trains_fp32_master_weights(tmp_path):
     """An update far below bf16's rounding step is kept (pure bf16 weights would drop it)."""
     from safetensors.torch import load_file
 
-    from slm.cli import build_model
+    from slm.architectures import build_model
     from slm.data import build
 
     base = ("model.dtype=bfloat16", "reference=none", "selector=all", "trainer.lr=1e-6", "trainer.max_steps=1",

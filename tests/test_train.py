@@ -11,8 +11,9 @@ import torch
 from helpers import TINY, compose_train
 
 from slm.cli import train
+from slm.evaluation import answer_accuracy
 from slm.tracking import read_metrics
-from slm.train import BatchStream, NonFiniteLoss, RunInterrupted, Trainer, answer_accuracy
+from slm.train import BatchStream, NonFiniteLoss, RunInterrupted, Trainer
 
 
 def losses(run_dir, key="train/loss"):
@@ -70,7 +71,7 @@ def test_accumulation_equals_double_batch(tmp_path):
 
 def test_ratio_one_is_plain_causal_lm_training(tmp_path):
     """selector=all with no reference = an independent HF loop with AdamW on model(...).loss."""
-    from slm.cli import build_model
+    from slm.architectures import build_model
     from slm.data import build
     from slm.train import TrainConfig, lr_lambda
 

@@ -1,0 +1,136 @@
+"""HF causal LMs: build one from a config, and find what the selective head needs in one.
+
+Which architectures' logits the head reproduces exactly, where a model's head and decoder are
+(a PEFT model's base model included), and how DeepSpeed ZeRO-3's partitioned head parameters
+are gathered for the head, which never calls the output layer's own forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+
+from slm.head import OutputHead
+
+# Architectures whose logits are exactly ``cap(scale * (final_hidden @ W.T + b))`` with the
+# final norm inside ``model.base_model``; checked against HF's own loss in the tests.
+_EXACT_HEADS = {
+    "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3",
+    "gemma", "gemma2", "cohere", "granite", "olmo", "olmo2", "starcoder2",
+}  # fmt: skip
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside ``model``: itself, or a PEFT model's base model (LoRA layers injected)."""
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):
+        config = model.peft_config.get(getattr(model, "active_adapter", "default"))
+        if config is not None and getattr(config, "is_prompt_learning", False):
+            raise ValueError(
+                f"SelectiveLM supports PEFT adapters that change weights (LoRA and similar), not prompt learning "
+                f"({type(config).__name__}): its virtual tokens would shift the labels"
+            )
+        return model.get_base_model()
+    return model
+
+
+def zero3_ready(module: nn.Module, head: OutputHead) -> bool:
+    """Under DeepSpeed ZeRO-3 the head's parameters are partitioned outside lm_head's forward, which
+    the selective head never calls. Register them as external parameters of ``module`` so that
+    ZeRO-3 gathers them for ``module``'s forward and backward; True once they are gathered."""
+    params = [p for p in (head.weight, head.bias) if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return True
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
+
+    known = getattr(module, "_external_params", {})
+    registered_before = all(id(p) in known for p in params)
+    for p in params:
+        if id(p) not in known:
+            register_external_parameter(module, p)
+    ready = all(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params)
+    if registered_before and not ready:
+        raise RuntimeError(
+            "ZeRO-3 did not gather the output layer's weight for SelectiveLM's forward; call SelectiveLM (the "
+            "module given to DeepSpeed) rather than its inner model"
+        )
+    return ready
+
+
+def gathered(params: list[Tensor | None]):
+    """Under DeepSpeed ZeRO-3 the head's parameters live partitioned outside their module's
+    forward; gather them (read-only) for as long as the head needs them."""
+    partitioned = [p for p in params if p is not None and hasattr(p, "ds_id")]
+    if not partitioned:
+        return nullcontext()
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # Small parameters stay whole under ZeRO-3 (the persistence threshold): only gather the others.
+    partitioned = [p for p in partitioned if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else nullcontext()
+
+
+def output_head(model: nn.Module, chunk_elements: int | None = None,
+                backend: str = "auto") -> tuple[OutputHead | None, str]:  # fmt: skip
+    """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` and the reason."""
+    lm = causal_lm(model)
+    cfg = lm.config
+    out = lm.get_output_embeddings()
+    if cfg.model_type not in _EXACT_HEADS:
+        return None, f"no exact selective head for model_type={cfg.model_type!r}"
+    if not isinstance(out, nn.Linear) or type(out).forward is not nn.Linear.forward:
+        return None, f"the output layer is a {type(out).__module__}.{type(out).__name__}, not a plain nn.Linear"
+    if type(out.weight).__name__ == "DTensor":
+        return None, "the output layer's weight is sharded on its own (a DTensor); keep it in the root FSDP unit"
+    scale = 1.0
+    if cfg.model_type == "cohere":
+        scale = float(cfg.logit_scale)
+    elif cfg.model_type == "granite":
+        scale = 1.0 / float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None) if cfg.model_type == "gemma2" else None
+    return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements, backend), ""
+
+
+def build_model(mcfg, vocab_size: int, seed: int, tokenizer=None, fresh: bool = False):
+    """An HF causal LM: ``pretrained`` (hub name or path), else built from ``config``. A model built
+    from config carries ``tokenizer``'s special token ids (generation stops at its end token).
+    ``fresh=True``: a pretrained model's architecture, freshly initialised (a reference trained
+    from scratch)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, mcfg.get("dtype", "float32"))
+    if mcfg.get("pretrained") and not fresh:
+        return _from_pretrained(mcfg.pretrained, dtype)
+    if mcfg.get("pretrained"):
+        config = AutoConfig.from_pretrained(mcfg.pretrained)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    kwargs = _container(mcfg.config)
+    model_type = kwargs.pop("model_type")
+    if tokenizer is not None:
+        kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if tokenizer is not None and model.generation_config is not None:
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(model.generation_config, name, getattr(tokenizer, name))
+    return model
+
+
+def _from_pretrained(name: str, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"model.pretrained={name!r}: could not load it ({e})") from e
+
+
+def _container(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
