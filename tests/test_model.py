@@ -25,16 +25,22 @@ def grads(loss, model):
     ]
 
 
+# Every exactness test against HF runs on each head backend available on CPU; the compiled one
+# (CUDA's default) only in the slow suite, where its one-off compilation fits.
+BACKENDS = ["torch", pytest.param("compiled", marks=pytest.mark.slow)]
+
+
 def assert_grads_close(ga, gb):
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_ratio_one_equals_hf_loss_and_grads(arch, batch):
+def test_ratio_one_equals_hf_loss_and_grads(arch, batch, backend):
     ids, am, labels = batch
     model = tiny_model(arch)
-    lm = slm.SelectiveLM(model)
+    lm = slm.SelectiveLM(model, head_backend=backend)
     assert lm.exact_head
     ref = model(input_ids=ids, attention_mask=am, labels=labels).loss
     out = lm(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
@@ -43,12 +49,15 @@ def test_ratio_one_equals_hf_loss_and_grads(arch, batch):
     assert_grads_close(grads(out.loss, model), grads(ref, model))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_loss_mask_grads_equal_full_logits_masked_loss(arch, batch):
+def test_loss_mask_grads_equal_full_logits_masked_loss(arch, batch, backend):
     ids, am, labels = batch
     model = tiny_model(arch)
     loss_mask = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.35
-    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, loss_mask=loss_mask)
+    out = slm.SelectiveLM(model, head_backend=backend)(
+        input_ids=ids, labels=labels, attention_mask=am, loss_mask=loss_mask
+    )
     mask = loss_mask & shifted_valid(labels)
     assert torch.equal(out.mask, mask)
     ce = hf_token_ce(model, ids, labels, am)
@@ -58,13 +67,15 @@ def test_loss_mask_grads_equal_full_logits_masked_loss(arch, batch):
     assert_grads_close(grads(out.loss, model), grads(ref, model))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_excess_loss_selection_grads_equal_masked_full_logits(arch, batch):
+def test_excess_loss_selection_grads_equal_masked_full_logits(arch, batch, backend):
     ids, am, labels = batch
     model = tiny_model(arch)
     reference = tiny_model(arch, seed=7)
     ref_loss = slm.token_losses(reference, ids, labels, attention_mask=am)
-    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ref_loss=ref_loss, ratio=0.4)
+    lm = slm.SelectiveLM(model, head_backend=backend)
+    out = lm(input_ids=ids, labels=labels, attention_mask=am, ref_loss=ref_loss, ratio=0.4)
 
     ce = hf_token_ce(model, ids, labels, am)
     valid = shifted_valid(labels)
@@ -205,13 +216,16 @@ def test_save_pretrained_round_trip(tmp_path, batch):
         torch.testing.assert_close(again(input_ids=ids).logits, lm.model(input_ids=ids).logits)
 
 
-def test_autocast_bf16_grads_close_to_hf_under_autocast(batch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bf16_grads_close_to_hf_under_autocast(batch, backend):
     """Mixed precision: the backward recomputes logits in the autocast dtype, like the forward."""
     ids, am, labels = batch
     model = tiny_model("phi")
     loss_mask = shifted_valid(labels) & (torch.arange(12) % 3 != 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, loss_mask=loss_mask)
+        out = slm.SelectiveLM(model, head_backend=backend)(
+            input_ids=ids, labels=labels, attention_mask=am, loss_mask=loss_mask
+        )
         ours = grads(out.loss, model)
         ce = hf_token_ce(model, ids, labels, am)
         ref = ce[loss_mask].sum() / loss_mask.sum()
@@ -431,6 +445,62 @@ def test_compiled_backend_equals_the_torch_backend(batch, arch, dtype):
     torch.testing.assert_close(a.token_loss, b.token_loss, **tol)
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y, **tol)
+
+
+@pytest.mark.slow
+def test_compiled_head_does_not_recompile_per_row_count():
+    """A run's steps select different numbers of rows and chunks end at different sizes: one
+    compiled graph per chunk function and configuration serves them all (a recompile per size would
+    stall every step and, past dynamo's recompile limit, fail the run)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, g = tiny_model("llama"), torch.Generator().manual_seed(0)
+    lm = slm.SelectiveLM(model, head_backend="compiled", chunk_elements=16 * VOCAB)
+    graphs = []
+    for step in range(14):  # fresh row counts every step: valid tokens, selected tokens, chunk tails
+        ids = torch.randint(1, VOCAB, (2, 24 + step), generator=g)
+        labels = ids.clone()
+        labels[:, : step + 1] = -100
+        ref = torch.rand(ids.shape, generator=g)
+        for kwargs in (
+            dict(ref_loss=ref, ratio=0.3 + 0.03 * step),
+            dict(loss_mask=torch.rand(ids.shape, generator=g) < 0.5),
+        ):
+            out = lm(input_ids=ids, labels=labels, **kwargs)
+            expected = slm.SelectiveLM(model, head_backend="torch")(input_ids=ids, labels=labels, **kwargs)
+            assert torch.equal(out.mask, expected.mask)
+            torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=1e-5)
+            out.loss.backward()
+        slm.token_losses(model, ids, labels, return_hits=True, chunk_elements=16 * VOCAB)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # A few graphs (configurations, a one-row chunk), all compiled within the first steps: later steps
+    # compile nothing new, and none fell back to eager at dynamo's recompile limit.
+    assert graphs[-1] == graphs[2] and graphs[-1] <= 6, graphs
+    torch._dynamo.reset()
+
+
+def test_compiled_backend_without_a_compiler_warns_and_runs_eagerly(batch, monkeypatch):
+    """A machine where torch.compile cannot build kernels (here: no working C++ compiler) still
+    trains with the compiled backend asked for, on the eager chunk math, and says so once."""
+    import torch._inductor.config as inductor
+
+    from slm import head
+
+    ids, am, labels = batch
+    model, ref = tiny_model("gemma2"), torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
+    expected = slm.SelectiveLM(model, head_backend="torch")(input_ids=ids, labels=labels, ref_loss=ref, ratio=0.5)
+    monkeypatch.setattr(head, "_COMPILED", None)
+    monkeypatch.setattr(head, "_COMPILE_FAILED", None)
+    torch._dynamo.reset()
+    with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        with pytest.warns(UserWarning, match="compiled head backend is unavailable.*C\\+\\+ compiler"):
+            out = slm.SelectiveLM(model, head_backend="compiled")(input_ids=ids, labels=labels, ref_loss=ref, ratio=0.5)
+        out.loss.backward()
+    assert torch.equal(out.mask, expected.mask)
+    torch.testing.assert_close(out.loss, expected.loss, atol=1e-6, rtol=1e-6)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "cohere"])
