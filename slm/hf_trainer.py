@@ -27,12 +27,13 @@ from slm.selection import check_ratio, num_selected
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = {"loss_mask": False, "ref_loss": 0.0, "loss_weight": 0.0}  # per-token columns and their padding
+# per-token columns and their padding
+_COLUMNS = {"loss_mask": False, "ref_loss": 0.0, "ref_entropy": 0.0, "loss_weight": 0.0}
 _NOT_FOR_THE_DECODER = ("labels", *_COLUMNS)
 
 
 class SelectiveDataCollator:
-    """Pad ``loss_mask`` / ``ref_loss`` / ``loss_weight`` columns like ``labels``.
+    """Pad ``loss_mask`` / ``ref_loss`` / ``ref_entropy`` / ``loss_weight`` columns like ``labels``.
 
     Two ways to build batches:
 
@@ -102,7 +103,10 @@ class SelectiveTrainer(Trainer):
         selection_ratio: share of valid tokens to train on when a batch has no ``loss_mask``
             (``None``: every batch must bring a ``loss_mask`` or ``loss_weight``).
         selector: ``excess_loss`` (default; needs a ``ref_loss`` column to differ from
-            ``train_loss``), ``train_loss``, ``reference_loss`` or ``random``.
+            ``train_loss``), ``train_loss``, ``reference_loss``, ``reference_entropy`` (a
+            ``ref_entropy`` column, from ``slm-score entropy=true``) or ``random``. ``union`` and
+            ``intersection`` are refused: how many tokens they train is known only after the
+            forward, and Trainer normalises by a count taken before it (``slm-train`` has them).
         scope: ``sequence`` or ``batch`` (default; per micro-batch).
 
     A model already wrapped in :class:`slm.SelectiveLM` is the single source of its ratio, selector
@@ -126,6 +130,12 @@ class SelectiveTrainer(Trainer):
                 model = SelectiveLM(model, ratio=ratio, selector=selector or "excess_loss", scope=scope or "batch")
         if model is not None and model.scope == "global":
             raise ValueError("SelectiveTrainer supports scope='sequence' or 'batch' (not 'global')")
+        if model is not None and not model.fixed_count:
+            raise ValueError(
+                f"SelectiveTrainer: selector={model.selector!r} trains a number of tokens known only after the "
+                "forward, and Trainer normalises each step by a count taken before it (num_items_in_batch). Use "
+                "slm-train for union/intersection, or one score here."
+            )
         training_args = kwargs.get("args") or (args[0] if args else None)
         if training_args is not None and training_args.ddp_find_unused_parameters is None:
             # Trainer assumes unused parameters for a model that is not a PreTrainedModel; every
@@ -176,6 +186,7 @@ class SelectiveTrainer(Trainer):
             loss_mask=inputs.get("loss_mask"),
             loss_weight=inputs.get("loss_weight"),
             ref_loss=inputs.get("ref_loss"),
+            ref_entropy=inputs.get("ref_entropy"),
             ratio=None if training else 1.0,
             num_items_in_batch=num_items_in_batch if training else None,
             **decoder_inputs,

@@ -322,3 +322,34 @@ def test_readme_conversion_from_pre_shifted_labels_equals_the_users_own_loss():
     params = list(model.parameters())
     for a, b in zip(torch.autograd.grad(ours, params), torch.autograd.grad(theirs, params)):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+
+
+def test_union_and_intersection_are_refused_because_their_count_comes_after_the_forward(tmp_path):
+    """Trainer divides by num_items_in_batch, counted before any forward; a union's size is known only
+    after selecting, so dividing by the ratio's count would scale the loss silently wrong."""
+    ds, tok = dataset(with_mask=False)
+    lm = slm.SelectiveLM(tiny_model("llama", vocab=len(tok)), ratio=0.3, selector="union",
+                         combine=("excess_loss", "reference_entropy"))  # fmt: skip
+    with pytest.raises(ValueError, match="union.*known only after the forward.*slm-train"):
+        SelectiveTrainer(lm, args(tmp_path), train_dataset=ds, data_collator=collator(tok))
+
+
+def test_a_ref_entropy_column_is_padded_and_selects_the_most_certain_tokens(tmp_path):
+    ds, tok = dataset(with_mask=False)
+    g = torch.Generator().manual_seed(4)
+    ds = ds.map(lambda r: {"ref_entropy": (torch.rand(len(r["input_ids"]), generator=g) * 3).tolist()})
+    model = tiny_model("llama", vocab=len(tok))
+    trainer = SelectiveTrainer(model, args(tmp_path), train_dataset=ds, data_collator=collator(tok),
+                               selection_ratio=0.3, selector="reference_entropy")  # fmt: skip
+    batch = collator(tok)([dict(r) for r in ds.select(range(4))])
+    assert batch["ref_entropy"].shape == batch["labels"].shape
+    n = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=n)
+    direct = slm.SelectiveLM(model, ratio=0.3, selector="reference_entropy")(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        ref_entropy=batch["ref_entropy"])  # fmt: skip
+    valid = slm.rows.shifted_valid(batch["labels"])
+    expected = slm.select_tokens(-batch["ref_entropy"], 0.3, valid, "batch")
+    assert torch.equal(direct.mask, expected) and int(n) == int(expected.sum())
+    torch.testing.assert_close(loss, direct.loss, atol=1e-6, rtol=1e-6, check_dtype=False)
+    trainer.train()
