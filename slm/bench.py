@@ -79,10 +79,11 @@ def cases(model, ids, ref_loss, mask) -> dict:
         BASELINE: lambda: _masked_ce(model(input_ids=ids).logits, ids, m6),
         FLOOR: lambda: model.base_model(input_ids=ids).last_hidden_state.float().square().mean(),
         "slm_loss_mask_0.3": lambda: lm(input_ids=ids, labels=ids, loss_mask=m3).loss,
+        "slm_loss_mask_0.6": lambda: lm(input_ids=ids, labels=ids, loss_mask=m6).loss,
     }
     for r in (1.0, 0.6, 0.3):
         out[f"slm_excess_{r}"] = lambda r=r: lm(input_ids=ids, labels=ids, ref_loss=ref_loss, ratio=r).loss
-    out.update(_gpu_library_cases(model, ids, ref_loss, m6))
+    out.update(_library_cases(model, ids, ref_loss, m6))
     return out
 
 
@@ -121,10 +122,9 @@ def scoring_cases(model, ids) -> dict:
     return out
 
 
-def _gpu_library_cases(model, ids, ref_loss, m6) -> dict:
-    """Liger, Apple's CCE and torch's own linear_cross_entropy, each used the best way it allows."""
-    if ids.device.type != "cuda":
-        return {}
+def _library_cases(model, ids, ref_loss, m6) -> dict:
+    """torch's own linear_cross_entropy (any device) and, on CUDA, Liger and Apple's CCE, each used
+    the best way it allows. The masked ones train the same 60% of tokens as the HF baseline."""
     import slm
 
     extra = {}
@@ -132,6 +132,11 @@ def _gpu_library_cases(model, ids, ref_loss, m6) -> dict:
     hidden = lambda: model.base_model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, W.shape[1])
     tgt = ids[:, 1:].reshape(-1)
     masked_tgt = tgt.masked_fill(~m6[:, 1:].reshape(-1), -100)
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):  # torch >= 2.13
+        opts = torch.nn.LinearCrossEntropyOptions()  # the chunked path, never the full logits
+        extra["torch_linear_ce_mask_0.6"] = lambda: F.linear_cross_entropy(hidden(), W, masked_tgt, options=opts)
+    if ids.device.type != "cuda":
+        return extra
     try:
         from cut_cross_entropy import linear_cross_entropy
 
@@ -152,9 +157,6 @@ def _gpu_library_cases(model, ids, ref_loss, m6) -> dict:
         extra["liger_flce_mask_0.6"] = lambda: liger_fused_linear_cross_entropy(hidden(), W, masked_tgt)
     except ImportError:
         pass
-    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
-        opts = torch.nn.LinearCrossEntropyOptions()
-        extra["torch_linear_ce_mask_0.6"] = lambda: F.linear_cross_entropy(hidden(), W, masked_tgt, options=opts)
     return extra
 
 

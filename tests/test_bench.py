@@ -3,22 +3,33 @@
 import json
 
 import pytest
+import torch
 
-from slm.bench import BASELINE, FLOOR, SPARSE_CASES, main
+from slm.bench import BASELINE, FLOOR, SPARSE_CASES, build, cases, main
 
 
 def test_bench_table_and_json(tmp_path, capsys):
     main(["--shape", "tiny", "--steps", "2", "--warmup", "1", "--json", str(tmp_path / "b.json")])
     printed = capsys.readouterr().out
     res = json.loads((tmp_path / "b.json").read_text())["cases"]
-    expected = {BASELINE, FLOOR, "slm_loss_mask_0.3", "slm_excess_1.0", "slm_excess_0.6", "slm_excess_0.3"}
-    assert set(res) == expected  # the GPU library cases join on CUDA only
+    expected = {BASELINE, FLOOR, "slm_loss_mask_0.3", "slm_loss_mask_0.6", "slm_excess_1.0", "slm_excess_0.6",
+                "slm_excess_0.3", "torch_linear_ce_mask_0.6"}  # fmt: skip
+    assert set(res) == expected  # Liger and CCE join on CUDA only
     assert res[BASELINE]["time_ratio"] == 1.0 and res[BASELINE]["mem_ratio"] == 1.0
     assert res[FLOOR]["floor_ratio"] == 1.0
     for name, r in res.items():
         assert r["ms"] > 0 and r["peak_mib"] >= 0 and r["tokens_per_s"] > 0
         assert r["floor_ratio"] == r["ms"] / res[FLOOR]["ms"]
         assert f"| {name} |" in printed
+
+
+def test_the_masked_cases_compute_the_baselines_loss():
+    """The comparison is like with like: every case that trains the baseline's 60% mask gets its loss."""
+    model, ids, ref_loss, mask = build("tiny", "cpu", torch.float32, None, None)
+    run = cases(model, ids, ref_loss, mask)
+    expected = run[BASELINE]().item()
+    for name in ("slm_loss_mask_0.6", "torch_linear_ce_mask_0.6"):
+        assert run[name]().item() == pytest.approx(expected, rel=1e-5), name
 
 
 @pytest.mark.slow  # about twenty fresh processes
