@@ -255,6 +255,7 @@ def _table(title: str, results: dict, base: str | None, floor: str | None) -> No
 def _measure(args, fns, model, ids, table: str, batch: int | None = None) -> dict:
     results = {}
     for name, fn in fns.items():
+        model.zero_grad(set_to_none=True)  # the previous case's gradients are not this one's peak
         if args.device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

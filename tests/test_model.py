@@ -448,8 +448,14 @@ def test_compiled_backend_equals_the_torch_backend(batch, arch, dtype):
         torch.testing.assert_close(x, y, **tol)
 
 
+_CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
+)
+
+
 @pytest.mark.slow
-def test_compiled_head_does_not_recompile_per_row_count():
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+def test_compiled_head_does_not_recompile_per_row_count(device):
     """A run's steps select different numbers of rows and chunks end at different sizes: one
     compiled graph per chunk function and configuration serves them all (a recompile per size would
     stall every step and, past dynamo's recompile limit, fail the run)."""
@@ -457,18 +463,16 @@ def test_compiled_head_does_not_recompile_per_row_count():
 
     torch._dynamo.reset()
     counters.clear()
-    model, g = tiny_model("llama"), torch.Generator().manual_seed(0)
+    model, g = tiny_model("llama").to(device), torch.Generator().manual_seed(0)
     lm = slm.SelectiveLM(model, head_backend="compiled", chunk_elements=16 * VOCAB)
     graphs = []
     for step in range(14):  # fresh row counts every step: valid tokens, selected tokens, chunk tails
         ids = torch.randint(1, VOCAB, (2, 24 + step), generator=g)
         labels = ids.clone()
         labels[:, : step + 1] = -100
-        ref = torch.rand(ids.shape, generator=g)
-        for kwargs in (
-            dict(ref_loss=ref, ratio=0.3 + 0.03 * step),
-            dict(loss_mask=torch.rand(ids.shape, generator=g) < 0.5),
-        ):
+        ref, keep = torch.rand(ids.shape, generator=g), torch.rand(ids.shape, generator=g) < 0.5
+        ids, labels, ref, keep = (t.to(device) for t in (ids, labels, ref, keep))
+        for kwargs in (dict(ref_loss=ref, ratio=0.3 + 0.03 * step), dict(loss_mask=keep)):
             out = lm(input_ids=ids, labels=labels, **kwargs)
             expected = slm.SelectiveLM(model, head_backend="torch")(input_ids=ids, labels=labels, **kwargs)
             assert torch.equal(out.mask, expected.mask)
