@@ -45,6 +45,7 @@ def test_one_device_sync_per_forward_on_cuda():
     model = tiny_model("llama").cuda()
     lm = slm.SelectiveLM(model, check_scores="deferred")
     ref = torch.rand(ids.shape, device="cuda")
+    lm(input_ids=ids, labels=labels, ref_loss=ref, ratio=0.6).loss.backward()  # one-time work: compiling, probes
     with HostSyncs() as decoder:
         model.base_model(input_ids=ids, use_cache=False)
     with HostSyncs() as forward:
@@ -61,3 +62,16 @@ def test_chunks_are_multiples_of_128_rows_on_cuda():
     head = OutputHead(torch.zeros(151936, 896, device="cuda", dtype=torch.bfloat16))
     for kind in ("score", "train"):
         assert head.chunk_rows(kind) % 128 == 0
+
+
+def test_head_weight_gradient_accumulates_over_many_chunks_on_cuda():
+    """bf16 chunks add their weight gradients into one float32 buffer (in place, where CUDA's
+    addmm(out_dtype=) allows): eight 128-row chunks give what one chunk gives."""
+    ids = torch.randint(1, VOCAB, (4, 257), generator=torch.Generator().manual_seed(2)).cuda()
+    model = tiny_model("llama").cuda()
+    grads = []
+    for rows in (128, 2048):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = slm.SelectiveLM(model, chunk_elements=rows * VOCAB)(input_ids=ids, labels=ids, ratio=1.0)
+        grads.append(torch.autograd.grad(out.loss, model.lm_head.weight)[0])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
