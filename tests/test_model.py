@@ -491,13 +491,13 @@ def test_compiled_backend_without_a_compiler_warns_and_runs_eagerly(batch, monke
     trains with the compiled backend asked for, on the eager chunk math, and says so once."""
     import torch._inductor.config as inductor
 
-    from slm import head
+    from slm.head import compiled as backend
 
     ids, am, labels = batch
     model, ref = tiny_model("gemma2"), torch.rand(ids.shape, generator=torch.Generator().manual_seed(0))
     expected = slm.SelectiveLM(model, head_backend="torch")(input_ids=ids, labels=labels, ref_loss=ref, ratio=0.5)
-    monkeypatch.setattr(head, "_COMPILED", None)
-    monkeypatch.setattr(head, "_COMPILE_FAILED", None)
+    monkeypatch.setattr(backend, "_COMPILED", None)
+    monkeypatch.setattr(backend, "_COMPILE_FAILED", None)
     torch._dynamo.reset()
     with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
         with pytest.warns(UserWarning, match="compiled head backend is unavailable.*C\\+\\+ compiler"):
