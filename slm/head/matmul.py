@@ -5,53 +5,56 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+_OUT_DTYPE_WORKS: dict = {}  # (device type, dtype) -> whether mm/addmm(out_dtype=float32) are right there
+
 
 def mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` with a float32 result, accumulating in float32 whatever the input dtype."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) for this dtype
-            pass
+    if _out_dtype_works(a):
+        return torch.mm(a, b, out_dtype=torch.float32)
     return a.float() @ b.float()
-
-
-_ADDMM_IN_PLACE: dict = {}  # device type -> whether addmm(out_dtype=float32, out=acc) is right there
 
 
 def addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` into the float32 ``acc``, accumulating in float32 whatever the input dtype.
 
-    A float32 product is ``addmm_``; a bf16/fp16 one goes straight into ``acc`` where the device
-    has ``addmm(..., out_dtype=float32, out=acc)`` (CUDA), so no V x H temporary is written and
-    read back per chunk. That path is taken only after a one-time check on the device that it
-    gives ``acc + a @ b``; otherwise the product is formed in float32 and added.
+    A bf16/fp16 product goes straight into ``acc`` where the device has
+    ``addmm(..., out_dtype=float32, out=acc)`` (CUDA), so no V x H temporary is written and read
+    back per chunk; elsewhere it is formed in float32 and added.
     """
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _addmm_in_place_works(a):
+    elif _out_dtype_works(a):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += mm_f32(a, b)
 
 
-def _addmm_in_place_works(a: Tensor) -> bool:
+def _out_dtype_works(a: Tensor) -> bool:
+    """Whether ``mm``/``addmm`` with ``out_dtype=float32`` (accumulating into ``out``) give the right
+    numbers for ``a``'s device and dtype: checked once per process on a small product, so a torch
+    build or device without them (or with a wrong one) falls back instead of failing or drifting."""
     key = (a.device.type, a.dtype)
-    if key not in _ADDMM_IN_PLACE:
+    if key not in _OUT_DTYPE_WORKS:
         ok = False
-        if a.is_cuda:
+        if a.is_cuda:  # CPU builds have no mm(out_dtype=) kernels
             g = torch.Generator(device="cpu").manual_seed(0)
             x, y, acc = (torch.randn(s, generator=g).to(a.device) for s in ((64, 48), (48, 40), (64, 40)))
-            expected = acc + x.to(a.dtype).float() @ y.to(a.dtype).float()
+            x, y = x.to(a.dtype), y.to(a.dtype)
+            product = x.float() @ y.float()
+            expected = acc + product
             try:
-                torch.addmm(acc, x.to(a.dtype), y.to(a.dtype), out_dtype=torch.float32, out=acc)
-                ok = torch.allclose(acc, expected, atol=1e-3, rtol=1e-3)
-            except (RuntimeError, TypeError):  # no addmm(out_dtype=) for this device or dtype
+                mm = torch.mm(x, y, out_dtype=torch.float32)
+                torch.addmm(acc, x, y, out_dtype=torch.float32, out=acc)
+                ok = bool(torch.allclose(mm, product, atol=1e-3, rtol=1e-3)) and bool(
+                    torch.allclose(acc, expected, atol=1e-3, rtol=1e-3)
+                )
+            except (RuntimeError, TypeError):  # no out_dtype= for this device or dtype
                 pass
-        _ADDMM_IN_PLACE[key] = ok
-    return _ADDMM_IN_PLACE[key]
+        _OUT_DTYPE_WORKS[key] = ok
+    return _OUT_DTYPE_WORKS[key]
 
 
 def no_autocast(device_type: str):
