@@ -265,6 +265,8 @@ def _measure(args, fns, model, ids, table: str, batch: int | None = None) -> dic
         else:
             mem = measure_memory_subprocess(args, name, table, batch)
         results[name] = {"ms": ms, "tokens_per_s": ids.numel() / ms * 1e3, "peak_mib": mem}
+        # as it goes, so that a run cut short (a time limit on a lent GPU) still leaves its numbers
+        print(f"  {name}: {ms:.1f} ms/step, peak {mem:.0f} MiB", file=sys.stderr, flush=True)
         if table == "sparse" and args.device != "cuda":
             results[name]["accumulating_peak_mib"] = measure_memory_subprocess(args, name, table, batch, True)
     return results
