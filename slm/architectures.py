@@ -14,12 +14,20 @@ from torch import Tensor, nn
 
 from slm.head import OutputHead
 
-# Architectures whose logits are exactly ``cap(scale * (final_hidden @ W.T + b))`` with the
-# final norm inside ``model.base_model``; checked against HF's own loss in the tests.
-_EXACT_HEADS = {
-    "gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi", "phi3",
-    "gemma", "gemma2", "cohere", "granite", "olmo", "olmo2", "starcoder2",
+# Architectures whose causal LM computes ``logits = lm_head(last_hidden_state)`` (the final norm
+# inside ``model.base_model``), then at most the transform named below, and HF's standard causal-LM
+# loss: ``cap(scale * (final_hidden @ W.T + b))``. Each is checked against HF's own loss and
+# gradients in the tests (tests/conftest.py ARCH_KWARGS).
+_PLAIN_HEADS = {
+    "gpt2", "gpt_neox", "gpt_neo", "gptj", "gpt_bigcode", "codegen", "bloom", "opt", "falcon", "persimmon",
+    "stablelm", "llama", "mistral", "ministral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo", "olmo2",
+    "olmo3", "starcoder2", "smollm3", "glm", "glm4", "exaone4", "helium", "seed_oss", "apertus", "arcee",
+    "ernie4_5", "hunyuan_v1_dense", "nemotron",
 }  # fmt: skip
+_SOFTCAPPED = {"gemma2", "gemma3_text", "vaultgemma"}  # tanh cap at config.final_logit_softcapping (None: none)
+_SCALED = {"cohere": "logit_scale", "cohere2": "logit_scale"}  # logits * config.<attribute>
+_DIVIDED = {"granite": "logits_scaling"}  # logits / config.<attribute>
+_EXACT_HEADS = _PLAIN_HEADS | _SOFTCAPPED | set(_SCALED) | set(_DIVIDED)
 
 
 def causal_lm(model: nn.Module) -> nn.Module:
@@ -85,11 +93,11 @@ def output_head(model: nn.Module, chunk_elements: int | None = None,
     if type(out.weight).__name__ == "DTensor":
         return None, "the output layer's weight is sharded on its own (a DTensor); keep it in the root FSDP unit"
     scale = 1.0
-    if cfg.model_type == "cohere":
-        scale = float(cfg.logit_scale)
-    elif cfg.model_type == "granite":
-        scale = 1.0 / float(cfg.logits_scaling)
-    softcap = getattr(cfg, "final_logit_softcapping", None) if cfg.model_type == "gemma2" else None
+    if cfg.model_type in _SCALED:
+        scale = float(getattr(cfg, _SCALED[cfg.model_type]))
+    elif cfg.model_type in _DIVIDED:
+        scale = 1.0 / float(getattr(cfg, _DIVIDED[cfg.model_type]))
+    softcap = getattr(cfg, "final_logit_softcapping", None) if cfg.model_type in _SOFTCAPPED else None
     return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements, backend), ""
 
 

@@ -29,6 +29,39 @@ ARCH_KWARGS = {
     "olmo": _DECODER,
     "olmo2": _DECODER,
     "starcoder2": _GQA,
+    "gpt_neo": dict(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+    ),
+    "gptj": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64, rotary_dim=4),  # output-layer bias
+    "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64),
+    "codegen": dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, n_positions=64, rotary_dim=4),  # output-layer bias
+    "bloom": dict(hidden_size=32, n_layer=2, n_head=4),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "persimmon": _DECODER,
+    "stablelm": dict(_GQA, head_dim=8, max_position_embeddings=64),
+    "ministral": dict(_GQA, head_dim=8),
+    "olmo3": _DECODER,
+    "smollm3": _GQA,
+    "glm": dict(_GQA, head_dim=8, max_position_embeddings=64),
+    "glm4": dict(_GQA, head_dim=8, max_position_embeddings=64),
+    "exaone4": dict(_GQA, head_dim=8),
+    "helium": dict(_GQA, head_dim=8),
+    "seed_oss": dict(_GQA, head_dim=8),
+    "apertus": _GQA,
+    "arcee": _GQA,
+    "ernie4_5": dict(_GQA, head_dim=8),
+    "hunyuan_v1_dense": dict(_GQA, head_dim=8),
+    "nemotron": dict(_GQA, head_dim=8),
+    "gemma3_text": dict(_GQA, head_dim=8, final_logit_softcapping=3.0),
+    "vaultgemma": dict(_GQA, head_dim=8, final_logit_softcapping=3.0),
+    "cohere2": dict(_GQA, logit_scale=0.5),
 }
 ARCHS = list(ARCH_KWARGS)
 
@@ -38,8 +71,9 @@ def tiny_model(arch: str, seed: int = 0, vocab: int = VOCAB):
 
     kwargs = dict(ARCH_KWARGS.get(arch, {}))
     cfg = AutoConfig.for_model(arch, vocab_size=vocab, **kwargs)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(cfg, name, None) is not None and not 0 <= getattr(cfg, name) < vocab:
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # some configs list several end tokens
+        ids = getattr(cfg, name, None)
+        if ids is not None and not all(0 <= i < vocab for i in (ids if isinstance(ids, list) else [ids])):
             setattr(cfg, name, 0)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)

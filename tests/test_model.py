@@ -144,11 +144,21 @@ def test_external_normaliser_and_chunking(batch):
 
 
 def test_unknown_architecture_falls_back_to_full_forward_with_warning(batch):
-    from transformers import BloomConfig, BloomForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM  # a mixture of experts: not on the exact list
 
     ids, am, labels = batch
     torch.manual_seed(0)
-    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)).eval()
+    cfg = MixtralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+    )
+    model = MixtralForCausalLM(cfg).eval()
     with pytest.warns(UserWarning, match="falling back"):
         lm = slm.SelectiveLM(model)
     assert not lm.exact_head
