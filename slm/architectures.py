@@ -23,11 +23,22 @@ _PLAIN_HEADS = {
     "stablelm", "llama", "mistral", "ministral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo", "olmo2",
     "olmo3", "starcoder2", "smollm3", "glm", "glm4", "exaone4", "helium", "seed_oss", "apertus", "arcee",
     "ernie4_5", "hunyuan_v1_dense", "nemotron",
+    # mixtures of experts: their loss is this cross-entropy while the router's auxiliary loss is off
+    # (config.output_router_logits, off by default; SelectiveLM refuses it on, see ROUTER_LOSS_ERROR)
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
 }  # fmt: skip
 _SOFTCAPPED = {"gemma2", "gemma3_text", "vaultgemma"}  # tanh cap at config.final_logit_softcapping (None: none)
 _SCALED = {"cohere": "logit_scale", "cohere2": "logit_scale"}  # logits * config.<attribute>
-_DIVIDED = {"granite": "logits_scaling"}  # logits / config.<attribute>
+_DIVIDED = {"granite": "logits_scaling", "granitemoe": "logits_scaling"}  # logits / config.<attribute>
 _EXACT_HEADS = _PLAIN_HEADS | _SOFTCAPPED | set(_SCALED) | set(_DIVIDED)
+
+
+ROUTER_LOSS_ERROR = (
+    "this model's config has output_router_logits=True: its own loss adds the router's load-balancing loss "
+    "(router_aux_loss_coef x aux), which SelectiveLM does not compute (it trains the selected tokens' "
+    "cross-entropy). Set model.config.output_router_logits = False, and add the balancing loss yourself if "
+    "you need it."
+)
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

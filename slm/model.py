@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from slm.architectures import causal_lm, output_head, zero3_ready
+from slm.architectures import ROUTER_LOSS_ERROR, causal_lm, output_head, zero3_ready
 from slm.head import BACKENDS, OutputHead
 from slm.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
 from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_combined, select_tokens
@@ -188,6 +188,8 @@ class SelectiveLM(nn.Module):
         return (named | _PACKING_KWARGS) - {"input_ids", "attention_mask", "labels", "use_cache"} - set(_UNSUPPORTED)
 
     def _check_kwargs(self, kwargs: dict) -> None:
+        if getattr(causal_lm(self.model).config, "output_router_logits", False):
+            raise ValueError(f"SelectiveLM: {ROUTER_LOSS_ERROR}")
         for name in kwargs:
             if name in _UNSUPPORTED:
                 raise TypeError(f"SelectiveLM.forward() does not take {name}=: {_UNSUPPORTED[name]}")

@@ -62,6 +62,15 @@ ARCH_KWARGS = {
     "gemma3_text": dict(_GQA, head_dim=8, final_logit_softcapping=3.0),
     "vaultgemma": dict(_GQA, head_dim=8, final_logit_softcapping=3.0),
     "cohere2": dict(_GQA, logit_scale=0.5),
+    # mixtures of experts (exact with the router's auxiliary loss off, their default)
+    "mixtral": dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        _GQA, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "qwen3_moe": dict(_GQA, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "olmoe": dict(_GQA, num_experts=4, num_experts_per_tok=2),
+    "phimoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
+    "granitemoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2, logits_scaling=4.0),
 }
 ARCHS = list(ARCH_KWARGS)
 

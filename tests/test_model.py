@@ -144,21 +144,13 @@ def test_external_normaliser_and_chunking(batch):
 
 
 def test_unknown_architecture_falls_back_to_full_forward_with_warning(batch):
-    from transformers import MixtralConfig, MixtralForCausalLM  # a mixture of experts: not on the exact list
+    from transformers import JetMoeConfig, JetMoeForCausalLM  # not on the exact list
 
     ids, am, labels = batch
     torch.manual_seed(0)
-    cfg = MixtralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        num_local_experts=2,
-        num_experts_per_tok=1,
-    )
-    model = MixtralForCausalLM(cfg).eval()
+    cfg = JetMoeConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, kv_channels=8, intermediate_size=64, num_local_experts=2)  # fmt: skip
+    model = JetMoeForCausalLM(cfg).eval()
     with pytest.warns(UserWarning, match="falling back"):
         lm = slm.SelectiveLM(model)
     assert not lm.exact_head
@@ -170,6 +162,20 @@ def test_unknown_architecture_falls_back_to_full_forward_with_warning(batch):
     ce = hf_token_ce(model, ids, labels, am)
     torch.testing.assert_close(out.loss, ce[loss_mask].mean(), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(slm.token_losses(model, ids, labels, am), ce.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_router_load_balancing_loss_is_refused_not_dropped(batch):
+    """A mixture of experts whose config asks for the router's auxiliary loss (HF adds
+    router_aux_loss_coef x aux to its loss): SelectiveLM computes cross-entropy only, so it says so
+    instead of training without the balancing term; with the auxiliary loss off it is exact."""
+    ids, am, labels = batch
+    model = tiny_model("mixtral")
+    model.config.output_router_logits = True
+    with pytest.raises(ValueError, match="output_router_logits=True.*load-balancing"):
+        slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
+    model.config.output_router_logits = False
+    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
+    torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=am, labels=labels).loss)
 
 
 def test_random_selector_is_seeded(batch):
