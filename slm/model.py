@@ -187,7 +187,8 @@ class SelectiveLM(nn.Module):
         named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
         return (named | _PACKING_KWARGS) - {"input_ids", "attention_mask", "labels", "use_cache"} - set(_UNSUPPORTED)
 
-    def _check_kwargs(self, kwargs: dict) -> None:
+    def _check_call(self, kwargs: dict) -> None:
+        """What this forward cannot do exactly is an error: a router loss, unknown or unsupported arguments."""
         if getattr(causal_lm(self.model).config, "output_router_logits", False):
             raise ValueError(f"SelectiveLM: {ROUTER_LOSS_ERROR}")
         for name in kwargs:
@@ -227,7 +228,7 @@ class SelectiveLM(nn.Module):
         ``return_hits=True`` also reports arg-max hits, for accuracy metrics. Other keyword
         arguments (``position_ids``, packing arguments) go to the decoder; unknown ones raise.
         """
-        self._check_kwargs(model_kwargs)
+        self._check_call(model_kwargs)
         if position_ids is not None:
             model_kwargs["position_ids"] = position_ids
         if input_ids.dim() != 2:
