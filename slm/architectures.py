@@ -26,6 +26,9 @@ _PLAIN_HEADS = {
     # mixtures of experts: their loss is this cross-entropy while the router's auxiliary loss is off
     # (config.output_router_logits, off by default; SelectiveLM refuses it on, see ROUTER_LOSS_ERROR)
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
+    # Gemma 3's image-text model (4B and up) trained on text: unlike gemma3_text, its logits are not
+    # soft-capped (HF's Gemma3ForConditionalGeneration ignores text_config.final_logit_softcapping)
+    "gemma3",
 }  # fmt: skip
 _SOFTCAPPED = {"gemma2", "gemma3_text", "vaultgemma"}  # tanh cap at config.final_logit_softcapping (None: none)
 _SCALED = {"cohere": "logit_scale", "cohere2": "logit_scale"}  # logits * config.<attribute>

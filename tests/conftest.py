@@ -71,6 +71,22 @@ ARCH_KWARGS = {
     "olmoe": dict(_GQA, num_experts=4, num_experts_per_tok=2),
     "phimoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
     "granitemoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2, logits_scaling=4.0),
+    # Gemma 3's image-text model, trained on text (its text config's soft-cap is set and must be ignored)
+    "gemma3": dict(
+        text_config=dict(_GQA, head_dim=8, final_logit_softcapping=3.0, max_position_embeddings=64),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=8,
+        ),
+        mm_tokens_per_image=4,
+        image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 2,
+        eoi_token_index=VOCAB - 3,
+    ),
 }
 ARCHS = list(ARCH_KWARGS)
 
@@ -79,7 +95,11 @@ def tiny_model(arch: str, seed: int = 0, vocab: int = VOCAB):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     kwargs = dict(ARCH_KWARGS.get(arch, {}))
-    cfg = AutoConfig.for_model(arch, vocab_size=vocab, **kwargs)
+    if "text_config" in kwargs:  # an image-text model: the vocabulary is its text model's
+        kwargs["text_config"] = dict(kwargs["text_config"], vocab_size=vocab)
+    else:
+        kwargs["vocab_size"] = vocab
+    cfg = AutoConfig.for_model(arch, **kwargs)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # some configs list several end tokens
         ids = getattr(cfg, name, None)
         if ids is not None and not all(0 <= i < vocab for i in (ids if isinstance(ids, list) else [ids])):
