@@ -24,8 +24,9 @@ _PLAIN_HEADS = {
     "olmo3", "starcoder2", "smollm3", "glm", "glm4", "exaone4", "helium", "seed_oss", "apertus", "arcee",
     "ernie4_5", "hunyuan_v1_dense", "nemotron",
     # mixtures of experts: their loss is this cross-entropy while the router's auxiliary loss is off
-    # (config.output_router_logits, off by default; SelectiveLM refuses it on, see ROUTER_LOSS_ERROR)
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe",
+    # (config.output_router_logits, off by default; SelectiveLM refuses it on for the models whose
+    # loss adds it, see ROUTER_LOSS_ERROR)
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "minimax", "glm4_moe", "hunyuan_v1_moe", "flex_olmo",
     # Gemma 3's image-text model (4B and up) trained on text: unlike gemma3_text, its logits are not
     # soft-capped (HF's Gemma3ForConditionalGeneration ignores text_config.final_logit_softcapping)
     "gemma3",

@@ -189,7 +189,8 @@ class SelectiveLM(nn.Module):
 
     def _check_call(self, kwargs: dict) -> None:
         """What this forward cannot do exactly is an error: a router loss, unknown or unsupported arguments."""
-        if getattr(causal_lm(self.model).config, "output_router_logits", False):
+        lm = causal_lm(self.model)
+        if getattr(lm.config, "output_router_logits", False) and hasattr(lm, "router_aux_loss_coef"):
             raise ValueError(f"SelectiveLM: {ROUTER_LOSS_ERROR}")
         for name in kwargs:
             if name in _UNSUPPORTED:

@@ -71,6 +71,17 @@ ARCH_KWARGS = {
     "olmoe": dict(_GQA, num_experts=4, num_experts_per_tok=2),
     "phimoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2),
     "granitemoe": dict(_GQA, num_local_experts=4, num_experts_per_tok=2, logits_scaling=4.0),
+    "minimax": dict(_GQA, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
+    "glm4_moe": dict(
+        _GQA,
+        head_dim=8,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        max_position_embeddings=64,
+    ),
+    "hunyuan_v1_moe": dict(_GQA, head_dim=8, num_experts=4, moe_topk=2, max_position_embeddings=64),
+    "flex_olmo": dict(_GQA, num_experts=4, num_experts_per_tok=2, max_position_embeddings=64),
     # Gemma 3's image-text model, trained on text (its text config's soft-cap is set and must be ignored)
     "gemma3": dict(
         text_config=dict(_GQA, head_dim=8, final_logit_softcapping=3.0, max_position_embeddings=64),

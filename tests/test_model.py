@@ -176,6 +176,10 @@ def test_a_router_load_balancing_loss_is_refused_not_dropped(batch):
     model.config.output_router_logits = False
     out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
     torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=am, labels=labels).loss)
+    model = tiny_model("glm4_moe")  # its HF loss has no router term whatever the config says: not refused
+    model.config.output_router_logits = True
+    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
+    torch.testing.assert_close(out.loss, model(input_ids=ids, attention_mask=am, labels=labels).loss)
 
 
 def test_random_selector_is_seeded(batch):
