@@ -196,6 +196,22 @@ def test_stored_column_equals_live_scores_and_survives_disk(tmp_path):
         load_stored(tmp_path / "nothing", expected)
 
 
+def interrupt_scoring_at_chunk(monkeypatch, n: int):
+    """Make slm-score's ``n``-th chunk raise KeyboardInterrupt (a Ctrl-C mid-run); returns the real scorer."""
+    import slm.reference as reference
+
+    real, calls = reference.score_blocks, []
+
+    def dies(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "score_blocks", dies)
+    return real
+
+
 def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
     import slm.reference as reference
 
@@ -205,21 +221,11 @@ def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
     ref = tiny_model("llama", vocab=len(data.tokenizer))
     n_chunks = -(-len(data["train"]) // 100)
     assert n_chunks >= 3
-    calls = []
-    real = reference.score_blocks
-
-    def dies_on_third_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(reference, "score_blocks", dies_on_third_chunk)
+    real = interrupt_scoring_at_chunk(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         score_dataset(ref, data["train"], tmp_path / "s", {})
     assert len(list((tmp_path / "s" / "parts").glob("*.npy"))) == 2
-    monkeypatch.setattr(reference, "score_blocks", real)
-    calls.clear()
+    calls = []
     monkeypatch.setattr(reference, "score_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
     score_dataset(ref, data["train"], tmp_path / "s", {})
     assert len(calls) == n_chunks - 2  # only the missing chunks
@@ -364,16 +370,7 @@ def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
         score(cfg("ref_b", "done"))
     # a killed run's chunks are never resumed by another reference
     monkeypatch.setattr(reference, "CHUNK_BLOCKS", 64)
-    real = reference.score_blocks
-    calls = []
-
-    def dies_on_second_chunk(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(reference, "score_blocks", dies_on_second_chunk)
+    real = interrupt_scoring_at_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         score(cfg("ref_a", "killed"))
     monkeypatch.setattr(reference, "score_blocks", real)
