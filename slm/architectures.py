@@ -25,7 +25,7 @@ _PLAIN_HEADS = {
     "ernie4_5", "hunyuan_v1_dense", "nemotron",
     # mixtures of experts: their loss is this cross-entropy while the router's auxiliary loss is off
     # (config.output_router_logits, off by default; SelectiveLM refuses it on for the models whose
-    # loss adds it, see ROUTER_LOSS_ERROR)
+    # loss adds it, see check_no_router_loss)
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "minimax", "glm4_moe", "hunyuan_v1_moe", "flex_olmo",
     # Gemma 3's image-text model (4B and up) trained on text: unlike gemma3_text, its logits are not
     # soft-capped (HF's Gemma3ForConditionalGeneration ignores text_config.final_logit_softcapping)
@@ -37,12 +37,17 @@ _DIVIDED = {"granite": "logits_scaling", "granitemoe": "logits_scaling"}  # logi
 _EXACT_HEADS = _PLAIN_HEADS | _SOFTCAPPED | set(_SCALED) | set(_DIVIDED)
 
 
-ROUTER_LOSS_ERROR = (
-    "this model's config has output_router_logits=True: its own loss adds the router's load-balancing loss "
-    "(router_aux_loss_coef x aux), which SelectiveLM does not compute (it trains the selected tokens' "
-    "cross-entropy). Set model.config.output_router_logits = False, and add the balancing loss yourself if "
-    "you need it."
-)
+def check_no_router_loss(model: nn.Module) -> None:
+    """Refuse a mixture of experts whose HF loss adds the router's load-balancing term (its config's
+    ``output_router_logits``): SelectiveLM trains cross-entropy only and must not drop it silently."""
+    lm = causal_lm(model)
+    if getattr(lm.config, "output_router_logits", False) and hasattr(lm, "router_aux_loss_coef"):
+        raise ValueError(
+            "SelectiveLM: this model's config has output_router_logits=True: its own loss adds the router's "
+            "load-balancing loss (router_aux_loss_coef x aux), which SelectiveLM does not compute (it trains the "
+            "selected tokens' cross-entropy). Set model.config.output_router_logits = False, and add the "
+            "balancing loss yourself if you need it."
+        )
 
 
 def causal_lm(model: nn.Module) -> nn.Module:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from slm.architectures import ROUTER_LOSS_ERROR, causal_lm, output_head, zero3_ready
+from slm.architectures import causal_lm, check_no_router_loss, output_head, zero3_ready
 from slm.head import BACKENDS, OutputHead
 from slm.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
 from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_combined, select_tokens
@@ -189,9 +189,7 @@ class SelectiveLM(nn.Module):
 
     def _check_call(self, kwargs: dict) -> None:
         """What this forward cannot do exactly is an error: a router loss, unknown or unsupported arguments."""
-        lm = causal_lm(self.model)
-        if getattr(lm.config, "output_router_logits", False) and hasattr(lm, "router_aux_loss_coef"):
-            raise ValueError(f"SelectiveLM: {ROUTER_LOSS_ERROR}")
+        check_no_router_loss(self.model)
         for name in kwargs:
             if name in _UNSUPPORTED:
                 raise TypeError(f"SelectiveLM.forward() does not take {name}=: {_UNSUPPORTED[name]}")
