@@ -32,16 +32,25 @@ MASK_ERROR = ("loss_mask must be boolean (or 0/1); it holds other values. For pe
 WEIGHT_ERROR = "loss_weight must be finite and >= 0 (0 = not trained)"
 
 
+def _not_boolean(loss_mask: Tensor) -> Tensor:
+    """Where a non-bool ``loss_mask`` holds something other than 0 or 1."""
+    return (loss_mask != 0) & (loss_mask != 1)
+
+
+def _bad_weights(w: Tensor) -> Tensor:
+    return ~torch.isfinite(w) | (w < 0)
+
+
 def check_loss_mask(loss_mask: Tensor) -> Tensor:
     """``loss_mask`` as bool (host-side check); a value like 0.5, 2 or -1 is an error, not a silent True."""
-    if loss_mask.dtype != torch.bool and not ((loss_mask == 0) | (loss_mask == 1)).all():
+    if loss_mask.dtype != torch.bool and _not_boolean(loss_mask).any():
         raise ValueError(MASK_ERROR)
     return loss_mask.bool()
 
 
 def check_loss_weight(loss_weight: Tensor) -> Tensor:
     w = loss_weight.float()
-    if not torch.isfinite(w).all() or (w < 0).any():
+    if _bad_weights(w).any():
         raise ValueError(WEIGHT_ERROR)
     return w
 
@@ -100,13 +109,13 @@ def plan_rows(labels: Tensor, vocab: int, loss_mask: Tensor | None, loss_weight:
     weights = known = None
     if loss_weight is not None:
         w = loss_weight.to(valid.device).float()
-        parts.append((~torch.isfinite(w) | (w < 0)).sum())
+        parts.append(_bad_weights(w).sum())
         weights = torch.where(valid, w, torch.zeros_like(w))
         known = weights > 0
     elif loss_mask is not None:
         m = loss_mask.to(valid.device)
         parts.append(torch.zeros((), dtype=torch.long, device=valid.device) if m.dtype == torch.bool else
-                     ((m != 0) & (m != 1)).sum())  # fmt: skip
+                     _not_boolean(m).sum())  # fmt: skip
         known = (m != 0) & valid
     elif ratio == 1.0:
         known = valid
