@@ -7,6 +7,7 @@ are gathered for the head, which never calls the output layer's own forward.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -63,25 +64,56 @@ def causal_lm(model: nn.Module) -> nn.Module:
     return model
 
 
-def zero3_ready(module: nn.Module, head: OutputHead) -> bool:
-    """Under DeepSpeed ZeRO-3 the head's parameters are partitioned outside lm_head's forward, which
-    the selective head never calls. Register them as external parameters of ``module`` so that
-    ZeRO-3 gathers them for ``module``'s forward and backward; True once they are gathered."""
-    params = [p for p in (head.weight, head.bias) if p is not None and hasattr(p, "ds_id")]
+def _zero3_head_params(module: nn.Module) -> list[Tensor]:
+    out = causal_lm(module).get_output_embeddings()
+    return [p for p in (out.weight, out.bias) if p is not None and hasattr(p, "ds_id")]
+
+
+def register_zero3_head(module: nn.Module) -> None:
+    """Under DeepSpeed ZeRO-3 the head's parameters are partitioned and gathered only around
+    lm_head's own forward, which the selective head never calls: register them as external
+    parameters of ``module`` (the SelectiveLM the engine runs) so that ZeRO-3 gathers them for its
+    forward and backward. Call once the parameters are partitioned (after ``deepspeed.initialize``
+    or Accelerate's ``prepare``; a model built under ``zero.Init`` already is)."""
+    params = _zero3_head_params(module)
     if not params:
-        return True
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus, register_external_parameter
+        return
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
     known = getattr(module, "_external_params", {})
-    registered_before = all(id(p) in known for p in params)
     for p in params:
         if id(p) not in known:
             register_external_parameter(module, p)
+
+
+_warned_zero3_fallback = False
+
+
+def zero3_ready(module: nn.Module) -> bool:
+    """Whether ZeRO-3 has gathered the head's parameters for this forward (True without ZeRO-3).
+    Parameters not registered yet (an engine set up outside slm) are registered now, and this one
+    call runs HF's full logits, with a warning."""
+    params = _zero3_head_params(module)
+    if not params:
+        return True
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    registered_before = all(id(p) in getattr(module, "_external_params", {}) for p in params)
+    register_zero3_head(module)
     ready = all(p.ds_status != ZeroParamStatus.NOT_AVAILABLE for p in params)
     if registered_before and not ready:
         raise RuntimeError(
             "ZeRO-3 did not gather the output layer's weight for SelectiveLM's forward; call SelectiveLM (the "
             "module given to DeepSpeed) rather than its inner model"
+        )
+    global _warned_zero3_fallback
+    if not ready and not _warned_zero3_fallback:
+        _warned_zero3_fallback = True
+        warnings.warn(
+            "slm: ZeRO-3 had not gathered the output layer for this forward (its parameters were registered with "
+            "SelectiveLM only now), so this one call ran HF's full logits; call "
+            "slm.architectures.register_zero3_head(model) after deepspeed.initialize to avoid it",
+            stacklevel=3,
         )
     return ready
 
@@ -100,18 +132,47 @@ def gathered(params: list[Tensor | None]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else nullcontext()
 
 
+def head_support(model: nn.Module) -> str | None:
+    """Why the selective head cannot reproduce ``model``'s logits exactly, or None if it can."""
+    lm = causal_lm(model)
+    out = lm.get_output_embeddings()
+    if lm.config.model_type not in _EXACT_HEADS:
+        return f"no exact selective head for model_type={lm.config.model_type!r}"
+    if not isinstance(out, nn.Linear) or type(out).forward is not nn.Linear.forward:
+        return f"the output layer is a {type(out).__module__}.{type(out).__name__}, not a plain nn.Linear"
+    if _is_dtensor(out.weight) and not _fsdp2(out):
+        return "the output layer's weight is a DTensor outside FSDP2 (tensor parallel?), which the head cannot gather"
+    return None
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _fsdp2(module: nn.Module) -> bool:
+    """A module in an FSDP2 unit (``fully_shard`` makes it an ``FSDPModule``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch before 2.6
+        return False
+    return isinstance(module, FSDPModule)
+
+
 def output_head(model: nn.Module, chunk_elements: int | None = None,
                 backend: str = "auto") -> tuple[OutputHead | None, str]:  # fmt: skip
-    """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` and the reason."""
+    """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` and the reason.
+
+    An output layer sharded by FSDP2 is gathered first (it stays gathered until FSDP reshards it
+    after the backward), so the head always reads the whole weight, never a shard."""
+    why = head_support(model)
+    if why is not None:
+        return None, why
     lm = causal_lm(model)
-    cfg = lm.config
-    out = lm.get_output_embeddings()
-    if cfg.model_type not in _EXACT_HEADS:
-        return None, f"no exact selective head for model_type={cfg.model_type!r}"
-    if not isinstance(out, nn.Linear) or type(out).forward is not nn.Linear.forward:
-        return None, f"the output layer is a {type(out).__module__}.{type(out).__name__}, not a plain nn.Linear"
-    if type(out.weight).__name__ == "DTensor":
-        return None, "the output layer's weight is sharded on its own (a DTensor); keep it in the root FSDP unit"
+    cfg, out = lm.config, lm.get_output_embeddings()
+    if _is_dtensor(out.weight):
+        out.unshard()
+        if _is_dtensor(out.weight):
+            return None, "FSDP2 did not gather the output layer's weight"
     scale = 1.0
     if cfg.model_type in _SCALED:
         scale = float(getattr(cfg, _SCALED[cfg.model_type]))

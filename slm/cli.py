@@ -67,7 +67,9 @@ def run_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> t
     saved = run_dir / runs.CONFIG
     if not cfg.trainer.get("resume") or not saved.exists():
         return cfg, {}
-    merged, changed = runs.resume_config(container(OmegaConf.load(saved)), container(cfg), overrides)
+    info = runs.read_json(run_dir / runs.RUN_INFO) or {}
+    processes = (int(info.get("processes", 1)), int(os.environ.get("WORLD_SIZE", "1")))
+    merged, changed = runs.resume_config(container(OmegaConf.load(saved)), container(cfg), overrides, processes)
     for key, (old, new) in changed.items():
         log.info("resume: %s changed from %r to %r", key, old, new)
     return OmegaConf.create(merged), changed
@@ -110,8 +112,11 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         run_dir.mkdir(parents=True, exist_ok=True)
         old = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None
         if old is not None:
-            info = {**old, "status": "running", "resumes": [*old.get("resumes", []), {k: list(v) for k, v in
-                    changed.items()}]}  # fmt: skip
+            record = {k: list(v) for k, v in changed.items()}
+            if old.get("processes") != acc.num_processes:
+                record["processes"] = [old.get("processes"), acc.num_processes]
+            info = {**old, "status": "running", "processes": acc.num_processes, "mode": info["mode"],
+                    "resumes": [*old.get("resumes", []), record]}  # fmt: skip
         else:
             OmegaConf.save(cfg, run_dir / runs.CONFIG, resolve=True)
         runs.write_json(run_dir / runs.RUN_INFO, info)

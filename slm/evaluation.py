@@ -56,6 +56,7 @@ def evaluate(engine, ds, batch_size: int) -> dict:
             sums[2] += correct
             sums[3] += total
     sums = acc.reduce(sums, "sum")
+    engine.reshard()
     lm.train()
     res = {"eval/loss": (sums[0] / sums[1].clamp(min=1)).item(), "eval/tokens": int(sums[1])}
     if sums[3] > 0:

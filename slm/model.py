@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from slm.architectures import causal_lm, check_no_router_loss, output_head, zero3_ready
-from slm.head import BACKENDS, OutputHead
+from slm.architectures import causal_lm, check_no_router_loss, head_support, output_head, zero3_ready
+from slm.head import BACKENDS
 from slm.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
 from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_combined, select_tokens
 
@@ -119,9 +119,9 @@ class SelectiveLM(nn.Module):
         self.check_scores = check_scores
         self.generator = torch.Generator().manual_seed(seed)
         self._decoder_kwargs = self._accepted_kwargs()
-        head, why = output_head(model, chunk_elements)
-        self._fallback_warned = head is None
-        if head is None:
+        why = head_support(model)
+        self._fallback_warned = why is not None
+        if why is not None:
             warnings.warn(f"slm: {why}; falling back to HF's full forward (correct loss, no head savings).",
                           stacklevel=2)  # fmt: skip
 
@@ -133,7 +133,7 @@ class SelectiveLM(nn.Module):
     @property
     def exact_head(self) -> bool:
         """Whether the next forward runs the selective head (False: HF's full logits)."""
-        return output_head(self.model, self.chunk_elements)[0] is not None
+        return head_support(self.model) is None
 
     @property
     def _no_split_modules(self):
@@ -249,12 +249,11 @@ class SelectiveLM(nn.Module):
             _warn_low_precision_ref(ref_loss.dtype)
         ratio = self.ratio if ratio is None else check_ratio(ratio)
 
-        head = self._head()
-        if head is not None and not zero3_ready(self, head):
-            head = None  # this one call runs HF's own forward; ZeRO-3 gathers the head from the next call on
-        vocab = head.vocab_size if head is not None else self.get_output_embeddings().weight.shape[0]
+        exact = self._exact() and zero3_ready(self)  # else this call runs HF's own forward
+        out_layer = self.get_output_embeddings().weight
+        vocab = getattr(out_layer, "ds_shape", out_layer.shape)[0]  # the whole vocabulary, also when sharded
         plan = plan_rows(labels, vocab, loss_mask, loss_weight, ratio, self.scope)  # the forward's one sync
-        rows = self._rows(head, input_ids, attention_mask, plan, labels, model_kwargs)
+        rows = self._rows(exact, input_ids, attention_mask, plan, labels, model_kwargs)
 
         hits = n_nonfinite = None
         if plan.known is None or return_hits:
@@ -284,13 +283,14 @@ class SelectiveLM(nn.Module):
                                n_selected=n_selected, n_valid=plan.n_valid, hits=hits,
                                n_nonfinite=n_nonfinite)  # fmt: skip
 
-    def _head(self) -> OutputHead | None:
-        head, why = output_head(self.model, self.chunk_elements, self.head_backend)
-        if head is None and not self._fallback_warned:
+    def _exact(self) -> bool:
+        """Whether this call can run the selective head (else HF's full logits, warned once)."""
+        why = head_support(self.model)
+        if why is not None and not self._fallback_warned:
             self._fallback_warned = True
             warnings.warn(f"slm: {why}; falling back to HF's full logits from now on (correct loss, no head savings).",
                           stacklevel=3)  # fmt: skip
-        return head
+        return why is None
 
     def _select(self, token_loss: Tensor, ref_loss: Tensor | None, ref_entropy: Tensor | None, plan: RowPlan,
                 ratio: float):  # fmt: skip
@@ -317,14 +317,18 @@ class SelectiveLM(nn.Module):
         """Whether how many tokens a batch trains is known from its labels alone (not for unions)."""
         return self.combine is None
 
-    def _rows(self, head, input_ids, attention_mask, plan: RowPlan, labels, model_kwargs):
+    def _rows(self, exact: bool, input_ids, attention_mask, plan: RowPlan, labels, model_kwargs):
         lm = causal_lm(self.model)
         targets = labels[:, 1:].reshape(-1).index_select(0, plan.valid_pos)
-        if head is None:
+        if not exact:
             logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
             return FullLogitRows(logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, plan.valid_pos),
                                  targets)  # fmt: skip
         out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        # After the decoder: under FSDP2 the head's unit is gathered by then (or now, see output_head).
+        head, why = output_head(self.model, self.chunk_elements, self.head_backend)
+        if head is None:
+            raise RuntimeError(f"slm: the selective head could not run: {why}")
         hidden = out.last_hidden_state[:, :-1]
         return HeadRows(head, hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos), targets)
 

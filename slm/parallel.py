@@ -30,6 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slm import state
+from slm.architectures import register_zero3_head
+
 log = logging.getLogger(__name__)
 
 MODES = ("single", "ddp", "fsdp2", "deepspeed")
@@ -191,6 +194,7 @@ class Engine:
             cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
         opt = make_optimizer(self.lm)
         self.model, self.opt = self.acc.prepare(self.lm, opt)
+        register_zero3_head(self.lm)  # so that the first step already runs the selective head
         # Stepped here after each optimizer step, as in every mode (Accelerate leaves a prepared
         # scheduler to the engine, which is not given one); built on the engine's param groups.
         self.sched = make_scheduler(self.opt)
@@ -251,6 +255,11 @@ class Engine:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
+    def reshard(self) -> None:
+        """After no-grad forwards (eval): FSDP2 returns the head's unit to its shards."""
+        if self.mode == "fsdp2":
+            reshard_fsdp2(self.lm)
+
     # -- state --------------------------------------------------------------------------------
     def full_state_dict(self) -> dict | None:
         """The whole model's weights (keys as in ``lm.state_dict()``) on the main process, None
@@ -274,73 +283,36 @@ class Engine:
         _barrier()
 
     def save_checkpoint(self, path: Path) -> None:
-        """Model, optimizer, schedule, loss scale and RNG into ``path`` (every process calls it)."""
+        """Model, optimizer, schedule, loss scale and RNG into ``path`` (every process calls it). Each
+        process writes only what it holds (see :mod:`slm.state`): nothing is gathered."""
         rank = _rank()
         if self.mode == "deepspeed":
             self.acc.save_state(str(path))  # the engine's (sharded) model and optimizer state
         else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            model_sd, optim_sd = get_state_dict(self.lm, self.opt, options=full)
-            path.mkdir(parents=True, exist_ok=True)
-            if rank == 0:
-                from safetensors.torch import save_file
-
-                save_file(_contiguous_unshared(model_sd), str(path / "model.safetensors"))
-                torch.save(optim_sd, path / "optimizer.pt")
-                if self.scaler is not None:
-                    torch.save(self.scaler.state_dict(), path / "scaler.pt")
-        if rank == 0:
-            torch.save(self.sched.state_dict(), path / "scheduler.pt")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, path / f"rng_{rank}.pt")
+            state.save_model_and_optimizer(self.lm, self.opt, path)
+        state.save_small_state(path, rank, self.sched, self.scaler)
         _barrier()
 
-    def load_checkpoint(self, path: Path) -> None:
-        rank = _rank()
+    def load_checkpoint(self, path: Path, saved: dict) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` (``saved``: its ``slm_state.json``),
+        resharded to this launch's processes where the format allows, else refused naming why."""
+        state.check_loadable(saved, self.mode, self.world, path)
         if self.mode == "deepspeed":
             self.acc.load_state(str(path))
         else:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+            state.load_model_and_optimizer(self.lm, self.opt, path)
+        state.load_small_state(path, _rank(), self.sched, self.scaler)
 
-            model_sd, optim_sd = {}, {}
-            if rank == 0 or self.mode != "fsdp2":
-                from safetensors.torch import load_file
-
-                model_sd = load_file(str(path / "model.safetensors"))
-                optim_sd = torch.load(path / "optimizer.pt", weights_only=True)
-            broadcast = self.mode == "fsdp2" and _world() > 1
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=True)
-            set_state_dict(self.lm, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
-            if self.scaler is not None and (path / "scaler.pt").exists():
-                self.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
-        self.sched.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng_file = path / f"rng_{rank}.pt"
-        if rng_file.exists():  # absent when resuming with more processes than saved: fresh RNG there
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+    @property
+    def checkpoint_info(self) -> dict:
+        """What ``slm_state.json`` records so that a later launch knows whether it can load it."""
+        return {"format": state.checkpoint_format(self.mode), "processes": self.world, "mode": self.mode}
 
     def release(self) -> None:
         """Drop the engine's references (a reference model trained first, then discarded)."""
         if self.mode == "deepspeed":
             self.acc.free_memory(self.model, self.opt)
         self.model = self.opt = self.sched = None
-
-
-def _contiguous_unshared(sd: dict) -> dict:
-    """safetensors refuses tensors that share storage (a tied head and embedding): copy them apart."""
-    seen, out = set(), {}
-    for k, v in sd.items():
-        v = v.contiguous()
-        key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        out[k] = v.clone() if key in seen else v
-        seen.add(key)
-    return out
 
 
 def save_inner_pretrained(lm: nn.Module, state_dict: dict, out_dir: Path, tokenizer=None) -> None:
@@ -363,19 +335,28 @@ def save_inner_pretrained(lm: nn.Module, state_dict: dict, out_dir: Path, tokeni
         tokenizer.save_pretrained(str(out_dir))
 
 
-def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str) -> None:
-    """``fully_shard`` each decoder layer, then the root (embeddings, final norm, output layer)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def _final_norm(base: nn.Module) -> nn.Module | None:
+    """The decoder's final norm, by the names HF architectures give it (None if not found)."""
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f"):
+        module = getattr(base, name, None)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            return module
+    return None
 
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-    dtype = {"bf16": torch.bfloat16, "no": None}[mixed_precision]
-    reduce = torch.float32 if dtype is not None else None
-    layer_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
-    # The root must not cast its inputs: ref_loss is float32 and selection ranks on it.
-    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, cast_forward_inputs=False)
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no_shard")
+
+def fsdp2_units(lm: nn.Module) -> dict[str, list[nn.Module]]:
+    """How FSDP2 groups ``lm``'s modules, so that every large tensor is sharded between uses:
+
+    * ``layers``: each decoder layer (``_no_split_modules``), resharded after forward as configured;
+    * ``embedding``: the input embedding alone (untied models);
+    * ``head``: the final norm and the output layer (with the input embedding when it is tied to
+      the output layer: one parameter, one unit), kept gathered from the forward through the
+      backward, since the selective head reads the weight once per chunk;
+    * the root (``lm``) keeps what is left (rotary tables, small buffers).
+    """
+    from slm.architectures import causal_lm
+
+    inner = causal_lm(getattr(lm, "model", lm))  # the HF model inside a SelectiveLM
     names = set(getattr(lm, "_no_split_modules", None) or [])
     layers = [m for m in lm.modules() if m is not lm and type(m).__name__ in names]
     if not layers:
@@ -383,11 +364,45 @@ def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str) -> None:
             f"FSDP2: found no decoder layer to shard ({type(lm).__name__} names no _no_split_modules); every "
             "layer would sit in one unit and nothing would be sharded"
         )
+    embedding, head = inner.get_input_embeddings(), inner.get_output_embeddings()
+    norm = _final_norm(inner.base_model)
+    tied = head is not None and head.weight is embedding.weight
+    head_unit = [m for m in ((embedding,) if tied else ()) + (norm, head) if m is not None]
+    return {"layers": layers, "embedding": [] if tied else [embedding], "head": head_unit}
+
+
+def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str) -> None:
+    """``fully_shard`` the units of :func:`fsdp2_units`, then the root."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    dtype = {"bf16": torch.bfloat16, "no": None}[mixed_precision]
+    reduce = torch.float32 if dtype is not None else None
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
+    # The root must not cast its inputs: ref_loss is float32 and selection ranks on it.
+    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, cast_forward_inputs=False)
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no_shard")
+    units = fsdp2_units(lm)
     if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
         lm.activation_checkpointing_enable()
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=layer_policy, reshard_after_forward=reshard)
+    if units["embedding"]:
+        fully_shard(units["embedding"][0], mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    for layer in units["layers"]:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    # Gathered once per step: the head reads it chunk by chunk in the forward and again in the backward.
+    fully_shard(units["head"], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(lm, mesh=mesh, mp_policy=root_policy)
-    log.info("fsdp2: %d shard units of %s (one per decoder layer) and the root (embeddings, final norm, output "
-             "layer); compute dtype %s", len(layers), sorted({type(m).__name__ for m in layers}),
-             dtype or "float32")  # fmt: skip
+    log.info("fsdp2: %d decoder layer units (%s), %s, a head unit (%s) and the root; compute dtype %s",
+             len(units["layers"]), sorted({type(m).__name__ for m in units["layers"]}),
+             "an embedding unit" if units["embedding"] else "the tied embedding in the head unit",
+             ", ".join(type(m).__name__ for m in units["head"]), dtype or "float32")  # fmt: skip
+
+
+def reshard_fsdp2(lm: nn.Module) -> None:
+    """Return every FSDP2 unit to its shards (after an eval, whose no-grad forwards leave the head
+    unit gathered: it reshards only after a backward)."""
+    for m in lm.modules():
+        if hasattr(m, "reshard") and type(m).__name__.startswith("FSDP"):
+            m.reshard()

@@ -81,12 +81,19 @@ def _set(d: dict, key: str, value) -> None:
     d[leaf] = value
 
 
-def resume_config(saved: dict, new: dict, overrides: list[str] | None) -> tuple[dict, dict]:
+SPLIT_KEYS = ("trainer.batch_size", "trainer.grad_accum")  # how a step's rows are split over processes
+
+
+def resume_config(saved: dict, new: dict, overrides: list[str] | None,
+                  processes: tuple[int, int] = (1, 1)) -> tuple[dict, dict]:  # fmt: skip
     """The config a resumed run continues with: its saved one, plus the allowed changes.
 
     ``overrides`` are the launch's explicit ``key=value`` overrides (``None``: compare every key
-    of ``new``). Returns (config, {key: (old, new)} of the changes applied). A change to a key
-    that decides what is trained raises :class:`ResumeMismatch` naming each one.
+    of ``new``). ``processes``: (the run's process count, this launch's). A run may resume at
+    another process count with another ``trainer.batch_size`` / ``trainer.grad_accum`` as long as
+    a step trains as many rows (the same rows: see :class:`slm.train.BatchStream`). Returns
+    (config, {key: (old, new)} of the changes applied). A change to a key that decides what is
+    trained raises :class:`ResumeMismatch` naming each one.
     """
     flat_saved, flat_new = flatten(saved), flatten(new)
     if overrides is None:
@@ -97,6 +104,9 @@ def resume_config(saved: dict, new: dict, overrides: list[str] | None) -> tuple[
     changed = {k: (flat_saved.get(k), flat_new.get(k)) for k in sorted(keys)
                if k in flat_new and flat_saved.get(k) != flat_new.get(k)}  # fmt: skip
     refused = {k: v for k, v in changed.items() if not _resumable(k)}
+    if processes[0] != processes[1] or set(SPLIT_KEYS) & set(refused):
+        _check_step_rows(flat_saved, {k: changed.get(k, (None, flat_saved.get(k)))[1] for k in SPLIT_KEYS}, processes)
+        refused = {k: v for k, v in refused.items() if k not in SPLIT_KEYS}
     if refused:
         lines = "\n".join(f"  {k}: the run has {a!r}, this launch asks for {b!r}" for k, (a, b) in refused.items())
         raise ResumeMismatch(
@@ -107,6 +117,21 @@ def resume_config(saved: dict, new: dict, overrides: list[str] | None) -> tuple[
     for k, (_, value) in changed.items():
         _set(out, k, value)
     return out, changed
+
+
+def _check_step_rows(saved: dict, now: dict, processes: tuple[int, int]) -> None:
+    def rows(cfg: dict, world: int) -> tuple[int, str]:
+        b, a = int(cfg["trainer.batch_size"]), int(cfg["trainer.grad_accum"])
+        return world * b * a, f"{world} process(es) x trainer.batch_size={b} x trainer.grad_accum={a}"
+
+    (before, how_before), (after, how_now) = rows(saved, processes[0]), rows(now, processes[1])
+    if before != after:
+        hint = f"trainer.batch_size={before // processes[1]}" if before % processes[1] == 0 else "another process count"
+        raise ResumeMismatch(
+            f"trainer.resume=true: the run trained {before} rows per step ({how_before}); this launch would train "
+            f"{after} ({how_now}). Keep {before} rows per step so that the run continues on the same data (here: "
+            f"{hint} with trainer.grad_accum=1, or a matching grad_accum)"
+        )
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -191,13 +191,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
-                 "selector_rng": self.selective.generator.get_state().tolist()}  # fmt: skip
+                 "selector_rng": self.selective.generator.get_state().tolist(),
+                 **self.engine.checkpoint_info}  # fmt: skip
         return checkpoints.save(self.run_dir, self.step, state, self.engine.save_checkpoint, self.acc.is_main_process,
                                 self.cfg.keep_checkpoints, self._all_ok)  # fmt: skip
 
     def load_checkpoint(self, path: Path) -> None:
-        self.engine.load_checkpoint(path)
         state = checkpoints.read_state(path)
+        self.engine.load_checkpoint(path, state)
         self.step = state["step"]
         self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))

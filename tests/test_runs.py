@@ -43,28 +43,28 @@ def test_relaunching_into_a_run_without_resume_is_refused(tmp_path):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_falls_back(tmp_path, monkeypatch):
-    import safetensors.torch
+    import torch
 
-    real_save = safetensors.torch.save_file
+    real_save = torch.save
 
-    def disk_full_at_step_6(tensors, filename, *a, **k):
-        if "step_0000006" in str(filename):
+    def disk_full_at_step_6(obj, f, *a, **k):
+        if "step_0000006" in str(f):
             raise RuntimeError("basic_ios::clear: iostream error")  # what a full disk looks like to torch
-        return real_save(tensors, filename, *a, **k)
+        return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_step_6)
+    monkeypatch.setattr(torch, "save", disk_full_at_step_6)
     with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint .*step_0000006.*step_0000003"):
         train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     root = tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text() == "step_0000003"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"]  # no half-written folder
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(torch, "save", real_save)
 
     # A damaged newest checkpoint: resume warns and takes the newest complete one.
     train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true", "trainer.max_steps=9"), tmp_path / "run")
     newest = checkpoints.latest(tmp_path / "run")
     assert newest.name == "step_0000009"
-    with open(newest / "model.safetensors", "r+b") as f:
+    with open(newest / "dcp" / "__0_0.distcp", "r+b") as f:
         f.truncate(100)
     assert checkpoints.latest(tmp_path / "run").name == "step_0000006"
 
@@ -197,3 +197,19 @@ def test_ctrl_c_in_a_sweep_stops_the_sweep_with_a_non_zero_status(tmp_path):
     assert json.loads((first / "result.json").read_text())["status"] == "interrupted"
     assert not (first / "model").exists()
     assert not list((tmp_path / "sweep").glob("1_*"))  # the next job was not launched
+
+
+def test_resume_at_another_process_count_keeps_the_rows_per_step():
+    from slm.runs import resume_config
+
+    saved = {"trainer": {"batch_size": 2, "grad_accum": 1, "lr": 1e-3}, "seed": 0}
+    # 2 processes x 2 rows -> 1 process x 4 rows (or 2 accumulated micro-batches of 2): the same rows per step
+    for new in ({"batch_size": 4, "grad_accum": 1}, {"batch_size": 2, "grad_accum": 2}):
+        cfg, changed = resume_config(saved, {**saved, "trainer": {**saved["trainer"], **new}},
+                                     [f"trainer.{k}={v}" for k, v in new.items()], processes=(2, 1))  # fmt: skip
+        assert cfg["trainer"]["batch_size"] * cfg["trainer"]["grad_accum"] == 4
+    with pytest.raises(ResumeMismatch, match=r"trained 4 rows per step \(2 process\(es\) x trainer.batch_size=2.*"
+                                             r"would train 2 .*trainer.batch_size=4"):  # fmt: skip
+        resume_config(saved, saved, [], processes=(2, 1))
+    with pytest.raises(ResumeMismatch, match="rows per step"):  # same process count, another split of the step
+        resume_config(saved, {**saved, "trainer": {**saved["trainer"], "batch_size": 3}}, ["trainer.batch_size=3"])

@@ -24,10 +24,12 @@ ARGS = [o for o in TINY if not o.startswith("reference.")] + ["reference=none", 
 QWEN_TIED = ["model.config.model_type=qwen2", "model.config.tie_word_embeddings=true"]
 
 
-def run(cmd: list[str], tmp_path: Path) -> None:
+def run(cmd: list[str], tmp_path: Path) -> str:
+    """Run ``cmd``; its stderr (where warnings go)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SLM_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
+    return done.stderr
 
 
 def one_process(tmp_path: Path, name: str, *overrides: str) -> Path:
@@ -40,13 +42,15 @@ def one_process(tmp_path: Path, name: str, *overrides: str) -> Path:
 def launched(tmp_path: Path, config: str, name: str, *overrides: str) -> Path:
     """``accelerate launch`` with a shipped config, 2 processes, float32."""
     out = tmp_path / name
-    run([str(BIN / "accelerate"), "launch", "--config_file", str(ROOT / "accelerate_configs" / f"{config}.yaml"),
-         "--num_processes", "2", "--mixed_precision", "no", "-m", "slm.cli", *ARGS,
-         f"data.cache_dir={tmp_path / 'cache'}", *overrides, f"hydra.run.dir={out}"], tmp_path)  # fmt: skip
+    config_file = str(ROOT / "accelerate_configs" / f"{config}.yaml")
+    stderr = run([str(BIN / "accelerate"), "launch", "--config_file", config_file, "--num_processes", "2",
+                  "--mixed_precision", "no", "-m", "slm.cli", *ARGS, f"data.cache_dir={tmp_path / 'cache'}",
+                  *overrides, f"hydra.run.dir={out}"], tmp_path)  # fmt: skip
+    (tmp_path / f"{name}.stderr").write_text(stderr)
     return out
 
 
-def assert_same_run(a: Path, b: Path, atol: float, rel: float = 1e-5) -> None:
+def assert_same_run(a: Path, b: Path, atol: float, rel: float = 1e-5, processes: int | None = 2) -> None:
     from safetensors.torch import load_file
 
     ea, eb = read_metrics(a), read_metrics(b)
@@ -59,7 +63,8 @@ def assert_same_run(a: Path, b: Path, atol: float, rel: float = 1e-5) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
-    assert json.loads((b / "run_info.json").read_text())["processes"] == 2
+    if processes is not None:
+        assert json.loads((b / "run_info.json").read_text())["processes"] == processes
 
 
 @pytest.mark.slow
@@ -69,18 +74,44 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, arch):
     one = one_process(tmp_path, "one", "trainer.batch_size=4", "selector.scope=global", *extra)
     two = launched(tmp_path, "fsdp", "two", "trainer.batch_size=2", "selector.scope=global", *extra)
     assert json.loads((two / "run_info.json").read_text())["mode"] == "fsdp2"
-    assert "fsdp2: 2 shard units of" in (two / "train.log").read_text()  # one unit per decoder layer
+    assert "fsdp2: 2 decoder layer units" in (two / "train.log").read_text()
+    assert "falling back" not in (tmp_path / "two.stderr").read_text()
     assert_same_run(one, two, atol=1e-5)
     if arch == "qwen2-tied":
-        from safetensors.torch import load_file
         from transformers import AutoModelForCausalLM
 
-        ckpt = load_file(str(two / "checkpoints" / "step_0000003" / "model.safetensors"))
-        assert torch.equal(ckpt["model.lm_head.weight"], ckpt["model.model.embed_tokens.weight"])
-        optim = torch.load(two / "checkpoints" / "step_0000003" / "optimizer.pt", weights_only=True)
-        assert "model.lm_head.weight" not in optim["state"]  # one parameter, one optimizer state
+        ckpt = dcp_state(two / "checkpoints" / "step_0000003")
+        assert torch.equal(ckpt["model"]["model.lm_head.weight"], ckpt["model"]["model.model.embed_tokens.weight"])
+        assert "model.lm_head.weight" not in ckpt["optim"]["state"]  # one parameter, one optimizer state
         again = AutoModelForCausalLM.from_pretrained(two / "model")
         assert again.lm_head.weight is again.get_input_embeddings().weight
+
+
+def dcp_state(folder: Path) -> dict:
+    """A sharded checkpoint's model and optimizer state, read back whole (for tests only)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder / "dcp", folder.parent / "whole.pt")
+    return torch.load(folder.parent / "whole.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_at_another_process_count(tmp_path):
+    """FSDP2 (2 processes) -> 1 process and 1 process -> FSDP2 (2 processes), each equal to an
+    uninterrupted 1-process run. A constant LR after warm-up, so a 3-step run resumed to 6 steps is
+    the 6-step run; a step trains the same 4 rows in every launch."""
+    common = ("selector.scope=sequence", "trainer.min_lr_ratio=1.0", "trainer.checkpoint_every=3")
+    full = one_process(tmp_path, "full", "trainer.batch_size=4", "trainer.max_steps=6", *common)
+    ARGS_3 = ("trainer.max_steps=3", *common)
+    two = launched(tmp_path, "fsdp", "two_then_one", "trainer.batch_size=2", *ARGS_3)
+    assert json.loads((two / "checkpoints" / "step_0000003" / "slm_state.json").read_text())["processes"] == 2
+    one_process(tmp_path, "two_then_one", "trainer.batch_size=4", "trainer.max_steps=6", "trainer.resume=true")
+    one = one_process(tmp_path, "one_then_two", "trainer.batch_size=4", *ARGS_3)
+    launched(tmp_path, "fsdp", "one_then_two", "trainer.batch_size=2", "trainer.max_steps=6", "trainer.resume=true")
+    for resumed in (two, one):
+        info = json.loads((resumed / "run_info.json").read_text())
+        assert [r["processes"] for r in info["resumes"]] in ([[2, 1]], [[1, 2]])
+        assert_same_run(full, resumed, atol=1e-5, processes=None)
 
 
 @pytest.mark.slow
@@ -93,12 +124,14 @@ def test_deepspeed_two_processes_with_accumulation_equal_one_process(tmp_path, s
     one = one_process(tmp_path, "one", "trainer.batch_size=4", *common)
     two = launched(tmp_path, f"deepspeed_{stage}", "two", "trainer.batch_size=1", "trainer.grad_accum=2", *common)
     assert json.loads((two / "run_info.json").read_text())["mode"] == "deepspeed"
+    assert "ran HF's full logits" not in (tmp_path / "two.stderr").read_text()  # registered before step 1
     assert_same_run(one, two, atol=1e-4, rel=1e-4)  # DeepSpeed sums the norm over flat partitions
 
 
 @pytest.mark.slow
-def test_fsdp2_bf16_policy_keeps_reference_losses_float32_and_layers_sharded(tmp_path):
-    """The shipped FSDP config's environment, bf16: tests/fsdp_probe.py checks units, tie and ref_loss."""
+def test_fsdp2_shards_every_large_tensor_saves_only_shards_and_keeps_reference_losses_float32(tmp_path):
+    """The shipped FSDP config's environment, bf16: tests/fsdp_probe.py checks the units, the shards
+    held between steps, the largest tensor a checkpoint save materialises, the tie and ref_loss."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
@@ -112,7 +145,7 @@ def test_fsdp2_bf16_policy_keeps_reference_losses_float32_and_layers_sharded(tmp
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", probe],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]
-    assert done.stdout.count("fsdp probe ok") == 2
+    assert done.stdout.count("fsdp probe ok") == 4 and "falling back" not in done.stderr  # 2 ranks x 2 models
 
 
 def test_a_model_loaded_in_bf16_trains_fp32_master_weights(tmp_path):

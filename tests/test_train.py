@@ -141,11 +141,11 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
     assert json.loads((tmp_path / "cut" / "result.json").read_text())["status"] == "finished"
     # resuming a finished run does nothing, rewrites no checkpoint and reports the final eval numbers
     ckpt = tmp_path / "cut" / "checkpoints" / "step_0000008"
-    stamp = (ckpt / "model.safetensors").stat().st_mtime_ns
+    stamp = (ckpt / "dcp" / ".metadata").stat().st_mtime_ns
     again = train(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
     assert again["step"] == 8 and again["eval/loss"] == pytest.approx(full[-1]["eval/loss"])
     assert read_metrics(tmp_path / "cut") == cut
-    assert (ckpt / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (ckpt / "dcp" / ".metadata").stat().st_mtime_ns == stamp
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
