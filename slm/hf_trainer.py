@@ -23,7 +23,7 @@ from transformers import Trainer
 from slm.model import SelectiveLM
 from slm.parallel import save_inner_pretrained
 from slm.rows import check_loss_mask, check_loss_weight, shifted_valid
-from slm.selection import check_ratio, num_selected
+from slm.selection import NonFiniteScores, check_ratio, num_selected
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,13 @@ class SelectiveTrainer(Trainer):
                 names = ", ".join(f"{k}={a!r} but the model has {b!r}" for k, (a, b) in clash.items())
                 raise ValueError(f"SelectiveTrainer: {names}; set them in one place (the SelectiveLM or here)")
             self._require_mask = False
+            model.check_scores = "deferred"  # checked here, at the end of each step on every process
         else:
             self._require_mask = selection_ratio is None
             ratio = 1.0 if selection_ratio is None else check_ratio(selection_ratio, "selection_ratio")
             if model is not None:
-                model = SelectiveLM(model, ratio=ratio, selector=selector or "excess_loss", scope=scope or "batch")
+                model = SelectiveLM(model, ratio=ratio, selector=selector or "excess_loss", scope=scope or "batch",
+                                    check_scores="deferred")  # fmt: skip
         if model is not None and model.scope == "global":
             raise ValueError("SelectiveTrainer supports scope='sequence' or 'batch' (not 'global')")
         if model is not None and not model.fixed_count:
@@ -144,6 +146,7 @@ class SelectiveTrainer(Trainer):
         super().__init__(model, *args, **kwargs)
         self.model_accepts_loss_kwargs = True  # we normalise by num_items_in_batch ourselves
         self._selected = torch.zeros(2, dtype=torch.float64)  # trained tokens, valid tokens since last log
+        self._nonfinite = None  # NaN/inf selection scores of this step's micro-batches (a device scalar)
 
     def _lm(self) -> SelectiveLM:
         return self.accelerator.unwrap_model(self.model)
@@ -194,9 +197,29 @@ class SelectiveTrainer(Trainer):
         loss = out.loss
         if training:
             self._selected += torch.tensor([out.n_selected, out.n_valid], dtype=torch.float64)
+            self._check_scores(out.n_nonfinite)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         return (loss, out) if return_outputs else loss
+
+    def _check_scores(self, n_nonfinite) -> None:
+        """Count NaN/inf selection scores over the step's micro-batches; on its last one (before its
+        backward, so nothing is updated) reduce the count over every process and raise on all of them:
+        a process that raised alone would leave the others waiting in a collective."""
+        if self._lm().ratio >= 1.0:  # nothing is ever selected by score (a loss_mask trains what it marks)
+            return
+        if n_nonfinite is not None:
+            self._nonfinite = n_nonfinite.double() if self._nonfinite is None else self._nonfinite + n_nonfinite
+        if not self.accelerator.sync_gradients:
+            return
+        local = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.float64)
+        self._nonfinite = None
+        bad = int(self.accelerator.reduce(local.reshape(1).to(self.args.device), "sum").item())
+        if bad:
+            raise NonFiniteScores(
+                f"SelectiveTrainer: {bad} valid token(s) had NaN or inf selection scores at step "
+                f"{self.state.global_step + 1}; check the ref_loss column and the model (stopped before the update)"
+            )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss: over the loss_mask tokens if given, else over all valid tokens."""

@@ -168,6 +168,24 @@ def test_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_nan_score_on_one_process_stops_every_process(tmp_path):
+    """A non-finite selection score on one rank raises on both (no rank waits in a collective)."""
+    import os
+    import subprocess
+    import sys
+
+    script = str(Path(__file__).resolve().parent / "trainer_ddp_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script,
+                          str(tmp_path / "nan"), "2", "nan"], env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode != 0
+    for rank in (0, 1):
+        assert f"rank {rank} raised: SelectiveTrainer: " in run.stdout, run.stdout + run.stderr[-3000:]
+    assert "NaN or inf selection scores" in run.stdout
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collator_pads_mask_and_ref_like_labels(side):
     tok = builtin_tokenizer()
