@@ -28,19 +28,25 @@ class SelectionSample:
 def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None = None) -> SelectionSample:
     """Score the first ``n_blocks`` training blocks with the run's final model and its stored
     reference losses, and select as the run did (top ``ratio`` by excess loss over the batch)."""
-    from datasets import load_from_disk
+    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slm.data import build
+    from slm.ref_sources import expected_store
+    from slm.reference import load_stored
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / RUN_INFO).read_text())
     if not info.get("scores_dir"):
         raise ValueError(f"{run_dir} trained without stored reference losses (reference={info.get('reference')})")
-    ds = load_from_disk(str(Path(info["scores_dir"]) / "dataset")).select(range(n_blocks))
+    data = build(OmegaConf.load(run_dir / "config.yaml").data)  # the run's packed data, from its cache
+    ds = data["train"].select(range(n_blocks))
+    ref_loss = load_stored(info["scores_dir"], expected_store(data)).rows(range(n_blocks))
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
     ids, labels = torch.tensor(ds["input_ids"]), torch.tensor(ds["labels"])
     tl = token_losses(model, ids, labels, attention_mask=torch.tensor(ds["attention_mask"]))
-    ex = excess_loss(tl, torch.tensor(np.array(ds["ref_loss"], dtype=np.float32)))
+    ex = excess_loss(tl, ref_loss)
     valid = shifted_valid(labels)
     ratio = float(info["ratio"]) if ratio is None else ratio
     mask = select_tokens(ex, ratio, valid=valid)

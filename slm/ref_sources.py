@@ -25,7 +25,6 @@ from slm.architectures import build_model
 from slm.data import PackedData, SourceSpec, build_split, default_cache_dir
 from slm.model import SelectiveLM
 from slm.reference import (
-    META_FILE,
     RefSource,
     check_vocab,
     freeze,
@@ -34,6 +33,7 @@ from slm.reference import (
     reference_identity,
     score_dataset,
 )
+from slm.store import META_FILE
 from slm.tracking import Tracker
 from slm.train import TrainConfig, Trainer
 
@@ -133,19 +133,21 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
 
 
 def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, acc, out_dir=None,
-                  entropy: bool = False) -> Path:  # fmt: skip
-    """Score the training split once per (reference weights, data, columns); reuse the store afterwards."""
+                  entropy: bool = False, dtype: str = "float32") -> tuple[Path, bool]:  # fmt: skip
+    """Score the training split once per (reference weights, data, columns); reuse the store afterwards.
+    Returns (the store, whether an earlier run had made it)."""
     ident = reference_identity(reference, ref_name)
-    meta = {**expected_store(data), "reference": ident, "entropy": entropy}
+    meta = {**expected_store(data), "reference": ident, "entropy": entropy, "dtype": dtype}
     out_dir = Path(out_dir) if out_dir else cache_root(cfg) / "scores" / config_hash(meta)
     with _locked(out_dir) if acc.is_main_process else nullcontext():  # concurrent sweep jobs score once
-        if _agreed((out_dir / META_FILE).exists()):
+        reused = _agreed((out_dir / META_FILE).exists())
+        if reused:
             load_stored(out_dir, meta)  # refuses a store made by another reference or for other data
             log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
         else:
             score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
-                          accelerator=acc, entropy=entropy)  # fmt: skip
-    return out_dir
+                          accelerator=acc, entropy=entropy, dtype=dtype)  # fmt: skip
+    return out_dir, reused
 
 
 def expected_store(data: PackedData) -> dict:
@@ -167,14 +169,15 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: boo
         expected = {**expected_store(data), "entropy": entropy}
         if cfg.reference.get("path"):  # optional: the reference the store must have been scored with
             expected["reference_name"] = str(cfg.reference.path)
-        ds, _ = load_stored(cfg.reference.scores_dir, expected)
-        return ds, RefSource("stored", scores_dir=str(cfg.reference.scores_dir), entropy=entropy)
+        columns = load_stored(cfg.reference.scores_dir, expected)
+        return data["train"], RefSource("stored", scores_dir=str(cfg.reference.scores_dir), entropy=entropy,
+                                        store=columns)  # fmt: skip
     if kind in ("train", "demo"):
         name, ref = trained_reference(cfg, data, acc)
         check_vocab(model, ref)
-        store = stored_scores(cfg, data, ref, name, acc, entropy=entropy)
-        ds, _ = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
-        return ds, RefSource("stored", scores_dir=str(store), entropy=entropy)
+        store, _ = stored_scores(cfg, data, ref, name, acc, entropy=entropy)
+        columns = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
+        return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
     raise ValueError(f"reference.kind must be none, live, stored, train or demo, got {kind!r}")
 
 

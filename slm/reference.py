@@ -1,8 +1,10 @@
-"""The frozen reference model: load it, score tokens live, or score a dataset once and store it.
+"""The frozen reference model: load it, score tokens live, or score a packed split once into a store.
 
-A stored score set is a folder holding the packed dataset with a ``ref_loss`` column (float32,
-aligned with ``labels``) and ``slm_ref.json``: the tokenizer identity, block size, data hash and
-the reference's identity and weight hash. Training refuses a store that disagrees with its data.
+A store (see :mod:`slm.store`) holds only the reference's per-token columns (float32 ``ref_loss``,
+optionally ``ref_entropy``), in shards aligned by row with the packed split it names by hash, and
+``slm_ref.json``: the tokenizer identity, block size, data hash and row count, the reference's
+identity and weight hash, each shard's sha256, and a seal. Training refuses a store that disagrees
+with its data or reference, or that was edited.
 """
 
 from __future__ import annotations
@@ -13,19 +15,20 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from slm import store as stores
 from slm.scoring import token_losses
+from slm.store import StoredColumns, StoreError
 
 log = logging.getLogger(__name__)
 
-META_FILE = "slm_ref.json"
-CHUNK_BLOCKS = 256  # blocks per resumable unit of work
+CHUNK_TOKENS = 1 << 20  # tokens per shard (and per resumable unit of scoring work)
 
 
 def load_reference(path: str, device: torch.device | str = "cpu", dtype: str = "auto") -> nn.Module:
@@ -102,16 +105,11 @@ def score_blocks(reference: nn.Module, ds, batch_size: int, device, progress=Non
 
 def _identity(meta: dict) -> dict:
     """What decides a store's content: its data, its reference, its columns (not timings)."""
-    return {k: meta.get(k) for k in ("tokenizer", "block_size", "data_hash", "rows", "reference", "entropy")}
-
-
-def _seal(meta: dict) -> str:
-    body = {k: v for k, v in meta.items() if k != "seal"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {k: meta.get(k) for k in ("tokenizer", "block_size", "data_hash", "rows", "reference", "entropy", "dtype")}
 
 
 def _claim_parts(parts: Path, identity: dict, accelerator) -> None:
-    """Chunks of a killed run are resumed only by the same reference on the same data."""
+    """Shards of a killed run are resumed only by the same reference on the same data."""
     marker = parts / "identity.json"
     found = json.loads(marker.read_text()) if marker.exists() else None  # every process reads before any write
     if accelerator:
@@ -120,8 +118,8 @@ def _claim_parts(parts: Path, identity: dict, accelerator) -> None:
         differs = sorted(k for k in identity if found.get(k) != identity.get(k))
         raise ValueError(
             f"{parts} holds chunks scored by a killed run with another {', '.join(differs)} "
-            f"({found.get('reference', {}).get('name')!r}); they are never mixed with this run's. Delete {parts} "
-            "or choose another out_dir"
+            f"({found.get('reference', {}).get('name')!r}); they are never mixed with this run's. Delete "
+            f"{parts.parent} or choose another out_dir"
         )
     if found is None and (accelerator is None or accelerator.is_main_process):
         marker.write_text(json.dumps(identity, indent=1))
@@ -129,151 +127,146 @@ def _claim_parts(parts: Path, identity: dict, accelerator) -> None:
         accelerator.wait_for_everyone()
 
 
+def _reopened(ds):
+    """A fresh view of a packed split's Arrow files: dropping it unmaps the pages it read, so the
+    memory of a scoring pass does not grow with the corpus (a split built in memory is kept)."""
+    files = [f["filename"] for f in getattr(ds, "cache_files", None) or []]
+    if not files or getattr(ds, "_indices", None) is not None:
+        return ds
+    from datasets import Dataset, concatenate_datasets
+
+    parts = [Dataset.from_file(f) for f in files]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
 def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: dict, batch_size: int = 32,
-                  accelerator=None, entropy: bool = False) -> Path:  # fmt: skip
-    """Score ``ds`` with ``reference`` and store it with a ``ref_loss`` column under ``out_dir``.
+                  accelerator=None, entropy: bool = False, dtype: str = "float32") -> Path:  # fmt: skip
+    """Score the packed split ``ds`` with ``reference`` into a store under ``out_dir``.
 
-    Work is cut into chunks of :data:`CHUNK_BLOCKS` blocks, dealt round-robin to the processes of
-    ``accelerator`` (one process without it). Each finished chunk is saved at once, so a killed
-    run resumes with the chunks still missing (only for the same reference and data). The main
-    process merges and writes the store, with hashes of its columns and a seal over its metadata.
+    Work is cut into chunks of about :data:`CHUNK_TOKENS` tokens, dealt round-robin to the
+    processes of ``accelerator`` (one process without it); each process writes each chunk's
+    shards as soon as they are scored (nothing is merged or held), so a killed run resumes with the
+    chunks still missing (only for the same reference and data). The main process writes the
+    metadata last: the shards' hashes and a seal over them.
     """
-    from slm.data import column_hash, content_hash
-
+    if dtype not in stores.DTYPES:
+        raise ValueError(f"dtype must be one of {stores.DTYPES}, got {dtype!r}")
     out_dir = Path(out_dir)
-    meta = {"data_hash": content_hash(ds), **meta, "rows": len(ds), "entropy": entropy}
+    block = len(ds[0]["input_ids"])
+    meta = {**meta, "rows": len(ds), "block_size": block, "entropy": entropy, "dtype": dtype}
+    if "data_hash" not in meta:
+        from slm.data import content_hash
+
+        meta["data_hash"] = content_hash(ds)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(reference.parameters()).device
     parts = out_dir / "parts"
     parts.mkdir(parents=True, exist_ok=True)
     _claim_parts(parts, _identity(meta), accelerator)
-    part = lambda c, what="loss": parts / f"{c:09d}.{what}.npy"
-    block = len(ds[0]["input_ids"])
-    tokens = lambda c: min(CHUNK_BLOCKS, len(ds) - c) * block
-    chunks = list(range(0, len(ds), CHUNK_BLOCKS))
-    missing = [c for c in chunks if not part(c).exists()]
+    columns = ("ref_loss", "ref_entropy") if entropy else ("ref_loss",)
+    per_chunk = max(1, CHUNK_TOKENS // block)
+    chunks = list(range(0, len(ds), per_chunk))
+    done = lambda c: parts / f"{c:012d}.json"
+    tokens = lambda c: min(per_chunk, len(ds) - c) * block
+    missing = [c for c in chunks if not done(c).exists()]
     if len(missing) < len(chunks) and rank == 0:
         log.info("slm-score: resuming; %d of %d chunks already scored", len(chunks) - len(missing), len(chunks))
     # Chunks are dealt by their index among all chunks, so every process agrees on who does what.
     mine = [c for j, c in enumerate(chunks) if j % world == rank and c in missing]
     t0 = time.perf_counter()
     # Rank 0's bar stands for all processes: they get equal shares of the work.
-    with _rows_with_progress(
-        sum(map(tokens, mine)), f"scoring ({world} process{'es' * (world > 1)})", rank == 0
-    ) as bar:
+    with _rows_with_progress(sum(map(tokens, mine)), f"scoring ({world} process{'es' * (world > 1)})",
+                             rank == 0) as bar:  # fmt: skip
         for c in mine:
-            sub = ds.select(range(c, min(c + CHUNK_BLOCKS, len(ds))))
-            scored = score_blocks(reference, sub, batch_size, device, bar, entropy)
-            loss, ent = scored if entropy else (scored, None)
-            for what, values in (("entropy", ent), ("loss", loss)):  # the loss file last: it marks the chunk done
-                if values is not None:
-                    tmp = parts / f"{c:09d}.{what}.tmp{rank}.npy"
-                    np.save(tmp, values.astype(np.float32))
-                    os.replace(tmp, part(c, what))
+            view = _reopened(ds)
+            scored = score_blocks(reference, view.select(range(c, min(c + per_chunk, len(ds)))), batch_size, device,
+                                  bar, entropy)  # fmt: skip
+            del view
+            values = dict(zip(columns, scored if entropy else (scored,)))
+            entries = {col: stores.write_shard(out_dir, col, c, values[col], dtype, str(rank)) for col in columns}
+            tmp = done(c).with_suffix(f".tmp{rank}")
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, done(c))  # last: the chunk is complete
     seconds = time.perf_counter() - t0
     if accelerator:
         accelerator.wait_for_everyone()
-    store = out_dir / "dataset"
     if rank == 0:
-        from datasets import Sequence, Value
-
-        scored = ds
-        for column, what in (("ref_loss", "loss"), ("ref_entropy", "entropy"))[: 2 if entropy else 1]:
-            values = np.concatenate([np.load(part(c, what)) for c in chunks])
-            scored = scored.add_column(column, list(values), feature=Sequence(Value("float32")))
-            meta[f"{column}_sha256"] = column_hash(scored, column, np.float32)
-        scored.save_to_disk(str(store))
+        entries = [json.loads(done(c).read_text()) for c in chunks]
         scored_now = sum(map(tokens, missing))
-        meta = {**meta, "labels_sha256": column_hash(scored, "labels"), "processes": world,
+        meta = {**meta, "shards": {col: [e[col] for e in entries] for col in columns}, "processes": world,
                 "seconds": round(seconds, 2),
                 "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None}  # fmt: skip
-        meta["seal"] = _seal(meta)
-        (out_dir / META_FILE).write_text(json.dumps(meta, indent=1))  # last: the store is complete
+        stores.write_meta(out_dir, meta)  # last: the store is complete
         shutil.rmtree(parts)
-        log.info("slm-score: stored %d blocks with ref_loss in %s", len(scored), store)
+        log.info("slm-score: stored %s for %d blocks in %s", " and ".join(columns), len(ds), out_dir)
     if accelerator:
         accelerator.wait_for_everyone()
-    return store
+    return out_dir
 
 
-def load_stored(out_dir: str | os.PathLike, expected: dict):
-    """The stored dataset with ``ref_loss``, after checking it was made for this data and is intact.
+def load_stored(out_dir: str | os.PathLike, expected: dict) -> StoredColumns:
+    """The store's columns, after checking it was made for this data (and reference) and is intact.
 
     ``expected``: ``tokenizer``, ``block_size``, ``data_hash`` (of the split scored), ``rows``,
-    and optionally ``reference`` (an identity from :func:`reference_identity`) or
-    ``reference_name``. The metadata must be unedited (its seal), and the stored token ids,
-    labels and reference losses must hash to what ``slm-score`` wrote; any difference raises
-    naming it.
+    optionally ``entropy`` (the column is needed), ``reference`` (an identity from
+    :func:`reference_identity`) or ``reference_name``. The metadata must be unedited (its seal),
+    every shard present at its recorded size, and a sample of shards must hash to what
+    ``slm-score`` wrote (the others are hashed when first read); any difference raises naming it.
     """
-    from datasets import load_from_disk
-
-    from slm.data import column_hash, content_hash
-
     out_dir = Path(out_dir)
-    meta_path = out_dir / META_FILE
-    if not meta_path.exists():
-        raise FileNotFoundError(
-            f"reference.scores_dir={str(out_dir)!r} holds no stored reference losses ({META_FILE} missing); "
-            "run slm-score first"
-        )
-    redo = "rerun slm-score (into a new out_dir)"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}); {redo}") from e
-    if not isinstance(meta, dict) or meta.get("seal") != _seal(meta):
-        raise ValueError(f"{meta_path} was edited after slm-score wrote it (its seal does not match); {redo}")
+    meta = stores.read_meta(out_dir)
     for key in ("tokenizer", "block_size", "data_hash", "rows"):
         if key in expected and meta.get(key) != expected[key]:
-            raise ValueError(
-                f"stored reference losses in {out_dir} were made with {key}={meta.get(key)!r}, but this run "
-                f"uses {key}={expected[key]!r}; rerun slm-score with this run's data settings"
+            raise StoreError(
+                f"the stored reference losses in {out_dir} were made for other data: the store has {key}="
+                f"{meta.get(key)!r}, this run's data has {key}={expected[key]!r}. Pass the same data options "
+                "(data=..., data.source, data.block_size, data.tokenizer, ...) as the slm-score run that made it; "
+                "re-scoring is needed only for different data"
             )
     ref = meta.get("reference") or {}
     want = expected.get("reference")
     if want is not None and ref.get("weights_sha256") != want.get("weights_sha256"):
-        raise ValueError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r} (weights "
+        raise StoreError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r} (weights "
                          f"{ref.get('weights_sha256')}), not {want.get('name')!r} (weights "
                          f"{want.get('weights_sha256')}); choose another out_dir or delete this one")  # fmt: skip
     if expected.get("reference_name") and ref.get("name") != expected["reference_name"]:
-        raise ValueError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r}, not "
+        raise StoreError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r}, not "
                          f"reference.path={expected['reference_name']!r}")  # fmt: skip
-    try:
-        ds = load_from_disk(str(out_dir / "dataset"))
-    except Exception as e:  # a truncated or missing Arrow file
-        raise ValueError(f"{out_dir}/dataset could not be read ({type(e).__name__}: {e}); the store is damaged; "
-                         f"{redo}") from e  # fmt: skip
-    if "ref_loss" not in ds.column_names:
-        raise ValueError(f"{out_dir}/dataset has no ref_loss column (columns: {ds.column_names})")
-    if expected.get("entropy") and "ref_entropy" not in ds.column_names:
-        raise ValueError(f"this selector needs the reference's per-token entropy, which {out_dir} does not hold; "
+    if expected.get("entropy") and "ref_entropy" not in meta["shards"]:
+        raise StoreError(f"this selector needs the reference's per-token entropy, which {out_dir} does not hold; "
                          "score again with slm-score entropy=true")  # fmt: skip
-    checks = [("rows", len(ds), meta.get("rows")), ("token ids", content_hash(ds), meta.get("data_hash")),
-              ("labels", column_hash(ds, "labels"), meta.get("labels_sha256")),
-              ("reference losses", column_hash(ds, "ref_loss", np.float32), meta.get("ref_loss_sha256"))]  # fmt: skip
-    if "ref_entropy" in ds.column_names:
-        checks.append(("reference entropies", column_hash(ds, "ref_entropy", np.float32),
-                       meta.get("ref_entropy_sha256")))  # fmt: skip
-    for what, found, recorded in checks:
-        if found != recorded:
-            raise ValueError(f"the stored {what} in {out_dir}/dataset are not what slm-score wrote (edited or "
-                             f"damaged: {found} vs {recorded}); {redo}")  # fmt: skip
-    return ds, meta
+    columns = StoredColumns(out_dir, meta)
+    columns.check_files()
+    return columns
 
 
 @dataclass
 class RefSource:
-    """Where reference values come from: none, stored columns (``ref_loss``, ``ref_entropy``), or a
-    live model. ``entropy``: the selector also needs the reference's per-token entropy."""
+    """Where reference values come from: none, a store (``ref_loss``, ``ref_entropy`` columns read
+    by row), or a live model. ``entropy``: the selector also needs the reference's per-token entropy."""
 
     kind: str = "none"  # none | stored | live
     model: nn.Module | None = None
     scores_dir: str | None = None  # where stored columns came from
     entropy: bool = False
+    store: StoredColumns | None = None
+    error: str | None = field(default=None, repr=False)  # a damaged shard found while reading (see stored)
 
     @property
     def columns(self) -> list[str]:
         return ["ref_loss"] + (["ref_entropy"] if self.entropy else []) if self.kind == "stored" else []
+
+    def stored(self, idx: list[int]) -> dict:
+        """The stored columns of rows ``idx`` of the packed split (CPU tensors). A shard that fails its
+        check is remembered in ``error`` (zeros returned) so that the caller can stop every process
+        at once (a process that raised alone would leave the others waiting)."""
+        if self.kind != "stored":
+            return {}
+        try:
+            return {c: self.store.rows(idx, c) for c in self.columns}
+        except StoreError as e:
+            self.error = self.error or str(e)
+            return {c: torch.zeros(len(idx), self.store.meta["block_size"]) for c in self.columns}
 
     def values(self, batch: dict) -> dict:
         """Keyword arguments for SelectiveLM: ``ref_loss`` (and ``ref_entropy``) of this batch."""

@@ -32,6 +32,7 @@ from slm.reference import RefSource
 from slm.rows import shifted_valid
 from slm.selection import NonFiniteScores, RatioSchedule, num_selected, num_to_keep, ratio_schedule
 from slm.signals import StopSignals
+from slm.store import StoreError
 from slm.tracking import Tracker, read_metrics
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,7 @@ class Trainer:
         if self.downstream.tasks and self.engine.mode in ("fsdp2", "deepspeed"):
             raise ValueError("downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
                              "shard: evaluate the saved model/ afterwards with lm_eval instead")  # fmt: skip
-        columns = ["input_ids", "labels", "attention_mask", *self.ref.columns]
-        self.train_ds = train_ds.select_columns(columns).with_format("torch")
+        self.train_ds = train_ds.select_columns(["input_ids", "labels", "attention_mask"]).with_format("torch")
         self.stream = BatchStream(len(train_ds), cfg.batch_size, accelerator.num_processes,
                                   accelerator.process_index, cfg.seed)  # fmt: skip
         self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0
@@ -213,8 +213,11 @@ class Trainer:
         local = [num_selected(v, ratio, "batch" if lm.scope == "global" else lm.scope) for v in valid]
         n_valid = [int(v.sum()) for v in valid]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        counts = torch.tensor([*local, *n_valid, tokens], dtype=torch.float64, device=self.acc.device)
-        counts = self.acc.reduce(counts, "sum").tolist()
+        store_error = float(self.ref.error is not None)  # a damaged store shard read on some process
+        counts = torch.tensor([*local, *n_valid, tokens, store_error], dtype=torch.float64, device=self.acc.device)
+        *counts, store_error = self.acc.reduce(counts, "sum").tolist()
+        if store_error:  # every process stops here, before any forward
+            raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
         k = len(batches)
         if not lm.fixed_count:
             return None, int(counts[-1])
@@ -224,8 +227,8 @@ class Trainer:
 
     def train_step(self) -> dict:
         cfg, engine = self.cfg, self.engine
-        batches = [fetch(self.train_ds, self.stream.indices(self.step * cfg.grad_accum + m))
-                   for m in range(cfg.grad_accum)]  # fmt: skip
+        rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
+        batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
         ratio = self.schedule.at(self.step, cfg.max_steps)
         n_step, n_tok = self._step_count(batches, ratio)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)

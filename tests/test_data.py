@@ -1,7 +1,6 @@
 """Data loading, packing, the built-in corpus, and stored reference losses."""
 
 import json
-import shutil
 
 import numpy as np
 import pandas as pd
@@ -11,6 +10,7 @@ from conftest import tiny_model
 from helpers import compose_train
 
 import slm
+import slm.store as store_module
 from slm.corpus import CorpusConfig, generate, solve
 from slm.data import DataConfig, build, check_block_size
 from slm.reference import check_vocab, load_stored, score_dataset
@@ -181,13 +181,17 @@ def test_stored_column_equals_live_scores_and_survives_disk(tmp_path):
                 "data_hash": data.identity["data_hash"]["train"]}  # fmt: skip
     out = tmp_path / "scores"
     score_dataset(ref, data["train"], out, expected, batch_size=7)
-    stored, meta = load_stored(out, expected)
-    assert stored["input_ids"] == data["train"]["input_ids"]
+    stored = load_stored(out, expected)
+    n = len(data["train"])
     live = slm.token_losses(ref, torch.tensor(data["train"]["input_ids"]), torch.tensor(data["train"]["labels"]),
                             attention_mask=torch.tensor(data["train"]["attention_mask"]))  # fmt: skip
-    assert stored.features["ref_loss"].feature.dtype == "float32"
-    col = torch.tensor(np.array(stored["ref_loss"], dtype=np.float32))
-    assert torch.equal(col, live)  # float32 column: bit-exact after save_to_disk / load_from_disk
+    assert torch.equal(stored.rows(range(n)), live)  # float32 shards: bit-exact on disk
+    assert torch.equal(stored.rows([5, 0, 5]), live[[5, 0, 5]])  # any rows, in any order
+    assert not (out / "dataset").exists() and sum(f.stat().st_size for f in out.rglob("*.npy")) <= 4.5 * live.numel()
+    # bfloat16: half the size, the values rounded to bfloat16
+    score_dataset(ref, data["train"], tmp_path / "bf16", expected, batch_size=7, dtype="bfloat16")
+    half = load_stored(tmp_path / "bf16", expected)
+    assert torch.equal(half.rows(range(n)), live.bfloat16().float())
     with pytest.raises(ValueError, match="data_hash"):
         load_stored(out, {**expected, "data_hash": "other"})
     with pytest.raises(ValueError, match="tokenizer"):
@@ -217,21 +221,23 @@ def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
 
     data = build(DataConfig(builtin={"n_train_docs": 200, "n_clean_docs": 5, "n_val_docs": 5}, block_size=16,
                             cache_dir=str(tmp_path / "c")))  # fmt: skip
-    monkeypatch.setattr(reference, "CHUNK_BLOCKS", 100)
+    monkeypatch.setattr(reference, "CHUNK_TOKENS", 100 * 16)  # 100 blocks per chunk
     ref = tiny_model("llama", vocab=len(data.tokenizer))
     n_chunks = -(-len(data["train"]) // 100)
     assert n_chunks >= 3
     real = interrupt_scoring_at_chunk(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         score_dataset(ref, data["train"], tmp_path / "s", {})
-    assert len(list((tmp_path / "s" / "parts").glob("*.npy"))) == 2
+    assert len(list((tmp_path / "s" / "parts").glob("*.json"))) == 3  # identity.json + 2 chunks
     calls = []
     monkeypatch.setattr(reference, "score_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
     score_dataset(ref, data["train"], tmp_path / "s", {})
     assert len(calls) == n_chunks - 2  # only the missing chunks
-    stored, _ = load_stored(tmp_path / "s", {})
-    live = slm.token_losses(ref, torch.tensor(stored["input_ids"]), torch.tensor(stored["labels"]))
-    assert torch.equal(torch.tensor(np.array(stored["ref_loss"], dtype=np.float32)), live)
+    stored = load_stored(tmp_path / "s", {})
+    assert len(stored.meta["shards"]["ref_loss"]) == n_chunks
+    train = data["train"]
+    live = slm.token_losses(ref, torch.tensor(train["input_ids"]), torch.tensor(train["labels"]))
+    assert torch.equal(stored.rows(range(len(train))), live)
 
 
 def test_vocabulary_mismatch_refused(tmp_path):
@@ -255,7 +261,6 @@ def test_two_process_scoring_equals_one_process(tmp_path):
     import sys
     from pathlib import Path
 
-    from datasets import load_from_disk
     from helpers import TINY
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -267,9 +272,9 @@ def test_two_process_scoring_equals_one_process(tmp_path):
     subprocess.run([exe, *args, f"out_dir={tmp_path / 'one'}"], env=env, check=True, cwd=tmp_path)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", exe,
                     *args, f"out_dir={tmp_path / 'two'}"], env=env, check=True, cwd=tmp_path)  # fmt: skip
-    one, two = (load_from_disk(str(tmp_path / d / "dataset")) for d in ("one", "two"))
-    assert one["input_ids"] == two["input_ids"]
-    assert np.array_equal(np.array(one["ref_loss"], np.float32), np.array(two["ref_loss"], np.float32))
+    one, two = (load_stored(tmp_path / d, {}) for d in ("one", "two"))
+    assert one.meta["data_hash"] == two.meta["data_hash"] and two.meta["processes"] == 2
+    assert torch.equal(one.rows(range(one.meta["rows"])), two.rows(range(two.meta["rows"])))
 
 
 def test_hub_source_unreachable_is_a_clear_error(tmp_path):
@@ -293,52 +298,49 @@ def test_tokenizer_from_a_local_folder(tmp_path):
 # --- issue 12 #5, #6: stores are verified, references never mixed -------------------------------------
 
 
-def _store(tmp_path, name="s"):
+def _store(tmp_path, name="s", chunk_tokens=None, monkeypatch=None):
     data = build(DataConfig(builtin={"n_train_docs": 30, "n_clean_docs": 5, "n_val_docs": 5}, block_size=32,
                             cache_dir=str(tmp_path / "c")))  # fmt: skip
+    import slm.reference as reference
     from slm.ref_sources import expected_store
     from slm.reference import reference_identity
 
+    if chunk_tokens:
+        monkeypatch.setattr(reference, "CHUNK_TOKENS", chunk_tokens)
     ref = tiny_model("llama", vocab=len(data.tokenizer))
     meta = {**expected_store(data), "reference": reference_identity(ref, "ref-a")}
     score_dataset(ref, data["train"], tmp_path / name, meta, batch_size=8)
     return data, expected_store(data), tmp_path / name
 
 
-def _rewrite(store, fn):
-    from datasets import load_from_disk
-
-    ds = fn(load_from_disk(str(store / "dataset")))
-    ds.save_to_disk(str(store / "dataset.new"))
-    shutil.rmtree(store / "dataset")
-    (store / "dataset.new").rename(store / "dataset")
+def _shards(store) -> list:
+    return sorted((store / "ref_loss").glob("*.npy"))
 
 
 @pytest.mark.parametrize(
     "tamper, match",
     [
-        ("tokens", "stored token ids"),
-        ("row", "rows"),
-        ("shift", "stored reference losses"),
-        ("value", "stored reference losses"),
+        ("value", "ref_loss/000000000000.npy is not what slm-score wrote"),
+        ("truncate", "is 100 bytes, not"),
+        ("missing", "is missing"),
         ("name", "was edited after slm-score wrote it"),
         ("json", "is not valid JSON"),
-        ("arrow", "could not be read"),
+        ("data", "were made for other data: the store has data_hash="),
     ],
 )
 def test_a_tampered_store_is_refused_naming_what_differs(tmp_path, tamper, match):
     data, expected, store = _store(tmp_path)
     load_stored(store, expected)  # intact: accepted
-    if tamper == "tokens":
-        _rewrite(store, lambda d: d.map(lambda r, i: {"input_ids": [5] + r["input_ids"][1:]} if i == 3 else r,
-                                        with_indices=True))  # fmt: skip
-    elif tamper == "row":
-        _rewrite(store, lambda d: d.select(range(len(d) - 1)))
-    elif tamper == "shift":
-        _rewrite(store, lambda d: d.map(lambda r: {"ref_loss": [0.0] + r["ref_loss"][:-1]}))
-    elif tamper == "value":
-        _rewrite(store, lambda d: d.map(lambda r, i: {"ref_loss": [9.0] * len(r["ref_loss"])} if i == 0 else r,
-                                        with_indices=True))  # fmt: skip
+    shard = _shards(store)[0]
+    if tamper == "value":  # the same size, one value changed
+        values = np.load(shard)
+        values[0, 3] += 1.0
+        np.save(shard, values)
+    elif tamper == "truncate":
+        with open(shard, "r+b") as f:
+            f.truncate(100)
+    elif tamper == "missing":
+        shard.unlink()
     elif tamper == "name":
         meta = json.loads((store / "slm_ref.json").read_text())
         meta["reference"]["name"] = "ref-b"
@@ -346,11 +348,35 @@ def test_a_tampered_store_is_refused_naming_what_differs(tmp_path, tamper, match
     elif tamper == "json":
         (store / "slm_ref.json").write_text("{not json")
     else:
-        (arrow,) = (store / "dataset").glob("*.arrow")
-        with open(arrow, "r+b") as f:
-            f.truncate(arrow.stat().st_size // 2)
+        expected = {**expected, "data_hash": "0123"}
     with pytest.raises(ValueError, match=match):
         load_stored(store, expected)
+
+
+def test_a_store_opens_in_o_shards_and_checks_the_others_when_read(tmp_path, monkeypatch):
+    """Opening checks every shard's size and hashes a sample; an edited shard outside the sample is
+    refused when first read (training stops on every process at that step), and by --verify."""
+    from slm.cli import verify_stores
+
+    data, expected, store = _store(tmp_path, chunk_tokens=4 * 32, monkeypatch=monkeypatch)  # 4 blocks per shard
+    shards = _shards(store)
+    assert len(shards) >= 8
+    hashed = []
+    real = store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    columns = load_stored(store, expected)
+    assert len(hashed) == store_module.SAMPLED_SHARDS  # not every shard
+    unsampled = next(p for p in shards if p not in hashed)
+    values = np.load(unsampled)
+    values[1, 5] = 123.0
+    np.save(unsampled, values)
+    columns = load_stored(store, expected)  # still opens: only sizes and the sample are checked
+    first = int(unsampled.stem)
+    columns.rows([0])  # an intact shard reads
+    with pytest.raises(ValueError, match=f"{unsampled.name} is not what slm-score wrote"):
+        columns.rows([first])
+    with pytest.raises(ValueError, match="is not what slm-score wrote"):
+        verify_stores([str(store)])
 
 
 def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
@@ -369,7 +395,7 @@ def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="come from reference .*ref_a.*not .*ref_b.*choose another out_dir"):
         score(cfg("ref_b", "done"))
     # a killed run's chunks are never resumed by another reference
-    monkeypatch.setattr(reference, "CHUNK_BLOCKS", 64)
+    monkeypatch.setattr(reference, "CHUNK_TOKENS", 64 * 32)  # 64 blocks of 32 tokens
     real = interrupt_scoring_at_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         score(cfg("ref_a", "killed"))
@@ -377,5 +403,4 @@ def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="holds chunks scored by a killed run with another reference"):
         score(cfg("ref_b", "killed"))
     store = score(cfg("ref_a", "killed"))  # the same reference resumes
-    ds, meta = load_stored(store, {})
-    assert meta["reference"]["name"] == str(tmp_path / "ref_a")
+    assert load_stored(store, {}).meta["reference"]["name"] == str(tmp_path / "ref_a")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import TINY, compose_train
@@ -94,21 +93,23 @@ def test_a_ratio_schedule_sets_each_steps_ratio(tmp_path):
 
 
 def test_slm_score_stores_the_references_entropy_and_the_self_reference_selectors_train(tmp_path):
-    from datasets import load_from_disk
-
     import slm
     from slm.cli import score
+    from slm.data import build
+    from slm.reference import load_stored
 
-    store = score(compose_train(tmp_path / "c", "entropy=true", config_name="score"))
-    ds = load_from_disk(str(store / "dataset"))
+    cfg = compose_train(tmp_path / "c", "entropy=true", config_name="score")
+    store = score(cfg)
+    columns = load_stored(store, {})
+    ds = build(cfg.data)["train"]
     ref_model = next((tmp_path / "c" / "reference").glob("*/model"))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(ref_model).eval()
     rows = ds.with_format("torch")[:8]
     loss, ent = slm.token_losses(model, rows["input_ids"], rows["labels"], rows["attention_mask"], return_entropy=True)
-    torch.testing.assert_close(rows["ref_entropy"], ent, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rows["ref_loss"], loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(columns.rows(range(8), "ref_entropy"), ent, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(columns.rows(range(8), "ref_loss"), loss, atol=1e-5, rtol=1e-5)
     stored = ("reference=stored", f"reference.scores_dir={store}")
     train(compose_train(tmp_path / "c", *stored, "selector=reference_entropy", "trainer.max_steps=2"), tmp_path / "e")
     train(compose_train(tmp_path / "c", *stored, "selector=union", "trainer.max_steps=2"), tmp_path / "u")
@@ -120,7 +121,7 @@ def test_slm_score_stores_the_references_entropy_and_the_self_reference_selector
     with pytest.raises(ValueError, match="needs the reference's per-token entropy.*entropy=true"):
         train(compose_train(tmp_path / "c", "reference=stored", f"reference.scores_dir={no_entropy}",
                             "selector=reference_entropy"), tmp_path / "y")  # fmt: skip
-    assert np.isfinite(np.array(ds["ref_entropy"][0], np.float32)).all()
+    assert torch.isfinite(columns.rows(range(len(ds)), "ref_entropy")).all()
 
 
 def test_downstream_tasks_run_at_eval_points_and_are_logged(tmp_path, monkeypatch):

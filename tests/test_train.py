@@ -197,6 +197,30 @@ def test_stored_reference_refuses_other_data_settings(tmp_path):
         )
 
 
+def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypatch):
+    import numpy as np
+
+    import slm.reference as reference
+    from slm.cli import score
+
+    import slm.store as store_module
+
+    monkeypatch.setattr(reference, "CHUNK_TOKENS", 2 * 32)  # 2 blocks per shard: many shards
+    store = score(compose_train(tmp_path / "cache", config_name="score"))
+    checked = []  # the shards hashed when the store is opened
+    real = store_module.file_sha256
+    monkeypatch.setattr(store_module, "file_sha256", lambda p: checked.append(p) or real(p))
+    reference.load_stored(store, {})
+    monkeypatch.setattr(store_module, "file_sha256", real)
+    for shard in set((store / "ref_loss").glob("*.npy")) - set(checked):  # found only when read
+        values = np.load(shard)
+        values[0, 1] += 1.0
+        np.save(shard, values)
+    with pytest.raises(ValueError, match=r"ref_loss/\d+\.npy is not what slm-score wrote"):
+        train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("scope", ["global", "sequence"])
 def test_two_processes_equal_one_process(tmp_path, scope):
