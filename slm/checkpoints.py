@@ -42,7 +42,8 @@ def read_state(folder: Path) -> dict:
 
 
 def _step_folders(root: Path) -> list[Path]:
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    """``step_N`` folders, newest first (not ``.tmp`` ones being written, nor ``.damaged`` ones set aside)."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), reverse=True)
 
 
 def latest(run_dir: Path, warn: bool = True) -> Path | None:
@@ -75,12 +76,17 @@ def save(run_dir: Path, step: int, state: dict, write, is_main: bool, keep: int,
     all_ok(True)  # the folder exists before anyone writes into it
     try:
         write(tmp)
-    except (OSError, RuntimeError) as e:  # a full disk surfaces as either
+    except Exception as e:  # a full disk surfaces as OSError, RuntimeError or a library's own error
         error = e
     ok = all_ok(error is None)
     if ok and is_main:
         try:
             (tmp / STATE_FILE).write_text(json.dumps({**state, "manifest": _manifest(tmp)}))
+            if final.exists():  # a damaged checkpoint of this step (resume fell back past it): keep it aside
+                aside = final.with_name(final.name + ".damaged")
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(final, aside)
+                log.warning("checkpoint %s was incomplete or damaged; moved it to %s and wrote it again", final, aside)
             os.replace(tmp, final)
             pointer_tmp = root / "latest.tmp"
             pointer_tmp.write_text(final.name)

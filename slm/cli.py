@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,14 @@ from slm.architectures import build_model
 from slm.data import build, check_block_size
 from slm.hub import check_run_sources
 from slm.model import SelectiveLM
-from slm.ref_sources import check_score_vocab, container, reference_source, stored_scores, trained_reference
+from slm.ref_sources import (
+    check_reference_tokenizer,
+    check_score_vocab,
+    container,
+    reference_source,
+    stored_scores,
+    trained_reference,
+)
 from slm.reference import load_reference
 from slm.selection import ratio_schedule
 from slm.settings import downstream_config, effective_selector, needed_reference, resolve_block_size, validate
@@ -128,16 +136,21 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
                       ratio=schedule, downstream=downstream_config(cfg), tokenizer=data.tokenizer)  # fmt: skip
     try:
         result = trainer.fit()
+        _save_model(trainer, run_dir, data.tokenizer)
     except RunInterrupted as e:
         _finish(acc, run_dir, info, {"status": "interrupted", "step": e.step, "checkpoint": str(e.checkpoint),
                                      "signal": e.signum})  # fmt: skip
         raise
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one after training (while model/ is written)
+        ckpt = checkpoints.latest(run_dir, warn=False)
+        _finish(acc, run_dir, info, {"status": "interrupted", "step": trainer.step, "checkpoint": str(ckpt),
+                                     "signal": signal.SIGINT})  # fmt: skip
+        raise RunInterrupted(signal.SIGINT, trainer.step, ckpt) from e
     except Exception as e:
         _finish(acc, run_dir, info, {"status": "failed", "step": trainer.step, "error": f"{type(e).__name__}: {e}"})
         raise
     finally:
         tracker.finish()
-    trainer.engine.save_pretrained(run_dir / "model", data.tokenizer)
     _finish(acc, run_dir, info, {"status": "finished", **result})
     if acc.is_main_process:
         tracker.summary(result)
@@ -145,6 +158,19 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def _save_model(trainer: Trainer, run_dir: Path, tokenizer) -> None:
+    """The final ``model/`` (written aside, then renamed into place: complete or absent)."""
+    try:
+        trainer.engine.save_pretrained(run_dir / "model", tokenizer)
+    except Exception as e:  # a full disk arrives as OSError, RuntimeError or safetensors' own error
+        ckpt = checkpoints.latest(run_dir, warn=False)
+        raise checkpoints.CheckpointError(
+            f"could not write {run_dir / 'model'} ({type(e).__name__}: {e}). Training reached step "
+            f"{trainer.step} and its checkpoint {ckpt} is complete: free disk space and run again with "
+            f"trainer.resume=true hydra.run.dir={run_dir} to write model/"
+        ) from e
 
 
 def _finish(acc, run_dir: Path, info: dict, result: dict) -> None:
@@ -203,6 +229,7 @@ def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     elif cfg.reference.kind != "live":
         raise ValueError(f"slm-score needs reference=demo, train or live, got reference.kind={cfg.reference.kind!r}")
     else:
+        check_reference_tokenizer(cfg, data)
         name, ref = cfg.reference.path, load_reference(cfg.reference.path, device=acc.device,
                                                        dtype=cfg.reference.get("dtype", "auto"))  # fmt: skip
     check_score_vocab(cfg, data, ref)
@@ -244,7 +271,7 @@ def one_line_errors():
         yield
     except RunInterrupted as e:
         where = e.checkpoint.parent.parent if e.checkpoint else "<run dir>"
-        _fail(f"interrupted at step {e.step}; checkpoint {e.checkpoint}. Continue with trainer.resume=true "
+        _fail(e.hint or f"interrupted at step {e.step}; checkpoint {e.checkpoint}. Continue with trainer.resume=true "
               f"hydra.run.dir={where}", 128 + (e.signum or 2), e)  # fmt: skip
     except KeyboardInterrupt as e:
         _fail("interrupted (Ctrl-C); caches and stores are written only when complete, so rerun to continue", 130, e)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from slm.corpus import CorpusConfig
-from slm.sources import BUILTIN, data_files, is_local, raw_documents
+from slm.sources import BUILTIN, content_digest, data_files, is_local, raw_documents
 from slm.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,10 @@ class SourceSpec:
     hub_config: str | None = None
     builtin: dict = field(default_factory=dict)
 
-    def identity(self) -> dict:
+    def identity(self, cache_dir: str | None = None) -> dict:
         src = {"builtin": CorpusConfig(**self.builtin).identity()} if self.source == BUILTIN else (
             _source_identity(DataConfig(source=self.source, text_field=self.text_field, sample_by=self.sample_by,
-                                        hub_config=self.hub_config)))  # fmt: skip
+                                        hub_config=self.hub_config, cache_dir=cache_dir)))  # fmt: skip
         return {"source": src, "split": self.split, "text_field": self.text_field, "sample_by": self.sample_by}
 
 
@@ -133,9 +133,8 @@ def _source_identity(cfg: DataConfig) -> dict:
     if cfg.source == BUILTIN:
         return {"builtin": CorpusConfig(**cfg.builtin).identity()}
     if is_local(cfg.source):
-        files = data_files(cfg.source)
-        stat = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
-        return {"files": stat, "text_field": cfg.text_field, "sample_by": cfg.sample_by}
+        files = [(f, content_digest(f, cfg.cache_dir)) for f in data_files(cfg.source)]
+        return {"files": files, "text_field": cfg.text_field, "sample_by": cfg.sample_by}
     return {"hub": cfg.source, "config": cfg.hub_config, "text_field": cfg.text_field,
             "splits": [cfg.train_split, cfg.validation_split]}  # fmt: skip
 
@@ -289,7 +288,7 @@ def _key(settings: dict) -> str:
 
 def build_split(spec: SourceSpec, tokenizer, block_size: int, cache_dir: str, shuffle_seed: int | None = None):
     """One source packed as one split with the run's tokenizer and block size, cached like the rest."""
-    settings = {"pack_version": PACK_VERSION, **spec.identity(), "tokenizer": tokenizer_identity(tokenizer),
+    settings = {"pack_version": PACK_VERSION, **spec.identity(cache_dir), "tokenizer": tokenizer_identity(tokenizer),
                 "block_size": block_size, "shuffle": shuffle_seed}  # fmt: skip
 
     def make():

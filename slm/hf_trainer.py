@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 # per-token columns and their padding
 _COLUMNS = {"loss_mask": False, "ref_loss": 0.0, "ref_entropy": 0.0, "loss_weight": 0.0}
-_NOT_FOR_THE_DECODER = ("labels", *_COLUMNS)
+_NOT_FOR_THE_DECODER = ("labels", "return_hits", *_COLUMNS)
 
 
 class SelectiveDataCollator:
@@ -44,16 +44,24 @@ class SelectiveDataCollator:
       token (Phi-2, Llama) keeps the end tokens it trains on (``DataCollatorForLanguageModeling``
       sets -100 on every token equal to the pad id).
 
-    A ``loss_mask`` (or ``loss_weight``) token whose label is -100 cannot be trained: warned once.
+    A padding-free collator (``DataCollatorWithFlattening``: one row of concatenated sequences)
+    gets the extra columns concatenated the same way. The padding side is the tokenizer's at the
+    time of each call. A ``loss_mask`` (or ``loss_weight``) token whose label is -100 cannot be
+    trained: warned once.
     """
 
     def __init__(self, collator=None, padding_side: str = "right", tokenizer=None):
         if (collator is None) == (tokenizer is None):
             raise ValueError("SelectiveDataCollator takes a collator or a tokenizer (exactly one of them)")
         self.collator, self.tokenizer = collator, tokenizer
-        tok = tokenizer or getattr(collator, "tokenizer", None)
-        self.padding_side = getattr(tok, "padding_side", padding_side)
+        self._padding_side = padding_side  # used when there is no tokenizer to ask
         self._warned = False
+
+    @property
+    def padding_side(self) -> str:
+        """The tokenizer's padding side now (it may be changed after the collator is built)."""
+        tok = self.tokenizer or getattr(self.collator, "tokenizer", None)
+        return getattr(tok, "padding_side", None) or self._padding_side
 
     def _base(self, features: list[dict]) -> dict:
         if self.collator is not None:
@@ -66,6 +74,18 @@ class SelectiveDataCollator:
         extra = {k: [f[k] for f in features] for k in _COLUMNS if k in features[0]}
         batch = self._base([{k: v for k, v in f.items() if k not in _COLUMNS} for f in features])
         length = batch["input_ids"].shape[1]
+        if batch["input_ids"].shape[0] == 1 and len(features) > 1:  # sequences concatenated into one row
+            lengths = [len(f["input_ids"]) for f in features]
+            if sum(lengths) != length:
+                raise ValueError(f"SelectiveDataCollator: {type(self.collator).__name__} made one row of {length} "
+                                 f"tokens from sequences of {sum(lengths)}; only plain concatenation is supported")
+            for k, rows in extra.items():
+                if [len(r) for r in rows] != lengths:
+                    raise ValueError(f"SelectiveDataCollator: the {k} column must have one value per input id")
+                dtype = torch.bool if k == "loss_mask" else torch.float32
+                batch[k] = torch.cat([torch.as_tensor(r, dtype=dtype) for r in rows])[None]
+            self._check_trainable(batch)
+            return batch
         for k, rows in extra.items():
             out = torch.full((len(rows), length), _COLUMNS[k], dtype=torch.bool if k == "loss_mask" else torch.float32)
             for i, r in enumerate(rows):
@@ -144,6 +164,18 @@ class SelectiveTrainer(Trainer):
             # trainable parameter of SelectiveLM gets a gradient each step (zeros when nothing is selected).
             training_args.ddp_find_unused_parameters = False
         super().__init__(model, *args, **kwargs)
+        if self.args.label_smoothing_factor:
+            raise ValueError(
+                f"SelectiveTrainer: label_smoothing_factor={self.args.label_smoothing_factor} is not implemented by "
+                "the selective head (it trains plain cross-entropy on the selected tokens, and Trainer's label "
+                "smoother would need every token's logits); set label_smoothing_factor=0"
+            )
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "SelectiveTrainer: compute_loss_func would never be called: the loss is computed inside the model, "
+                "over the trained tokens only, from hidden states (no logits exist to pass it). Drop "
+                "compute_loss_func, or weight tokens with a loss_weight column"
+            )
         self.model_accepts_loss_kwargs = True  # we normalise by num_items_in_batch ourselves
         self._selected = torch.zeros(2, dtype=torch.float64)  # trained tokens, valid tokens since last log
         self._nonfinite = None  # NaN/inf selection scores of this step's micro-batches (a device scalar)
@@ -186,6 +218,7 @@ class SelectiveTrainer(Trainer):
         decoder_inputs = {k: v for k, v in inputs.items() if k not in _NOT_FOR_THE_DECODER}  # position_ids, ...
         out = model(
             labels=inputs["labels"],
+            return_hits=bool(inputs.get("return_hits", False)),
             loss_mask=inputs.get("loss_mask"),
             loss_weight=inputs.get("loss_weight"),
             ref_loss=inputs.get("ref_loss"),
@@ -222,11 +255,16 @@ class SelectiveTrainer(Trainer):
             )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Eval loss: over the loss_mask tokens if given, else over all valid tokens."""
+        """Eval loss: over the loss_mask tokens if given, else over all valid tokens. With
+        ``compute_metrics`` the predictions are ``(token_loss, hits)``: ``[B, T]`` float32 per-token
+        losses (entry ``t`` predicts ``labels[:, t]``; 0 where not evaluated) and ``[B, T]`` int
+        arg-max hits (1 where the model's top prediction is the label); no logits exist."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, out = self.compute_loss(model, {**inputs, "return_hits": True}, return_outputs=True)
+        return loss.detach(), (out.token_loss, out.hits.long()), inputs["labels"]
 
     # -- logging and compute accounting ----------------------------------------------------------
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

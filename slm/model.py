@@ -230,19 +230,8 @@ class SelectiveLM(nn.Module):
         self._check_call(model_kwargs)
         if position_ids is not None:
             model_kwargs["position_ids"] = position_ids
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
-        labels = labels.to(input_ids.device)
-        if labels.shape != input_ids.shape:
-            raise ValueError(
-                f"labels {tuple(labels.shape)} must have the [B, T] shape of input_ids {tuple(input_ids.shape)}"
-            )
-        for name, t in (("ref_loss", ref_loss), ("ref_entropy", ref_entropy), ("loss_mask", loss_mask),
-                        ("loss_weight", loss_weight)):  # fmt: skip
-            if t is not None and t.shape != labels.shape:
-                raise ValueError(
-                    f"{name} has shape {tuple(t.shape)}; it must be aligned with labels {tuple(labels.shape)}"
-                )
+        labels = _check_inputs(input_ids, labels, attention_mask, ref_loss=ref_loss, ref_entropy=ref_entropy,
+                               loss_mask=loss_mask, loss_weight=loss_weight)  # fmt: skip
         if loss_mask is not None and loss_weight is not None:
             raise ValueError("pass loss_mask or loss_weight, not both (loss_weight > 0 marks the trained tokens)")
         if ref_loss is not None and ref_loss.dtype in (torch.bfloat16, torch.float16):
@@ -331,6 +320,32 @@ class SelectiveLM(nn.Module):
             raise RuntimeError(f"slm: the selective head could not run: {why}")
         hidden = out.last_hidden_state[:, :-1]
         return HeadRows(head, hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos), targets)
+
+
+def _check_inputs(input_ids, labels, attention_mask, **per_token) -> Tensor:
+    """Every input's type and shape, each error naming the argument; ``labels`` on the ids' device."""
+    for name, t in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask),
+                    *per_token.items()):  # fmt: skip
+        if t is not None and not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): a batch needs at least one token")
+    for name, t in (("input_ids", input_ids), ("labels", labels)):
+        if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integer token ids (torch.long), got {t.dtype}")
+    if labels.shape != input_ids.shape:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must have the [B, T] shape of input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must be the [B, T] shape of "
+                         f"input_ids {tuple(input_ids.shape)}")  # fmt: skip
+    for name, t in per_token.items():
+        if t is not None and t.shape != labels.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be aligned with labels {tuple(labels.shape)}")
+    return labels.to(input_ids.device)
 
 
 def _call_either(obj, name: str, old_name: str, *args, **kwargs):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -276,11 +277,26 @@ class Engine:
 
     def save_pretrained(self, out_dir: Path, tokenizer=None) -> None:
         """The trained model as an HF folder (``from_pretrained``-ready): consolidated weights under
-        every mode. Every process must call it; the main process writes."""
+        every mode, written into ``<out_dir>.tmp`` and renamed into place, so ``out_dir`` is complete
+        or absent. Every process must call it; the main process writes."""
         sd = self.full_state_dict()
+        error = None
         if _rank() == 0:
-            save_inner_pretrained(self.lm, sd, out_dir, tokenizer)
-        _barrier()
+            out_dir = Path(out_dir)
+            tmp, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_inner_pretrained(self.lm, sd, tmp, tokenizer)
+                if out_dir.exists():  # a resumed run writes its model again
+                    os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            except BaseException as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = e
+        failed = torch.tensor([float(error is not None)], device=self.device)
+        if float(self.acc.reduce(failed, "sum")) > 0:  # every process stops, none waits for the others
+            raise error or RuntimeError("writing the model failed on the main process")
 
     def save_checkpoint(self, path: Path) -> None:
         """Model, optimizer, schedule, loss scale and RNG into ``path`` (every process calls it). Each

@@ -20,7 +20,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from omegaconf import DictConfig, OmegaConf
 
-from slm import parallel
+from slm import checkpoints, parallel
 from slm.architectures import build_model
 from slm.data import PackedData, SourceSpec, build_split, default_cache_dir
 from slm.model import SelectiveLM
@@ -35,7 +35,7 @@ from slm.reference import (
 )
 from slm.store import META_FILE
 from slm.tracking import Tracker
-from slm.train import TrainConfig, Trainer
+from slm.train import RunInterrupted, TrainConfig, Trainer
 
 log = logging.getLogger("slm")
 DONE = "DONE"
@@ -79,7 +79,8 @@ def _reference_data(cfg: DictConfig, data: PackedData, seed: int) -> tuple:
     source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
     packed = build_split(source, data.tokenizer, data.identity["block_size"], cfg.data.get("cache_dir") or
                          default_cache_dir(), shuffle_seed=seed)  # fmt: skip
-    return packed, {"source": source.identity(), "tokenizer": data.identity["tokenizer"],
+    return packed, {"source": source.identity(cfg.data.get("cache_dir") or default_cache_dir()),
+                    "tokenizer": data.identity["tokenizer"],
                     "block_size": data.identity["block_size"]}  # fmt: skip
 
 
@@ -109,7 +110,11 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
             log.info("reference: reusing the cached reference %s (trained once on %s, shared by every run and "
                      "sweep job with these settings)", where, what)  # fmt: skip
         else:
-            if acc.is_main_process and where.exists():
+            resume_from = checkpoints.latest(where / "run", warn=False) if where.exists() else None
+            if _agreed(resume_from is not None):  # an interrupted first run: carry on from its checkpoint
+                log.warning("reference: resuming the interrupted reference from %s", resume_from)
+                tcfg.resume = True
+            elif acc.is_main_process and where.exists():
                 log.warning("reference: %s holds a partial reference (an interrupted run); rebuilding it", where)
                 shutil.rmtree(where)
             acc.wait_for_everyone()
@@ -119,9 +124,16 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
             lm = SelectiveLM(model, ratio=1.0)
             # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
-            t = Trainer(acc, lm, ref_data, data.eval_sets, tcfg, where / "run", mode=mode,
-                        tracker=Tracker(where / "run", enabled=acc.is_main_process), name="reference")  # fmt: skip
-            res = t.fit()
+            step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
+            t = Trainer(acc, lm, ref_data, data.eval_sets, tcfg, where / "run", mode=mode, name="reference",
+                        tracker=Tracker(where / "run", enabled=acc.is_main_process, resume_step=step))  # fmt: skip
+            try:
+                res = t.fit()
+            except RunInterrupted as e:  # say how to continue the user's run, not how to resume the cache's
+                raise RunInterrupted(e.signum, e.step, e.checkpoint, hint=(
+                    f"interrupted while training the reference model (step {e.step} of {tcfg.max_steps}, "
+                    f"checkpointed in its cache {where}); the next run resumes it by itself: run the same command "
+                    "again to continue")) from e  # fmt: skip
             t.engine.save_pretrained(where / "model", data.tokenizer)
             if acc.is_main_process:
                 (where / "result.json").write_text(json.dumps(res, indent=1))
@@ -162,6 +174,7 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: boo
     if kind == "none":
         return data["train"], RefSource("none")
     if kind == "live":
+        check_reference_tokenizer(cfg, data)
         ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
         check_vocab(model, ref)
         return data["train"], RefSource("live", freeze(ref), entropy=entropy)
@@ -179,6 +192,36 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: boo
         columns = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
         return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
     raise ValueError(f"reference.kind must be none, live, stored, train or demo, got {kind!r}")
+
+
+def check_reference_tokenizer(cfg: DictConfig, data: PackedData) -> None:
+    """Refuse a live reference whose tokenizer is not the training data's: vocabularies of the same
+    size can map ids to different tokens (Llama-2 and Mistral-7B v0.1 both have 32,000), and its
+    losses would then score other tokens. ``reference.check_tokenizer=false`` skips the check."""
+    if not cfg.reference.get("check_tokenizer", True):
+        return
+    from transformers import AutoTokenizer
+
+    from slm.tokenizer import tokenizer_identity
+
+    path, ours = cfg.reference.path, data.identity["tokenizer"]
+    override = ("set reference.check_tokenizer=false only if you know the two vocabularies give every id the same "
+                "token")  # fmt: skip
+    try:
+        theirs = tokenizer_identity(AutoTokenizer.from_pretrained(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"reference.path={path!r} has no tokenizer that loads ({type(e).__name__}), so slm cannot check that it "
+            f"shares the training tokenizer ({ours['name']}): save the reference's tokenizer into that folder, or "
+            f"{override}"
+        ) from e
+    if theirs["vocab_sha256"] != ours["vocab_sha256"]:
+        raise ValueError(
+            f"the reference's tokenizer ({theirs['name']}: {theirs['vocab_size']} tokens, vocabulary hash "
+            f"{theirs['vocab_sha256']}) is not the training tokenizer ({ours['name']}: {ours['vocab_size']} tokens, "
+            f"hash {ours['vocab_sha256']}); its losses would score other tokens. Use a reference of the same family, "
+            f"or {override}"
+        )
 
 
 def check_score_vocab(cfg: DictConfig, data: PackedData, ref) -> None:

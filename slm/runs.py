@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+from slm import checkpoints
+
 RUN_INFO = "run_info.json"
 RESULT = "result.json"
 CONFIG = "config.yaml"
@@ -41,8 +43,17 @@ def holds_a_run(run_dir: Path) -> bool:
 
 
 def claim(run_dir: Path, resume: bool, overwrite: bool, is_main: bool) -> None:
-    """Refuse to write over an earlier run unless told to continue or replace it."""
+    """Refuse to write over an earlier run unless told to continue or replace it; refuse to resume
+    a run that has nothing to resume from (it would start over and replace what it wrote)."""
     run_dir = Path(run_dir)
+    if resume and holds_a_run(run_dir) and checkpoints.latest(run_dir, warn=False) is None:
+        status = (read_json(run_dir / RUN_INFO) or {}).get("status", "unknown")
+        raise RunDirExists(
+            f"trainer.resume=true: {run_dir} holds a run (status {status}) but no complete checkpoint in "
+            f"{run_dir / 'checkpoints'} (deleted, or never written): there is nothing to resume from. Start it again "
+            "in place with trainer.overwrite=true (its metrics, model/ and results are replaced), or write elsewhere "
+            "(a new hydra.run.dir=...)"
+        )
     if resume or not holds_a_run(run_dir):
         return
     if not overwrite:

@@ -25,6 +25,8 @@ class NonFiniteScores(ValueError):
 
 def check_ratio(ratio: float, name: str = "ratio") -> float:
     """Return ``ratio`` as a float, or raise if it is not in (0, 1]."""
+    if isinstance(ratio, bool) or type(ratio).__name__ == "bool_":  # True would pass as 1.0
+        raise ValueError(f"{name} must be a number in (0, 1], got {ratio!r}")
     try:
         r = float(ratio)
     except (TypeError, ValueError):
@@ -58,6 +60,10 @@ def _valid_mask(scores: Tensor, valid: Tensor | None) -> Tensor:
         raise ValueError(f"scores must be a floating-point tensor, got {type(scores).__name__}")
     if valid is None:
         return torch.ones_like(scores, dtype=torch.bool)
+    if not torch.is_tensor(valid):
+        raise ValueError(f"valid must be a bool tensor of the scores' shape (None: every token), got {valid!r}")
+    if valid.dtype != torch.bool and ((valid != 0) & (valid != 1)).any():
+        raise ValueError("valid must be boolean (or 0/1): it marks which tokens may be selected")
     if valid.shape != scores.shape:
         raise ValueError(
             f"valid has shape {tuple(valid.shape)} but scores have shape {tuple(scores.shape)}; "

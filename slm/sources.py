@@ -35,6 +35,42 @@ def data_files(source: str) -> list[str]:
     return files
 
 
+def content_digest(path: str, cache_dir: str) -> str:
+    """sha256 of a file's bytes: what identifies a local source (a file replaced by another of the
+    same size and modification time, as ``cp -p`` or ``rsync -a`` leave it, is new data). The
+    digest is remembered under ``cache_dir/filehash`` by the file's path, size, modification and
+    status-change times and inode; ``cp -p`` cannot carry the status-change time over, so any
+    rewrite of the bytes is hashed again. As git does, a file changed within two seconds of being
+    hashed is hashed again next time (a timestamp's resolution can hide a quick rewrite)."""
+    import hashlib
+    import json
+    import time
+
+    st = os.stat(path)
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    memo = Path(cache_dir) / "filehash" / (hashlib.sha256(os.path.abspath(path).encode()).hexdigest()[:24] + ".json")
+    try:
+        known = json.loads(memo.read_text())
+        if known["stamp"] == stamp and st.st_ctime_ns < known["hashed_ns"] - 2_000_000_000:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    hashed_ns = time.time_ns()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    digest = h.hexdigest()[:32]
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"stamp": stamp, "sha256": digest, "hashed_ns": hashed_ns}))
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache: hash again next time
+        pass
+    return digest
+
+
 def is_local(source: str) -> bool:
     """A path, glob or file name; anything else (``org/name``) is a hub dataset name."""
     return (
@@ -79,6 +115,9 @@ def _load_files(cfg) -> dict:
             raise ValueError(f"data.source={cfg.source!r}: not UTF-8 text ({bad}). Convert the file, e.g. "
                              "iconv -f latin1 -t utf-8 in.jsonl > out.jsonl")  # fmt: skip
     kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
+    # Read afresh: datasets' own cache knows a file by its path and modification time, and would hand back
+    # the old rows of a file replaced with the same time (slm's packed cache, keyed by content, is the cache).
+    kwargs["download_mode"] = datasets.DownloadMode.FORCE_REDOWNLOAD
     try:
         return {"train": datasets.load_dataset(builder, data_files=files, split="train", **kwargs)}
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:

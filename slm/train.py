@@ -120,9 +120,10 @@ class NonFiniteLoss(RuntimeError):
 class RunInterrupted(Exception):
     """A signal (Ctrl-C, SIGTERM, SIGUSR1) stopped the run at a step boundary after a checkpoint."""
 
-    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, hint: str | None = None):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint: {checkpoint}")
+        self.hint = hint  # what to tell the user, when "resume this run directory" is not the way on
+        super().__init__(hint or f"interrupted by signal {signum} at step {step}; checkpoint: {checkpoint}")
 
 
 def master_weights(lm: nn.Module, dtype: str | None) -> None:

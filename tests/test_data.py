@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import save_reference, tiny_model
 from helpers import compose_train
 
 import slm
@@ -246,7 +246,7 @@ def test_vocabulary_mismatch_refused(tmp_path):
     from slm.cli import train
 
     ref = tiny_model("llama", vocab=50)
-    ref.save_pretrained(tmp_path / "ref")
+    save_reference(ref, tmp_path / "ref")
     with pytest.raises(ValueError, match="vocabulary"):
         train(
             compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / 'ref'}"), tmp_path / "run"
@@ -265,7 +265,7 @@ def test_two_process_scoring_equals_one_process(tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # One fixed reference (the demo reference's cache key includes the process count that trains it)
-    tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).save_pretrained(tmp_path / "ref")
+    save_reference(tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())), tmp_path / "ref")
     args = [o for o in TINY if o.startswith(("model.", "data."))] + [f"data.cache_dir={tmp_path / 'c'}"]
     args += ["reference=live", f"reference.path={tmp_path / 'ref'}"]
     exe = str(Path(sys.executable).with_name("slm-score"))
@@ -384,8 +384,8 @@ def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
     from slm.cli import score
 
     tok_size = len(builtin_tokenizer())
-    tiny_model("llama", seed=1, vocab=tok_size).save_pretrained(tmp_path / "ref_a")
-    tiny_model("llama", seed=2, vocab=tok_size).save_pretrained(tmp_path / "ref_b")
+    save_reference(tiny_model("llama", seed=1, vocab=tok_size), tmp_path / "ref_a")
+    save_reference(tiny_model("llama", seed=2, vocab=tok_size), tmp_path / "ref_b")
 
     def cfg(ref, out):
         return compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / ref}",
@@ -404,3 +404,53 @@ def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
         score(cfg("ref_b", "killed"))
     store = score(cfg("ref_a", "killed"))  # the same reference resumes
     assert load_stored(store, {}).meta["reference"]["name"] == str(tmp_path / "ref_a")
+
+
+def test_a_live_reference_with_another_tokenizer_of_the_same_size_is_refused(tmp_path):
+    """Same vocabulary size, other ids for other tokens (as Llama-2 vs Mistral-7B v0.1): refused."""
+    from transformers import PreTrainedTokenizerFast
+
+    from slm.cli import train
+
+    tok = builtin_tokenizer()
+    vocab = tok.get_vocab()
+    swapped = {t: vocab[u] for t, u in zip(vocab, reversed(list(vocab)))}  # the same tokens, other ids
+    other = PreTrainedTokenizerFast(tokenizer_object=_word_level(swapped), eos_token="<eos>", pad_token="<pad>",
+                                    unk_token="<unk>")  # fmt: skip
+    assert len(other) == len(tok)
+    save_reference(tiny_model("llama", vocab=len(tok)), tmp_path / "other", tokenizer=other)
+    live = ("reference=live", f"reference.path={tmp_path / 'other'}")
+    with pytest.raises(ValueError, match=r"reference's tokenizer .*is not the training tokenizer \(builtin"):
+        train(compose_train(tmp_path / "cache", *live), tmp_path / "run")
+    tiny_model("llama", vocab=len(tok)).save_pretrained(tmp_path / "bare")  # no tokenizer to compare with
+    with pytest.raises(ValueError, match="has no tokenizer that loads.*reference.check_tokenizer=false"):
+        train(compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / 'bare'}"),
+              tmp_path / "run2")  # fmt: skip
+    # the explicit override trains with it
+    train(compose_train(tmp_path / "cache", *live, "reference.check_tokenizer=false", "trainer.max_steps=1"),
+          tmp_path / "run3")  # fmt: skip
+
+
+def _word_level(vocab: dict):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex(r".|\n"), behavior="isolated")
+    return t
+
+
+def test_a_replaced_file_with_the_same_size_and_time_is_packed_again(tmp_path):
+    """cp -p / rsync -a keep a replaced file's size and modification time: the content decides."""
+    import os
+
+    text = tmp_path / "d.txt"
+    text.write_text("\n\n".join(DOCS))
+    cfg = DataConfig(source=str(text), block_size=16, val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    first = build(cfg)["train"]["input_ids"]
+    stat = text.stat()
+    text.write_text("\n\n".join(d.swapcase() for d in DOCS))  # same size, other bytes
+    os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert text.stat().st_size == stat.st_size and text.stat().st_mtime_ns == stat.st_mtime_ns
+    again = build(cfg)["train"]["input_ids"]
+    assert again != first
+    assert build(cfg)["train"]["input_ids"] == again  # unchanged files: the cache is reused

@@ -84,12 +84,18 @@ def test_a_torn_last_metrics_line_is_tolerated_by_resume_and_curves(tmp_path, mo
     assert [e["step"] for e in read_metrics(tmp_path / "run") if "train/loss" in e] == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_partial_demo_reference_cache_is_rebuilt(tmp_path, caplog):
+def test_a_partial_demo_reference_cache_is_resumed_or_rebuilt(tmp_path, caplog):
+    import shutil
+
     train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "a")
     (cached,) = (tmp_path / "c" / "reference").glob("*/DONE")
     cached.unlink()  # as if the run that trained it had been killed before the end
     (cached.parent / "model" / "model.safetensors").unlink()
     train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "b")
+    assert "resuming the interrupted reference" in caplog.text and cached.exists()  # from its checkpoint
+    cached.unlink()
+    shutil.rmtree(cached.parent / "run" / "checkpoints")  # killed before its first checkpoint
+    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "d")
     assert "partial reference" in caplog.text and cached.exists()
 
 
@@ -213,3 +219,108 @@ def test_resume_at_another_process_count_keeps_the_rows_per_step():
         resume_config(saved, saved, [], processes=(2, 1))
     with pytest.raises(ResumeMismatch, match="rows per step"):  # same process count, another split of the step
         resume_config(saved, {**saved, "trainer": {**saved["trainer"], "batch_size": 3}}, ["trainer.batch_size=3"])
+
+
+# --- issue 19: nothing lost, round two ------------------------------------------------------------
+
+
+def test_resume_with_nothing_to_resume_from_is_refused_and_keeps_the_run(tmp_path):
+    import shutil
+
+    train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    before = (read_metrics(tmp_path / "run"), (tmp_path / "run" / "result.json").read_text())
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    with pytest.raises(RunDirExists, match=r"no complete checkpoint .*nothing to resume from.*trainer.overwrite=true"):
+        train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")
+    assert (read_metrics(tmp_path / "run"), (tmp_path / "run" / "result.json").read_text()) == before
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+
+
+def test_resume_past_a_damaged_latest_checkpoint_rewrites_that_step(tmp_path, caplog):
+    train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")  # checkpoints at steps 3 and 6
+    root = tmp_path / "run" / "checkpoints"
+    with open(root / "step_0000006" / "dcp" / "__0_0.distcp", "r+b") as f:
+        f.truncate(100)
+    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")  # falls back to step 3
+    assert "moved it to" in caplog.text and checkpoints.latest(tmp_path / "run").name == "step_0000006"
+    assert (root / "step_0000006.damaged").is_dir()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "finished"
+    assert [e["step"] for e in read_metrics(tmp_path / "run") if "train/loss" in e] == [1, 2, 3, 4, 5, 6]
+
+
+class FakeSafetensorError(Exception):
+    """Like safetensors' SafetensorError: what a full disk looks like there (not an OSError)."""
+
+
+def test_any_checkpoint_write_error_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import slm.state as state
+
+    real = state.save_model_and_optimizer
+
+    def full_at_6(lm, opt, path):
+        if "step_0000006" in str(path):
+            raise FakeSafetensorError("No space left on device (os error 28)")
+        return real(lm, opt, path)
+
+    monkeypatch.setattr(state, "save_model_and_optimizer", full_at_6)
+    with pytest.raises(checkpoints.CheckpointError, match=r"No space left.*last complete checkpoint is .*step_0000003"):
+        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_0000003"]
+
+
+@pytest.mark.parametrize("what", ["full disk", "ctrl-c"])
+def test_a_failed_or_interrupted_final_save_is_recorded_and_resumes(tmp_path, monkeypatch, capsys, what):
+    import slm.parallel as parallel
+
+    real = parallel.save_inner_pretrained
+
+    def breaks(lm, sd, out_dir, tokenizer=None):
+        (out_dir / "config.json").parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text("{}")  # written before the weights, as save_pretrained does
+        raise KeyboardInterrupt if what == "ctrl-c" else FakeSafetensorError("No space left on device")
+
+    monkeypatch.setattr(parallel, "save_inner_pretrained", breaks)
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"trainer.resume=true hydra.run.dir={tmp_path / 'run'}" in err
+    assert stopped.value.code == (130 if what == "ctrl-c" else 1)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["status"] == ("interrupted" if what == "ctrl-c" else "failed") and result["step"] == 6
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["status"] == result["status"]
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "model.tmp").exists()
+    monkeypatch.setattr(parallel, "save_inner_pretrained", real)
+    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")  # the command it gave
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "finished"
+
+
+def test_interrupting_the_reference_says_to_rerun_and_the_rerun_resumes_it(tmp_path, monkeypatch, capsys, caplog):
+    import torch
+
+    real = Trainer.train_step
+
+    def sigterm_in_reference_step_2(self):
+        if self.name == "reference" and self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", sigterm_in_reference_step_2)
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "run")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "while training the reference model (step 2 of 4" in err and "run the same command again" in err
+    assert "hydra.run.dir" not in err and "trainer.resume" not in err
+    monkeypatch.setattr(Trainer, "train_step", real)
+    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "run")  # the same command
+    assert "resuming the interrupted reference" in caplog.text
+    train(compose_train(tmp_path / "c2", "trainer.max_steps=2"), tmp_path / "whole")  # never interrupted
+    (resumed,), (whole,) = ((tmp_path / c / "reference").glob("*/DONE") for c in ("c", "c2"))
+    a, b = read_metrics(resumed.parent / "run"), read_metrics(whole.parent / "run")
+    assert [e["step"] for e in a] == [e["step"] for e in b]  # nothing logged twice
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(p.parent / "model" / "model.safetensors")) for p in (resumed, whole))
+    for k in wb:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-5)  # the resumed reference is the same model

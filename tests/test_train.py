@@ -201,9 +201,8 @@ def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypa
     import numpy as np
 
     import slm.reference as reference
-    from slm.cli import score
-
     import slm.store as store_module
+    from slm.cli import score
 
     monkeypatch.setattr(reference, "CHUNK_TOKENS", 2 * 32)  # 2 blocks per shard: many shards
     store = score(compose_train(tmp_path / "cache", config_name="score"))
@@ -225,13 +224,13 @@ def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypa
 @pytest.mark.parametrize("scope", ["global", "sequence"])
 def test_two_processes_equal_one_process(tmp_path, scope):
     """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, for the scopes that promise it."""
-    from conftest import tiny_model
+    from conftest import save_reference, tiny_model
 
     from slm.tokenizer import builtin_tokenizer
 
     env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     # One fixed reference for both (the demo reference's cache key includes the process count that trains it)
-    tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).save_pretrained(tmp_path / "ref")
+    save_reference(tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())), tmp_path / "ref")
     args = [
         *[o for o in TINY if not o.startswith("reference.")],
         f"data.cache_dir={tmp_path / 'cache'}",
@@ -272,12 +271,12 @@ def test_processes_of_one_launch_share_one_run_directory(tmp_path):
 
 
 def test_live_reference_trains_exactly_like_its_stored_column(tmp_path):
-    from conftest import tiny_model
+    from conftest import save_reference, tiny_model
 
     from slm.cli import score
     from slm.tokenizer import builtin_tokenizer
 
-    tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).save_pretrained(tmp_path / "ref")
+    save_reference(tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())), tmp_path / "ref")
     live = ("reference=live", f"reference.path={tmp_path / 'ref'}")
     store = score(compose_train(tmp_path / "cache", *live, config_name="score"))
     train(compose_train(tmp_path / "cache", *live), tmp_path / "live")
