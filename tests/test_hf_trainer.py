@@ -186,6 +186,72 @@ def test_a_nan_score_on_one_process_stops_every_process(tmp_path):
     assert "NaN or inf selection scores" in run.stdout
 
 
+def test_the_collator_reads_the_padding_side_when_called():
+    tok = builtin_tokenizer()
+    collate = collator(tok)
+    tok.padding_side = "left"  # changed after the collator was built
+    batch = collate([{"input_ids": [5, 6, 7], "loss_mask": [True, False, True]},
+                     {"input_ids": [8], "loss_mask": [True]}])  # fmt: skip
+    assert batch["loss_mask"][1].tolist() == [False, False, True]
+    assert (batch["labels"][1] != -100).tolist() == [False, False, True]  # the mask sits on the real token
+
+
+def test_a_flattening_collator_gets_its_columns_flattened_and_trains_like_padding():
+    from transformers import DataCollatorWithFlattening
+
+    feats = [{"input_ids": [5, 6, 7, 9], "loss_mask": [False, True, False, True], "ref_loss": [0.0, 1.0, 2.0, 3.0]},
+             {"input_ids": [8, 4, 3], "loss_mask": [False, True, True], "ref_loss": [4.0, 5.0, 6.0]}]  # fmt: skip
+    batch = SelectiveDataCollator(DataCollatorWithFlattening())(feats)
+    assert batch["input_ids"].shape == batch["loss_mask"].shape == batch["ref_loss"].shape == (1, 7)
+    assert batch["loss_mask"][0].tolist() == [False, True, False, True, False, True, True]
+    model = tiny_model("llama", vocab=len(builtin_tokenizer()))
+    lm = slm.SelectiveLM(model)
+    flat = lm(input_ids=batch["input_ids"], labels=batch["labels"], loss_mask=batch["loss_mask"],
+              position_ids=batch["position_ids"])  # fmt: skip
+    padded = collator(builtin_tokenizer())(feats)
+    rows = lm(input_ids=padded["input_ids"], labels=padded["labels"], attention_mask=padded["attention_mask"],
+              loss_mask=padded["loss_mask"])  # fmt: skip
+    assert flat.n_selected == rows.n_selected == 4
+    torch.testing.assert_close(flat.loss, rows.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_options_the_head_cannot_honour_are_refused(tmp_path):
+    ds, tok = dataset()
+    model = tiny_model("llama", vocab=len(tok))
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 is not implemented"):
+        SelectiveTrainer(model, args(tmp_path, label_smoothing_factor=0.1), train_dataset=ds,
+                         data_collator=collator(tok))  # fmt: skip
+    with pytest.raises(ValueError, match="compute_loss_func would never be called"):
+        SelectiveTrainer(model, args(tmp_path), train_dataset=ds, data_collator=collator(tok),
+                         compute_loss_func=lambda *a, **k: 0.0)  # fmt: skip
+
+
+def test_compute_metrics_receives_per_token_losses_and_hits(tmp_path):
+    ds, tok = dataset(n=8, with_mask=False)
+    model = tiny_model("llama", vocab=len(tok))
+    seen = {}
+
+    def metrics(pred):
+        token_loss, hits = pred.predictions
+        valid = pred.label_ids[:, 1:] != -100
+        seen.update(loss=token_loss[:, 1:][valid].mean(), acc=hits[:, 1:][valid].mean())
+        return {"token_acc": float(seen["acc"])}
+
+    trainer = SelectiveTrainer(model, args(tmp_path, per_device_eval_batch_size=4), train_dataset=ds, eval_dataset=ds,
+                               data_collator=collator(tok), compute_metrics=metrics, selection_ratio=1.0)  # fmt: skip
+    out = trainer.evaluate()
+    # the per-token losses and hits are HF's own, token by token
+    batch = collator(tok)([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    valid = labels != -100
+    ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")[valid].mean()
+    assert float(seen["loss"]) == pytest.approx(float(ce), rel=1e-5)
+    expected = (logits.argmax(-1) == labels)[valid].float().mean()
+    assert out["eval_token_acc"] == pytest.approx(float(expected), abs=1e-6)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_collator_pads_mask_and_ref_like_labels(side):
     tok = builtin_tokenizer()

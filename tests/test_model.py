@@ -222,6 +222,23 @@ def test_bad_inputs_raise_clear_errors(batch):
         lm(input_ids=ids, labels=labels, ref_loss=torch.full(ids.shape, float("nan")))
     with pytest.raises(ValueError, match="selector"):
         slm.SelectiveLM(model, selector="best")
+    # each argument's type, by name (these surfaced as raw torch errors, or were accepted)
+    with pytest.raises(TypeError, match=r"labels must hold integer token ids \(torch.long\), got torch.float32"):
+        lm(input_ids=ids, labels=labels.float())
+    with pytest.raises(TypeError, match="ref_loss must be a torch.Tensor, got list"):
+        lm(input_ids=ids, labels=labels, ref_loss=torch.zeros(ids.shape).tolist())
+    with pytest.raises(TypeError, match="loss_mask must be a torch.Tensor, got list"):
+        lm(input_ids=ids, labels=labels, loss_mask=torch.ones(ids.shape, dtype=torch.bool).tolist())
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        lm(input_ids=ids[:0], labels=labels[:0])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 11\)"):
+        lm(input_ids=ids, labels=labels, attention_mask=am[:, 1:])
+    with pytest.raises(ValueError, match="ratio must be a number in"):
+        lm(input_ids=ids, labels=labels, ratio=True)
+    with pytest.raises(ValueError, match="valid must be a bool tensor"):
+        slm.select_tokens(torch.rand(2, 5), 0.5, valid=0.5)
+    with pytest.raises(ValueError, match="valid must be boolean"):
+        slm.select_tokens(torch.rand(2, 5), 0.5, valid=torch.full((2, 5), 0.5))
 
 
 def test_save_pretrained_round_trip(tmp_path, batch):
