@@ -8,6 +8,7 @@ a registered one (``gsm8k``) or your own YAML in ``downstream.include_path``.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,25 @@ def harness():
     return lm_eval
 
 
+@contextmanager
+def preserved_rng():
+    """Every random state a training step reads (torch on CPU and each GPU, NumPy, Python), restored on exit."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
 @torch.no_grad()
 def evaluate_tasks(model: nn.Module, tokenizer, cfg: DownstreamConfig) -> dict[str, float]:
     """``{"downstream/<task>/<metric>": value}`` of ``cfg.tasks`` on ``model`` (an HF causal LM)."""
@@ -54,15 +74,16 @@ def evaluate_tasks(model: nn.Module, tokenizer, cfg: DownstreamConfig) -> dict[s
 
     was_training = model.training
     model.eval()
-    try:
-        wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
-        out = lm_eval.simple_evaluate(
-            model=wrapped, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-            task_manager=lm_eval.tasks.TaskManager(include_path=cfg.include_path), log_samples=False,
-            verbosity="WARNING",
-        )  # fmt: skip
-    finally:
-        model.train(was_training)
+    with preserved_rng():  # the harness seeds torch, NumPy and Python: training must not notice that it ran
+        try:
+            wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+            out = lm_eval.simple_evaluate(
+                model=wrapped, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                task_manager=lm_eval.tasks.TaskManager(include_path=cfg.include_path), log_samples=False,
+                verbosity="WARNING",
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
     results = {}
     for task, metrics in out["results"].items():
         for key, value in metrics.items():

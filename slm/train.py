@@ -286,20 +286,22 @@ class Trainer:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
                 **metrics}  # fmt: skip
 
-    def eval(self) -> dict:
-        """Every eval set: ``eval/<name>/loss`` (``/tokens``, ``/answer_acc``); the first set's numbers
-        also as ``eval/loss`` (``/tokens``, ``/answer_acc``)."""
+    def eval(self, sets: bool = True, tasks: bool | None = None) -> dict:
+        """Every eval set (``sets``): ``eval/<name>/loss`` (``/tokens``, ``/answer_acc``), the first
+        set's numbers also as ``eval/loss`` (``/tokens``, ``/answer_acc``); and the downstream tasks
+        (``tasks``; default: when their schedule says so), logged as one event."""
         res = {}
-        for i, (name, ds) in enumerate(self.eval_sets.items()):
+        for i, (name, ds) in enumerate(self.eval_sets.items() if sets else ()):
             one = evaluate(self.engine, ds, self.cfg.eval_batch_size)
             res.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in one.items()})
             if i == 0:
                 res.update(one)
-        if self.downstream.due(self.step, self.cfg.eval_every):
+        if self.downstream.due(self.step, self.cfg.eval_every) if tasks is None else tasks:
             if self.acc.is_main_process:  # the others wait: the harness runs in one process
                 res.update(evaluate_tasks(causal_lm(self.selective.model), self.tokenizer, self.downstream))
             self.acc.wait_for_everyone()
-        self.tracker.log(self._event(**res))
+        if res:
+            self.tracker.log(self._event(**res))
         return res
 
     # -- the loop ----------------------------------------------------------------------------
@@ -331,6 +333,8 @@ class Trainer:
                     self.tracker.log(self._event(**metrics, **{"train/tokens_per_s": tok_s}))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     last_eval = self.eval()
+                elif self.downstream.due(self.step, cfg.eval_every):  # tasks on their own schedule
+                    self.eval(sets=False)
                 if self._stop:
                     path = self.save_checkpoint()
                     raise RunInterrupted(self.signals.signum or 0, self.step, path)

@@ -124,15 +124,25 @@ def test_slm_score_stores_the_references_entropy_and_the_self_reference_selector
     assert torch.isfinite(columns.rows(range(len(ds)), "ref_entropy")).all()
 
 
-def test_downstream_tasks_run_at_eval_points_and_are_logged(tmp_path, monkeypatch):
-    """A custom offline lm-evaluation-harness task (tests/data/lm_eval) at steps 0 and 6."""
+def test_downstream_tasks_run_on_their_schedule_and_leave_training_unchanged(tmp_path, monkeypatch):
+    """A custom offline lm-evaluation-harness task (tests/data/lm_eval) every 3 steps while the eval
+    sets run every 2; with dropout on, the weights equal a run without it (the harness reseeds
+    every random generator it finds; they are restored)."""
     pytest.importorskip("lm_eval")
+    from safetensors.torch import load_file
+
     monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the task YAML's data path is relative to the repo
-    task = ("downstream.tasks=[slm_arith]", "downstream.include_path=tests/data/lm_eval", "downstream.every=6")
-    train(compose_train(tmp_path / "c", "reference=none", *task), tmp_path / "run")
+    common = ("reference=none", "selector=random", "+model.config.attention_dropout=0.2", "trainer.eval_every=2")
+    task = ("downstream.tasks=[slm_arith]", "downstream.include_path=tests/data/lm_eval", "downstream.every=3")
+    train(compose_train(tmp_path / "c", *common, *task), tmp_path / "run")
     logged = [e for e in read_metrics(tmp_path / "run") if "downstream/slm_arith/acc" in e]
-    assert [e["step"] for e in logged] == [0, 6]
+    assert [e["step"] for e in logged] == [0, 3, 6]
     assert all(0.0 <= e["downstream/slm_arith/acc"] <= 1.0 and e["tokens_seen"] >= 0 for e in logged)
+    assert [e["step"] for e in read_metrics(tmp_path / "run") if "eval/loss" in e] == [0, 2, 4, 6]
+    train(compose_train(tmp_path / "c", *common), tmp_path / "plain")
+    with_tasks, plain = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("run", "plain"))
+    for k in plain:
+        assert torch.equal(with_tasks[k], plain[k]), k
 
 
 def test_downstream_without_the_harness_is_a_clear_error(tmp_path, monkeypatch):
