@@ -287,8 +287,18 @@ def _fail(message: str, code: int, error: BaseException):
     sys.exit(code)
 
 
+def _check_output_dirs(argv: list[str]) -> None:
+    """``hydra.run.dir=`` / ``hydra.sweep.dir=`` naming an existing file: said in one line (Hydra would
+    fail creating the folder, with its own traceback)."""
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value and os.path.isfile(value):
+            raise ValueError(f"{key}={value!r} is a file; name a folder for the run's outputs")
+
+
 def main_train() -> None:
     with one_line_errors():  # Ctrl-C before Hydra hands over (e.g. while composing) lands here
+        _check_output_dirs(sys.argv[1:])
         train_app()
 
 
@@ -297,6 +307,7 @@ def main_score() -> None:
         if sys.argv[1:2] == ["--verify"]:
             verify_stores(sys.argv[2:])
         else:
+            _check_output_dirs(sys.argv[1:])
             score_app()
 
 

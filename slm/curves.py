@@ -96,7 +96,7 @@ def load_runs(paths: list[str]) -> list[Run]:
             continue
         root = Path(p)
         if not root.exists():
-            raise FileNotFoundError(f"slm-curves: {p} does not exist")
+            raise FileNotFoundError(f"slm-curves: {p} does not exist (give run or sweep folders: multirun/...)")
         files = [root] if root.is_file() else sorted(root.rglob(METRICS_FILE))
         for f in files:
             run_dir = f.parent
@@ -108,7 +108,8 @@ def load_runs(paths: list[str]) -> list[Run]:
                 info["status"] = result.get("status", "finished")
             runs.append(Run(str(run_dir), info, read_metrics(f), _max_steps(run_dir)))
     if not runs:
-        raise ValueError(f"slm-curves: no {METRICS_FILE} found under {paths}")
+        raise ValueError(f"slm-curves: no runs under {', '.join(paths)} (no {METRICS_FILE} found): give the folder "
+                         "slm-train wrote (outputs/... or multirun/...)")  # fmt: skip
     return runs
 
 
@@ -249,7 +250,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the eval loss to plot and tabulate: eval/<name>/loss for an eval set (default: eval/loss, "
                         "the first set)")  # fmt: skip
     args = p.parse_args(argv)
-    runs = load_runs(args.paths)
+    try:
+        runs = load_runs(args.paths)
+    except (FileNotFoundError, ValueError) as e:  # a missing folder, or one without runs: one line, no traceback
+        raise SystemExit(str(e)) from None
     empty = [r.path for r in runs if not r.evals(args.metric)]
     for path in empty:
         print(f"slm-curves: {path} has no {args.metric} points; skipped")

@@ -28,7 +28,7 @@ from slm.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 2
+PACK_VERSION = 3
 IGNORE_INDEX = -100
 PIECE_CHARS = 1 << 16  # characters tokenised at once: bounds memory for arbitrarily long documents
 PACK_ROWS = 256  # pieces per packing batch (each batch pads at most its last block)
@@ -255,7 +255,8 @@ def _load_cached(where: Path):
     import datasets
 
     meta = json.loads((where / "meta.json").read_text())
-    return {s: datasets.load_from_disk(str(where / s)) for s in meta["splits"]}, meta
+    splits = {s: datasets.load_from_disk(str(where / s)) for s in meta["splits"]}
+    return {**splits, **{a: np.load(where / f"{a}.npy") for a in meta.get("arrays", [])}}, meta
 
 
 def _cached(where: Path, make, meta: dict):
@@ -269,11 +270,16 @@ def _cached(where: Path, make, meta: dict):
         except Exception as e:  # a truncated Arrow file, say
             log.warning("data: the cached packed data in %s is damaged (%s); packing again", where, e)
             shutil.rmtree(where, ignore_errors=True)
-    splits, extra = make()
+    made, extra = make()
+    splits = {k: v for k, v in made.items() if not isinstance(v, np.ndarray)}
+    arrays = {k: v for k, v in made.items() if isinstance(v, np.ndarray)}
     tmp = where.with_name(where.name + f".tmp{os.getpid()}")
     for name, d in splits.items():
         d.save_to_disk(str(tmp / name))
-    (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), **meta, **extra}, indent=1, default=str))
+    for name, a in arrays.items():
+        np.save(tmp / f"{name}.npy", a)
+    (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), "arrays": list(arrays), **meta, **extra},
+                                              indent=1, default=str))  # fmt: skip
     try:
         os.replace(tmp, where)
     except OSError:  # another process finished the same cache first
@@ -286,24 +292,27 @@ def _key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_split(spec: SourceSpec, tokenizer, block_size: int, cache_dir: str, shuffle_seed: int | None = None):
-    """One source packed as one split with the run's tokenizer and block size, cached like the rest."""
+def build_split(spec: SourceSpec, tokenizer, block_size: int, cache_dir: str, shuffle_seed: int | None = None,
+                with_docs: bool = False):  # fmt: skip
+    """One source packed as one split with the run's tokenizer and block size, cached like the rest
+    (``with_docs``: also its documents' hashes, see :func:`document_hashes`)."""
     settings = {"pack_version": PACK_VERSION, **spec.identity(cache_dir), "tokenizer": tokenizer_identity(tokenizer),
                 "block_size": block_size, "shuffle": shuffle_seed}  # fmt: skip
 
     def make():
         from slm.sources import source_documents
 
-        packed = pack(source_documents(spec), tokenizer, block_size, desc=Path(str(spec.source)).name)
+        docs = source_documents(spec)
+        packed = pack(docs, tokenizer, block_size, desc=Path(str(spec.source)).name)
         if len(packed) == 0:
             raise ValueError(f"{spec.source!r} produced no tokens")
         if shuffle_seed is not None:
             packed = packed.shuffle(seed=shuffle_seed).flatten_indices()
         _warn_unknown(tokenizer, {str(spec.source): packed})
-        return {"split": packed}, {}
+        return {"split": packed, "docs": document_hashes(docs)}, {}
 
     splits, _ = _cached(Path(cache_dir) / "packed" / _key(settings), make, {"settings": settings})
-    return splits["split"]
+    return splits["split"] if not with_docs else (splits["split"], splits.get("docs"))
 
 
 def build(cfg) -> PackedData:
@@ -318,22 +327,53 @@ def build(cfg) -> PackedData:
     def make():
         splits = {}
         for name, docs in raw_documents(cfg).items():
+            if name == "train":
+                splits["train_docs"] = document_hashes(docs)
             packed = pack(docs, tokenizer, cfg.block_size, cfg.num_proc, desc=name)
             if len(packed) == 0:
                 raise ValueError(f"data.source={cfg.source!r}: the {name} split produced no tokens")
             if name == "train":
                 packed = packed.shuffle(seed=cfg.seed).flatten_indices()
             splits[name] = packed
-        _warn_unknown(tokenizer, splits)
+        packed = {k: v for k, v in splits.items() if k != "train_docs"}
+        _warn_unknown(tokenizer, packed)
         identity = {"tokenizer": settings["tokenizer"], "block_size": cfg.block_size,
-                    "data_hash": {s: content_hash(d) for s, d in splits.items()}}  # fmt: skip
+                    "data_hash": {s: content_hash(d) for s, d in packed.items()}}  # fmt: skip
         return splits, {"identity": identity}
 
     where = Path(cfg.cache_dir) / "packed" / _key(settings)
     splits, meta = _cached(where, make, {"settings": settings})
-    evals = {name: build_split(spec, tokenizer, cfg.block_size, cfg.cache_dir) for name, spec in cfg.eval.items()}
+    train_docs = splits.pop("train_docs")
+    evals = {}
+    for name, spec in cfg.eval.items():
+        evals[name], docs = build_split(spec, tokenizer, cfg.block_size, cfg.cache_dir, with_docs=True)
+        _warn_overlap(name, spec, docs, train_docs)
     evals["validation"] = splits["validation"]
     return PackedData(splits, tokenizer, meta["identity"], evals)
+
+
+OVERLAP_WARNING = 0.01  # share of an eval set's documents also in the training data that gets a warning
+
+
+def document_hashes(docs) -> np.ndarray:
+    """64-bit hashes of a split's documents (their exact text), sorted and unique."""
+    out = []
+    for batch in docs.iter(batch_size=4096):
+        out += [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in batch["text"]]
+    return np.unique(np.asarray(out, dtype=np.uint64))
+
+
+def _warn_overlap(name: str, spec: SourceSpec, docs: np.ndarray | None, train_docs: np.ndarray) -> None:
+    """An eval set that shares documents with the training data measures recall, not generalisation."""
+    if docs is None or not len(docs):
+        return
+    share = float(np.isin(docs, train_docs).mean())
+    if share > OVERLAP_WARNING:
+        warnings.warn(
+            f"data.eval.{name}: {share:.1%} of its {len(docs)} documents ({spec.source}) are also in the training "
+            "data; its loss measures what the model memorised, not how it generalises. Use held-out text",
+            stacklevel=3,
+        )
 
 
 def fetch(ds, idx: list[int]) -> dict:

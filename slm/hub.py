@@ -65,9 +65,24 @@ def check_run_sources(cfg) -> None:
     check_fetchable(cfg.data.get("tokenizer"), "data.tokenizer", "tokenizer")
     if cfg.reference.get("kind") == "live":
         check_fetchable(cfg.reference.get("path"), "reference.path", "model")
-    source = cfg.data.get("source")
-    if source and source != "builtin":
-        from slm.sources import is_local
+    from slm.sources import data_files, is_local
 
+    sources = [("data.source", cfg.data.get("source"))]
+    for name, spec in (cfg.data.get("eval") or {}).items():
+        sources.append((f"data.eval.{name}", spec if isinstance(spec, str) else (spec or {}).get("source")))
+    if cfg.reference.get("kind") == "train":
+        sources.append(("reference.data.source", (cfg.reference.get("data") or {}).get("source")))
+    for setting, source in sources:
+        if not source or source == "builtin":
+            continue
         if not is_local(str(source)):
-            check_fetchable(source, "data.source", "dataset")
+            check_fetchable(source, setting, "dataset")
+            continue
+        try:
+            data_files(str(source))
+        except (FileNotFoundError, ValueError) as e:  # named by the setting that points at it
+            raise type(e)(str(e).replace("data.source=", f"{setting}=", 1)) from None
+    if cfg.reference.get("kind") == "stored" and cfg.reference.get("scores_dir"):
+        from slm.store import read_meta
+
+        read_meta(Path(os.path.expanduser(str(cfg.reference.scores_dir))))  # missing or unreadable: said now

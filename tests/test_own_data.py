@@ -64,6 +64,19 @@ def test_baseline_and_slm_on_files_are_judged_on_a_clean_eval_set(corpus, tmp_pa
     assert table[1].split(",")[2] == str(round(final["base"], 4))
 
 
+def test_an_eval_set_that_overlaps_the_training_data_is_warned_about(corpus, tmp_path):
+    import warnings
+
+    from slm.data import DataConfig, build
+
+    own = dict(source=str(corpus / "noisy.jsonl"), block_size=64, cache_dir=str(tmp_path / "c"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a held-out eval set: no warning
+        build(DataConfig(**own, eval={"clean": str(corpus / "eval.jsonl")}))
+    with pytest.warns(UserWarning, match=r"data.eval.same: 9\d\.\d% of its 80 documents .*noisy.jsonl.*memorised"):
+        build(DataConfig(**own, eval={"same": str(corpus / "noisy.jsonl")}))  # the training file itself
+
+
 @pytest.mark.slow
 def test_a_reference_trained_from_files_is_trained_once_per_sweep(corpus, tmp_path):
     exe = str(Path(sys.executable).with_name("slm-train"))

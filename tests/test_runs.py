@@ -146,6 +146,28 @@ def test_bad_settings_are_refused_before_anything_slow_with_the_full_key(tmp_pat
         train(compose_train(tmp_path / "c", "reference=live"), tmp_path / "run")
     with pytest.raises(ValueError, match="reference=none .* reference=live .* reference=stored"):
         train(compose_train(tmp_path / "c", "data=files", f"data.source={tmp_path}/x.txt"), tmp_path / "run")
+    # missing files, named by the setting that points at them, before any data is packed
+    with pytest.raises(FileNotFoundError, match=r"data.eval.clean='.*nope.jsonl': no data files found"):
+        train(compose_train(tmp_path / "c", f"+data.eval.clean={tmp_path}/nope.jsonl"), tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"reference.scores_dir='.*gone'.*run slm-score first"):
+        train(compose_train(tmp_path / "c", "reference=stored", f"reference.scores_dir={tmp_path}/gone"),
+              tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "c").exists()
+
+
+def test_output_folders_and_curves_inputs_that_do_not_exist_are_one_line_errors(tmp_path, capsys):
+    from slm.cli import _check_output_dirs
+    from slm.curves import main as curves
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        _check_output_dirs([f"hydra.run.dir={tmp_path / 'afile'}"])
+    assert stopped.value.code == 1 and "is a file; name a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="slm-curves: .*missing does not exist"):
+        curves([str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="slm-curves: no runs under .*empty"):
+        curves([str(tmp_path / "empty")])
 
 
 def test_runs_are_named_and_recorded_by_what_they_select(tmp_path):
