@@ -46,6 +46,7 @@ class DataConfig:
     text_field: str = "text"
     sample_by: str = "paragraph"  # text files: one document per line | paragraph | document (file)
     hub_config: str | None = None
+    hub_revision: str | None = None  # a hub dataset's commit or tag: pins what is packed (the cache knows no other)
     train_split: str = "train"
     validation_split: str | None = "validation"  # hub split; None or missing: carve val_fraction
     val_fraction: float = 0.05
@@ -135,8 +136,8 @@ def _source_identity(cfg: DataConfig) -> dict:
     if is_local(cfg.source):
         files = [(f, content_digest(f, cfg.cache_dir)) for f in data_files(cfg.source)]
         return {"files": files, "text_field": cfg.text_field, "sample_by": cfg.sample_by}
-    return {"hub": cfg.source, "config": cfg.hub_config, "text_field": cfg.text_field,
-            "splits": [cfg.train_split, cfg.validation_split]}  # fmt: skip
+    return {"hub": cfg.source, "config": cfg.hub_config, "revision": cfg.hub_revision,
+            "text_field": cfg.text_field, "splits": [cfg.train_split, cfg.validation_split]}  # fmt: skip
 
 
 # --- tokenise and pack -----------------------------------------------------------------------

@@ -153,7 +153,7 @@ def raw_documents(cfg) -> dict:
         ds = _load_files(cfg)
     else:
         try:
-            loaded = datasets.load_dataset(cfg.source, cfg.hub_config)
+            loaded = datasets.load_dataset(cfg.source, cfg.hub_config, revision=cfg.hub_revision)
         except Exception as e:  # offline, unknown name, gated, ...
             raise ValueError(f"data.source={cfg.source!r}: could not load this hub dataset: {e}") from e
         if cfg.train_split not in loaded:

@@ -454,3 +454,10 @@ def test_a_replaced_file_with_the_same_size_and_time_is_packed_again(tmp_path):
     again = build(cfg)["train"]["input_ids"]
     assert again != first
     assert build(cfg)["train"]["input_ids"] == again  # unchanged files: the cache is reused
+
+
+def test_a_pinned_hub_revision_is_part_of_the_packed_cache_key():
+    from slm.data import _source_identity
+
+    a, b = (_source_identity(DataConfig(source="org/corpus", hub_revision=r)) for r in (None, "v2"))
+    assert a != b and b["revision"] == "v2"
