@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from slm.flops import flop_model
 from slm.model import SelectiveLM
 from slm.parallel import save_inner_pretrained
 from slm.rows import check_loss_mask, check_loss_weight, shifted_valid
@@ -179,6 +180,7 @@ class SelectiveTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # we normalise by num_items_in_batch ourselves
         self._selected = torch.zeros(2, dtype=torch.float64)  # trained tokens, valid tokens since last log
         self._nonfinite = None  # NaN/inf selection scores of this step's micro-batches (a device scalar)
+        self._flops = None  # the model's FlopModel, made on first use
 
     def _lm(self) -> SelectiveLM:
         return self.accelerator.unwrap_model(self.model)
@@ -276,27 +278,20 @@ class SelectiveTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-        """Training FLOPs of this micro-batch, counting the output-layer work actually done.
-
-        ``Trainer`` assumes 6 x params x tokens whatever is masked. Here: 6 x (non-embedding,
-        non-head params) x tokens for the decoder, plus, per trained token, 6 x H x V for the
-        head's backward (logits recomputed, then two gradient matmuls), plus 2 x H x V per scored
-        token (every valid token when selecting, the trained ones with a loss_mask).
-        """
-        inner = self._lm()
-        head = inner.get_output_embeddings().weight
-        hv = head.shape[0] * head.shape[1]
-        body = inner.num_parameters(exclude_embeddings=True)
-        if head is not inner.get_input_embeddings().weight:  # an untied head counts in num_parameters
-            body -= hv
-        tokens = int(inputs["input_ids"].numel())
+        """Training FLOPs of this micro-batch, counting the output-layer work actually done
+        (:mod:`slm.flops`): ``Trainer`` assumes 6 x params x tokens whatever is masked; here the head
+        costs 6 x H x V per trained token, plus 2 x H x V per valid token when selecting by score
+        (the no-grad scoring pass; a loss_mask needs none)."""
+        if self._flops is None:
+            self._flops = flop_model(self._lm().model, inputs["input_ids"].shape[1])
         valid = shifted_valid(inputs["labels"])
         marked = inputs.get("loss_mask", inputs.get("loss_weight"))
         if marked is not None:  # the trained tokens are known: no scoring pass
-            trained = scored = int(((marked > 0) & valid.to(marked.device)).sum())
+            trained, scored = int(((marked > 0) & valid.to(marked.device)).sum()), 0
         else:
-            trained, scored = int(self._trained_tokens(inputs)), int(valid.sum())
-        return 6 * body * tokens + 6 * hv * trained + 2 * hv * scored
+            trained = int(self._trained_tokens(inputs))
+            scored = int(valid.sum()) if self._lm().ratio < 1.0 else 0
+        return int(self._flops.step(int(inputs["input_ids"].numel()), scored, trained))
 
     # -- saving and loading: the inner HF model, as from_pretrained expects it -------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -26,6 +26,7 @@ from slm import checkpoints
 from slm.data import fetch, to_device
 from slm.downstream import DownstreamConfig, evaluate_tasks
 from slm.evaluation import evaluate
+from slm.flops import flop_model
 from slm.model import SelectiveLM, causal_lm
 from slm.parallel import Engine, param_dim, resolve_mixed_precision
 from slm.reference import RefSource
@@ -164,6 +165,8 @@ class Trainer:
             )
         self.tracker = tracker or Tracker(run_dir, enabled=False)
         master_weights(lm, cfg.master_dtype)
+        # Counted before sharding (FSDP2 and ZeRO-3 hide whole shapes); live references add their forward.
+        self.flop_model = flop_model(lm.model, len(train_ds[0]["input_ids"]), self.ref.model)
 
         def make_optimizer(model):
             decay = [p for p in model.parameters() if p.requires_grad and param_dim(p) >= 2]
@@ -183,6 +186,7 @@ class Trainer:
         self.stream = BatchStream(len(train_ds), cfg.batch_size, accelerator.num_processes,
                                   accelerator.process_index, cfg.seed)  # fmt: skip
         self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0
+        self.train_time, self.flops = 0.0, 0.0  # seconds inside training steps; estimated FLOPs (slm.flops)
         self.signals = StopSignals()
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -192,6 +196,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
+                 "train_time_s": self.train_time, "flops": self.flops,
                  "selector_rng": self.selective.generator.get_state().tolist(),
                  **self.engine.checkpoint_info}  # fmt: skip
         return checkpoints.save(self.run_dir, self.step, state, self.engine.save_checkpoint, self.acc.is_main_process,
@@ -202,13 +207,15 @@ class Trainer:
         self.engine.load_checkpoint(path, state)
         self.step = state["step"]
         self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
+        self.train_time, self.flops = state.get("train_time_s", 0.0), state.get("flops", 0.0)
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _step_count(self, batches: list[dict], ratio: float) -> tuple[int | None, int]:
-        """(tokens this step trains, tokens it sees) over every micro-batch and process, from host-side
-        labels (one all-reduce); the first is None for a selector whose count depends on the scores."""
+    def _step_count(self, batches: list[dict], ratio: float) -> tuple[int | None, int, int]:
+        """(tokens this step trains, tokens it sees, valid tokens) over every micro-batch and process,
+        from host-side labels (one all-reduce); the first is None for a selector whose count depends
+        on the scores."""
         lm = self.selective
         valid = [shifted_valid(b["labels"]) for b in batches]
         local = [num_selected(v, ratio, "batch" if lm.scope == "global" else lm.scope) for v in valid]
@@ -220,18 +227,19 @@ class Trainer:
         if store_error:  # every process stops here, before any forward
             raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
         k = len(batches)
+        seen, valid = int(counts[-1]), int(sum(counts[k : 2 * k]))
         if not lm.fixed_count:
-            return None, int(counts[-1])
+            return None, seen, valid
         if lm.scope == "global" and ratio < 1.0:  # top-k over each global micro-batch
-            return sum(num_to_keep(ratio, int(n)) for n in counts[k : 2 * k]), int(counts[-1])
-        return int(sum(counts[:k])), int(counts[-1])
+            return sum(num_to_keep(ratio, int(n)) for n in counts[k : 2 * k]), seen, valid
+        return int(sum(counts[:k])), seen, valid
 
     def train_step(self) -> dict:
         cfg, engine = self.cfg, self.engine
         rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
         batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
         ratio = self.schedule.at(self.step, cfg.max_steps)
-        n_step, n_tok = self._step_count(batches, ratio)
+        n_step, n_tok, n_valid = self._step_count(batches, ratio)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
         for m, batch in enumerate(batches):
@@ -267,6 +275,7 @@ class Trainer:
         self.step += 1
         self.tokens_seen += n_tok
         self.tokens_selected += n_step
+        self.flops += self.flop_model.step(n_tok, n_valid if ratio < 1.0 else 0, n_step)
         return {"train/loss": loss, "train/selected_frac": n_step / max(n_tok, 1), "train/lr": engine.lr(),
                 "train/grad_norm": grad_norm, "train/ratio": ratio}  # fmt: skip
 
@@ -284,7 +293,7 @@ class Trainer:
 
     def _event(self, **metrics) -> dict:
         return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
-                **metrics}  # fmt: skip
+                "train_time_s": round(self.train_time, 3), "flops": self.flops, **metrics}  # fmt: skip
 
     def eval(self, sets: bool = True, tasks: bool | None = None) -> dict:
         """Every eval set (``sets``): ``eval/<name>/loss`` (``/tokens``, ``/answer_acc``), the first
@@ -324,7 +333,9 @@ class Trainer:
         self._stop = False
         with self.signals, bar:
             while self.step < cfg.max_steps:
+                started = time.perf_counter()
                 metrics = self.train_step()
+                self.train_time += time.perf_counter() - started
                 bar.update(1)
                 tok_s = (self.tokens_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sel=f"{metrics['train/selected_frac']:.2f}",
