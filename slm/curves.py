@@ -1,14 +1,17 @@
-"""slm-curves: data-efficiency plots and the "tokens to reach the baseline" table.
+"""slm-curves: data-efficiency plots and the "tokens, time and FLOPs to reach the baseline" table.
 
-Reads run directories or whole sweep directories (every ``metrics.jsonl`` below them), or a
-W&B project (``wandb:ENTITY/PROJECT[/GROUP]``, online). Runs that differ only by seed are
-averaged (mean line, min-max band). The baseline is the run group with ratio 1.0 (every token).
+Reads run directories or whole sweep directories (every ``metrics.jsonl`` below them), or a W&B
+project (``wandb:ENTITY/PROJECT[/GROUP]``, online). Runs are grouped by everything in their config
+that decides what they train (the seed and bookkeeping aside, see :data:`NOT_THE_EXPERIMENT`):
+runs of a group are seeds, averaged (mean line, min-max band), and runs whose settings differ are
+never averaged; the legend names the settings that tell groups apart. The baseline is the group
+that trains every token (``--baseline`` names any group instead, e.g. a clean-text-only run).
+Fractions of the baseline are paired by seed: each seed against the baseline run of the same seed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 from collections import defaultdict
@@ -17,10 +20,25 @@ from pathlib import Path
 
 import numpy as np
 
-from slm.runs import CONFIG, RESULT, RUN_INFO, read_json
+from slm.runs import CONFIG, RESULT, RUN_INFO, flatten, read_json
 from slm.tracking import METRICS_FILE, read_metrics
 
 log = logging.getLogger(__name__)
+
+# Config keys that do not change what a run trains (so two runs differing only there are seeds of
+# one experiment): the seed itself, names, cadence of evals and logs, caches, the logger.
+NOT_THE_EXPERIMENT = (
+    "seed", "name", "experiment_name", "hydra", "logger", "downstream", "score_batch_size", "trainer.resume",
+    "trainer.overwrite", "trainer.progress", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
+    "trainer.keep_checkpoints", "trainer.eval_batch_size", "data.cache_dir", "data.num_proc", "data.eval",
+)  # fmt: skip
+AXES = ("tokens_seen", "tokens_selected", "train_time_s", "flops")
+AXIS_LABELS = {"tokens_seen": "tokens seen", "tokens_selected": "tokens selected",
+               "train_time_s": "training time (s)", "flops": "training FLOPs (estimated)"}  # fmt: skip
+
+
+def _experiment_key(key: str) -> bool:
+    return not any(key == k or key.startswith(k + ".") for k in NOT_THE_EXPERIMENT)
 
 
 @dataclass
@@ -29,10 +47,26 @@ class Run:
     info: dict  # selector, ratio, reference, seed, experiment, status
     events: list[dict]
     max_steps: int | None = None  # what the run was set to reach
+    config: dict = field(default_factory=dict)  # its flattened config (empty for runs without one)
 
     @property
     def last_step(self) -> int:
         return max((e.get("step", 0) for e in self.events), default=0)
+
+    @property
+    def seed(self):
+        return self.config.get("seed", self.info.get("seed"))
+
+    @property
+    def settings(self) -> dict:
+        """What decides what this run trains: its config without the seed and bookkeeping (or, for a
+        run without a saved config, what its run_info says)."""
+        if self.config:
+            out = {k: v for k, v in self.config.items() if _experiment_key(k)}
+        else:
+            out = {f"selector.{k}" if k in ("ratio",) else k: self.info.get(k) for k in ("selector", "ratio")}
+        out["selector.effective"] = self.info.get("selector")  # what it really selected by
+        return out
 
     @property
     def partial(self) -> str | None:
@@ -106,20 +140,22 @@ def load_runs(paths: list[str]) -> list[Run]:
             result = read_json(run_dir / RESULT)
             if result is not None:  # the final word: a run killed without a chance to write stays "running"
                 info["status"] = result.get("status", "finished")
-            runs.append(Run(str(run_dir), info, read_metrics(f), _max_steps(run_dir)))
+            config = _config(run_dir)
+            max_steps = config.get("trainer.max_steps")
+            runs.append(Run(str(run_dir), info, read_metrics(f), int(max_steps) if max_steps else None, config))
     if not runs:
         raise ValueError(f"slm-curves: no runs under {', '.join(paths)} (no {METRICS_FILE} found): give the folder "
                          "slm-train wrote (outputs/... or multirun/...)")  # fmt: skip
     return runs
 
 
-def _max_steps(run_dir: Path) -> int | None:
+def _config(run_dir: Path) -> dict:
     try:
         from omegaconf import OmegaConf
 
-        return int(OmegaConf.load(run_dir / CONFIG).trainer.max_steps)
+        return flatten(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG), resolve=False))
     except Exception:  # no saved config (an older run, a bare metrics.jsonl)
-        return None
+        return {}
 
 
 def _wandb_runs(spec: str) -> list[Run]:
@@ -129,34 +165,57 @@ def _wandb_runs(spec: str) -> list[Run]:
     filters = {"group": parts[2]} if len(parts) > 2 else {}
     out = []
     for r in wandb.Api().runs(f"{parts[0]}/{parts[1]}", filters=filters):
-        cfg = r.config
-        info = {"selector": cfg.get("selector", {}).get("name"), "ratio": cfg.get("selector", {}).get("ratio"),
-                "reference": cfg.get("reference", {}).get("kind"), "seed": cfg.get("seed")}  # fmt: skip
-        out.append(Run(f"wandb:{r.path}", info, [dict(row) for row in r.scan_history()]))
+        cfg = flatten(dict(r.config))
+        info = {"selector": cfg.get("selector.name"), "ratio": cfg.get("selector.ratio"),
+                "reference": cfg.get("reference.kind"), "seed": cfg.get("seed")}  # fmt: skip
+        out.append(Run(f"wandb:{r.path}", info, [dict(row) for row in r.scan_history()], config=cfg))
+    return out
+
+
+def _groups(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by their settings, each group named by its selector and ratio plus whichever
+    settings tell it apart from the other groups (a differing reference kind stands for all of its
+    reference.* settings)."""
+    by_settings: dict[str, list[Run]] = defaultdict(list)
+    for r in runs:
+        by_settings[repr(sorted(r.settings.items(), key=lambda kv: kv[0]))].append(r)
+    members = list(by_settings.values())
+    keys = sorted({k for m in members for k in m[0].settings})
+    differing = [k for k in keys if len({repr(m[0].settings.get(k)) for m in members}) > 1]
+    shown = {"selector.name", "selector.ratio", "selector.effective"}  # in the group's name already
+    if "reference.kind" in differing:
+        shown |= {k for k in differing if k.startswith("reference.") and k != "reference.kind"}
+    differing = [k for k in differing if k not in shown]
+    out: dict[str, list[Run]] = {}
+    for m in members:
+        extra = ", ".join(f"{'reference' if k == 'reference.kind' else k}={m[0].settings.get(k)}" for k in differing)
+        name = m[0].group + (f" [{extra}]" if extra else "")
+        while name in out:  # settings that print alike
+            name += "'"
+        out[name] = m
     return out
 
 
 def curves(runs: list[Run], metric: str = "eval/loss", by_seed: bool = False) -> list[Curve]:
-    """Group runs by selector and ratio; average seeds over the eval steps they all reached.
-
-    ``by_seed=True`` keeps every run its own curve."""
-    groups: dict[str, list[Run]] = defaultdict(list)
-    for i, r in enumerate(runs):
-        if r.evals(metric):
-            groups[f"{r.group}#{i}" if by_seed else r.group].append(r)
+    """Group runs by their settings (:func:`_groups`); average seeds over the eval steps they all
+    reached. ``by_seed=True`` keeps every run its own curve."""
+    with_points = [r for r in runs if r.evals(metric)]
+    groups = {f"{r.group}#{i}": [r] for i, r in enumerate(with_points)} if by_seed else _groups(with_points)
     out = []
     for name, members in groups.items():
         steps = sorted(set.intersection(*[{e["step"] for e in r.evals(metric)} for r in members]))
         by_step = [{e["step"]: e for e in r.evals(metric)} for r in members]
-        vals = np.array([[m[s][metric] for s in steps] for m in by_step], dtype=float)
-        axes = ("tokens_seen", "tokens_selected")
-        x = {ax: np.array([np.mean([m[s][ax] for m in by_step]) for s in steps]) for ax in axes}
+        vals = np.array([[m[s][metric] for s in steps] for m in by_step], dtype=float).reshape(len(members), -1)
+        axes = [ax for ax in AXES if all(ax in m[s] for m in by_step for s in steps)]
+        x = {ax: np.array([np.mean([m[s][ax] for m in by_step]) for s in steps], dtype=float) for ax in axes}
         out.append(Curve(name, members[0].is_baseline, members, x, vals.mean(0), vals.min(0), vals.max(0)))
     return sorted(out, key=lambda c: (not c.is_baseline, c.group))
 
 
 def tokens_to_reach(curve: Curve, target: float, axis: str = "tokens_seen") -> float | None:
     """First x where the mean eval loss reaches ``target`` (linear between eval points)."""
+    if axis not in curve.x:
+        return None
     x, y = curve.x[axis], curve.mean
     for i in range(len(y)):
         if y[i] <= target:
@@ -167,79 +226,45 @@ def tokens_to_reach(curve: Curve, target: float, axis: str = "tokens_seen") -> f
     return None
 
 
-def savings_table(cs: list[Curve]) -> tuple[list[dict], str | None]:
-    """Rows of tokens needed to reach the baseline's final eval loss; and a note if impossible."""
-    base = next((c for c in cs if c.is_baseline), None)
-    if base is None:
-        return [], "no baseline run (ratio 1.0 / selector=all) among the inputs: nothing to compare against"
-    target = float(base.mean[-1])
-    base_tokens = float(base.x["tokens_seen"][-1])
-    rows = []
-    for c in cs:
-        seen = tokens_to_reach(c, target)
-        sel = tokens_to_reach(c, target, "tokens_selected")
-        per_seed = [tokens_to_reach(one, target) for one in curves(c.runs, by_seed=True)]
-        worst = None if None in per_seed else max(per_seed) / base_tokens
-        rows.append({
-            "run": c.group + (" (partial)" if c.partial else ""), "seeds": len(c.runs),
-            "final_eval_loss": round(float(c.mean[-1]), 4),
-            "tokens_seen_to_reach_baseline": None if seen is None else int(seen),
-            "tokens_selected_to_reach_baseline": None if sel is None else int(sel),
-            "fraction_of_baseline_tokens": None if seen is None else round(seen / base_tokens, 3),
-            "worst_seed_fraction": None if worst is None else round(worst, 3),
-            "fold_saving": None if not seen else round(base_tokens / seen, 2),
-        })  # fmt: skip
-    return rows, None
-
-
 def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "eval/loss") -> list[Path]:
-    """Write curves.png/.svg. A ``Figure`` of its own: the caller's pyplot backend is left alone."""
+    """Write curves.png/.svg: the metric against every x-axis the runs logged (tokens seen and
+    selected, training time, FLOPs). A ``Figure`` of its own: the caller's pyplot backend is left alone."""
     from matplotlib import rcParams
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     loss_label = "eval loss (all tokens of the first eval set)" if metric == "eval/loss" else metric
     panels = [(cs_loss, loss_label)] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
-    fig = Figure(figsize=(11, 4 * len(panels)))
+    axes_used = [ax for ax in AXES if any(ax in c.x for c in cs_loss)]
+    fig = Figure(figsize=(5.5 * len(axes_used), 4 * len(panels)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(panels), 2, squeeze=False)
+    grid = fig.subplots(len(panels), len(axes_used), squeeze=False)
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (cs, ylabel) in enumerate(panels):
-        for col, axis in enumerate(("tokens_seen", "tokens_selected")):
-            ax = axes[row][col]
+        for col, axis in enumerate(axes_used):
+            ax = grid[row][col]
             for i, c in enumerate(cs):
+                if axis not in c.x:
+                    continue
                 style = dict(color="black", ls="--", lw=2) if c.is_baseline else dict(color=colors[i % len(colors)])
                 if c.partial:
                     style["alpha"] = 0.6
                 ax.plot(c.x[axis], c.mean, label=c.label, **style)
                 if len(c.runs) > 1:
                     ax.fill_between(c.x[axis], c.lo, c.hi, alpha=0.2, color=style["color"])
-            ax.set_xlabel(axis.replace("_", " "))
+            ax.set_xlabel(AXIS_LABELS[axis])
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             if "loss" in ylabel:
                 finite = [v for c in cs for v in c.mean[1:] if math.isfinite(v)] or [1.0]
                 ax.set_ylim(top=max(finite) * 1.1, bottom=min(finite) * 0.95)
-    axes[0][0].legend(fontsize=8)
+    grid[0][0].legend(fontsize=8)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "curves.png", out / "curves.svg"]
     for p in paths:
         fig.savefig(p, dpi=120)
     return paths
-
-
-def write_table(rows: list[dict], out: Path) -> str:
-    cols = list(rows[0])
-    with (out / "tokens_to_baseline.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    fmt = lambda v: "not reached" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
-    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    md += "".join("| " + " | ".join(fmt(r[c]) for c in cols) + " |\n" for r in rows)
-    (out / "tokens_to_baseline.md").write_text(md)
-    return md
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,7 +274,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--metric", default="eval/loss",
                    help="the eval loss to plot and tabulate: eval/<name>/loss for an eval set (default: eval/loss, "
                         "the first set)")  # fmt: skip
+    p.add_argument("--baseline", default=None,
+                   help="the group every other is compared with: part of its label (as the legend shows it) or a "
+                        "path of one of its runs (default: the group that trains every token)")  # fmt: skip
     args = p.parse_args(argv)
+    from slm.savings import savings_table, write_table
+
     try:
         runs = load_runs(args.paths)
     except (FileNotFoundError, ValueError) as e:  # a missing folder, or one without runs: one line, no traceback
@@ -267,11 +297,16 @@ def main(argv: list[str] | None = None) -> None:
         if c.partial:
             print(f"slm-curves: {c.group} is partial: {c.partial}; its curve stops at the last eval step all of "
                   "its runs reached and is labelled (partial)")  # fmt: skip
+        seeds = [r.seed for r in c.runs]
+        if len(set(map(repr, seeds))) < len(seeds):
+            distinct = len(set(map(repr, seeds)))
+            print(f"slm-curves: {c.group} holds {len(seeds)} runs of the same settings but only {distinct} distinct "
+                  "seed(s) (repeats are averaged as if they were seeds)")  # fmt: skip
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
     for path in plot(cs_loss, cs_acc, out, args.metric):
         print(f"slm-curves: wrote {path}")
-    rows, note = savings_table(cs_loss)
+    rows, note = savings_table(cs_loss, args.baseline, args.metric)
     if note:
         print(f"slm-curves: {note}")
     else:

@@ -7,7 +7,8 @@ import pytest
 from helpers import compose_train
 
 from slm.cli import train
-from slm.curves import Curve, load_runs, main, savings_table, tokens_to_reach
+from slm.curves import Curve, load_runs, main, tokens_to_reach
+from slm.savings import savings_table
 from slm.tracking import read_metrics
 
 
@@ -93,3 +94,67 @@ def test_an_interrupted_seed_is_labelled_partial_not_silently_averaged(sweep, tm
     printed = capsys.readouterr().out
     assert "excess_loss 0.5 is partial: 1 of 2 runs incomplete (r0.5-s1: interrupted at step 2 of 6)" in printed
     assert "| excess_loss 0.5 (partial) |" in printed
+
+
+def _fake_run(root, name, ratio, seed, losses, max_steps=4, selector=None, width=32):
+    """A run folder as slm-train writes it, with a chosen eval curve (tokens 100 per step)."""
+    from omegaconf import OmegaConf
+
+    run = root / name
+    run.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"seed": seed, "selector": {"name": selector or "excess_loss", "ratio": ratio},
+                                     "trainer": {"max_steps": max_steps}, "model": {"width": width}}),
+                   run / "config.yaml")  # fmt: skip
+    sel = selector or ("all" if ratio == 1.0 else "excess_loss")
+    (run / "run_info.json").write_text(json.dumps({"selector": sel, "ratio": ratio, "seed": seed}))
+    (run / "result.json").write_text(json.dumps({"status": "finished"}))
+    events = [{"step": s, "tokens_seen": 100 * s, "tokens_selected": int(100 * s * ratio), "train_time_s": 2.0 * s,
+               "flops": 1e9 * s * (1 + ratio), "eval/loss": v} for s, v in enumerate(losses)]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_fractions_are_paired_by_seed_and_sweeps_with_other_settings_are_never_averaged(tmp_path, capsys):
+    root = tmp_path / "multirun"
+    # sweep A: baseline and ratio 0.5, two seeds; seed 1's baseline ends higher than seed 0's
+    _fake_run(root / "a", "base0", 1.0, 0, [5, 4, 3, 2, 1.0])
+    _fake_run(root / "a", "base1", 1.0, 1, [5, 4, 3, 2.5, 2.0])
+    _fake_run(root / "a", "half0", 0.5, 0, [5, 3, 1.5, 1.0, 0.8])  # reaches 1.0 at step 3
+    _fake_run(root / "a", "half1", 0.5, 1, [5, 3, 2.0, 1.5, 1.2])  # reaches 2.0 at step 2
+    # sweep B: another model width, also seed 0: its own groups, never "seeds" of sweep A's
+    _fake_run(root / "b", "base0", 1.0, 0, [6, 5, 4, 3, 2.0], width=64)
+    _fake_run(root / "b", "half0", 0.5, 0, [6, 4, 3, 2, 1.5], width=64)
+    from slm.curves import curves
+    from slm.savings import savings_table
+
+    cs = curves(load_runs([str(root)]))
+    labels = sorted(c.group for c in cs)
+    assert labels == ["baseline (all tokens) [model.width=32]", "baseline (all tokens) [model.width=64]",
+                      "excess_loss 0.5 [model.width=32]", "excess_loss 0.5 [model.width=64]"]  # fmt: skip
+    assert {len(c.runs) for c in cs if "width=32" in c.group} == {2}
+    rows, note = savings_table(cs)
+    assert rows == [] and "2 baseline groups" in note and "--baseline" in note  # which one is ambiguous
+    rows, note = savings_table(cs, baseline="baseline (all tokens) [model.width=32]")
+    half = next(r for r in rows if r["run"].startswith("excess_loss 0.5 [model.width=32]"))
+    # paired: seed 0 reaches its baseline's 1.0 at 300 of 400 tokens, seed 1 its 2.0 at 200 of 400
+    assert half["fraction_of_baseline_tokens"] == pytest.approx((0.75 + 0.5) / 2)
+    assert half["worst_seed_fraction"] == 0.75
+    assert half["fraction_of_baseline_time"] == pytest.approx((0.75 + 0.5) / 2)
+    other = next(r for r in rows if r["run"].startswith("excess_loss 0.5 [model.width=64]"))
+    assert other["fraction_of_baseline_tokens"] is None and other["notes"] == "1 of 1 seed(s) never reached it"
+    main([str(root), "--out", str(tmp_path / "out"), "--baseline", str(root / "a" / "base0")])
+    assert "| baseline: baseline (all tokens) [model.width=32]" in capsys.readouterr().out
+
+
+def test_any_group_can_be_the_baseline_and_unequal_eval_points_do_not_divide_by_zero(tmp_path):
+    from slm.curves import curves
+    from slm.savings import savings_table
+
+    root = tmp_path / "runs"
+    _fake_run(root, "random", 0.5, 0, [5, 4, 3, 2.5, 2.2], selector="random")
+    _fake_run(root, "slm", 0.5, 0, [5, 3, 2, 1.5, 1.2])
+    _fake_run(root, "base", 1.0, 0, [5.0])  # a baseline that logged only its first eval point
+    rows, note = savings_table(curves(load_runs([str(root)])))
+    assert note is None and all(r["fraction_of_baseline_tokens"] is None or r["seeds"] for r in rows)
+    rows, note = savings_table(curves(load_runs([str(root)])), baseline="random")
+    slm = next(r for r in rows if r["run"].startswith("excess_loss"))
+    assert slm["fraction_of_baseline_tokens"] == pytest.approx(0.25 + 0.25 * (3 - 2.2) / (3 - 2))
