@@ -40,9 +40,10 @@ def _run_curve(run: Run, metric: str) -> Curve:
     return curves([run], metric, by_seed=True)[0]
 
 
-def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None, float | None, str]:
+def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None, float | None, str, bool]:
     """(mean, worst) over seeds of: x a seed's run needs to reach its own baseline seed's final
-    metric, over what that baseline run used; and a note on seeds without a partner or not reaching."""
+    metric, over what that baseline run used (both None when a seed never reaches it); a note on
+    seeds without a partner or not reaching; whether any seed had a partner."""
     base_by_seed = {r.seed: _run_curve(r, metric) for r in base.runs}
     fractions, missing, unreached = [], 0, 0
     for r in c.runs:
@@ -57,10 +58,10 @@ def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None
             fractions.append(reach / float(b.x[axis][-1]))
     notes = ([f"{missing} seed(s) without a baseline run of the same seed"] if missing else []) + (
         [f"{unreached} of {len(c.runs)} seed(s) never reached it"] if unreached else [])  # fmt: skip
-    if not fractions:
-        return None, None, "; ".join(notes)
-    worst = None if unreached else max(fractions)
-    return float(np.mean(fractions)), worst, "; ".join(notes)
+    paired = missing < len(c.runs)
+    if not fractions or unreached:
+        return None, None, "; ".join(notes), paired
+    return float(np.mean(fractions)), max(fractions), "; ".join(notes), paired
 
 
 def savings_table(cs: list[Curve], baseline: str | None = None,
@@ -78,9 +79,9 @@ def savings_table(cs: list[Curve], baseline: str | None = None,
     for c in cs:
         seen = tokens_to_reach(c, target)
         sel = tokens_to_reach(c, target, "tokens_selected")
-        tok_mean, tok_worst, note = _paired(c, base, metric, "tokens_seen")
-        time_mean, time_worst, _ = _paired(c, base, metric, "train_time_s")
-        flops_mean, _, _ = _paired(c, base, metric, "flops")
+        tok_mean, tok_worst, note, paired = _paired(c, base, metric, "tokens_seen")
+        time_mean, time_worst, _, _ = _paired(c, base, metric, "train_time_s")
+        flops_mean, _, _, _ = _paired(c, base, metric, "flops")
         rnd = lambda v: None if v is None else round(v, 3)
         name = f"baseline: {c.group}" if c is base and baseline else c.group
         rows.append({
@@ -88,7 +89,7 @@ def savings_table(cs: list[Curve], baseline: str | None = None,
             "final_eval_loss": round(float(c.mean[-1]), 4),
             "tokens_seen_to_reach_baseline": None if seen is None else int(seen),
             "tokens_selected_to_reach_baseline": None if sel is None else int(sel),
-            "fraction_of_baseline_tokens": rnd(tok_mean) if tok_mean is not None else ratio(seen, base_tokens),
+            "fraction_of_baseline_tokens": rnd(tok_mean) if paired else ratio(seen, base_tokens),
             "worst_seed_fraction": rnd(tok_worst),
             "fraction_of_baseline_time": rnd(time_mean), "worst_seed_time_fraction": rnd(time_worst),
             "fraction_of_baseline_flops": rnd(flops_mean),
