@@ -70,8 +70,10 @@ class SelectiveLM(nn.Module):
         seed: seed of the ``random`` selector and of random tie-breaking.
         chunk_elements: logits held at once by the chunked head (rows x vocabulary); ``None``
             picks a size for the device and pass (see :data:`slm.head.CHUNK_ELEMENTS`).
-        head_backend: ``auto`` (``compiled`` on CUDA, ``torch`` elsewhere), ``torch`` or
-            ``compiled`` (the chunk's element-wise math fused by ``torch.compile``).
+        head_backend: ``auto`` (``triton`` on CUDA where Triton is installed, else ``compiled``;
+            ``torch`` elsewhere), ``torch``, ``compiled`` (the chunk's element-wise math fused by
+            ``torch.compile``) or ``triton`` (fused kernels that keep logits on chip and compute
+            the selected rows' gradients in the backward; see :mod:`slm.head.fused`).
         check_scores: ``eager`` raises :class:`slm.selection.NonFiniteScores` at once (a device
             sync); ``deferred`` reports their count in ``out.n_nonfinite`` for the caller to check
             with its own end-of-step sync (what ``slm-train`` does).

@@ -164,8 +164,9 @@ class HeadRows:
             loss = self.loss.index_select(0, picked)
             return (loss.sum() if row_weight is None else (loss * row_weight).sum()), loss
         lse = None if self.lse is None else self.lse.index_select(0, picked)
+        loss = None if self.loss is None else self.loss.index_select(0, picked)
         return selected_rows_loss(self.head, self.hidden.index_select(0, picked), self.targets.index_select(0, picked),
-                                  lse, row_weight)  # fmt: skip
+                                  lse, row_weight, loss)  # fmt: skip
 
 
 class FullLogitRows:

@@ -21,6 +21,7 @@ def token_losses(
     chunk_elements: int | None = None,
     return_hits: bool = False,
     return_entropy: bool = False,
+    head_backend: str = "auto",
     **model_kwargs,
 ):
     """Per-token next-token losses ``[B, T]`` (float32), aligned with ``labels``, 0 where invalid.
@@ -36,7 +37,7 @@ def token_losses(
         raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
     labels = labels.to(input_ids.device)
     lm = causal_lm(model)
-    head, _ = output_head(model, chunk_elements)
+    head, _ = output_head(model, chunk_elements, head_backend)
     vocab = lm.get_output_embeddings().weight.shape[0] if head is None else head.vocab_size
     plan = plan_rows(labels, vocab, None, None, 1.0, "batch")  # one sync: the valid rows and the label check
     targets = labels[:, 1:].reshape(-1).index_select(0, plan.valid_pos)

@@ -52,7 +52,7 @@ class TrainConfig:
     betas: tuple = (0.9, 0.95)
     grad_clip: float = 1.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
-    head_backend: str = "auto"  # auto | torch | compiled (see slm.head)
+    head_backend: str = "auto"  # auto | torch | compiled | triton (see slm.head)
     master_dtype: str | None = "float32"  # trainable weights' dtype; None keeps the loaded dtype
     eval_every: int = 100
     eval_batch_size: int = 32
@@ -70,8 +70,8 @@ class TrainConfig:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"trainer.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
-        if self.head_backend not in ("auto", "torch", "compiled"):
-            raise ValueError(f"trainer.head_backend must be auto, torch or compiled, got {self.head_backend!r}")
+        if self.head_backend not in ("auto", "torch", "compiled", "triton"):
+            raise ValueError(f"trainer.head_backend must be auto, torch, compiled or triton, got {self.head_backend!r}")
         if self.master_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"trainer.master_dtype must be float32 (default), bfloat16, float16 or null, "
                              f"got {self.master_dtype!r}")  # fmt: skip

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from conftest import ARCHS, VOCAB, tiny_model
 
 import slm
+from slm.head import fused
 from slm.rows import shifted_valid
 
 
@@ -25,9 +26,22 @@ def grads(loss, model):
     ]
 
 
-# Every exactness test against HF runs on each head backend available on CPU; the compiled one
-# (CUDA's default) only in the slow suite, where its one-off compilation fits.
-BACKENDS = ["torch", pytest.param("compiled", marks=pytest.mark.slow)]
+# Every exactness test against HF runs on each head backend available on CPU: torch; compiled in the
+# slow suite (its one-off compilation); triton under Triton's interpreter (TRITON_INTERPRET=1, set in
+# conftest.py).
+HAVE_TRITON = fused.unavailable(torch.device("cpu")) is None
+NEEDS_TRITON = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed")
+BACKENDS = ["torch", pytest.param("compiled", marks=pytest.mark.slow), pytest.param("triton", marks=NEEDS_TRITON)]
+
+
+def _arch_backends():
+    for arch in ARCHS:
+        yield pytest.param(arch, "torch", id=f"{arch}-torch")
+        yield pytest.param(arch, "compiled", id=f"{arch}-compiled", marks=pytest.mark.slow)
+        yield pytest.param(arch, "triton", id=f"{arch}-triton", marks=NEEDS_TRITON)
+
+
+ARCH_BACKENDS = list(_arch_backends())
 
 
 def assert_grads_close(ga, gb):
@@ -35,8 +49,7 @@ def assert_grads_close(ga, gb):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, backend", ARCH_BACKENDS)
 def test_ratio_one_equals_hf_loss_and_grads(arch, batch, backend):
     ids, am, labels = batch
     model = tiny_model(arch)
@@ -49,8 +62,7 @@ def test_ratio_one_equals_hf_loss_and_grads(arch, batch, backend):
     assert_grads_close(grads(out.loss, model), grads(ref, model))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, backend", ARCH_BACKENDS)
 def test_loss_mask_grads_equal_full_logits_masked_loss(arch, batch, backend):
     ids, am, labels = batch
     model = tiny_model(arch)
@@ -67,8 +79,7 @@ def test_loss_mask_grads_equal_full_logits_masked_loss(arch, batch, backend):
     assert_grads_close(grads(out.loss, model), grads(ref, model))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch, backend", ARCH_BACKENDS)
 def test_excess_loss_selection_grads_equal_masked_full_logits(arch, batch, backend):
     ids, am, labels = batch
     model = tiny_model(arch)
@@ -287,24 +298,28 @@ def test_gradient_checkpointing_keeps_hf_loss_and_grads(batch):
 # --- issue 12 #1, #4, #8 and issue 9 #7, #9, and fp32 logits ----------------------------------------
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("denominator", [0, torch.tensor(0)])
-def test_a_step_that_trains_nothing_has_zero_loss_and_zero_grads(denominator):
+def test_a_step_that_trains_nothing_has_zero_loss_and_zero_grads(denominator, backend):
     """A sparse loss_mask can leave a whole optimizer step without a trained token: never NaN."""
     model = tiny_model("llama")
     ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     none = torch.zeros_like(ids, dtype=torch.bool)
-    out = slm.SelectiveLM(model)(input_ids=ids, labels=ids, loss_mask=none, num_items_in_batch=denominator)
+    out = slm.SelectiveLM(model, head_backend=backend)(input_ids=ids, labels=ids, loss_mask=none,
+                                                       num_items_in_batch=denominator)  # fmt: skip
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
 
 
-def test_loss_weight_is_the_weighted_mean_of_hf_losses(batch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_weight_is_the_weighted_mean_of_hf_losses(batch, backend):
     ids, am, labels = batch
     model = tiny_model("phi")
     g = torch.Generator().manual_seed(4)
     weight = torch.tensor([0.0, 0.5, 2.0, 1.0])[torch.randint(0, 4, ids.shape, generator=g)]
-    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, loss_weight=weight)
+    out = slm.SelectiveLM(model, head_backend=backend)(input_ids=ids, labels=labels, attention_mask=am,
+                                                       loss_weight=weight)  # fmt: skip
     w = weight * shifted_valid(labels)
     ce = hf_token_ce(model, ids, labels, am)
     ref = (ce * w).sum() / w.sum()
@@ -326,19 +341,21 @@ def test_a_non_boolean_loss_mask_is_refused(batch, value):
         lm(input_ids=ids, labels=labels, loss_weight=torch.full(ids.shape, -1.0))
 
 
-def test_double_backward_is_a_clear_error_not_a_wrong_gradient(batch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_a_clear_error_not_a_wrong_gradient(batch, backend):
     ids, am, labels = batch
     model = tiny_model("llama")
-    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=0.5)
+    out = slm.SelectiveLM(model, head_backend=backend)(input_ids=ids, labels=labels, attention_mask=am, ratio=0.5)
     params = [p for p in model.parameters()]
     with pytest.raises(RuntimeError, match="does not support double backward"):
         torch.autograd.grad(out.loss, params, create_graph=True, allow_unused=True)
 
 
-def test_changing_the_head_weight_in_place_before_backward_raises(batch):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changing_the_head_weight_in_place_before_backward_raises(batch, backend):
     ids, am, labels = batch
     model = tiny_model("llama")
-    out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
+    out = slm.SelectiveLM(model, head_backend=backend)(input_ids=ids, labels=labels, attention_mask=am, ratio=1.0)
     with torch.no_grad():
         model.lm_head.weight.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -353,7 +370,19 @@ def test_backward_twice_through_one_graph_is_a_clear_error(batch):
         out.loss.backward()
 
 
-def test_a_frozen_head_does_no_weight_gradient_work(batch):
+@NEEDS_TRITON
+def test_the_triton_backend_computes_gradients_in_the_backward_so_a_second_backward_adds_them(batch):
+    ids, am, labels = batch
+    model = tiny_model("llama")
+    out = slm.SelectiveLM(model, head_backend="triton")(input_ids=ids, labels=labels, attention_mask=am, ratio=0.5)
+    out.loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in model.parameters()]
+    out.loss.backward()
+    assert_grads_close([p.grad for p in model.parameters()], [2 * g for g in once])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_head_does_no_weight_gradient_work(batch, backend):
     """LoRA and frozen embeddings: the head's weight gradient (2 x K x V x H FLOPs) is not computed."""
     from probes import MatmulFlops
 
@@ -363,7 +392,8 @@ def test_a_frozen_head_does_no_weight_gradient_work(batch):
         model = tiny_model("llama")
         model.lm_head.weight.requires_grad_(not freeze)
         with MatmulFlops() as counter:
-            out = slm.SelectiveLM(model)(input_ids=ids, labels=labels, attention_mask=am, loss_mask=labels > 50)
+            out = slm.SelectiveLM(model, head_backend=backend)(input_ids=ids, labels=labels, attention_mask=am,
+                                                               loss_mask=labels > 50)  # fmt: skip
             out.loss.backward()
         rest = [p.grad for n, p in model.named_parameters() if n != "lm_head.weight"]
         return counter.flops, out.n_selected, rest
@@ -375,7 +405,8 @@ def test_a_frozen_head_does_no_weight_gradient_work(batch):
     assert_grads_close(grads_a, grads_b)
 
 
-def test_bf16_logits_come_out_of_the_matmul_in_float32():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logits_come_out_of_the_matmul_in_float32(backend):
     """Under bf16 autocast the head's matmul inputs are bf16 but its logits are not rounded to bf16."""
     from slm.head import OutputHead, score_rows
 
@@ -384,7 +415,7 @@ def test_bf16_logits_come_out_of_the_matmul_in_float32():
     t = torch.randint(0, VOCAB, (64,), generator=g)
     exact = torch.logsumexp(h.bfloat16().float() @ w.bfloat16().float().t(), dim=-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, lse = score_rows(OutputHead(w), h, t)
+        _, lse = score_rows(OutputHead(w, backend=backend), h, t)
     torch.testing.assert_close(lse, exact, atol=1e-5, rtol=1e-6)
 
 
@@ -454,7 +485,8 @@ def test_chunk_functions_compile_without_graph_breaks():
     raw, t = torch.randn(8, VOCAB, generator=g), torch.randint(0, VOCAB, (8,), generator=g)
     lse, scale = torch.logsumexp(raw, -1), torch.rand(8, generator=g)
     for softcap in (None, 3.0):
-        for fn, args in ((score_chunk, (raw, t, softcap, True)), (grad_chunk, (raw, t, lse, scale, softcap, 0.5)),
+        for fn, args in ((score_chunk, (raw, t, softcap, True)),
+                         (grad_chunk, (raw, t, lse, scale, softcap, 0.5, torch.bfloat16, True)),
                          (grad_chunk, (raw, t, None, None, softcap, 1.0))):  # fmt: skip
             explained = torch._dynamo.explain(fn)(*args)
             assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
@@ -515,11 +547,17 @@ def test_compiled_head_does_not_recompile_per_row_count(device):
             assert torch.equal(out.mask, expected.mask)
             torch.testing.assert_close(out.loss, expected.loss, atol=1e-5, rtol=1e-5)
             out.loss.backward()
+        tail = torch.zeros_like(keep)  # 16 * m + 1 trained rows: a 16-row chunk would leave a 1-row tail
+        tail.view(-1)[1 : 1 + 16 * (1 + step % 2) + 1] = True
+        tail[:, 0] = False
+        out = lm(input_ids=ids, labels=ids, loss_mask=tail)
+        out.loss.backward()
         slm.token_losses(model, ids, labels, return_hits=True, chunk_elements=16 * VOCAB)
         graphs.append(counters["stats"]["unique_graphs"])
-    # A few graphs (configurations, a one-row chunk), all compiled within the first steps: later steps
-    # compile nothing new, and none fell back to eager at dynamo's recompile limit.
-    assert graphs[-1] == graphs[2] and graphs[-1] <= 6, graphs
+    # One graph per chunk function and configuration (scoring with and without hits, training with and
+    # without a known log-sum-exp), all compiled in the first step: no later step compiles anything,
+    # whatever its row counts, tails or slice offsets, and none fell back to eager at the recompile limit.
+    assert graphs[-1] == graphs[0] and graphs[-1] <= 4, graphs
     torch._dynamo.reset()
 
 
@@ -545,15 +583,18 @@ def test_compiled_backend_without_a_compiler_warns_and_runs_eagerly(batch, monke
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "cohere"])
-def test_token_entropy_equals_the_entropy_of_hf_logits(arch, batch):
+def test_token_entropy_and_hits_equal_those_of_hf_logits(arch, batch, backend):
     ids, am, labels = batch
     model = tiny_model(arch)
-    loss, ent = slm.token_losses(model, ids, labels, attention_mask=am, return_entropy=True, chunk_elements=3 * VOCAB)
+    loss, hits, ent = slm.token_losses(model, ids, labels, attention_mask=am, return_hits=True, return_entropy=True,
+                                       chunk_elements=3 * VOCAB, head_backend=backend)  # fmt: skip
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=am).logits[:, :-1].float()
     expected = F.pad(torch.distributions.Categorical(logits=logits).entropy(), (1, 0)) * shifted_valid(labels)
     torch.testing.assert_close(ent, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(hits, F.pad(logits.argmax(-1) == labels[:, 1:], (1, 0)) & shifted_valid(labels))
     torch.testing.assert_close(loss, hf_token_ce(model, ids, labels, am).detach(), atol=1e-5, rtol=1e-5)
 
 

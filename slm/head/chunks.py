@@ -17,8 +17,10 @@ def score_chunk(raw: Tensor, t: Tensor, softcap: float | None, hits: bool, entro
 
 
 def grad_chunk(raw: Tensor, t: Tensor, lse: Tensor | None, row_scale: Tensor | None, softcap: float | None,
-               scale: float):  # fmt: skip
-    """(d(sum of row_scale * loss)/d(pre-scale logits), loss) of one chunk, both float32."""
+               scale: float, out_dtype: torch.dtype = torch.float32, bias_grad: bool = False):  # fmt: skip
+    """(d(sum of row_scale * loss)/d(pre-scale logits) in ``out_dtype`` (the gradient matmuls'
+    dtype: the cast is part of the fused math), loss (float32), and with ``bias_grad`` the
+    gradient's float32 column sums) of one chunk."""
     z = softcap * torch.tanh(raw / softcap) if softcap else raw
     if lse is None:
         lse = torch.logsumexp(z, dim=-1)
@@ -32,4 +34,4 @@ def grad_chunk(raw: Tensor, t: Tensor, lse: Tensor | None, row_scale: Tensor | N
         g.mul_(scale)
     if row_scale is not None:
         g.mul_(row_scale[:, None])
-    return g, loss
+    return g.to(out_dtype), loss, g.sum(0) if bias_grad else None

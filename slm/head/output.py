@@ -15,7 +15,8 @@ from slm.head.matmul import mm_f32
 # vocabulary) stays in cache-friendly sizes. GPU: large enough that launch overhead does not
 # dominate; training holds the logits and their gradient at once, so it gets half the budget.
 CHUNK_ELEMENTS = {"cpu": {"score": 2**22, "train": 2**22}, "cuda": {"score": 2**27, "train": 2**26}}
-BACKENDS = ("auto", "torch", "compiled")
+BACKENDS = ("auto", "torch", "compiled", "triton")
+_FREE_BUDGET: dict = {}  # (device, pass) -> chunk elements that fit in free memory, read once per process
 
 
 @dataclass
@@ -32,7 +33,7 @@ class OutputHead:
     scale: float = 1.0
     softcap: float | None = None
     chunk_elements: int | None = None  # None: by device and pass, see CHUNK_ELEMENTS
-    backend: str = "auto"  # auto (compiled on CUDA, torch elsewhere) | torch | compiled
+    backend: str = "auto"  # auto (triton on CUDA when installed, else compiled; torch elsewhere) | torch | ...
 
     @property
     def vocab_size(self) -> int:
@@ -40,14 +41,18 @@ class OutputHead:
 
     def chunk_rows(self, kind: str = "score") -> int:
         """Rows per chunk: the budget over the vocabulary; on CUDA a multiple of 128 that also fits
-        in a quarter of the free memory (logits plus their temporaries)."""
-        device = self.weight.device.type
-        budget = self.chunk_elements or CHUNK_ELEMENTS.get(device, CHUNK_ELEMENTS["cpu"])[kind]
-        if device == "cuda" and not self.chunk_elements:
-            free, _ = torch.cuda.mem_get_info(self.weight.device)
-            budget = min(budget, free // (4 * 4 * 2))  # float32, about four chunk-sized buffers, half of free
+        in a quarter of the memory free when first asked (read once: a driver call per forward
+        would cost a sync)."""
+        device = self.weight.device
+        budget = self.chunk_elements or CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cpu"])[kind]
+        if device.type == "cuda" and not self.chunk_elements:
+            key = (str(device), kind)
+            if key not in _FREE_BUDGET:
+                free, _ = torch.cuda.mem_get_info(device)
+                _FREE_BUDGET[key] = min(budget, free // (4 * 4 * 2))  # float32, ~four chunk buffers, half of free
+            budget = _FREE_BUDGET[key]
         rows = max(1, budget // self.vocab_size)
-        return max(128, rows // 128 * 128) if device == "cuda" else rows
+        return max(128, rows // 128 * 128) if device.type == "cuda" else rows
 
     def compute_dtype(self) -> torch.dtype:
         """The matmul input dtype: autocast's when it is on for the weight's device, else the weight's."""
@@ -63,11 +68,22 @@ class OutputHead:
             z += bias.float()
         return z * self.scale if self.scale != 1.0 else z
 
-    def kernels(self):
-        """The element-wise chunk functions of this head's backend."""
-        backend = self.backend
-        if backend == "auto":
-            backend = "compiled" if self.weight.device.type == "cuda" else "torch"
-        if backend not in ("torch", "compiled"):
+    def resolved_backend(self) -> str:
+        """The backend this head runs: ``auto`` is triton on CUDA where Triton is installed, else
+        compiled on CUDA, torch elsewhere; an explicit ``triton`` it cannot run is an error."""
+        from slm.head import fused
+
+        if self.backend not in BACKENDS:
             raise ValueError(f"head backend must be one of {BACKENDS}, got {self.backend!r}")
-        return compiled_kernels() if backend == "compiled" else (score_chunk, grad_chunk)
+        device = self.weight.device
+        if self.backend == "auto":
+            if device.type == "cuda":
+                return "triton" if fused.unavailable(device) is None else "compiled"
+            return "torch"
+        if self.backend == "triton" and (why := fused.unavailable(device)):
+            raise ValueError(f"head_backend=triton: {why}")
+        return self.backend
+
+    def kernels(self):
+        """The element-wise chunk functions of the torch or compiled backend."""
+        return compiled_kernels() if self.resolved_backend() == "compiled" else (score_chunk, grad_chunk)
