@@ -384,7 +384,10 @@ def fetch(ds, idx: list[int]) -> dict:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """A batch on ``device``, queued from pinned memory on a GPU (a pageable copy would make the host wait)."""
+    from slm.selection import to_device_async
+
+    return {k: to_device_async(v, device) for k, v in batch.items()}
 
 
 def check_block_size(model_config, block_size: int) -> None:

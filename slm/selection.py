@@ -91,7 +91,7 @@ def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | 
     # A stable descending sort keeps the earlier position first among equal scores.
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices
     counts = valid.sum(dim=1).tolist() if counts is None else counts
-    ks = torch.tensor([num_to_keep(ratio, int(n)) for n in counts]).to(scores.device, non_blocking=True)
+    ks = to_device_async(torch.tensor([num_to_keep(ratio, int(n)) for n in counts]), scores.device)
     keep_sorted = torch.arange(scores.shape[1], device=scores.device)[None, :] < ks[:, None]
     keep = torch.zeros_like(valid)
     keep.scatter_(1, order, keep_sorted)
@@ -182,7 +182,15 @@ def select_tokens(
 def _permutation(n: int, generator: torch.Generator | None, device: torch.device) -> Tensor | None:
     if generator is None:
         return None
-    return torch.randperm(n, generator=generator, device=generator.device).to(device)
+    return to_device_async(torch.randperm(n, generator=generator, device=generator.device), device)
+
+
+def to_device_async(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without the host waiting: a copy from pinned memory is queued, one
+    from pageable memory would wait for the GPU."""
+    if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _distributed() -> bool:
@@ -213,7 +221,7 @@ def reference_loss(ref_loss: Tensor) -> Tensor:
 def random_scores(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Uniform random scores: the random-selection ablation. Seed it with ``generator``."""
     device = generator.device if generator is not None else like.device
-    return torch.rand(like.shape, generator=generator, device=device).to(like.device)
+    return to_device_async(torch.rand(like.shape, generator=generator, device=device), like.device)
 
 
 def reference_entropy(ref_entropy: Tensor) -> Tensor:

@@ -31,14 +31,35 @@ def _has_bool_index(args) -> bool:
     return False
 
 
+def _pageable_to_gpu(packet, args, kwargs) -> bool:
+    src, dst = (args[0], kwargs.get("device")) if packet == aten._to_copy else (args[1], args[0].device)
+    return str(dst).startswith("cuda") and src.device.type == "cpu" and not src.is_pinned()
+
+
 class HostSyncs(TorchDispatchMode):
     """Counts the ops that make the host wait for a GPU: reading a value (``item``, ``int``), a
-    copy to the CPU, data-dependent shapes (``nonzero``, boolean indexing, ``masked_select``).
+    copy to the CPU, a copy to the GPU from pageable memory, data-dependent shapes (``nonzero``,
+    boolean indexing, ``masked_select``), and asking the driver for free memory.
     On CPU nothing waits, but the same ops run: their count is what a GPU step would wait for."""
 
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
+        self._mem_get_info = None
+
+    def __enter__(self):
+        self._mem_get_info = torch.cuda.mem_get_info
+
+        def counted(*args, **kwargs):
+            self.ops.append("torch.cuda.mem_get_info")
+            return self._mem_get_info(*args, **kwargs)
+
+        torch.cuda.mem_get_info = counted
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.cuda.mem_get_info = self._mem_get_info
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -51,6 +72,8 @@ class HostSyncs(TorchDispatchMode):
             name = f"{packet} with a boolean index"
         elif packet == aten._to_copy and str(kwargs.get("device")) == "cpu":
             name = "copy to cpu"
+        elif packet in (aten._to_copy, aten.copy_) and _pageable_to_gpu(packet, args, kwargs):
+            name = "pageable copy to the GPU"
         if name is not None:
             self.ops.append(name)
         return func(*args, **kwargs)

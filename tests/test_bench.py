@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from slm.bench import BASELINE, FLOOR, SPARSE_CASES, build, cases, main
+import slm.bench_cases as bench_cases
+from slm.bench import main
+from slm.bench_cases import BASELINE, FLOOR, SPARSE_CASES, build, cases
 
 
 def test_bench_table_and_json(tmp_path, capsys):
@@ -26,10 +28,37 @@ def test_bench_table_and_json(tmp_path, capsys):
 def test_the_masked_cases_compute_the_baselines_loss():
     """The comparison is like with like: every case that trains the baseline's 60% mask gets its loss."""
     model, ids, ref_loss, mask = build("tiny", "cpu", torch.float32, None, None)
-    run = cases(model, ids, ref_loss, mask)
+    run = cases(model, ids, ref_loss, mask, ["torch"])
     expected = run[BASELINE]().item()
     for name in ("slm_loss_mask_0.6", "torch_linear_ce_mask_0.6"):
         assert run[name]().item() == pytest.approx(expected, rel=1e-5), name
+
+
+def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    real = bench_cases._library_cases
+
+    def with_a_broken_library(*args):
+        return {**real(*args), "broken_library": lambda: (_ for _ in ()).throw(RuntimeError("no kernel image"))}
+
+    monkeypatch.setattr(bench_cases, "_library_cases", with_a_broken_library)
+    main(["--shape", "tiny", "--steps", "1", "--warmup", "1", "--only", "broken_library", "--json",
+          str(tmp_path / "b.json")])  # fmt: skip
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert res["cases"]["broken_library"] == {"error": "RuntimeError: no kernel image"}
+    assert res["cases"][FLOOR]["ms"] > 0 and "floor_ratio" in res["cases"][BASELINE]
+    assert "| broken_library | failed: RuntimeError: no kernel image |" in printed
+    assert "head backends measured: torch" in res["setup"] and "torch 2." in printed
+
+
+def test_every_head_backend_gets_its_own_cases():
+    model, ids, ref_loss, mask = build("tiny", "cpu", torch.float32, 1, 16)
+    names = set(cases(model, ids, ref_loss, mask, ["torch", "triton"]))
+    for backend in ("torch", "triton"):
+        assert {f"slm_{backend}_loss_mask_0.3", f"slm_{backend}_excess_0.6", f"slm_{backend}_excess_1.0"} <= names
+    run = cases(model, ids, ref_loss, mask, ["torch", "triton"])  # the same step on both backends
+    a, b = run["slm_torch_excess_0.3"](), run["slm_triton_excess_0.3"]()
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
 @pytest.mark.slow  # about twenty fresh processes
@@ -44,4 +73,7 @@ def test_scoring_and_sparse_mask_tables(tmp_path, capsys):
     for rows in sparse.values():
         assert set(rows) == set(SPARSE_CASES)
         assert all(r["peak_mib"] >= 0 and r["accumulating_peak_mib"] >= 0 for r in rows.values())
-    assert "peak MiB, accumulating" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "peak MiB, accumulating" in printed and "should take about" in printed
+    main(["--shape", "tiny", "--sparse-mask", "--quick", "--json", str(tmp_path / "q.json")])
+    assert set(json.loads((tmp_path / "q.json").read_text())["batches"]) == {"1", "2"}

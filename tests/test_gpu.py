@@ -19,8 +19,11 @@ def _batch(device):
     return ids.to(device), labels.to(device)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "gemma2"])
-@pytest.mark.parametrize("backend", ["torch", "compiled"])
+BACKENDS = ["torch", "compiled", "triton"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "gemma2", "cohere"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_autocast_matches_hf_full_logits(arch, backend):
     ids, labels = _batch("cuda")
     model = tiny_model(arch).cuda()
@@ -38,18 +41,35 @@ def test_bf16_autocast_matches_hf_full_logits(arch, backend):
             torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=5e-2)
 
 
-def test_one_device_sync_per_forward_on_cuda():
+def test_the_default_cuda_backend_and_the_float32_output_matmuls_are_the_fast_ones():
+    """What the GPU check must not pass by accident: Triton where installed, and both float32-output
+    products of bf16 inputs on the device (never float32 GEMMs)."""
+    from slm.head import OutputHead, fused
+    from slm.head.matmul import fast_path
+
+    head = OutputHead(torch.zeros(8, 8, device="cuda"))
+    assert head.resolved_backend() == ("triton" if fused.unavailable(torch.device("cuda")) is None else "compiled")
+    a = torch.zeros(4, 4, device="cuda", dtype=torch.bfloat16)
+    assert fast_path("mm", a) and fast_path("addmm", a), f"torch {torch.__version__} lacks out_dtype=float32 matmuls"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("selector", ["excess_loss", "random", "loss_mask"])
+def test_one_device_sync_per_forward_on_cuda(backend, selector):
     from probes import HostSyncs
 
     ids, labels = _batch("cuda")
     model = tiny_model("llama").cuda()
-    lm = slm.SelectiveLM(model, check_scores="deferred")
+    scope = "sequence" if selector == "random" else "batch"  # random: a seeded tie-break order from the host
+    lm = slm.SelectiveLM(model, check_scores="deferred", head_backend=backend, selector=selector.replace("loss_mask",
+                         "excess_loss"), scope=scope)  # fmt: skip
     ref = torch.rand(ids.shape, device="cuda")
-    lm(input_ids=ids, labels=labels, ref_loss=ref, ratio=0.6).loss.backward()  # one-time work: compiling, probes
+    kwargs = dict(ref_loss=ref, ratio=0.6) if selector != "loss_mask" else dict(loss_mask=labels % 3 == 0)
+    lm(input_ids=ids, labels=labels, **kwargs).loss.backward()  # one-time work: compiling, tuning, probes
     with HostSyncs() as decoder:
         model.base_model(input_ids=ids, use_cache=False)
     with HostSyncs() as forward:
-        out = lm(input_ids=ids, labels=labels, ref_loss=ref, ratio=0.6)
+        out = lm(input_ids=ids, labels=labels, **kwargs)
     assert sorted(forward.ops) == sorted(decoder.ops + ["copy to cpu"])
     with HostSyncs() as backward:
         out.loss.backward()
