@@ -65,6 +65,7 @@ def main() -> None:
         cfg = AutoConfig.for_model("llama", vocab_size=len(builtin_tokenizer()), hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
         AutoModelForCausalLM.from_config(cfg).save_pretrained(ref)
+        builtin_tokenizer().save_pretrained(ref)  # a live reference comes with its tokenizer
     rows = ["| corpus (tokens) | `slm-score` wall | `slm-score` peak RSS | store on disk | bytes per token | "
             "opening the store (`load_stored`) | 1-step `slm-train` on the store: wall / peak RSS |",
             "|---|---|---|---|---|---|---|"]  # fmt: skip
