@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slm import checkpoints, parallel, runs
 from slm.architectures import build_model
+from slm.blocks import BlockFilter
 from slm.data import build, check_block_size
 from slm.hub import check_run_sources
 from slm.model import SelectiveLM
@@ -132,8 +133,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     wandb_cfg = None if cfg.logger.kind == "none" else container(cfg.logger)
     tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg, config=container(cfg),
                       resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip
+    blocks = None
+    if float(sel.get("blocks", 1.0)) < 1.0:
+        blocks = BlockFilter(float(sel.blocks), sel.get("block_score", "excess_loss"), tcfg.batch_size)
     trainer = Trainer(acc, lm, train_ds, data.eval_sets, tcfg, run_dir, ref=ref, tracker=tracker, name=cfg.name,
-                      ratio=schedule, downstream=downstream_config(cfg), tokenizer=data.tokenizer)  # fmt: skip
+                      ratio=schedule, downstream=downstream_config(cfg), tokenizer=data.tokenizer,
+                      blocks=blocks)  # fmt: skip
     try:
         result = trainer.fit()
         _save_model(trainer, run_dir, data.tokenizer)

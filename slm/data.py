@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.corpus import CorpusConfig
-from slm.sources import BUILTIN, content_digest, data_files, is_local, raw_documents
+from slm.sources import BUILTIN, GENERATED, content_digest, data_files, generated_config, is_local, raw_documents
 from slm.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ def default_cache_dir() -> str:
 
 @dataclass
 class DataConfig:
-    source: str = "builtin"  # builtin | a file, glob or folder | an HF hub dataset name
+    source: str = "builtin"  # builtin | realtext | a file, glob or folder | an HF hub dataset name
     tokenizer: str = BUILTIN  # builtin | an HF tokenizer name or local path
     block_size: int = 128
     text_field: str = "text"
@@ -54,6 +53,7 @@ class DataConfig:
     cache_dir: str | None = None
     num_proc: int | None = None
     builtin: dict = field(default_factory=dict)  # CorpusConfig fields
+    realtext: dict = field(default_factory=dict)  # RealTextConfig fields
     eval: dict = field(default_factory=dict)  # name -> SourceSpec fields: extra eval sets (e.g. clean text)
 
     def __post_init__(self):
@@ -63,7 +63,7 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.sample_by not in ("line", "paragraph", "document"):
             raise ValueError(f"data.sample_by must be line, paragraph or document, got {self.sample_by!r}")
-        self.builtin = dict(self.builtin)
+        self.builtin, self.realtext = dict(self.builtin), dict(self.realtext or {})
         self.cache_dir = self.cache_dir or default_cache_dir()
         self.eval = {str(k): eval_spec(k, v) for k, v in dict(self.eval or {}).items()}
         if "validation" in self.eval:
@@ -81,7 +81,7 @@ def eval_spec(name, value) -> SourceSpec:
     except (TypeError, ValueError):
         raise ValueError(f"data.eval.{name} must be a source or a mapping with a source, got {value!r}") from None
     if "source" not in fields:
-        raise ValueError(f"data.eval.{name} needs a source (a file, glob, folder, hub name or builtin)")
+        raise ValueError(f"data.eval.{name} needs a source (a file, glob, folder, hub name, builtin or realtext)")
     known = set(SourceSpec.__dataclass_fields__)
     if set(fields) - known:
         raise ValueError(f"data.eval.{name} has unknown keys {sorted(set(fields) - known)}; use {sorted(known)}")
@@ -98,11 +98,12 @@ class SourceSpec:
     sample_by: str = "paragraph"
     hub_config: str | None = None
     builtin: dict = field(default_factory=dict)
+    realtext: dict = field(default_factory=dict)
 
     def identity(self, cache_dir: str | None = None) -> dict:
-        src = {"builtin": CorpusConfig(**self.builtin).identity()} if self.source == BUILTIN else (
-            _source_identity(DataConfig(source=self.source, text_field=self.text_field, sample_by=self.sample_by,
-                                        hub_config=self.hub_config, cache_dir=cache_dir)))  # fmt: skip
+        src = _source_identity(DataConfig(source=self.source, text_field=self.text_field, sample_by=self.sample_by,
+                                          hub_config=self.hub_config, cache_dir=cache_dir, builtin=self.builtin,
+                                          realtext=self.realtext))  # fmt: skip
         return {"source": src, "split": self.split, "text_field": self.text_field, "sample_by": self.sample_by}
 
 
@@ -131,8 +132,9 @@ def data_config(cfg) -> DataConfig:
 
 
 def _source_identity(cfg: DataConfig) -> dict:
-    if cfg.source == BUILTIN:
-        return {"builtin": CorpusConfig(**cfg.builtin).identity()}
+    if cfg.source in GENERATED:
+        return {cfg.source: generated_config(cfg.source, cfg.builtin if cfg.source == BUILTIN else cfg.realtext)
+                .identity()}  # fmt: skip
     if is_local(cfg.source):
         files = [(f, content_digest(f, cfg.cache_dir)) for f in data_files(cfg.source)]
         return {"files": files, "text_field": cfg.text_field, "sample_by": cfg.sample_by}

@@ -155,9 +155,10 @@ class SelectiveTrainer(Trainer):
             raise ValueError("SelectiveTrainer supports scope='sequence' or 'batch' (not 'global')")
         if model is not None and not model.fixed_count:
             raise ValueError(
-                f"SelectiveTrainer: selector={model.selector!r} trains a number of tokens known only after the "
-                "forward, and Trainer normalises each step by a count taken before it (num_items_in_batch). Use "
-                "slm-train for union/intersection, or one score here."
+                f"SelectiveTrainer: selector={model.selector!r} with scope={model.scope!r} trains a number of tokens "
+                "known only after the forward, and Trainer normalises each step by a count taken before it "
+                "(num_items_in_batch). Use slm-train for union/intersection and scope='dataset', or one score with "
+                "an exact top-k scope here."
             )
         training_args = kwargs.get("args") or (args[0] if args else None)
         if training_args is not None and training_args.ddp_find_unused_parameters is None:

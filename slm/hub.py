@@ -45,7 +45,7 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def check_fetchable(name: str | None, setting: str, kind: str) -> None:
     """Raise if ``name`` (for ``setting``) is neither local, nor cached, nor reachable on the hub."""
-    if not name or name == "builtin" or Path(os.path.expanduser(str(name))).exists():
+    if not name or name in ("builtin", "realtext") or Path(os.path.expanduser(str(name))).exists():
         return
     if _cached(str(name), kind):
         return
@@ -73,7 +73,7 @@ def check_run_sources(cfg) -> None:
     if cfg.reference.get("kind") == "train":
         sources.append(("reference.data.source", (cfg.reference.get("data") or {}).get("source")))
     for setting, source in sources:
-        if not source or source == "builtin":
+        if not source or source in ("builtin", "realtext"):
             continue
         if not is_local(str(source)):
             check_fetchable(source, setting, "dataset")

@@ -20,7 +20,15 @@ from transformers.utils import ModelOutput
 from slm.architectures import causal_lm, check_no_router_loss, head_support, output_head, zero3_ready
 from slm.head import BACKENDS
 from slm.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
-from slm.selection import SCOPES, check_ratio, num_to_keep, score_tokens, select_combined, select_tokens
+from slm.selection import (
+    SCOPES,
+    RunningThreshold,
+    check_ratio,
+    num_to_keep,
+    score_tokens,
+    select_combined,
+    select_tokens,
+)
 
 SCORES = ("excess_loss", "train_loss", "reference_loss", "reference_entropy", "random")
 SELECTORS = (*SCORES, "union", "intersection")  # the last two combine two scores' top-k sets
@@ -66,7 +74,10 @@ class SelectiveLM(nn.Module):
             or ``union`` / ``intersection`` of the top-k sets of the two scores in ``combine``.
         combine: the two scores of ``union`` / ``intersection``, e.g.
             ``("excess_loss", "reference_entropy")``.
-        scope: ``sequence``, ``batch`` or ``global`` (see :func:`slm.select_tokens`).
+        scope: ``sequence``, ``batch`` or ``global`` (an exact top-k per unit, see
+            :func:`slm.select_tokens`), or ``dataset`` (a threshold over the run:
+            :class:`slm.selection.RunningThreshold`; how many tokens a batch trains then depends on
+            its scores).
         seed: seed of the ``random`` selector and of random tie-breaking.
         chunk_elements: logits held at once by the chunked head (rows x vocabulary); ``None``
             picks a size for the device and pass (see :data:`slm.head.CHUNK_ELEMENTS`).
@@ -103,6 +114,9 @@ class SelectiveLM(nn.Module):
             combine = tuple(combine)
         elif combine is not None:
             raise ValueError(f"combine= goes with selector='union' or 'intersection', not {selector!r}")
+        if combine is not None and scope == "dataset":
+            raise ValueError("selector='union'/'intersection' combine two exact top-k sets: use scope='sequence', "
+                             "'batch' or 'global' with them")  # fmt: skip
         self.combine = combine
         if head_backend not in BACKENDS:
             raise ValueError(f"head_backend must be one of {BACKENDS}, got {head_backend!r}")
@@ -116,6 +130,7 @@ class SelectiveLM(nn.Module):
         self.ratio = check_ratio(ratio)
         self.selector = selector
         self.scope = scope
+        self.threshold = RunningThreshold() if scope == "dataset" else None
         self.chunk_elements = chunk_elements
         self.head_backend = head_backend
         self.check_scores = check_scores
@@ -296,17 +311,29 @@ class SelectiveLM(nn.Module):
         else:
             selector = "train_loss" if self.selector == "excess_loss" and ref is None else self.selector
             scores = [score_tokens(selector, token_loss, ref, self.generator, ent)]
-            mask = select_tokens(scores[0], ratio, plan.valid, self.scope, **kw)
+            if self.threshold is not None:
+                mask = self.threshold.select(scores[0], plan.valid, ratio, check_finite=eager)
+            else:
+                mask = select_tokens(scores[0], ratio, plan.valid, self.scope, **kw)
         nonfinite = None if eager else sum((~torch.isfinite(s) & plan.valid).sum() for s in scores)
-        if plan.counts is None or self.combine is not None:  # the count is known only after selecting
+        if plan.counts is None or not self.fixed_count:  # the count is known only after selecting
             return mask, mask[:, 1:].reshape(-1).nonzero().squeeze(1), nonfinite
         k = sum(num_to_keep(ratio, n) for n in plan.counts)
         return mask, plan.positions(mask, k), nonfinite
 
     @property
     def fixed_count(self) -> bool:
-        """Whether how many tokens a batch trains is known from its labels alone (not for unions)."""
-        return self.combine is None
+        """Whether how many tokens a batch trains is known from its labels alone (not for unions,
+        intersections, or a threshold over the run)."""
+        return self.combine is None and self.scope != "dataset"
+
+    def selection_state(self) -> dict:
+        """What selection carries from step to step beyond its seed (a checkpoint keeps it)."""
+        return {} if self.threshold is None else {"threshold": self.threshold.state_dict()}
+
+    def load_selection_state(self, state: dict) -> None:
+        if self.threshold is not None and "threshold" in state:
+            self.threshold.load_state_dict(state["threshold"])
 
     def _rows(self, exact: bool, input_ids, attention_mask, plan: RowPlan, labels, model_kwargs):
         lm = causal_lm(self.model)

@@ -33,6 +33,7 @@ from slm.reference import (
     reference_identity,
     score_dataset,
 )
+from slm.sources import GENERATED
 from slm.store import META_FILE
 from slm.tracking import Tracker
 from slm.train import RunInterrupted, TrainConfig, Trainer
@@ -71,11 +72,11 @@ def _reference_data(cfg: DictConfig, data: PackedData, seed: int) -> tuple:
     splits come from the run's packed data; any other source is packed with the run's tokenizer
     and block size and cached."""
     spec = container(cfg.reference.data)
-    if spec.get("source") == "builtin" and cfg.data.source == "builtin":
+    if spec.get("source") in GENERATED and spec.get("source") == cfg.data.source:  # a split of the run's own corpus
         split = spec.get("split") or "clean"
         if split not in data.splits:
-            raise ValueError(f"reference.data.split={split!r}: the built-in corpus has {sorted(data.splits)}")
-        return data[split], {"builtin": data.identity["data_hash"][split]}
+            raise ValueError(f"reference.data.split={split!r}: the {cfg.data.source} corpus has {sorted(data.splits)}")
+        return data[split], {cfg.data.source: data.identity["data_hash"][split]}
     source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
     packed = build_split(source, data.tokenizer, data.identity["block_size"], cfg.data.get("cache_dir") or
                          default_cache_dir(), shuffle_seed=seed)  # fmt: skip
@@ -173,6 +174,16 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: boo
     kind = cfg.reference.kind
     if kind == "none":
         return data["train"], RefSource("none")
+    if cfg.reference.get("evolve_every") is not None:  # a reference model scored live and refreshed
+        if kind == "live":
+            check_reference_tokenizer(cfg, data)
+            ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
+        else:
+            _, ref = trained_reference(cfg, data, acc)
+        check_vocab(model, ref)
+        return data["train"], RefSource("live", freeze(ref), entropy=entropy,
+                                        evolve_every=int(cfg.reference.evolve_every),
+                                        evolve_ema=float(cfg.reference.get("evolve_ema", 0.0)))  # fmt: skip
     if kind == "live":
         check_reference_tokenizer(cfg, data)
         ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))

@@ -139,6 +139,17 @@ def _reopened(ds):
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
+def _release_freed_memory() -> None:
+    """Hand memory freed by the last chunk back to the OS (glibc keeps it otherwise, and the peak
+    would creep up with the number of chunks); a no-op where the C library has no malloc_trim."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: dict, batch_size: int = 32,
                   accelerator=None, entropy: bool = False, dtype: str = "float32") -> Path:  # fmt: skip
     """Score the packed split ``ds`` with ``reference`` into a store under ``out_dir``.
@@ -187,6 +198,8 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
             tmp = done(c).with_suffix(f".tmp{rank}")
             tmp.write_text(json.dumps(entries))
             os.replace(tmp, done(c))  # last: the chunk is complete
+            del scored, values
+            _release_freed_memory()
     seconds = time.perf_counter() - t0
     if accelerator:
         accelerator.wait_for_everyone()
@@ -243,7 +256,11 @@ def load_stored(out_dir: str | os.PathLike, expected: dict) -> StoredColumns:
 @dataclass
 class RefSource:
     """Where reference values come from: none, a store (``ref_loss``, ``ref_entropy`` columns read
-    by row), or a live model. ``entropy``: the selector also needs the reference's per-token entropy."""
+    by row), or a live model. ``entropy``: the selector also needs the reference's per-token entropy.
+
+    An evolving reference (``evolve_every`` steps; Token Cleaning's self-evolving variant) is a live
+    one refreshed from the training model on that schedule: copied (``evolve_ema=0``) or moved
+    towards it, ``ref = ema * ref + (1 - ema) * model``. Its cost: a forward per step (live scoring)."""
 
     kind: str = "none"  # none | stored | live
     model: nn.Module | None = None
@@ -251,6 +268,38 @@ class RefSource:
     entropy: bool = False
     store: StoredColumns | None = None
     error: str | None = field(default=None, repr=False)  # a damaged shard found while reading (see stored)
+    evolve_every: int | None = None
+    evolve_ema: float = 0.0
+    refreshes: int = 0
+
+    def __post_init__(self):
+        if self.evolve_every is not None:
+            if self.kind != "live" or int(self.evolve_every) < 1:
+                raise ValueError("reference.evolve_every needs a reference model scored live and steps >= 1")
+            if not 0.0 <= self.evolve_ema < 1.0:
+                raise ValueError(f"reference.evolve_ema must be in [0, 1), got {self.evolve_ema}")
+
+    @torch.no_grad()
+    def maybe_evolve(self, step: int, model: nn.Module) -> bool:
+        """After optimizer step ``step``: refresh the reference from ``model`` if its schedule says so."""
+        if not self.evolve_every or step % int(self.evolve_every):
+            return False
+        ours, theirs = dict(self.model.named_parameters()), dict(model.named_parameters())
+        if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
+            raise ValueError("reference.evolve_every: the reference and the training model differ in architecture; "
+                             "an evolving reference is a copy of the training model")  # fmt: skip
+        for k, p in ours.items():
+            p.mul_(self.evolve_ema).add_(theirs[k].detach().to(p.dtype), alpha=1.0 - self.evolve_ema)
+        self.refreshes += 1
+        return True
+
+    def evolving_state(self) -> dict:
+        return {"weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "refreshes": self.refreshes}  # fmt: skip
+
+    def load_evolving_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["weights"])
+        self.refreshes = int(state["refreshes"])
 
     @property
     def columns(self) -> list[str]:

@@ -17,7 +17,7 @@ from slm.data import DataConfig
 from slm.downstream import DownstreamConfig, harness
 from slm.model import SCORES
 from slm.ref_sources import container
-from slm.selection import SCOPES, ratio_schedule
+from slm.selection import BLOCK_SCORES, SCOPES, check_ratio, ratio_schedule
 from slm.train import TrainConfig
 
 log = logging.getLogger("slm")
@@ -63,6 +63,8 @@ def needed_reference(cfg: DictConfig) -> dict:
     """Which reference values the selector needs: ``{"loss": bool, "entropy": bool}``."""
     sel = cfg.selector
     names = list(sel.get("scores") or []) if sel.name in ("union", "intersection") else [sel.name]
+    if float(sel.get("blocks", 1.0)) < 1.0:
+        names.append(sel.get("block_score", "excess_loss"))
     return {"loss": any(n in ("excess_loss", "reference_loss") for n in names),
             "entropy": "reference_entropy" in names}  # fmt: skip
 
@@ -107,6 +109,12 @@ def validate(cfg: DictConfig) -> TrainConfig:
             raise ValueError(f"selector={sel.name} combines two scores: selector.scores=[a,b] with a, b in {SCORES}")
     if sel.scope not in SCOPES:
         raise ValueError(f"selector.scope must be one of {SCOPES}, got {sel.scope!r}")
+    if sel.scope == "dataset" and sel.name in ("union", "intersection"):
+        raise ValueError(f"selector={sel.name} combines two exact top-k sets: selector.scope must be sequence, batch "
+                         "or global")  # fmt: skip
+    check_ratio(sel.get("blocks", 1.0), "selector.blocks")
+    if sel.get("block_score", "excess_loss") not in BLOCK_SCORES:
+        raise ValueError(f"selector.block_score must be one of {BLOCK_SCORES}, got {sel.get('block_score')!r}")
     if _missing(cfg.data, "source"):
         raise ValueError("data.source is required with this data option: a file, glob or folder (data=files) "
                          "or a hub dataset name (data=hub)")  # fmt: skip
@@ -133,14 +141,21 @@ def validate(cfg: DictConfig) -> TrainConfig:
     if kind == "train" and _missing(cfg.reference.data, "source"):
         raise ValueError("reference=train needs reference.data.source=<the reference's training text: a file, glob, "
                          "folder, hub dataset or builtin>")  # fmt: skip
+    if cfg.reference.get("evolve_every") is not None:
+        if kind not in ("train", "demo", "live"):
+            raise ValueError(f"reference.evolve_every refreshes a reference model from the training model; "
+                             f"reference={kind} has none (use reference=train, demo or live)")  # fmt: skip
+        if int(cfg.reference.evolve_every) < 1 or not 0.0 <= float(cfg.reference.get("evolve_ema", 0.0)) < 1.0:
+            raise ValueError("reference.evolve_every must be >= 1 steps and reference.evolve_ema in [0, 1)")
     if cfg.reference.get("init") == "pretrained" and not cfg.model.get("pretrained"):
         raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
     if downstream_config(cfg).tasks:
         harness()  # a clear error now if lm-evaluation-harness is missing, not at the first eval point
     tcfg = TrainConfig(**container(cfg.trainer), seed=cfg.seed)
-    if sel.name in ("union", "intersection") and tcfg.grad_accum != 1:
-        raise ValueError(f"selector={sel.name} keeps a data-dependent number of tokens: trainer.grad_accum must be 1 "
-                         "(the step is normalised after its one forward)")  # fmt: skip
+    if (sel.name in ("union", "intersection") or sel.scope == "dataset") and tcfg.grad_accum != 1:
+        what = f"selector={sel.name}" if sel.scope != "dataset" else "selector.scope=dataset"
+        raise ValueError(f"{what} keeps a data-dependent number of tokens: trainer.grad_accum must be 1 (the step "
+                         "is normalised after its one forward)")  # fmt: skip
     return tcfg
 
 

@@ -12,9 +12,23 @@ import glob
 import os
 from pathlib import Path
 
-from slm.corpus import CorpusConfig, generate
+from slm import corpus, realtext
 
-BUILTIN = "builtin"
+BUILTIN = "builtin"  # the arithmetic corpus (slm/corpus.py)
+REALTEXT = "realtext"  # English prose mixed with web-style junk (slm/realtext.py)
+GENERATED = (BUILTIN, REALTEXT)  # sources generated from settings, no files, no download
+
+
+def generated_config(source: str, settings: dict | None):
+    """The settings object of a generated source (``data.builtin`` or ``data.realtext``)."""
+    return (corpus.CorpusConfig if source == BUILTIN else realtext.RealTextConfig)(**(settings or {}))
+
+
+def generated_documents(source: str, settings: dict | None, split: str):
+    import datasets
+
+    generate = corpus.generate if source == BUILTIN else realtext.generate
+    return datasets.Dataset.from_list(generate(generated_config(source, settings), split))
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
            ".parquet": "parquet"}  # fmt: skip
 
@@ -146,9 +160,9 @@ def raw_documents(cfg) -> dict:
     """Split name -> a ``datasets.Dataset`` of documents with a ``text`` column (``cfg``: DataConfig)."""
     import datasets
 
-    if cfg.source == BUILTIN:
-        corpus = CorpusConfig(**cfg.builtin)
-        return {s: datasets.Dataset.from_list(generate(corpus, s)) for s in ("train", "clean", "validation")}
+    if cfg.source in GENERATED:
+        settings = cfg.builtin if cfg.source == BUILTIN else cfg.realtext
+        return {s: generated_documents(cfg.source, settings, s) for s in ("train", "clean", "validation")}
     if is_local(cfg.source):
         ds = _load_files(cfg)
     else:
@@ -195,9 +209,9 @@ def source_documents(spec) -> object:
     """
     import datasets
 
-    if spec.source == BUILTIN:
-        corpus = CorpusConfig(**(spec.builtin or {}))
-        return datasets.Dataset.from_list(generate(corpus, spec.split or "validation"))
+    if spec.source in GENERATED:
+        settings = spec.builtin if spec.source == BUILTIN else spec.realtext
+        return generated_documents(spec.source, settings, spec.split or "validation")
     if is_local(spec.source):
         d = _load_files(spec)["train"]
     else:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slm import checkpoints
+from slm.blocks import BlockFilter
 from slm.data import fetch, to_device
 from slm.downstream import DownstreamConfig, evaluate_tasks
 from slm.evaluation import evaluate
@@ -147,11 +148,13 @@ class Trainer:
     def __init__(self, accelerator, lm: SelectiveLM, train_ds, eval_sets, cfg: TrainConfig, run_dir,
                  ref: RefSource | None = None, tracker: Tracker | None = None, name: str = "train",
                  mode: str | None = None, ratio: RatioSchedule | float | None = None,
-                 downstream: DownstreamConfig | None = None, tokenizer=None):  # fmt: skip
+                 downstream: DownstreamConfig | None = None, tokenizer=None,
+                 blocks: BlockFilter | None = None):  # fmt: skip
         """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
         also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
         model's own). ``downstream``: lm-evaluation-harness tasks run at eval points (needs the
-        ``tokenizer``)."""
+        ``tokenizer``). ``blocks``: sequence-level selection (each micro-batch keeps the best of
+        more candidate blocks, see :mod:`slm.blocks`)."""
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
         if not isinstance(eval_sets, dict):
@@ -182,8 +185,13 @@ class Trainer:
         if self.downstream.tasks and self.engine.mode in ("fsdp2", "deepspeed"):
             raise ValueError("downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
                              "shard: evaluate the saved model/ afterwards with lm_eval instead")  # fmt: skip
+        if self.ref.evolve_every and self.engine.mode in ("fsdp2", "deepspeed"):
+            raise ValueError("reference.evolve_every copies the training model into the reference, which needs the "
+                             "whole model on every process: run it on one process or with DDP")  # fmt: skip
         self.train_ds = train_ds.select_columns(["input_ids", "labels", "attention_mask"]).with_format("torch")
-        self.stream = BatchStream(len(train_ds), cfg.batch_size, accelerator.num_processes,
+        self.blocks = blocks
+        per_micro_batch = blocks.candidates if blocks is not None else cfg.batch_size
+        self.stream = BatchStream(len(train_ds), per_micro_batch, accelerator.num_processes,
                                   accelerator.process_index, cfg.seed)  # fmt: skip
         self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0
         self.train_time, self.flops = 0.0, 0.0  # seconds inside training steps; estimated FLOPs (slm.flops)
@@ -199,8 +207,18 @@ class Trainer:
                  "train_time_s": self.train_time, "flops": self.flops,
                  "selector_rng": self.selective.generator.get_state().tolist(),
                  **self.engine.checkpoint_info}  # fmt: skip
-        return checkpoints.save(self.run_dir, self.step, state, self.engine.save_checkpoint, self.acc.is_main_process,
+        return checkpoints.save(self.run_dir, self.step, state, self._write_checkpoint, self.acc.is_main_process,
                                 self.cfg.keep_checkpoints, self._all_ok)  # fmt: skip
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        """The engine's state, and what selection carries across steps (identical on every process,
+        so the main process writes it): a running threshold, an evolving reference's weights."""
+        self.engine.save_checkpoint(folder)
+        if self.acc.is_main_process:
+            if state := self.selective.selection_state():
+                torch.save(state, folder / "selection.pt")
+            if self.ref.evolve_every:
+                torch.save(self.ref.evolving_state(), folder / "reference.pt")
 
     def load_checkpoint(self, path: Path) -> None:
         state = checkpoints.read_state(path)
@@ -209,37 +227,45 @@ class Trainer:
         self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
         self.train_time, self.flops = state.get("train_time_s", 0.0), state.get("flops", 0.0)
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
+        if (path / "selection.pt").exists():
+            self.selective.load_selection_state(torch.load(path / "selection.pt", weights_only=True))
+        if self.ref.evolve_every and (path / "reference.pt").exists():
+            self.ref.load_evolving_state(torch.load(path / "reference.pt", weights_only=True))
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- one optimizer step ------------------------------------------------------------------
-    def _step_count(self, batches: list[dict], ratio: float) -> tuple[int | None, int, int]:
-        """(tokens this step trains, tokens it sees, valid tokens) over every micro-batch and process,
-        from host-side labels (one all-reduce); the first is None for a selector whose count depends
-        on the scores."""
+    def _step_count(self, batches: list[dict], ratio: float, candidates: int) -> tuple[int | None, int, int, int]:
+        """(tokens this step trains, tokens it trains on (kept blocks), valid tokens, tokens it read
+        (``candidates``: every candidate block's)) over every micro-batch and process, from host-side
+        labels (one all-reduce); the first is None for a selector whose count depends on the scores."""
         lm = self.selective
         valid = [shifted_valid(b["labels"]) for b in batches]
-        local = [num_selected(v, ratio, "batch" if lm.scope == "global" else lm.scope) for v in valid]
+        local = [num_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
         n_valid = [int(v.sum()) for v in valid]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         store_error = float(self.ref.error is not None)  # a damaged store shard read on some process
-        counts = torch.tensor([*local, *n_valid, tokens, store_error], dtype=torch.float64, device=self.acc.device)
-        *counts, store_error = self.acc.reduce(counts, "sum").tolist()
+        counts = [*local, *n_valid, tokens, candidates, store_error]
+        *counts, tokens, candidates, store_error = self.acc.reduce(
+            torch.tensor(counts, dtype=torch.float64, device=self.acc.device), "sum").tolist()  # fmt: skip
         if store_error:  # every process stops here, before any forward
             raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
         k = len(batches)
-        seen, valid = int(counts[-1]), int(sum(counts[k : 2 * k]))
+        tokens, candidates, valid = int(tokens), int(candidates), int(sum(counts[k : 2 * k]))
         if not lm.fixed_count:
-            return None, seen, valid
+            return None, tokens, valid, candidates
         if lm.scope == "global" and ratio < 1.0:  # top-k over each global micro-batch
-            return sum(num_to_keep(ratio, int(n)) for n in counts[k : 2 * k]), seen, valid
-        return int(sum(counts[:k])), seen, valid
+            return sum(num_to_keep(ratio, int(n)) for n in counts[k : 2 * k]), tokens, valid, candidates
+        return int(sum(counts[:k])), tokens, valid, candidates
 
     def train_step(self) -> dict:
         cfg, engine = self.cfg, self.engine
         rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
         batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
+        candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
+        if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
+            batches = [self.blocks.keep(b, engine, self.ref) for b in batches]
         ratio = self.schedule.at(self.step, cfg.max_steps)
-        n_step, n_tok, n_valid = self._step_count(batches, ratio)
+        n_step, n_trained_on, n_valid, n_tok = self._step_count(batches, ratio, candidates)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
         for m, batch in enumerate(batches):
@@ -275,7 +301,10 @@ class Trainer:
         self.step += 1
         self.tokens_seen += n_tok
         self.tokens_selected += n_step
-        self.flops += self.flop_model.step(n_tok, n_valid if ratio < 1.0 else 0, n_step)
+        scoring_forward = n_tok if self.blocks is not None and self.blocks.forwards else 0
+        self.flops += self.flop_model.step(n_trained_on, n_valid if ratio < 1.0 else 0, n_step, scoring_forward)
+        if self.ref.maybe_evolve(self.step, self.selective.model):
+            log.info("reference: refreshed from the training model at step %d", self.step)
         return {"train/loss": loss, "train/selected_frac": n_step / max(n_tok, 1), "train/lr": engine.lr(),
                 "train/grad_norm": grad_norm, "train/ratio": ratio}  # fmt: skip
 

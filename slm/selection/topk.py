@@ -1,22 +1,15 @@
-"""Token selection for selective language modeling: scores -> boolean mask.
-
-Pure torch on purpose: lift this file into any training loop. It imports nothing from
-transformers, accelerate, hydra, wandb or datasets.
-
-Per-token tensors follow Hugging Face's label alignment: entry ``t`` scores the prediction of
-``labels[:, t]``; entry 0 and ``-100`` labels are invalid and never selected.
-"""
+"""Top-k selection: exactly ``round(ratio * n_valid)`` tokens per scope unit (a row, a batch, or the
+batch of every process), and the union or intersection of two scores' top-k sets."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SCOPES = ("sequence", "batch", "global")
+TOPK_SCOPES = ("sequence", "batch", "global")  # an exact top-k per row, per batch, per global batch
+SCOPES = (*TOPK_SCOPES, "dataset")  # and a threshold over the run (slm.selection.running)
 
 
 class NonFiniteScores(ValueError):
@@ -150,8 +143,9 @@ def select_tokens(
         bool tensor of the scores' shape.
     """
     ratio = check_ratio(ratio)
-    if scope not in SCOPES:
-        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope not in TOPK_SCOPES:
+        raise ValueError(f"scope must be one of {TOPK_SCOPES} for a top-k (scope='dataset' is a RunningThreshold), "
+                         f"got {scope!r}")  # fmt: skip
     valid = _valid_mask(scores, valid)
     if ratio == 1.0:  # every valid token, whatever the scores
         return valid.clone()
@@ -199,79 +193,6 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-# --- score functions: higher score = more worth training on -------------------------------------
-
-
-def excess_loss(token_loss: Tensor, ref_loss: Tensor) -> Tensor:
-    """Rho-1's score: the training model's loss minus the reference's. High = learnable, not learnt."""
-    _same_shape(token_loss, ref_loss)
-    return token_loss.float() - ref_loss.float()
-
-
-def train_loss(token_loss: Tensor) -> Tensor:
-    """Reference-free: the tokens the training model currently predicts worst."""
-    return token_loss.float()
-
-
-def reference_loss(ref_loss: Tensor) -> Tensor:
-    """Keep the tokens the reference finds easiest (lowest reference loss)."""
-    return -ref_loss.float()
-
-
-def random_scores(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Uniform random scores: the random-selection ablation. Seed it with ``generator``."""
-    device = generator.device if generator is not None else like.device
-    return to_device_async(torch.rand(like.shape, generator=generator, device=device), like.device)
-
-
-def reference_entropy(ref_entropy: Tensor) -> Tensor:
-    """Rho-1's self-reference scorer: keep the tokens the reference is most certain about (lowest
-    entropy of its predictive distribution)."""
-    return -ref_entropy.float()
-
-
-def _same_shape(a: Tensor, b: Tensor, name: str = "ref_loss") -> None:
-    if a.shape != b.shape:
-        raise ValueError(
-            f"{name} has shape {tuple(b.shape)} but the token losses have shape {tuple(a.shape)}; "
-            "reference values must be aligned with labels, one per token"
-        )
-
-
-ScoreFn = Callable[..., Tensor]  # (token_loss, ref_loss, generator, ref_entropy) -> scores
-
-SCORERS: dict[str, ScoreFn] = {
-    "excess_loss": lambda tl, ref, g, ent: excess_loss(tl, _need(ref, "excess_loss", "ref_loss")),
-    "train_loss": lambda tl, ref, g, ent: train_loss(tl),
-    "reference_loss": lambda tl, ref, g, ent: reference_loss(_need(ref, "reference_loss", "ref_loss")),
-    "reference_entropy": lambda tl, ref, g, ent: reference_entropy(_need(ent, "reference_entropy", "ref_entropy")),
-    "random": lambda tl, ref, g, ent: random_scores(tl, g),
-}
-NEEDS = {"excess_loss": "ref_loss", "reference_loss": "ref_loss", "reference_entropy": "ref_entropy"}
-
-
-def _need(value: Tensor | None, name: str, column: str) -> Tensor:
-    if value is None:
-        raise ValueError(f"selector {name!r} needs {column} (live or stored reference values)")
-    return value
-
-
-def score_tokens(
-    name: str,
-    token_loss: Tensor,
-    ref_loss: Tensor | None = None,
-    generator: torch.Generator | None = None,
-    ref_entropy: Tensor | None = None,
-) -> Tensor:
-    """Dispatch to a named score function (``excess_loss``, ``train_loss``, ``reference_loss``,
-    ``reference_entropy``, ``random``)."""
-    if name not in SCORERS:
-        raise ValueError(f"unknown selector score {name!r}; choose one of {sorted(SCORERS)}")
-    if ref_entropy is not None:
-        _same_shape(token_loss, ref_entropy, "ref_entropy")
-    return SCORERS[name](token_loss, ref_loss, generator, ref_entropy)
-
-
 # --- two scores combined: the union or intersection of their exact top-k sets ---------------------
 
 COMBINATIONS = ("union", "intersection")
@@ -301,57 +222,3 @@ def select_combined(
     return a | b if how == "union" else a & b
 
 
-# --- the ratio over a run -------------------------------------------------------------------------
-
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-@dataclass(frozen=True)
-class RatioSchedule:
-    """The selection ratio at each optimizer step: ``constant`` (``start``), or ``linear`` /
-    ``cosine`` from ``start`` at the first step to ``end`` at the last."""
-
-    kind: str = "constant"
-    start: float = 0.6
-    end: float | None = None
-
-    def __post_init__(self):
-        if self.kind not in SCHEDULES:
-            raise ValueError(f"selector.ratio schedule must be one of {SCHEDULES}, got {self.kind!r}")
-        check_ratio(self.start, "selector.ratio.start")
-        if self.kind != "constant":
-            if self.end is None:
-                raise ValueError(f"a {self.kind} selector.ratio schedule needs an end")
-            check_ratio(self.end, "selector.ratio.end")
-
-    def at(self, step: int, total_steps: int) -> float:
-        """The ratio of optimizer step ``step`` (0-based) of ``total_steps``."""
-        if self.kind == "constant":
-            return self.start
-        progress = min(1.0, step / max(1, total_steps - 1))
-        if self.kind == "linear":
-            return self.start + (self.end - self.start) * progress
-        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    @property
-    def is_constant(self) -> bool:
-        return self.kind == "constant" or self.start == self.end
-
-    def label(self) -> str:
-        return f"{self.start}" if self.kind == "constant" else f"{self.kind}-{self.start}-{self.end}"
-
-
-def ratio_schedule(value) -> RatioSchedule:
-    """A schedule from a number (constant) or a mapping ``{schedule, start, end}``."""
-    if isinstance(value, RatioSchedule):
-        return value
-    if isinstance(value, (int, float, str)):
-        return RatioSchedule("constant", check_ratio(value, "selector.ratio"))
-    try:
-        spec = dict(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"selector.ratio must be a number or {{schedule, start, end}}, got {value!r}") from None
-    unknown = set(spec) - {"schedule", "start", "end"}
-    if unknown:
-        raise ValueError(f"selector.ratio schedule has unknown keys {sorted(unknown)}; use schedule, start, end")
-    return RatioSchedule(spec.get("schedule", "constant"), spec.get("start", 0.6), spec.get("end"))

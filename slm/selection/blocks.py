@@ -1,0 +1,44 @@
+"""Sequence-level selection: whole blocks ranked by a score, only the kept ones trained.
+
+As RHO-LOSS selects whole sequences by excess loss, a step reads more candidate blocks than it
+trains and keeps the best share of them; the decoder's forward and backward then run only on the
+kept blocks (token selection inside them optional), so a skipped block costs at most a forward
+without grad (none when the score needs only stored reference values).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+BLOCK_SCORES = ("excess_loss", "train_loss", "reference_loss")
+
+
+def block_scores(name: str, valid: Tensor, token_loss: Tensor | None = None, ref_loss: Tensor | None = None) -> Tensor:
+    """``[B]`` score of each block (higher = train it): the mean over its valid tokens of the excess
+    loss (``token_loss - ref_loss``), of the training loss, or of minus the reference loss (the
+    blocks the reference finds easiest); -inf for a block without a valid token."""
+    if name not in BLOCK_SCORES:
+        raise ValueError(f"block score must be one of {BLOCK_SCORES}, got {name!r}")
+    need = {"excess_loss": (token_loss, ref_loss), "train_loss": (token_loss,), "reference_loss": (ref_loss,)}[name]
+    if any(t is None for t in need):
+        raise ValueError(f"block score {name!r} needs " + " and ".join(
+            n for n, t in (("token_loss", token_loss), ("ref_loss", ref_loss)) if t is None))  # fmt: skip
+    if name == "excess_loss":
+        per_token = token_loss.float() - ref_loss.float()
+    elif name == "train_loss":
+        per_token = token_loss.float()
+    else:
+        per_token = -ref_loss.float()
+    valid = valid.bool()
+    count = valid.sum(dim=1)
+    mean = torch.where(valid, per_token, 0.0).sum(dim=1) / count.clamp(min=1)
+    return torch.where(count > 0, mean, float("-inf"))
+
+
+def select_blocks(scores: Tensor, keep: int) -> Tensor:
+    """Indices of the ``keep`` highest-scoring blocks, in their original order (ties: the earlier)."""
+    if not 0 < keep <= scores.numel():
+        raise ValueError(f"keep must be in [1, {scores.numel()}], got {keep}")
+    order = torch.sort(scores, descending=True, stable=True).indices[:keep]
+    return torch.sort(order).values
