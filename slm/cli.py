@@ -17,7 +17,7 @@ from slm.architectures import build_model
 from slm.blocks import BlockFilter
 from slm.data import build, check_block_size
 from slm.hub import check_run_sources
-from slm.model import SelectiveLM
+from slm.model import SELECTORS, SelectiveLM
 from slm.ref_sources import (
     check_reference_tokenizer,
     check_score_vocab,
@@ -107,15 +107,16 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     check_block_size(model.config, int(cfg.data.block_size))
     train_ds, ref = reference_source(cfg, data, acc, model, entropy=needed_reference(cfg)["entropy"])
     sel = cfg.selector
-    selector = effective_selector(sel.name, sel.ratio, cfg.reference.kind)
-    schedule = ratio_schedule(1.0 if selector == "all" else sel.ratio)
+    selector = effective_selector(sel.name, sel.ratio, cfg.reference.kind, sel.get("blocks", 1.0))
+    schedule = ratio_schedule(1.0 if selector in ("all", "blocks") else sel.ratio)
     ratio = schedule.start if schedule.is_constant else schedule.label()
     combine = tuple(sel.scores) if selector in ("union", "intersection") else None
-    lm = SelectiveLM(model, ratio=schedule.start, selector="train_loss" if selector == "all" else selector,
+    lm = SelectiveLM(model, ratio=schedule.start, selector=selector if selector in SELECTORS else "train_loss",
                      combine=combine,
                      scope=sel.scope, seed=cfg.seed, head_backend=tcfg.head_backend,
                      check_scores="deferred")  # the loop checks them with its end-of-step reduce  # fmt: skip
     info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=selector, ratio=ratio, scope=sel.scope,
+                blocks=float(sel.get("blocks", 1.0)), train_split=cfg.data.get("train_split", "train"),
                 reference=cfg.reference.kind, seed=cfg.seed, scores_dir=ref.scores_dir, status="running",
                 processes=acc.num_processes, mode=parallel.requested_mode())  # fmt: skip
     if acc.is_main_process:

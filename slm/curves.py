@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +85,9 @@ class Run:
 
     @property
     def is_baseline(self) -> bool:
+        """Every token of the training data: no token or block selection, the usual training split."""
+        if float(self.info.get("blocks", 1.0)) < 1.0 or self.info.get("train_split", "train") != "train":
+            return False
         if self.info.get("selector") == "all":
             return True
         try:
@@ -186,9 +189,16 @@ def _groups(runs: list[Run]) -> dict[str, list[Run]]:
     if "reference.kind" in differing:
         shown |= {k for k in differing if k.startswith("reference.") and k != "reference.kind"}
     differing = [k for k in differing if k not in shown]
+    # A label names the settings in which its group departs from what most groups have (all of them when
+    # no value is the most common).
+    usual = {}
+    for k in differing:
+        (top, n), *rest = Counter(repr(m[0].settings.get(k)) for m in members).most_common()
+        usual[k] = top if not rest or n > rest[0][1] else None
     out: dict[str, list[Run]] = {}
     for m in members:
-        extra = ", ".join(f"{'reference' if k == 'reference.kind' else k}={m[0].settings.get(k)}" for k in differing)
+        extra = ", ".join(f"{'reference' if k == 'reference.kind' else k}={m[0].settings.get(k)}" for k in differing
+                          if repr(m[0].settings.get(k)) != usual[k])  # fmt: skip
         name = m[0].group + (f" [{extra}]" if extra else "")
         while name in out:  # settings that print alike
             name += "'"

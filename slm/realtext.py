@@ -28,7 +28,7 @@ import sys
 import sysconfig
 from dataclasses import asdict, dataclass
 
-VERSION = 1
+VERSION = 2
 SPLITS = ("train", "clean", "validation")
 JUNK_KINDS = ("base64", "hex", "random_chars", "shuffled_words", "boilerplate", "near_duplicates")
 _PRINTABLE = set(string.printable) - {"\x0b", "\x0c", "\r"}
@@ -91,8 +91,9 @@ def prose_documents(min_chars: int = 200) -> tuple[str, ...]:
     out, seen = [], set()
     for doc in found:
         doc = _ascii(doc.strip())
-        if doc and len(doc) >= min_chars and doc not in seen:
-            seen.add(doc)
+        key = " ".join(doc.split())[:200] if doc else None  # near-duplicates (a docstring per platform) count once
+        if doc and len(doc) >= min_chars and key not in seen:
+            seen.add(key)
             out.append(doc)
     return tuple(out)
 

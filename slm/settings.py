@@ -37,26 +37,28 @@ def _run_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(stamp))
 
 
-def effective_selector(selector: str, ratio, reference_kind: str) -> str:
-    """What a run actually selects by: every token at a constant ratio 1.0; the training loss when
-    excess loss has no reference. Run names, run_info.json and curve legends use this."""
+def effective_selector(selector: str, ratio, reference_kind: str, blocks=1.0) -> str:
+    """What a run actually selects by: every token at a constant ratio 1.0 (``blocks``: whole blocks
+    when only blocks are selected); the training loss when excess loss has no reference. Run names,
+    run_info.json and curve legends use this."""
     try:
         schedule = ratio_schedule(ratio)
     except ValueError:
         return selector  # an invalid ratio: validate() names it
     if selector == "all" or (schedule.is_constant and schedule.start >= 1.0):
-        return "all"
+        return "blocks" if float(blocks) < 1.0 else "all"
     if selector == "excess_loss" and reference_kind == "none":
         return "train_loss"
     return selector
 
 
-def _run_name(selector: str, ratio, reference_kind: str, seed) -> str:
+def _run_name(selector: str, ratio, reference_kind: str, seed, blocks=1.0) -> str:
     try:
         label = ratio_schedule(ratio).label()
     except ValueError:
         label = str(ratio)
-    return f"{effective_selector(selector, ratio, reference_kind)}-{label}-{reference_kind}-s{seed}"
+    kept = f"-blocks{blocks}" if float(blocks) < 1.0 else ""
+    return f"{effective_selector(selector, ratio, reference_kind, blocks)}-{label}{kept}-{reference_kind}-s{seed}"
 
 
 def needed_reference(cfg: DictConfig) -> dict:

@@ -162,7 +162,11 @@ def raw_documents(cfg) -> dict:
 
     if cfg.source in GENERATED:
         settings = cfg.builtin if cfg.source == BUILTIN else cfg.realtext
-        return {s: generated_documents(cfg.source, settings, s) for s in ("train", "clean", "validation")}
+        docs = {s: generated_documents(cfg.source, settings, s) for s in ("train", "clean", "validation")}
+        if cfg.train_split not in docs:
+            raise ValueError(f"data.train_split={cfg.train_split!r}: the {cfg.source} corpus has {sorted(docs)}")
+        docs["train"] = docs[cfg.train_split]  # train_split=clean: a run on the reference's clean text alone
+        return docs
     if is_local(cfg.source):
         ds = _load_files(cfg)
     else:

@@ -185,16 +185,22 @@ def test_metrics_and_offline_wandb_run(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "result.json").read_text())["step"] == 6
 
 
-def test_stored_reference_refuses_other_data_settings(tmp_path):
+def test_stored_reference_refuses_other_data_settings(tmp_path, capsys):
     from slm.cli import score
 
-    cfg = compose_train(tmp_path / "cache", config_name="score")
-    out = score(cfg)
-    with pytest.raises(ValueError, match="block_size"):
-        train(
-            compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}", "data.block_size=16"),
-            tmp_path / "run",
-        )
+    cfg = compose_train(tmp_path / "cache", "data.block_size=24", config_name="score")
+    out = score(cfg, overrides=["data.block_size=24", "entropy=false"])
+    printed = capsys.readouterr().out
+    # the command it prints carries the data options the store was made with, and it works as printed
+    assert f"train with: slm-train data.block_size=24 reference=stored reference.scores_dir={out}" in printed
+    assert "scored at" in printed
+    train(compose_train(tmp_path / "cache", "data.block_size=24", "reference=stored", f"reference.scores_dir={out}",
+                        "trainer.max_steps=1"), tmp_path / "ok")  # fmt: skip
+    with pytest.raises(ValueError, match=r"made for other data: the store has block_size=24, this run's data has "
+                                         r"block_size=32\. Pass the same data options .*re-scoring is needed only"):
+        train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}"), tmp_path / "run")
+    score(cfg, overrides=["data.block_size=24"])  # a second time: nothing to score, and it says so
+    assert "reused: an earlier slm-score run had stored these exact losses" in capsys.readouterr().out
 
 
 def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypatch):

@@ -2,9 +2,10 @@
 
 Token Cleaning (Pang et al., ICML 2025) ranks tokens over the whole dataset: a junk-heavy batch then
 trains fewer tokens and a clean one more. With the current model's excess loss the scores move as
-it learns, so the threshold is a running quantile: the ``1 - ratio`` quantile of the scores of the
-last ``window`` valid tokens (this step's included), nudged by how far the share kept so far is
-from the ratio, so that over the run the share trained meets the ratio. The scores come from every
+it learns, so the threshold is a running quantile: the ``1 - ratio`` quantile of the valid scores
+of the last ``window`` steps (this step's included), nudged by how far the share kept so far is
+from the ratio (what is owed is paid back over about :data:`PAYBACK_STEPS` steps), so that over
+the run the share trained meets the ratio. The scores come from every
 process (gathered in rank order), so all of them use one threshold and W processes x batch b select
 as one process x W*b.
 """
@@ -16,27 +17,30 @@ from torch import Tensor
 
 from slm.selection.topk import _check_finite, _distributed, _gather_global, check_ratio
 
+PAYBACK_STEPS = 4
+
 
 class RunningThreshold:
     """Keep the valid tokens whose score reaches the running threshold (see the module docstring).
 
-    ``window``: how many recent valid scores define the quantile. The count kept by a step depends
-    on its scores: a trainer normalises such a step after its forward (one micro-batch per step).
+    ``window``: how many recent steps' valid scores define the quantile (short enough that the
+    model's progress does not date them). The count kept by a step depends on its scores: a trainer
+    normalises such a step after its forward (one micro-batch per step).
     """
 
-    def __init__(self, window: int = 1 << 16):
+    def __init__(self, window: int = 8):
         if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+            raise ValueError(f"window must be >= 1 steps, got {window}")
         self.window = int(window)
-        self.recent = torch.empty(0)  # the last `window` valid scores, oldest first
+        self.recent: list[Tensor] = []  # the valid scores of the last `window` steps, oldest first
         self.kept = 0  # valid tokens kept so far (every process)
         self.seen = 0  # valid tokens seen so far (every process)
 
-    def level(self, ratio: float) -> float:
-        """The share of the recent scores to keep at this step: the ratio, plus what is owed (or
-        minus what is ahead) over the run, spread over one window."""
+    def level(self, ratio: float, n: int) -> float:
+        """The share of the recent scores to keep at a step of ``n`` valid tokens: the ratio, plus
+        what is owed (or minus what is ahead) over the run, paid back over PAYBACK_STEPS such steps."""
         owed = ratio * self.seen - self.kept
-        return min(1.0, max(0.0, ratio + owed / self.window))
+        return min(1.0, max(0.0, ratio + owed / max(1, PAYBACK_STEPS * n)))
 
     def select(self, scores: Tensor, valid: Tensor, ratio: float, check_finite: bool = True) -> Tensor:
         """Bool mask of the shape of ``scores``: the valid tokens at or above this step's threshold."""
@@ -46,22 +50,23 @@ class RunningThreshold:
         every = _gather_global(mine)[0] if _distributed() else mine  # every process's, in rank order
         if check_finite:
             _check_finite(every, torch.ones_like(every, dtype=torch.bool))
-        self.recent = torch.cat([self.recent.to(every.device), every])[-self.window :]
-        keep_share = self.level(ratio)
-        if keep_share >= 1.0 or not self.recent.numel():
+        self.recent = [*self.recent, every][-self.window :]
+        pool = torch.cat([t.to(every.device) for t in self.recent])
+        keep_share = self.level(ratio, every.numel())
+        if keep_share >= 1.0 or not pool.numel():
             threshold = torch.tensor(float("-inf"), device=scores.device)
         elif keep_share <= 0.0:
             threshold = torch.tensor(float("inf"), device=scores.device)
         else:
-            threshold = torch.quantile(self.recent, 1.0 - keep_share).to(scores.device)
+            threshold = torch.quantile(pool, 1.0 - keep_share).to(scores.device)
         mask = valid & (scores.float() >= threshold)
         self.seen += int(every.numel())
         self.kept += int((every >= threshold.to(every.device)).sum())
         return mask
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "recent": self.recent.cpu(), "kept": self.kept, "seen": self.seen}
+        return {"window": self.window, "recent": [t.cpu() for t in self.recent], "kept": self.kept, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
-        self.window, self.recent = int(state["window"]), state["recent"]
+        self.window, self.recent = int(state["window"]), list(state["recent"])
         self.kept, self.seen = int(state["kept"]), int(state["seen"])
