@@ -243,33 +243,37 @@ def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "ev
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    loss_label = "eval loss (all tokens of the first eval set)" if metric == "eval/loss" else metric
+    loss_label = "eval loss (first eval set, every token)" if metric == "eval/loss" else metric
     panels = [(cs_loss, loss_label)] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
     axes_used = [ax for ax in AXES if any(ax in c.x for c in cs_loss)]
-    fig = Figure(figsize=(5.5 * len(axes_used), 4 * len(panels)))
+    plots = [(cs, ylabel, axis) for cs, ylabel in panels for axis in axes_used]
+    ncols = min(2, len(plots))
+    nrows = math.ceil(len(plots) / ncols)
+    fig = Figure(figsize=(6.5 * ncols, 3.8 * nrows + 0.35 * (len(cs_loss) + 1)))
     FigureCanvasAgg(fig)
-    grid = fig.subplots(len(panels), len(axes_used), squeeze=False)
+    grid = fig.subplots(nrows, ncols, squeeze=False).flatten()
     colors = rcParams["axes.prop_cycle"].by_key()["color"]
-    for row, (cs, ylabel) in enumerate(panels):
-        for col, axis in enumerate(axes_used):
-            ax = grid[row][col]
-            for i, c in enumerate(cs):
-                if axis not in c.x:
-                    continue
-                style = dict(color="black", ls="--", lw=2) if c.is_baseline else dict(color=colors[i % len(colors)])
-                if c.partial:
-                    style["alpha"] = 0.6
-                ax.plot(c.x[axis], c.mean, label=c.label, **style)
-                if len(c.runs) > 1:
-                    ax.fill_between(c.x[axis], c.lo, c.hi, alpha=0.2, color=style["color"])
-            ax.set_xlabel(AXIS_LABELS[axis])
-            ax.set_ylabel(ylabel)
-            ax.grid(alpha=0.3)
-            if "loss" in ylabel:
-                finite = [v for c in cs for v in c.mean[1:] if math.isfinite(v)] or [1.0]
-                ax.set_ylim(top=max(finite) * 1.1, bottom=min(finite) * 0.95)
-    grid[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    for ax, (cs, ylabel, axis) in zip(grid, plots):
+        for i, c in enumerate(cs):
+            if axis not in c.x:
+                continue
+            style = dict(color="black", ls="--", lw=2) if c.is_baseline else dict(color=colors[i % len(colors)])
+            if c.partial:
+                style["alpha"] = 0.6
+            ax.plot(c.x[axis], c.mean, label=c.label, **style)
+            if len(c.runs) > 1:
+                ax.fill_between(c.x[axis], c.lo, c.hi, alpha=0.2, color=style["color"])
+        ax.set_xlabel(AXIS_LABELS[axis])
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if "loss" in ylabel:
+            finite = [v for c in cs for v in c.mean[1:] if math.isfinite(v)] or [1.0]
+            ax.set_ylim(top=max(finite) * 1.05, bottom=min(finite) * 0.97)
+    for ax in grid[len(plots) :]:
+        ax.set_visible(False)
+    handles, labels = grid[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1 if len(labels) > 4 else 2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * len(labels) / (nrows + 1), 1, 1))
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "curves.png", out / "curves.svg"]
     for p in paths:

@@ -22,7 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slm.sources import BUILTIN, GENERATED, content_digest, data_files, generated_config, is_local, raw_documents
+from slm.sources import (
+    BUILTIN,
+    GENERATED,
+    content_digest,
+    data_files,
+    document_hashes,
+    generated_config,
+    is_local,
+    raw_documents,
+    warn_overlap,
+)
 from slm.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -350,33 +360,9 @@ def build(cfg) -> PackedData:
     evals = {}
     for name, spec in cfg.eval.items():
         evals[name], docs = build_split(spec, tokenizer, cfg.block_size, cfg.cache_dir, with_docs=True)
-        _warn_overlap(name, spec, docs, train_docs)
+        warn_overlap(name, spec, docs, train_docs)
     evals["validation"] = splits["validation"]
     return PackedData(splits, tokenizer, meta["identity"], evals)
-
-
-OVERLAP_WARNING = 0.01  # share of an eval set's documents also in the training data that gets a warning
-
-
-def document_hashes(docs) -> np.ndarray:
-    """64-bit hashes of a split's documents (their exact text), sorted and unique."""
-    out = []
-    for batch in docs.iter(batch_size=4096):
-        out += [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in batch["text"]]
-    return np.unique(np.asarray(out, dtype=np.uint64))
-
-
-def _warn_overlap(name: str, spec: SourceSpec, docs: np.ndarray | None, train_docs: np.ndarray) -> None:
-    """An eval set that shares documents with the training data measures recall, not generalisation."""
-    if docs is None or not len(docs):
-        return
-    share = float(np.isin(docs, train_docs).mean())
-    if share > OVERLAP_WARNING:
-        warnings.warn(
-            f"data.eval.{name}: {share:.1%} of its {len(docs)} documents ({spec.source}) are also in the training "
-            "data; its loss measures what the model memorised, not how it generalises. Use held-out text",
-            stacklevel=3,
-        )
 
 
 def fetch(ds, idx: list[int]) -> dict:

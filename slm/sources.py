@@ -9,8 +9,12 @@ validation split. Nothing is silently skipped.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import warnings
 from pathlib import Path
+
+import numpy as np
 
 from slm import corpus, realtext
 
@@ -56,7 +60,6 @@ def content_digest(path: str, cache_dir: str) -> str:
     status-change times and inode; ``cp -p`` cannot carry the status-change time over, so any
     rewrite of the bytes is hashed again. As git does, a file changed within two seconds of being
     hashed is hashed again next time (a timestamp's resolution can hide a quick rewrite)."""
-    import hashlib
     import json
     import time
 
@@ -232,3 +235,27 @@ def source_documents(spec) -> object:
     _check_text(d, spec.source, spec.split or "all", spec.text_field)
     d = d.select_columns([spec.text_field])
     return d.rename_column(spec.text_field, "text") if spec.text_field != "text" else d
+
+
+OVERLAP_WARNING = 0.01  # share of an eval set's documents also in the training data that gets a warning
+
+
+def document_hashes(docs) -> np.ndarray:
+    """64-bit hashes of a split's documents (their exact text), sorted and unique."""
+    out = []
+    for batch in docs.iter(batch_size=4096):
+        out += [int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little") for t in batch["text"]]
+    return np.unique(np.asarray(out, dtype=np.uint64))
+
+
+def warn_overlap(name: str, spec, docs: np.ndarray | None, train_docs: np.ndarray) -> None:
+    """An eval set that shares documents with the training data measures recall, not generalisation."""
+    if docs is None or not len(docs):
+        return
+    share = float(np.isin(docs, train_docs).mean())
+    if share > OVERLAP_WARNING:
+        warnings.warn(
+            f"data.eval.{name}: {share:.1%} of its {len(docs)} documents ({spec.source}) are also in the training "
+            "data; its loss measures what the model memorised, not how it generalises. Use held-out text",
+            stacklevel=3,
+        )
