@@ -209,8 +209,11 @@ def _sparse(args, dtype, out: dict) -> None:
         if i == 0 and len(batches) > 1:
             first = time.perf_counter() - started
             rest = first * sum(b / batches[0] for b in batches[1:])
-            print(f"\nbatch {batches[0]} took {first / 60:.1f} min; batches {batches[1:]} should take about "
-                  f"{rest / 60:.0f} min more (time grows with the batch)", flush=True)
+            print(
+                f"\nbatch {batches[0]} took {first / 60:.1f} min; batches {batches[1:]} should take about "
+                f"{rest / 60:.0f} min more (time grows with the batch)",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -333,8 +333,11 @@ def verify_stores(folders: list[str]) -> None:
         with tqdm(total=rows, desc=f"verifying {folder}", unit="row", unit_scale=True) as bar:
             columns.verify_all(bar)
         shards = sum(len(meta["shards"][c]) for c in columns.columns)
-        print(f"slm-score --verify: {folder} is intact ({shards} shards of {', '.join(columns.columns)}, "
-              f"{meta['rows']} rows of {meta['block_size']} tokens)", flush=True)
+        print(
+            f"slm-score --verify: {folder} is intact ({shards} shards of {', '.join(columns.columns)}, "
+            f"{meta['rows']} rows of {meta['block_size']} tokens)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -78,8 +78,10 @@ class SelectiveDataCollator:
         if batch["input_ids"].shape[0] == 1 and len(features) > 1:  # sequences concatenated into one row
             lengths = [len(f["input_ids"]) for f in features]
             if sum(lengths) != length:
-                raise ValueError(f"SelectiveDataCollator: {type(self.collator).__name__} made one row of {length} "
-                                 f"tokens from sequences of {sum(lengths)}; only plain concatenation is supported")
+                raise ValueError(
+                    f"SelectiveDataCollator: {type(self.collator).__name__} made one row of {length} "
+                    f"tokens from sequences of {sum(lengths)}; only plain concatenation is supported"
+                )
             for k, rows in extra.items():
                 if [len(r) for r in rows] != lengths:
                     raise ValueError(f"SelectiveDataCollator: the {k} column must have one value per input id")

@@ -28,8 +28,11 @@ def pick_baseline(cs: list[Curve], name: str | None = None) -> tuple[Curve | Non
         return hits[0], None
     bases = [c for c in cs if c.is_baseline]
     if not bases:
-        return None, "no baseline run (ratio 1.0 / selector=all) among the inputs: nothing to compare against " \
-                     "(name one with --baseline)"
+        return (
+            None,
+            "no baseline run (ratio 1.0 / selector=all) among the inputs: nothing to compare against "
+            "(name one with --baseline)",
+        )
     if len(bases) > 1:
         return None, (f"{len(bases)} baseline groups with different settings ({'; '.join(c.group for c in bases)}): "
                       "name the one to compare against with --baseline")  # fmt: skip

@@ -33,6 +33,8 @@ def generated_documents(source: str, settings: dict | None, split: str):
 
     generate = corpus.generate if source == BUILTIN else realtext.generate
     return datasets.Dataset.from_list(generate(generated_config(source, settings), split))
+
+
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
            ".parquet": "parquet"}  # fmt: skip
 

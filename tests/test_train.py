@@ -196,8 +196,11 @@ def test_stored_reference_refuses_other_data_settings(tmp_path, capsys):
     assert "scored at" in printed
     train(compose_train(tmp_path / "cache", "data.block_size=24", "reference=stored", f"reference.scores_dir={out}",
                         "trainer.max_steps=1"), tmp_path / "ok")  # fmt: skip
-    with pytest.raises(ValueError, match=r"made for other data: the store has block_size=24, this run's data has "
-                                         r"block_size=32\. Pass the same data options .*re-scoring is needed only"):
+    with pytest.raises(
+        ValueError,
+        match=r"made for other data: the store has block_size=24, this run's data has "
+        r"block_size=32\. Pass the same data options .*re-scoring is needed only",
+    ):
         train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}"), tmp_path / "run")
     score(cfg, overrides=["data.block_size=24"])  # a second time: nothing to score, and it says so
     assert "reused: an earlier slm-score run had stored these exact losses" in capsys.readouterr().out

@@ -78,5 +78,3 @@ def score_tokens(
     if ref_entropy is not None:
         _same_shape(token_loss, ref_entropy, "ref_entropy")
     return SCORERS[name](token_loss, ref_loss, generator, ref_entropy)
-
-

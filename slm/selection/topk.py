@@ -220,5 +220,3 @@ def select_combined(
     a = select_tokens(scores_a, ratio, valid, scope, generator, counts, check_finite)
     b = select_tokens(scores_b, ratio, valid, scope, generator, counts, check_finite)
     return a | b if how == "union" else a & b
-
-
