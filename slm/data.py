@@ -143,8 +143,8 @@ def data_config(cfg) -> DataConfig:
 
 def _source_identity(cfg: DataConfig) -> dict:
     if cfg.source in GENERATED:
-        settings = generated_config(cfg.source, cfg.builtin if cfg.source == BUILTIN else cfg.realtext).identity()
-        return {cfg.source: settings, **({"train_split": cfg.train_split} if cfg.train_split != "train" else {})}
+        split = {"train_split": cfg.train_split} if cfg.train_split != "train" else {}
+        return {cfg.source: generated_config(cfg).identity(), **split}
     if is_local(cfg.source):
         files = [(f, content_digest(f, cfg.cache_dir)) for f in data_files(cfg.source)]
         return {"files": files, "text_field": cfg.text_field, "sample_by": cfg.sample_by}

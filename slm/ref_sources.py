@@ -174,21 +174,18 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: boo
     kind = cfg.reference.kind
     if kind == "none":
         return data["train"], RefSource("none")
-    if cfg.reference.get("evolve_every") is not None:  # a reference model scored live and refreshed
+    evolve_every = cfg.reference.get("evolve_every")
+    if kind == "live" or evolve_every is not None:  # scored live (an evolving reference: from a trained one)
         if kind == "live":
             check_reference_tokenizer(cfg, data)
             ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
         else:
             _, ref = trained_reference(cfg, data, acc)
         check_vocab(model, ref)
-        return data["train"], RefSource("live", freeze(ref), entropy=entropy,
-                                        evolve_every=int(cfg.reference.evolve_every),
-                                        evolve_ema=float(cfg.reference.get("evolve_ema", 0.0)))  # fmt: skip
-    if kind == "live":
-        check_reference_tokenizer(cfg, data)
-        ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
-        check_vocab(model, ref)
-        return data["train"], RefSource("live", freeze(ref), entropy=entropy)
+        evolving = {}
+        if evolve_every is not None:
+            evolving = dict(evolve_every=int(evolve_every), evolve_ema=float(cfg.reference.get("evolve_ema", 0.0)))
+        return data["train"], RefSource("live", freeze(ref), entropy=entropy, **evolving)
     if kind == "stored":
         expected = {**expected_store(data), "entropy": entropy}
         if cfg.reference.get("path"):  # optional: the reference the store must have been scored with

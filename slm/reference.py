@@ -253,6 +253,14 @@ def load_stored(out_dir: str | os.PathLike, expected: dict) -> StoredColumns:
     return columns
 
 
+def check_evolution(every, ema) -> None:
+    """An evolving reference's schedule: refreshed every ``every >= 1`` steps, ``ema`` in [0, 1)."""
+    if int(every) < 1:
+        raise ValueError(f"reference.evolve_every must be >= 1 steps, got {every}")
+    if not 0.0 <= float(ema) < 1.0:
+        raise ValueError(f"reference.evolve_ema must be in [0, 1), got {ema}")
+
+
 @dataclass
 class RefSource:
     """Where reference values come from: none, a store (``ref_loss``, ``ref_entropy`` columns read
@@ -274,10 +282,9 @@ class RefSource:
 
     def __post_init__(self):
         if self.evolve_every is not None:
-            if self.kind != "live" or int(self.evolve_every) < 1:
-                raise ValueError("reference.evolve_every needs a reference model scored live and steps >= 1")
-            if not 0.0 <= self.evolve_ema < 1.0:
-                raise ValueError(f"reference.evolve_ema must be in [0, 1), got {self.evolve_ema}")
+            if self.kind != "live":
+                raise ValueError("reference.evolve_every needs a reference model scored live")
+            check_evolution(self.evolve_every, self.evolve_ema)
 
     @torch.no_grad()
     def maybe_evolve(self, step: int, model: nn.Module) -> bool:

@@ -17,6 +17,7 @@ from slm.data import DataConfig
 from slm.downstream import DownstreamConfig, harness
 from slm.model import SCORES
 from slm.ref_sources import container
+from slm.reference import check_evolution
 from slm.selection import BLOCK_SCORES, SCOPES, check_ratio, ratio_schedule
 from slm.train import TrainConfig
 
@@ -147,8 +148,7 @@ def validate(cfg: DictConfig) -> TrainConfig:
         if kind not in ("train", "demo", "live"):
             raise ValueError(f"reference.evolve_every refreshes a reference model from the training model; "
                              f"reference={kind} has none (use reference=train, demo or live)")  # fmt: skip
-        if int(cfg.reference.evolve_every) < 1 or not 0.0 <= float(cfg.reference.get("evolve_ema", 0.0)) < 1.0:
-            raise ValueError("reference.evolve_every must be >= 1 steps and reference.evolve_ema in [0, 1)")
+        check_evolution(cfg.reference.evolve_every, cfg.reference.get("evolve_ema", 0.0))
     if cfg.reference.get("init") == "pretrained" and not cfg.model.get("pretrained"):
         raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
     if downstream_config(cfg).tasks:

@@ -23,16 +23,19 @@ REALTEXT = "realtext"  # English prose mixed with web-style junk (slm/realtext.p
 GENERATED = (BUILTIN, REALTEXT)  # sources generated from settings, no files, no download
 
 
-def generated_config(source: str, settings: dict | None):
-    """The settings object of a generated source (``data.builtin`` or ``data.realtext``)."""
-    return (corpus.CorpusConfig if source == BUILTIN else realtext.RealTextConfig)(**(settings or {}))
+def generated_config(spec):
+    """The settings object of a generated source: ``spec.builtin`` or ``spec.realtext`` (``spec``: a
+    DataConfig or SourceSpec whose source is in GENERATED)."""
+    if spec.source == BUILTIN:
+        return corpus.CorpusConfig(**(spec.builtin or {}))
+    return realtext.RealTextConfig(**(spec.realtext or {}))
 
 
-def generated_documents(source: str, settings: dict | None, split: str):
+def generated_documents(spec, split: str):
     import datasets
 
-    generate = corpus.generate if source == BUILTIN else realtext.generate
-    return datasets.Dataset.from_list(generate(generated_config(source, settings), split))
+    generate = corpus.generate if spec.source == BUILTIN else realtext.generate
+    return datasets.Dataset.from_list(generate(generated_config(spec), split))
 
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
@@ -166,8 +169,7 @@ def raw_documents(cfg) -> dict:
     import datasets
 
     if cfg.source in GENERATED:
-        settings = cfg.builtin if cfg.source == BUILTIN else cfg.realtext
-        docs = {s: generated_documents(cfg.source, settings, s) for s in ("train", "clean", "validation")}
+        docs = {s: generated_documents(cfg, s) for s in ("train", "clean", "validation")}
         if cfg.train_split not in docs:
             raise ValueError(f"data.train_split={cfg.train_split!r}: the {cfg.source} corpus has {sorted(docs)}")
         docs["train"] = docs[cfg.train_split]  # train_split=clean: a run on the reference's clean text alone
@@ -219,8 +221,7 @@ def source_documents(spec) -> object:
     import datasets
 
     if spec.source in GENERATED:
-        settings = spec.builtin if spec.source == BUILTIN else spec.realtext
-        return generated_documents(spec.source, settings, spec.split or "validation")
+        return generated_documents(spec, spec.split or "validation")
     if is_local(spec.source):
         d = _load_files(spec)["train"]
     else:
