@@ -11,16 +11,11 @@ float32 under a bf16 policy.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
 def _final_norm(base: nn.Module) -> nn.Module | None:
@@ -59,8 +54,10 @@ def fsdp2_units(lm: nn.Module) -> dict[str, list[nn.Module]]:
     return {"layers": layers, "embedding": [] if tied else [embedding], "head": head_unit}
 
 
-def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str) -> None:
-    """``fully_shard`` the units of :func:`fsdp2_units`, then the root."""
+def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str, reshard: bool = True,
+                activation_checkpointing: bool = False) -> None:  # fmt: skip
+    """``fully_shard`` the units of :func:`fsdp2_units`, then the root. ``reshard``: layers and the
+    embedding return to their shards after the forward (the launch config's reshard setting)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -71,9 +68,8 @@ def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str) -> None:
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce)
     # The root must not cast its inputs: ref_loss is float32 and selection ranks on it.
     root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce, cast_forward_inputs=False)
-    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no_shard")
     units = fsdp2_units(lm)
-    if _env_flag("FSDP_ACTIVATION_CHECKPOINTING"):
+    if activation_checkpointing:
         lm.activation_checkpointing_enable()
     if units["embedding"]:
         fully_shard(units["embedding"][0], mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)

@@ -169,7 +169,8 @@ class Engine:
         if self.mode == "fsdp2":
             if mixed_precision == "fp16":
                 raise ValueError("FSDP2 runs use trainer.mixed_precision=bf16 or no (fp16 needs a sharded loss scaler)")
-            shard_fsdp2(lm, self.device.type, mixed_precision)
+            reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() not in ("false", "0", "no_shard")
+            shard_fsdp2(lm, self.device.type, mixed_precision, reshard, _env_flag("FSDP_ACTIVATION_CHECKPOINTING"))
             self.model = lm
         else:
             lm.to(self.device)
