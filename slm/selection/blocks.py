@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slm.selection.scores import score_tokens
+
 BLOCK_SCORES = ("excess_loss", "train_loss", "reference_loss")
 
 
@@ -20,16 +22,9 @@ def block_scores(name: str, valid: Tensor, token_loss: Tensor | None = None, ref
     blocks the reference finds easiest); -inf for a block without a valid token."""
     if name not in BLOCK_SCORES:
         raise ValueError(f"block score must be one of {BLOCK_SCORES}, got {name!r}")
-    need = {"excess_loss": (token_loss, ref_loss), "train_loss": (token_loss,), "reference_loss": (ref_loss,)}[name]
-    if any(t is None for t in need):
-        raise ValueError(f"block score {name!r} needs " + " and ".join(
-            n for n, t in (("token_loss", token_loss), ("ref_loss", ref_loss)) if t is None))  # fmt: skip
-    if name == "excess_loss":
-        per_token = token_loss.float() - ref_loss.float()
-    elif name == "train_loss":
-        per_token = token_loss.float()
-    else:
-        per_token = -ref_loss.float()
+    if token_loss is None and name != "reference_loss":
+        raise ValueError(f"block score {name!r} needs token_loss (a no-grad forward of the training model)")
+    per_token = score_tokens(name, token_loss, ref_loss)  # the token scores, per token as selection has them
     valid = valid.bool()
     count = valid.sum(dim=1)
     mean = torch.where(valid, per_token, 0.0).sum(dim=1) / count.clamp(min=1)
