@@ -34,7 +34,7 @@ from slm.tracking import Tracker
 from slm.train import NonFiniteLoss, RunInterrupted, TrainConfig, Trainer
 
 log = logging.getLogger("slm")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _setup_logging(acc) -> None:
