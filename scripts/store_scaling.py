@@ -55,10 +55,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slm.data import DataConfig, build
-    from slm.ref_sources import expected_store
-    from slm.reference import load_stored
-    from slm.tokenizer import builtin_tokenizer
+    from slm.data import DataConfig, build, builtin_tokenizer
+    from slm.reference import expected_store, load_stored
 
     ref = out / "reference"
     if not ref.exists():  # a tiny random reference: what is measured is the store, not the scores

@@ -11,9 +11,9 @@ from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLanguageModeling, TrainingArguments
 
 from slm import SelectiveTrainer
-from slm.corpus import CorpusConfig, generate
+from slm.data import CorpusConfig, builtin_tokenizer
+from slm.data.builtin import generate
 from slm.hf_trainer import SelectiveDataCollator
-from slm.tokenizer import builtin_tokenizer
 
 out = sys.argv[1] if len(sys.argv) > 1 else "outputs/trainer_example"
 tok = builtin_tokenizer()  # on a real setup: AutoTokenizer.from_pretrained("microsoft/phi-2")

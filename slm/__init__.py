@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "SelectiveLM": "slm.model",
     "SelectiveOutput": "slm.model",
-    "token_losses": "slm.scoring",
+    "token_losses": "slm.model",
     "SelectiveTrainer": "slm.hf_trainer",
 }
 

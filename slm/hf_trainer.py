@@ -20,10 +20,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from slm.flops import flop_model
-from slm.model import SelectiveLM
-from slm.parallel import save_inner_pretrained
-from slm.rows import check_loss_mask, check_loss_weight, shifted_valid
+from slm.model import SelectiveLM, check_loss_mask, check_loss_weight, flop_model, save_inner_pretrained, shifted_valid
 from slm.selection import NonFiniteScores, check_ratio, num_selected
 
 log = logging.getLogger(__name__)

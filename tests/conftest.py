@@ -129,7 +129,7 @@ def tiny_model(arch: str, seed: int = 0, vocab: int = VOCAB):
 
 def save_reference(model, path, tokenizer=None):
     """A reference folder as slm-score and reference=live expect it: the model and its tokenizer."""
-    from slm.tokenizer import builtin_tokenizer
+    from slm.data import builtin_tokenizer
 
     model.save_pretrained(path)
     (tokenizer or builtin_tokenizer()).save_pretrained(path)

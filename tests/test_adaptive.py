@@ -78,7 +78,7 @@ import signal  # noqa: E402
 from helpers import compose_train  # noqa: E402
 
 from slm.cli import train  # noqa: E402
-from slm.tracking import read_metrics  # noqa: E402
+from slm.runs import read_metrics  # noqa: E402
 from slm.train import RunInterrupted, Trainer  # noqa: E402
 
 
@@ -157,7 +157,7 @@ def test_an_evolving_reference_is_refreshed_on_schedule_scored_live_and_resumes_
 
 
 def test_the_realtext_corpus_is_prose_and_junk_half_and_half_with_clean_splits():
-    from slm.realtext import RealTextConfig, generate
+    from slm.data.realtext import RealTextConfig, generate
 
     cfg = RealTextConfig()
     splits = {s: [d["text"] for d in generate(cfg, s)] for s in ("train", "clean", "validation")}
@@ -178,6 +178,6 @@ def test_the_realtext_corpus_is_prose_and_junk_half_and_half_with_clean_splits()
 def _prose_paragraphs(cfg):
     import re
 
-    from slm.realtext import prose_documents
+    from slm.data import prose_documents
 
     return {p.strip("\n") for d in prose_documents(cfg.min_chars) for p in re.split(r"\n\s*\n", d) if p.strip()}

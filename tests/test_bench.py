@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-import slm.bench_cases as bench_cases
-from slm.bench import main
-from slm.bench_cases import BASELINE, FLOOR, SPARSE_CASES, build, cases
+import slm.bench.workloads as bench_cases
+from slm.bench import BASELINE, FLOOR, SPARSE_CASES, build, cases, main
 
 
 def test_bench_table_and_json(tmp_path, capsys):

@@ -6,10 +6,9 @@ import os
 import pytest
 from helpers import compose_train
 
+from slm.analysis import Curve, load_runs, main, savings_table, tokens_to_reach
 from slm.cli import train
-from slm.curves import Curve, load_runs, main, tokens_to_reach
-from slm.savings import savings_table
-from slm.tracking import read_metrics
+from slm.runs import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,7 @@ def test_curves_cli_writes_plots_and_table(sweep, tmp_path, capsys):
 
 
 def test_baseline_row_reaches_itself_at_its_last_point(sweep):
-    from slm.curves import curves
+    from slm.analysis import curves
 
     rows, note = savings_table(curves(load_runs([str(sweep)])))
     assert note is None
@@ -123,8 +122,7 @@ def test_fractions_are_paired_by_seed_and_sweeps_with_other_settings_are_never_a
     # sweep B: another model width, also seed 0: its own groups, never "seeds" of sweep A's
     _fake_run(root / "b", "base0", 1.0, 0, [6, 5, 4, 3, 2.0], width=64)
     _fake_run(root / "b", "half0", 0.5, 0, [6, 4, 3, 2, 1.5], width=64)
-    from slm.curves import curves
-    from slm.savings import savings_table
+    from slm.analysis import curves, savings_table
 
     cs = curves(load_runs([str(root)]))
     labels = sorted(c.group for c in cs)
@@ -146,8 +144,7 @@ def test_fractions_are_paired_by_seed_and_sweeps_with_other_settings_are_never_a
 
 
 def test_any_group_can_be_the_baseline_and_unequal_eval_points_do_not_divide_by_zero(tmp_path):
-    from slm.curves import curves
-    from slm.savings import savings_table
+    from slm.analysis import curves, savings_table
 
     root = tmp_path / "runs"
     _fake_run(root, "random", 0.5, 0, [5, 4, 3, 2.5, 2.2], selector="random")

@@ -10,11 +10,10 @@ from conftest import save_reference, tiny_model
 from helpers import compose_train
 
 import slm
-import slm.store as store_module
-from slm.corpus import CorpusConfig, generate, solve
-from slm.data import DataConfig, build, check_block_size
+import slm.reference.store as store_module
+from slm.data import CorpusConfig, DataConfig, build, builtin_tokenizer, check_block_size
+from slm.data.builtin import generate, solve
 from slm.reference import check_vocab, load_stored, score_dataset
-from slm.tokenizer import builtin_tokenizer
 
 DOCS = ["first doc\nwith two lines", "second", "third document is a bit longer than the rest", "4th"]
 
@@ -133,7 +132,7 @@ def test_corpus_answers_follow_from_prompts():
 
 def test_reference_trained_on_clean_split_separates_answers_from_noise(tmp_path):
     """The built-in corpus's point: a reference trained on clean data finds noise hard."""
-    from slm.architectures import build_model
+    from slm.model import build_model
 
     cfg = compose_train(
         tmp_path / "cache",
@@ -202,7 +201,7 @@ def test_stored_column_equals_live_scores_and_survives_disk(tmp_path):
 
 def interrupt_scoring_at_chunk(monkeypatch, n: int):
     """Make slm-score's ``n``-th chunk raise KeyboardInterrupt (a Ctrl-C mid-run); returns the real scorer."""
-    import slm.reference as reference
+    import slm.reference.scoring as reference
 
     real, calls = reference.score_blocks, []
 
@@ -217,7 +216,7 @@ def interrupt_scoring_at_chunk(monkeypatch, n: int):
 
 
 def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
-    import slm.reference as reference
+    import slm.reference.scoring as reference
 
     data = build(DataConfig(builtin={"n_train_docs": 200, "n_clean_docs": 5, "n_val_docs": 5}, block_size=16,
                             cache_dir=str(tmp_path / "c")))  # fmt: skip
@@ -301,9 +300,8 @@ def test_tokenizer_from_a_local_folder(tmp_path):
 def _store(tmp_path, name="s", chunk_tokens=None, monkeypatch=None):
     data = build(DataConfig(builtin={"n_train_docs": 30, "n_clean_docs": 5, "n_val_docs": 5}, block_size=32,
                             cache_dir=str(tmp_path / "c")))  # fmt: skip
-    import slm.reference as reference
-    from slm.ref_sources import expected_store
-    from slm.reference import reference_identity
+    import slm.reference.scoring as reference
+    from slm.reference import expected_store, reference_identity
 
     if chunk_tokens:
         monkeypatch.setattr(reference, "CHUNK_TOKENS", chunk_tokens)
@@ -380,7 +378,7 @@ def test_a_store_opens_in_o_shards_and_checks_the_others_when_read(tmp_path, mon
 
 
 def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
-    import slm.reference as reference
+    import slm.reference.scoring as reference
     from slm.cli import score
 
     tok_size = len(builtin_tokenizer())
@@ -457,7 +455,7 @@ def test_a_replaced_file_with_the_same_size_and_time_is_packed_again(tmp_path):
 
 
 def test_a_pinned_hub_revision_is_part_of_the_packed_cache_key():
-    from slm.data import _source_identity
+    from slm.data.config import source_identity
 
-    a, b = (_source_identity(DataConfig(source="org/corpus", hub_revision=r)) for r in (None, "v2"))
+    a, b = (source_identity(DataConfig(source="org/corpus", hub_revision=r)) for r in (None, "v2"))
     assert a != b and b["revision"] == "v2"

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import VOCAB, tiny_model
 
 import slm
-from slm.rows import shifted_valid
+from slm.model import shifted_valid
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -11,8 +11,8 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 import slm
 from slm import SelectiveTrainer
+from slm.data import builtin_tokenizer
 from slm.hf_trainer import SelectiveDataCollator
-from slm.tokenizer import builtin_tokenizer
 
 
 class MaskedLossTrainer(Trainer):
@@ -433,7 +433,7 @@ def test_a_ref_entropy_column_is_padded_and_selects_the_most_certain_tokens(tmp_
     direct = slm.SelectiveLM(model, ratio=0.3, selector="reference_entropy")(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
         ref_entropy=batch["ref_entropy"])  # fmt: skip
-    valid = slm.rows.shifted_valid(batch["labels"])
+    valid = slm.model.shifted_valid(batch["labels"])
     expected = slm.select_tokens(-batch["ref_entropy"], 0.3, valid, "batch")
     assert torch.equal(direct.mask, expected) and int(n) == int(expected.sum())
     torch.testing.assert_close(loss, direct.loss, atol=1e-6, rtol=1e-6, check_dtype=False)

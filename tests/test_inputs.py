@@ -10,8 +10,7 @@ from helpers import compose_train
 
 import slm
 from slm.cli import train
-from slm.data import DataConfig, build
-from slm.tokenizer import builtin_tokenizer
+from slm.data import DataConfig, build, builtin_tokenizer
 
 
 def _build(tmp_path, name: str, content: bytes, **kw):
@@ -44,7 +43,7 @@ def test_non_ascii_text_with_the_builtin_tokenizer_is_reported(tmp_path):
 
 
 def test_a_long_document_is_tokenised_in_bounded_pieces_with_the_same_tokens(tmp_path, monkeypatch):
-    import slm.data as data
+    import slm.data.packing as data
 
     monkeypatch.setattr(data, "PIECE_CHARS", 1000)
     words = " ".join(f"w{i % 97}" for i in range(3000))  # ~13k characters on one line

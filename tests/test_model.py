@@ -7,7 +7,7 @@ from conftest import ARCHS, VOCAB, tiny_model
 
 import slm
 from slm.head import fused
-from slm.rows import shifted_valid
+from slm.model import shifted_valid
 
 
 def hf_token_ce(model, ids, labels, am=None):

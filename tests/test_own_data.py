@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import TINY, compose_train
 
+from slm.analysis import main as curves
 from slm.cli import train
-from slm.curves import main as curves
-from slm.tracking import read_metrics
+from slm.runs import read_metrics
 
 WORDS = "the a cat dog sat ran on under near big small red blue house tree river quickly slowly".split()
 

@@ -11,10 +11,8 @@ from pathlib import Path
 import pytest
 from helpers import TINY, compose_train
 
-from slm import checkpoints
 from slm.cli import one_line_errors, train
-from slm.runs import ResumeMismatch, RunDirExists
-from slm.tracking import read_metrics
+from slm.runs import ResumeMismatch, RunDirExists, checkpoints, read_metrics
 from slm.train import RunInterrupted, Trainer
 
 FAST = ("reference=none", "selector.ratio=0.5")
@@ -70,7 +68,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_falls_back(
 
 
 def test_a_torn_last_metrics_line_is_tolerated_by_resume_and_curves(tmp_path, monkeypatch, caplog):
-    from slm.curves import main as curves
+    from slm.analysis import main as curves
 
     interrupt_at(monkeypatch, 4)
     with pytest.raises(RunInterrupted):
@@ -156,12 +154,12 @@ def test_bad_settings_are_refused_before_anything_slow_with_the_full_key(tmp_pat
 
 
 def test_output_folders_and_curves_inputs_that_do_not_exist_are_one_line_errors(tmp_path, capsys):
-    from slm.cli import _check_output_dirs
-    from slm.curves import main as curves
+    from slm.analysis import main as curves
+    from slm.cli.common import check_output_dirs
 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(SystemExit) as stopped, one_line_errors():
-        _check_output_dirs([f"hydra.run.dir={tmp_path / 'afile'}"])
+        check_output_dirs([f"hydra.run.dir={tmp_path / 'afile'}"])
     assert stopped.value.code == 1 and "is a file; name a folder" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="slm-curves: .*missing does not exist"):
         curves([str(tmp_path / "missing")])
@@ -275,7 +273,7 @@ class FakeSafetensorError(Exception):
 
 
 def test_any_checkpoint_write_error_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import slm.state as state
+    import slm.parallel.state as state
 
     real = state.save_model_and_optimizer
 
@@ -292,7 +290,7 @@ def test_any_checkpoint_write_error_keeps_the_previous_checkpoint(tmp_path, monk
 
 @pytest.mark.parametrize("what", ["full disk", "ctrl-c"])
 def test_a_failed_or_interrupted_final_save_is_recorded_and_resumes(tmp_path, monkeypatch, capsys, what):
-    import slm.parallel as parallel
+    import slm.parallel.engine as parallel
 
     real = parallel.save_inner_pretrained
 

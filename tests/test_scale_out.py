@@ -16,7 +16,7 @@ import torch
 from helpers import TINY, compose_train
 
 from slm.cli import train
-from slm.tracking import read_metrics
+from slm.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -178,8 +178,8 @@ def test_a_model_loaded_in_bf16_trains_fp32_master_weights(tmp_path):
     """An update far below bf16's rounding step is kept (pure bf16 weights would drop it)."""
     from safetensors.torch import load_file
 
-    from slm.architectures import build_model
     from slm.data import build
+    from slm.model import build_model
 
     base = ("model.dtype=bfloat16", "reference=none", "selector=all", "trainer.lr=1e-6", "trainer.max_steps=1",
             "trainer.warmup_steps=1", "trainer.weight_decay=0")  # fmt: skip

@@ -2,7 +2,7 @@
 
 import math
 
-from slm.tracking import Tracker, read_metrics
+from slm.runs import Tracker, read_metrics
 
 
 def test_online_without_an_account_falls_back_to_metrics_file(tmp_path, monkeypatch, caplog):

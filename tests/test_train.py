@@ -11,9 +11,8 @@ import torch
 from helpers import TINY, compose_train
 
 from slm.cli import train
-from slm.evaluation import answer_accuracy
-from slm.tracking import read_metrics
-from slm.train import BatchStream, NonFiniteLoss, RunInterrupted, Trainer
+from slm.runs import read_metrics
+from slm.train import BatchStream, NonFiniteLoss, RunInterrupted, Trainer, answer_accuracy
 
 
 def losses(run_dir, key="train/loss"):
@@ -71,8 +70,8 @@ def test_accumulation_equals_double_batch(tmp_path):
 
 def test_ratio_one_is_plain_causal_lm_training(tmp_path):
     """selector=all with no reference = an independent HF loop with AdamW on model(...).loss."""
-    from slm.architectures import build_model
     from slm.data import build
+    from slm.model import build_model
     from slm.train import TrainConfig, lr_lambda
 
     # grad_clip=1e9: the gradient norm is logged (and compared below) but nothing is clipped
@@ -209,8 +208,8 @@ def test_stored_reference_refuses_other_data_settings(tmp_path, capsys):
 def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypatch):
     import numpy as np
 
-    import slm.reference as reference
-    import slm.store as store_module
+    import slm.reference.scoring as reference
+    import slm.reference.store as store_module
     from slm.cli import score
 
     monkeypatch.setattr(reference, "CHUNK_TOKENS", 2 * 32)  # 2 blocks per shard: many shards
@@ -235,7 +234,7 @@ def test_two_processes_equal_one_process(tmp_path, scope):
     """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, for the scopes that promise it."""
     from conftest import save_reference, tiny_model
 
-    from slm.tokenizer import builtin_tokenizer
+    from slm.data import builtin_tokenizer
 
     env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     # One fixed reference for both (the demo reference's cache key includes the process count that trains it)
@@ -283,7 +282,7 @@ def test_live_reference_trains_exactly_like_its_stored_column(tmp_path):
     from conftest import save_reference, tiny_model
 
     from slm.cli import score
-    from slm.tokenizer import builtin_tokenizer
+    from slm.data import builtin_tokenizer
 
     save_reference(tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())), tmp_path / "ref")
     live = ("reference=live", f"reference.path={tmp_path / 'ref'}")
@@ -304,7 +303,7 @@ def test_flops_estimate_the_matrix_products_a_selective_step_runs():
     from probes import MatmulFlops
 
     import slm
-    from slm.flops import flop_model
+    from slm.model import flop_model
 
     model = tiny_model("llama").train()
     ids = torch.randint(1, 101, (3, 24), generator=torch.Generator().manual_seed(0))

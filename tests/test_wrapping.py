@@ -6,7 +6,7 @@ from conftest import VOCAB, tiny_model
 from test_model import assert_grads_close, grads, hf_token_ce
 
 import slm
-from slm.rows import shifted_valid
+from slm.model import shifted_valid
 
 
 def lora(model):

@@ -21,7 +21,8 @@ Layout: :mod:`~slm.head.output` (:class:`OutputHead`: the architecture's logits,
 the backend, chosen in one place), :mod:`~slm.head.passes` (the scoring and training passes),
 :mod:`~slm.head.chunks` (the element-wise chunk math, the ``torch`` backend),
 :mod:`~slm.head.compiled` (the same math through ``torch.compile``), :mod:`~slm.head.matmul`
-(float32-output matrix products).
+(float32-output matrix products), :mod:`~slm.head.fused` (``backend="triton"``: launches and the autograd
+op) over :mod:`~slm.head.kernels` (the Triton scoring and gradient kernels; loaded on first use).
 """
 
 from slm.head.chunks import grad_chunk, score_chunk

@@ -1,0 +1,53 @@
+"""The data-efficiency figure: eval loss (and answer accuracy) against tokens, time and FLOPs, one panel per axis."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from slm.analysis.efficiency import AXES, AXIS_LABELS, Curve
+
+
+def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "eval/loss") -> list[Path]:
+    """Write curves.png/.svg: the metric against every x-axis the runs logged (tokens seen and
+    selected, training time, FLOPs). A ``Figure`` of its own: the caller's pyplot backend is left alone."""
+    from matplotlib import rcParams
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    loss_label = "eval loss (first eval set, every token)" if metric == "eval/loss" else metric
+    panels = [(cs_loss, loss_label)] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
+    axes_used = [ax for ax in AXES if any(ax in c.x for c in cs_loss)]
+    plots = [(cs, ylabel, axis) for cs, ylabel in panels for axis in axes_used]
+    ncols = min(2, len(plots))
+    nrows = math.ceil(len(plots) / ncols)
+    fig = Figure(figsize=(6.5 * ncols, 3.8 * nrows + 0.35 * (len(cs_loss) + 1)))
+    FigureCanvasAgg(fig)
+    grid = fig.subplots(nrows, ncols, squeeze=False).flatten()
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (cs, ylabel, axis) in zip(grid, plots):
+        for i, c in enumerate(cs):
+            if axis not in c.x:
+                continue
+            style = dict(color="black", ls="--", lw=2) if c.is_baseline else dict(color=colors[i % len(colors)])
+            if c.partial:
+                style["alpha"] = 0.6
+            ax.plot(c.x[axis], c.mean, label=c.label, **style)
+            if len(c.runs) > 1:
+                ax.fill_between(c.x[axis], c.lo, c.hi, alpha=0.2, color=style["color"])
+        ax.set_xlabel(AXIS_LABELS[axis])
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if "loss" in ylabel:
+            finite = [v for c in cs for v in c.mean[1:] if math.isfinite(v)] or [1.0]
+            ax.set_ylim(top=max(finite) * 1.05, bottom=min(finite) * 0.97)
+    for ax in grid[len(plots) :]:
+        ax.set_visible(False)
+    handles, labels = grid[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1 if len(labels) > 4 else 2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.045 * len(labels) / (nrows + 1), 1, 1))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "curves.png", out / "curves.svg"]
+    for p in paths:
+        fig.savefig(p, dpi=120)
+    return paths

@@ -1,0 +1,59 @@
+"""slm-curves: data-efficiency plots and the "tokens, time and FLOPs to reach the baseline" table.
+
+Reads runs (:mod:`slm.analysis.efficiency`), writes the plot (:mod:`slm.analysis.plots`) and the
+savings table (:mod:`slm.analysis.savings`) beside them."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from slm.analysis.efficiency import curves, load_runs
+from slm.analysis.plots import plot
+from slm.analysis.savings import savings_table, write_table
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="slm-curves", description=__doc__.split("\n")[0])
+    p.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or wandb:ENTITY/PROJECT[/GROUP]")
+    p.add_argument("--out", default=None, help="output folder (default: the first path, or ./curves)")
+    p.add_argument("--metric", default="eval/loss",
+                   help="the eval loss to plot and tabulate: eval/<name>/loss for an eval set (default: eval/loss, "
+                        "the first set)")  # fmt: skip
+    p.add_argument("--baseline", default=None,
+                   help="the group every other is compared with: part of its label (as the legend shows it) or a "
+                        "path of one of its runs (default: the group that trains every token)")  # fmt: skip
+    args = p.parse_args(argv)
+
+    try:
+        runs = load_runs(args.paths)
+    except (FileNotFoundError, ValueError) as e:  # a missing folder, or one without runs: one line, no traceback
+        raise SystemExit(str(e)) from None
+    empty = [r.path for r in runs if not r.evals(args.metric)]
+    for path in empty:
+        print(f"slm-curves: {path} has no {args.metric} points; skipped")
+    acc_metric = args.metric[: -len("loss")] + "answer_acc" if args.metric.endswith("/loss") else None
+    cs_loss, cs_acc = curves(runs, args.metric), curves(runs, acc_metric) if acc_metric else []
+    if not cs_loss:
+        known = sorted({k for r in runs for e in r.events for k in e if k.startswith("eval/") and k.endswith("loss")})
+        raise SystemExit(f"slm-curves: none of the runs has {args.metric} points; nothing to plot (they have: "
+                         f"{', '.join(known) or 'no eval points'})")  # fmt: skip
+    for c in cs_loss:
+        if c.partial:
+            print(f"slm-curves: {c.group} is partial: {c.partial}; its curve stops at the last eval step all of "
+                  "its runs reached and is labelled (partial)")  # fmt: skip
+        seeds = [r.seed for r in c.runs]
+        if len(set(map(repr, seeds))) < len(seeds):
+            distinct = len(set(map(repr, seeds)))
+            print(f"slm-curves: {c.group} holds {len(seeds)} runs of the same settings but only {distinct} distinct "
+                  "seed(s) (repeats are averaged as if they were seeds)")  # fmt: skip
+    first = Path(args.paths[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
+    for path in plot(cs_loss, cs_acc, out, args.metric):
+        print(f"slm-curves: wrote {path}")
+    rows, note = savings_table(cs_loss, args.baseline, args.metric)
+    if note:
+        print(f"slm-curves: {note}")
+    else:
+        print(write_table(rows, out))
+        print(f"slm-curves: wrote {out / 'tokens_to_baseline.csv'} and {out / 'tokens_to_baseline.md'}")

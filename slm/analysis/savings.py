@@ -1,0 +1,115 @@
+"""How much of the baseline's tokens, training time and FLOPs each group of runs needs to reach
+the baseline's final eval loss: the table ``slm-curves`` prints and writes (CSV and Markdown).
+
+Fractions are paired by seed: each seed's run against the baseline run of the same seed (its final
+loss is the target, its tokens, time and FLOPs the denominators), then the mean and the worst seed,
+since seeds of one setting spread as much as some effects.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from slm.analysis.efficiency import Curve, Run, curves, tokens_to_reach
+
+
+def pick_baseline(cs: list[Curve], name: str | None = None) -> tuple[Curve | None, str | None]:
+    """The baseline curve: the group named by ``name`` (a substring of its label, or a path of one
+    of its runs), else the one group that trains every token. (None, why) when there is none or
+    several."""
+    if name:
+        hits = [c for c in cs if name in c.group or any(name.rstrip("/") in r.path for r in c.runs)]
+        if len(hits) != 1:
+            found = "no group" if not hits else f"{len(hits)} groups ({'; '.join(c.group for c in hits)})"
+            return None, f"--baseline {name!r} matches {found}; groups: {'; '.join(c.group for c in cs)}"
+        return hits[0], None
+    bases = [c for c in cs if c.is_baseline]
+    if not bases:
+        return (
+            None,
+            "no baseline run (ratio 1.0 / selector=all) among the inputs: nothing to compare against "
+            "(name one with --baseline)",
+        )
+    if len(bases) > 1:
+        return None, (f"{len(bases)} baseline groups with different settings ({'; '.join(c.group for c in bases)}): "
+                      "name the one to compare against with --baseline")  # fmt: skip
+    return bases[0], None
+
+
+def _run_curve(run: Run, metric: str) -> Curve:
+    return curves([run], metric, by_seed=True)[0]
+
+
+def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None, float | None, str, bool]:
+    """(mean, worst) over seeds of: x a seed's run needs to reach its own baseline seed's final
+    metric, over what that baseline run used (both None when a seed never reaches it); a note on
+    seeds without a partner or not reaching; whether any seed had a partner."""
+    base_by_seed = {r.seed: _run_curve(r, metric) for r in base.runs}
+    fractions, missing, unreached = [], 0, 0
+    for r in c.runs:
+        b = base_by_seed.get(r.seed)
+        if b is None or axis not in b.x or not len(b.mean) or not b.x[axis][-1]:
+            missing += 1
+            continue
+        reach = tokens_to_reach(_run_curve(r, metric), float(b.mean[-1]), axis)
+        if reach is None:
+            unreached += 1
+        else:
+            fractions.append(reach / float(b.x[axis][-1]))
+    notes = ([f"{missing} seed(s) without a baseline run of the same seed"] if missing else []) + (
+        [f"{unreached} of {len(c.runs)} seed(s) never reached it"] if unreached else [])  # fmt: skip
+    paired = missing < len(c.runs)
+    if not fractions or unreached:
+        return None, None, "; ".join(notes), paired
+    return float(np.mean(fractions)), max(fractions), "; ".join(notes), paired
+
+
+def savings_table(cs: list[Curve], baseline: str | None = None,
+                  metric: str = "eval/loss") -> tuple[list[dict], str | None]:  # fmt: skip
+    """Rows of what each group needs to reach the baseline's final ``metric`` (its mean over seeds):
+    tokens seen and selected on the mean curve, and the fractions of the baseline's tokens, training
+    time and FLOPs, paired by seed (mean and worst seed); and a note if there is no baseline."""
+    base, why = pick_baseline(cs, baseline)
+    if base is None:
+        return [], why
+    target = float(base.mean[-1])
+    base_tokens = float(base.x["tokens_seen"][-1]) if "tokens_seen" in base.x else 0.0
+    ratio = lambda a, b: None if a is None or not b else round(a / b, 3)
+    rows = []
+    for c in cs:
+        seen = tokens_to_reach(c, target)
+        sel = tokens_to_reach(c, target, "tokens_selected")
+        tok_mean, tok_worst, note, paired = _paired(c, base, metric, "tokens_seen")
+        time_mean, time_worst, _, _ = _paired(c, base, metric, "train_time_s")
+        flops_mean, _, _, _ = _paired(c, base, metric, "flops")
+        rnd = lambda v: None if v is None else round(v, 3)
+        name = f"baseline: {c.group}" if c is base and baseline else c.group
+        rows.append({
+            "run": name + (" (partial)" if c.partial else ""), "seeds": len(c.runs),
+            "final_eval_loss": round(float(c.mean[-1]), 4),
+            "tokens_seen_to_reach_baseline": None if seen is None else int(seen),
+            "tokens_selected_to_reach_baseline": None if sel is None else int(sel),
+            "fraction_of_baseline_tokens": rnd(tok_mean) if paired else ratio(seen, base_tokens),
+            "worst_seed_fraction": rnd(tok_worst),
+            "fraction_of_baseline_time": rnd(time_mean), "worst_seed_time_fraction": rnd(time_worst),
+            "fraction_of_baseline_flops": rnd(flops_mean),
+            "fold_saving": None if not seen or not base_tokens else round(base_tokens / seen, 2),
+            "notes": note,
+        })  # fmt: skip
+    return rows, None
+
+
+def write_table(rows: list[dict], out: Path) -> str:
+    cols = list(rows[0])
+    with (out / "tokens_to_baseline.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: "not reached" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    md += "".join("| " + " | ".join(fmt(r[c]) if c != "notes" else r[c] for c in cols) + " |\n" for r in rows)
+    (out / "tokens_to_baseline.md").write_text(md)
+    return md

@@ -1,0 +1,70 @@
+"""What the selector keeps: excess-loss samples of a finished run, for notebooks."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slm.model import shifted_valid, token_losses
+from slm.runs import RUN_INFO
+from slm.selection import excess_loss, select_tokens
+
+
+@dataclass
+class SelectionSample:
+    tokens: list[list[str]]  # [B][T] token strings
+    excess: np.ndarray  # [B, T] training-model loss minus reference loss
+    mask: np.ndarray  # [B, T] selected
+    valid: np.ndarray  # [B, T]
+    ratio: float
+
+
+def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None = None) -> SelectionSample:
+    """Score the first ``n_blocks`` training blocks with the run's final model and its stored
+    reference losses, and select as the run did (top ``ratio`` by excess loss over the batch)."""
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slm.data import build
+    from slm.reference import expected_store, load_stored
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / RUN_INFO).read_text())
+    if not info.get("scores_dir"):
+        raise ValueError(f"{run_dir} trained without stored reference losses (reference={info.get('reference')})")
+    data = build(OmegaConf.load(run_dir / "config.yaml").data)  # the run's packed data, from its cache
+    ds = data["train"].select(range(n_blocks))
+    ref_loss = load_stored(info["scores_dir"], expected_store(data)).rows(range(n_blocks))
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+    tok = AutoTokenizer.from_pretrained(run_dir / "model")
+    ids, labels = torch.tensor(ds["input_ids"]), torch.tensor(ds["labels"])
+    tl = token_losses(model, ids, labels, attention_mask=torch.tensor(ds["attention_mask"]))
+    ex = excess_loss(tl, ref_loss)
+    valid = shifted_valid(labels)
+    ratio = float(info["ratio"]) if ratio is None else ratio
+    mask = select_tokens(ex, ratio, valid=valid)
+    tokens = [tok.convert_ids_to_tokens(row) for row in ds["input_ids"]]
+    return SelectionSample(tokens, ex.numpy(), mask.numpy(), valid.numpy(), ratio)
+
+
+def highlight_html(sample: SelectionSample, rows: int = 3) -> str:
+    """Selected tokens on a green background, rejected ones struck through in grey."""
+    out = []
+    for b in range(min(rows, len(sample.tokens))):
+        spans = []
+        for t, tok in enumerate(sample.tokens[b]):
+            text = html.escape(tok.replace("\n", "⏎"))
+            if not sample.valid[b, t]:
+                style, title = "color:#bbb", ""
+            elif sample.mask[b, t]:
+                style, title = "background:#b7f0b1", f"{sample.excess[b, t]:.2f}"
+            else:
+                style, title = "color:#999;text-decoration:line-through", f"{sample.excess[b, t]:.2f}"
+            spans.append(f"<span style='{style}' title='{title}'>{text}</span>")
+        out.append("<div style='font-family:monospace;white-space:pre-wrap;margin:6px 0'>" + "".join(spans) + "</div>")
+    return "\n".join(out)

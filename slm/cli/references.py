@@ -1,0 +1,228 @@
+"""Where a run's reference losses come from: none, a live model, a stored column, or a reference
+trained once on its own text (``reference=train``; the built-in ``demo`` trains on the corpus's
+clean split), cached, scored once and reused by every run.
+
+Caches are keyed by a hash of everything that decides their content and become visible only
+when complete (a ``DONE`` marker written last), so an interrupted run never leaves a cache that
+breaks the next one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from accelerate.utils import broadcast_object_list
+from omegaconf import DictConfig
+
+from slm import parallel
+from slm.cli.settings import cache_root, config_hash, container
+from slm.data import GENERATED, PackedData, SourceSpec, build_split, default_cache_dir
+from slm.model import SelectiveLM, build_model
+from slm.reference import (
+    META_FILE,
+    RefSource,
+    check_vocab,
+    expected_store,
+    freeze,
+    load_reference,
+    load_stored,
+    reference_identity,
+    score_dataset,
+)
+from slm.runs import Tracker, checkpoints
+from slm.train import RunInterrupted, TrainConfig, Trainer
+
+log = logging.getLogger("slm")
+DONE = "DONE"
+
+
+def _locked(path: Path):
+    from filelock import FileLock  # a dependency of datasets and huggingface_hub
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+def _agreed(value: bool) -> bool:
+    box = [value]
+    broadcast_object_list(box)  # the main process's view decides for everyone
+    return box[0]
+
+
+def _reference_data(cfg: DictConfig, data: PackedData, seed: int) -> tuple:
+    """(packed training text of a trained reference, its identity). The built-in corpus's own
+    splits come from the run's packed data; any other source is packed with the run's tokenizer
+    and block size and cached."""
+    spec = container(cfg.reference.data)
+    if spec.get("source") in GENERATED and spec.get("source") == cfg.data.source:  # a split of the run's own corpus
+        split = spec.get("split") or "clean"
+        if split not in data.splits:
+            raise ValueError(f"reference.data.split={split!r}: the {cfg.data.source} corpus has {sorted(data.splits)}")
+        return data[split], {cfg.data.source: data.identity["data_hash"][split]}
+    source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
+    packed = build_split(source, data.tokenizer, data.identity["block_size"], cfg.data.get("cache_dir") or
+                         default_cache_dir(), shuffle_seed=seed)  # fmt: skip
+    return packed, {"source": source.identity(cfg.data.get("cache_dir") or default_cache_dir()),
+                    "tokenizer": data.identity["tokenizer"],
+                    "block_size": data.identity["block_size"]}  # fmt: skip
+
+
+def _reference_model(cfg: DictConfig, data: PackedData, seed: int):
+    if cfg.reference.get("init", "scratch") == "pretrained":
+        return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer)
+    return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer, fresh=True)
+
+
+def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
+    """``reference=train`` (and the built-in ``demo``): a reference trained once on its own text
+    (``reference.data``) from scratch or from ``model.pretrained`` (``reference.init``), cached by
+    a hash of everything that decides its weights and reused by every run and sweep job."""
+    rcfg = cfg.reference
+    seed = int(rcfg.get("seed", 0))  # not the run's seed: every seed of a sweep shares one reference
+    tcfg = TrainConfig(**container(rcfg.trainer), seed=seed)
+    ref_data, data_identity = _reference_data(cfg, data, seed)
+    # Everything that changes the reference's weights: the global batch depends on the process count.
+    settings = {"model": container(cfg.model), "init": rcfg.get("init", "scratch"),
+                "trainer": container(rcfg.trainer), "data": data_identity, "seed": seed,
+                "processes": acc.num_processes,
+                "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision)}  # fmt: skip
+    where = cache_root(cfg) / "reference" / config_hash(settings)
+    what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
+    with _locked(where) if acc.is_main_process else nullcontext():
+        if _agreed((where / DONE).exists()):
+            log.info("reference: reusing the cached reference %s (trained once on %s, shared by every run and "
+                     "sweep job with these settings)", where, what)  # fmt: skip
+        else:
+            resume_from = checkpoints.latest(where / "run", warn=False) if where.exists() else None
+            if _agreed(resume_from is not None):  # an interrupted first run: carry on from its checkpoint
+                log.warning("reference: resuming the interrupted reference from %s", resume_from)
+                tcfg.resume = True
+            elif acc.is_main_process and where.exists():
+                log.warning("reference: %s holds a partial reference (an interrupted run); rebuilding it", where)
+                shutil.rmtree(where)
+            acc.wait_for_everyone()
+            log.info("reference: training the reference on %s (first run only) -> %s", what, where)
+            with parallel.model_init(trained=False):  # trained with DDP under DeepSpeed, see below
+                model = _reference_model(cfg, data, seed)
+            lm = SelectiveLM(model, ratio=1.0)
+            # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
+            mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
+            step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
+            t = Trainer(acc, lm, ref_data, data.eval_sets, tcfg, where / "run", mode=mode, name="reference",
+                        tracker=Tracker(where / "run", enabled=acc.is_main_process, resume_step=step))  # fmt: skip
+            try:
+                res = t.fit()
+            except RunInterrupted as e:  # say how to continue the user's run, not how to resume the cache's
+                raise RunInterrupted(e.signum, e.step, e.checkpoint, hint=(
+                    f"interrupted while training the reference model (step {e.step} of {tcfg.max_steps}, "
+                    f"checkpointed in its cache {where}); the next run resumes it by itself: run the same command "
+                    "again to continue")) from e  # fmt: skip
+            t.engine.save_pretrained(where / "model", data.tokenizer)
+            if acc.is_main_process:
+                (where / "result.json").write_text(json.dumps(res, indent=1))
+                (where / DONE).write_text("")  # last: the cache is complete
+            acc.wait_for_everyone()
+            t.engine.release()
+            del t, lm, model
+    return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
+
+
+def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, acc, out_dir=None,
+                  entropy: bool = False, dtype: str = "float32") -> tuple[Path, bool]:  # fmt: skip
+    """Score the training split once per (reference weights, data, columns); reuse the store afterwards.
+    Returns (the store, whether an earlier run had made it)."""
+    ident = reference_identity(reference, ref_name)
+    meta = {**expected_store(data), "reference": ident, "entropy": entropy, "dtype": dtype}
+    out_dir = Path(out_dir) if out_dir else cache_root(cfg) / "scores" / config_hash(meta)
+    with _locked(out_dir) if acc.is_main_process else nullcontext():  # concurrent sweep jobs score once
+        reused = _agreed((out_dir / META_FILE).exists())
+        if reused:
+            load_stored(out_dir, meta)  # refuses a store made by another reference or for other data
+            log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
+        else:
+            score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
+                          accelerator=acc, entropy=entropy, dtype=dtype)  # fmt: skip
+    return out_dir, reused
+
+
+def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: bool = False) -> tuple:
+    """(train dataset, RefSource) for ``cfg.reference.kind``: none | live | stored | train | demo.
+    ``entropy``: the selector also needs the reference's per-token entropy."""
+    kind = cfg.reference.kind
+    if kind == "none":
+        return data["train"], RefSource("none")
+    evolve_every = cfg.reference.get("evolve_every")
+    if kind == "live" or evolve_every is not None:  # scored live (an evolving reference: from a trained one)
+        if kind == "live":
+            check_reference_tokenizer(cfg, data)
+            ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
+        else:
+            _, ref = trained_reference(cfg, data, acc)
+        check_vocab(model, ref)
+        evolving = {}
+        if evolve_every is not None:
+            evolving = dict(evolve_every=int(evolve_every), evolve_ema=float(cfg.reference.get("evolve_ema", 0.0)))
+        return data["train"], RefSource("live", freeze(ref), entropy=entropy, **evolving)
+    if kind == "stored":
+        expected = {**expected_store(data), "entropy": entropy}
+        if cfg.reference.get("path"):  # optional: the reference the store must have been scored with
+            expected["reference_name"] = str(cfg.reference.path)
+        columns = load_stored(cfg.reference.scores_dir, expected)
+        return data["train"], RefSource("stored", scores_dir=str(cfg.reference.scores_dir), entropy=entropy,
+                                        store=columns)  # fmt: skip
+    if kind in ("train", "demo"):
+        name, ref = trained_reference(cfg, data, acc)
+        check_vocab(model, ref)
+        store, _ = stored_scores(cfg, data, ref, name, acc, entropy=entropy)
+        columns = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
+        return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
+    raise ValueError(f"reference.kind must be none, live, stored, train or demo, got {kind!r}")
+
+
+def check_reference_tokenizer(cfg: DictConfig, data: PackedData) -> None:
+    """Refuse a live reference whose tokenizer is not the training data's: vocabularies of the same
+    size can map ids to different tokens (Llama-2 and Mistral-7B v0.1 both have 32,000), and its
+    losses would then score other tokens. ``reference.check_tokenizer=false`` skips the check."""
+    if not cfg.reference.get("check_tokenizer", True):
+        return
+    from transformers import AutoTokenizer
+
+    from slm.data import tokenizer_identity
+
+    path, ours = cfg.reference.path, data.identity["tokenizer"]
+    override = ("set reference.check_tokenizer=false only if you know the two vocabularies give every id the same "
+                "token")  # fmt: skip
+    try:
+        theirs = tokenizer_identity(AutoTokenizer.from_pretrained(path))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"reference.path={path!r} has no tokenizer that loads ({type(e).__name__}), so slm cannot check that it "
+            f"shares the training tokenizer ({ours['name']}): save the reference's tokenizer into that folder, or "
+            f"{override}"
+        ) from e
+    if theirs["vocab_sha256"] != ours["vocab_sha256"]:
+        raise ValueError(
+            f"the reference's tokenizer ({theirs['name']}: {theirs['vocab_size']} tokens, vocabulary hash "
+            f"{theirs['vocab_sha256']}) is not the training tokenizer ({ours['name']}: {ours['vocab_size']} tokens, "
+            f"hash {ours['vocab_sha256']}); its losses would score other tokens. Use a reference of the same family, "
+            f"or {override}"
+        )
+
+
+def check_score_vocab(cfg: DictConfig, data: PackedData, ref) -> None:
+    """Refuse, before scoring, a reference whose vocabulary is not the training model's."""
+    from transformers import AutoConfig
+
+    pretrained = cfg.model.get("pretrained")
+    vocab = AutoConfig.from_pretrained(pretrained).vocab_size if pretrained else len(data.tokenizer)
+    v_ref = ref.get_output_embeddings().weight.shape[0]
+    if v_ref != vocab:
+        raise ValueError(
+            f"the reference's vocabulary ({v_ref} tokens) differs from the training model's ({vocab}, "
+            f"model={cfg.model.name}); a reference must share the training model's tokenizer"
+        )

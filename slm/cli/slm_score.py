@@ -1,0 +1,93 @@
+"""``slm-score``: store a reference's per-token losses for a packed training split once, and ``--verify`` a store."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from slm import parallel, runs
+from slm.cli.common import CONF_DIR, check_output_dirs, one_line_errors, setup_logging, task_overrides
+from slm.cli.preflight import check_run_sources
+from slm.cli.references import check_reference_tokenizer, check_score_vocab, stored_scores, trained_reference
+from slm.cli.settings import resolve_block_size
+from slm.data import build
+from slm.reference import META_FILE, load_reference
+
+
+def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
+    """``slm-score``: store reference losses of the training split (``overrides``: the launch's own,
+    to print the ``slm-train`` command that uses the store)."""
+    check_run_sources(cfg)
+    resolve_block_size(cfg)
+    acc = parallel.make_accelerator("no")
+    setup_logging(acc)
+    with acc.main_process_first():
+        data = build(cfg.data)
+    if cfg.reference.kind in ("demo", "train"):
+        name, ref = trained_reference(cfg, data, acc)
+    elif cfg.reference.kind != "live":
+        raise ValueError(f"slm-score needs reference=demo, train or live, got reference.kind={cfg.reference.kind!r}")
+    else:
+        check_reference_tokenizer(cfg, data)
+        name, ref = cfg.reference.path, load_reference(cfg.reference.path, device=acc.device,
+                                                       dtype=cfg.reference.get("dtype", "auto"))  # fmt: skip
+    check_score_vocab(cfg, data, ref)
+    out, reused = stored_scores(cfg, data, ref, name, acc, out_dir=cfg.get("out_dir"),
+                                entropy=bool(cfg.get("entropy")), dtype=cfg.get("store_dtype", "float32"))  # fmt: skip
+    if acc.is_main_process:
+        meta = runs.read_json(out / META_FILE) or {}
+        rate = meta.get("tokens_per_s")
+        how = ("reused: an earlier slm-score run had stored these exact losses" if reused or not rate
+               else f"scored at {rate:,} tokens/s over {meta.get('processes')} process(es)")  # fmt: skip
+        print(f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out} ({how})"
+              f"\n  train with: slm-train {' '.join(_data_overrides(overrides))} reference=stored "
+              f"reference.scores_dir={out}", flush=True)  # fmt: skip
+    return out
+
+
+def _data_overrides(overrides: list[str] | None) -> list[str]:
+    """The launch's data and model options: a run on this store must pass them again (the packed
+    data the store belongs to is found by them)."""
+    keep = ("data", "model", "seed")
+    return [o for o in overrides or [] if o.lstrip("+~").split("=", 1)[0].split(".")[0] in keep]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="score")
+def score_app(cfg: DictConfig) -> None:
+    with one_line_errors():
+        score(cfg, task_overrides())
+
+
+def main_score() -> None:
+    with one_line_errors():
+        if sys.argv[1:2] == ["--verify"]:
+            verify_stores(sys.argv[2:])
+        else:
+            check_output_dirs(sys.argv[1:])
+            score_app()
+
+
+def verify_stores(folders: list[str]) -> None:
+    """``slm-score --verify <store>...``: hash every shard of each store against its metadata."""
+    from tqdm.auto import tqdm
+
+    from slm.reference import StoredColumns, read_meta
+
+    if not folders:
+        raise ValueError("slm-score --verify takes one or more store folders (the folder slm-score printed)")
+    for folder in folders:
+        meta = read_meta(Path(folder))
+        columns = StoredColumns(folder, meta)
+        columns.check_files(sample=0)
+        rows = meta["rows"] * len(columns.columns)
+        with tqdm(total=rows, desc=f"verifying {folder}", unit="row", unit_scale=True) as bar:
+            columns.verify_all(bar)
+        shards = sum(len(meta["shards"][c]) for c in columns.columns)
+        print(
+            f"slm-score --verify: {folder} is intact ({shards} shards of {', '.join(columns.columns)}, "
+            f"{meta['rows']} rows of {meta['block_size']} tokens)",
+            flush=True,
+        )

@@ -1,0 +1,195 @@
+"""``slm-train``: one training run from the composed config: settings, data, model, reference,
+selector, tracker, trainer; then the run's records and the final model."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from slm import parallel, runs
+from slm.cli.common import (
+    CONF_DIR,
+    check_output_dirs,
+    export_slurm_distributed_env,
+    one_line_errors,
+    run_dir_from_hydra,
+    setup_logging,
+    task_overrides,
+)
+from slm.cli.preflight import check_run_sources
+from slm.cli.references import reference_source
+from slm.cli.settings import (
+    container,
+    downstream_config,
+    effective_selector,
+    needed_reference,
+    resolve_block_size,
+    validate,
+)
+from slm.data import build, check_block_size
+from slm.model import SELECTORS, SelectiveLM, build_model
+from slm.runs import Tracker, checkpoints
+from slm.selection import ratio_schedule
+from slm.train import BlockFilter, RunInterrupted, TrainConfig, Trainer
+
+log = logging.getLogger("slm")
+
+
+def _accelerator(tcfg: TrainConfig):
+    from accelerate.utils import set_seed
+
+    export_slurm_distributed_env()
+    acc = parallel.make_accelerator(parallel.resolve_mixed_precision(tcfg.mixed_precision), tcfg.grad_accum)
+    set_seed(tcfg.seed)
+    return acc
+
+
+def run_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> tuple[DictConfig, dict]:
+    """The config this launch trains with: on resume the run's own saved config plus the allowed
+    changes (see :mod:`slm.runs`), else ``cfg``."""
+    saved = run_dir / runs.CONFIG
+    if not cfg.trainer.get("resume") or not saved.exists():
+        return cfg, {}
+    info = runs.read_json(run_dir / runs.RUN_INFO) or {}
+    processes = (int(info.get("processes", 1)), int(os.environ.get("WORLD_SIZE", "1")))
+    merged, changed = runs.resume_config(container(OmegaConf.load(saved)), container(cfg), overrides, processes)
+    for key, (old, new) in changed.items():
+        log.info("resume: %s changed from %r to %r", key, old, new)
+    return OmegaConf.create(merged), changed
+
+
+def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+    """One run of ``slm-train`` (usable without Hydra's decorator, e.g. from tests).
+
+    ``overrides``: the launch's explicit ``key=value`` settings; on resume only they may differ
+    from the run's saved config (``None``: every key is compared).
+    """
+    run_dir = Path(run_dir)
+    cfg, changed = run_config(cfg, run_dir, overrides)
+    tcfg = validate(cfg)  # before anything slow: settings first, then what must be fetched
+    check_run_sources(cfg)
+    resolve_block_size(cfg)
+    acc = _accelerator(tcfg)
+    setup_logging(acc)
+    runs.claim(run_dir, tcfg.resume, tcfg.overwrite, acc.is_main_process)
+    acc.wait_for_everyone()
+    with acc.main_process_first():  # one process packs and caches; the others then load the cache
+        data = build(cfg.data)
+    with parallel.model_init():
+        model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
+    check_block_size(model.config, int(cfg.data.block_size))
+    train_ds, ref = reference_source(cfg, data, acc, model, entropy=needed_reference(cfg)["entropy"])
+    sel = cfg.selector
+    selector = effective_selector(sel.name, sel.ratio, cfg.reference.kind, sel.get("blocks", 1.0))
+    schedule = ratio_schedule(1.0 if selector in ("all", "blocks") else sel.ratio)
+    ratio = schedule.start if schedule.is_constant else schedule.label()
+    combine = tuple(sel.scores) if selector in ("union", "intersection") else None
+    lm = SelectiveLM(model, ratio=schedule.start, selector=selector if selector in SELECTORS else "train_loss",
+                     combine=combine,
+                     scope=sel.scope, seed=cfg.seed, head_backend=tcfg.head_backend,
+                     check_scores="deferred")  # the loop checks them with its end-of-step reduce  # fmt: skip
+    info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=selector, ratio=ratio, scope=sel.scope,
+                blocks=float(sel.get("blocks", 1.0)), train_split=cfg.data.get("train_split", "train"),
+                reference=cfg.reference.kind, seed=cfg.seed, scores_dir=ref.scores_dir, status="running",
+                processes=acc.num_processes, mode=parallel.requested_mode())  # fmt: skip
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        old = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None
+        if old is not None:
+            record = {k: list(v) for k, v in changed.items()}
+            if old.get("processes") != acc.num_processes:
+                record["processes"] = [old.get("processes"), acc.num_processes]
+            info = {**old, "status": "running", "processes": acc.num_processes, "mode": info["mode"],
+                    "resumes": [*old.get("resumes", []), record]}  # fmt: skip
+        else:
+            OmegaConf.save(cfg, run_dir / runs.CONFIG, resolve=True)
+        runs.write_json(run_dir / runs.RUN_INFO, info)
+    wandb_cfg = None if cfg.logger.kind == "none" else container(cfg.logger)
+    tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg, config=container(cfg),
+                      resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip
+    blocks = None
+    if float(sel.get("blocks", 1.0)) < 1.0:
+        blocks = BlockFilter(float(sel.blocks), sel.get("block_score", "excess_loss"), tcfg.batch_size)
+    trainer = Trainer(acc, lm, train_ds, data.eval_sets, tcfg, run_dir, ref=ref, tracker=tracker, name=cfg.name,
+                      ratio=schedule, downstream=downstream_config(cfg), tokenizer=data.tokenizer,
+                      blocks=blocks)  # fmt: skip
+    try:
+        result = trainer.fit()
+        _save_model(trainer, run_dir, data.tokenizer)
+    except RunInterrupted as e:
+        _finish(acc, run_dir, info, {"status": "interrupted", "step": e.step, "checkpoint": str(e.checkpoint),
+                                     "signal": e.signum})  # fmt: skip
+        raise
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or one after training (while model/ is written)
+        ckpt = checkpoints.latest(run_dir, warn=False)
+        _finish(acc, run_dir, info, {"status": "interrupted", "step": trainer.step, "checkpoint": str(ckpt),
+                                     "signal": signal.SIGINT})  # fmt: skip
+        raise RunInterrupted(signal.SIGINT, trainer.step, ckpt) from e
+    except Exception as e:
+        _finish(acc, run_dir, info, {"status": "failed", "step": trainer.step, "error": f"{type(e).__name__}: {e}"})
+        raise
+    finally:
+        tracker.finish()
+    _finish(acc, run_dir, info, {"status": "finished", **result})
+    if acc.is_main_process:
+        tracker.summary(result)
+        _print_summary(run_dir, result)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _save_model(trainer: Trainer, run_dir: Path, tokenizer) -> None:
+    """The final ``model/`` (written aside, then renamed into place: complete or absent)."""
+    try:
+        trainer.engine.save_pretrained(run_dir / "model", tokenizer)
+    except Exception as e:  # a full disk arrives as OSError, RuntimeError or safetensors' own error
+        ckpt = checkpoints.latest(run_dir, warn=False)
+        raise checkpoints.CheckpointError(
+            f"could not write {run_dir / 'model'} ({type(e).__name__}: {e}). Training reached step "
+            f"{trainer.step} and its checkpoint {ckpt} is complete: free disk space and run again with "
+            f"trainer.resume=true hydra.run.dir={run_dir} to write model/"
+        ) from e
+
+
+def _finish(acc, run_dir: Path, info: dict, result: dict) -> None:
+    if acc.is_main_process:
+        runs.write_json(run_dir / runs.RESULT, result)
+        runs.write_json(run_dir / runs.RUN_INFO, {**info, "status": result["status"]})
+
+
+def _resume_step(run_dir: Path) -> int | None:
+    ckpt = checkpoints.latest(run_dir, warn=False)
+    return checkpoints.read_state(ckpt)["step"] if ckpt else None
+
+
+def _print_summary(run_dir: Path, result: dict) -> None:
+    def repeats_first_set(key: str) -> bool:  # eval/<first>/loss is also eval/loss: print it once
+        parts = key.split("/")
+        return len(parts) == 3 and parts[0] == "eval" and result.get(f"eval/{parts[2]}") == result[key]
+
+    numbers = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
+                        if k != "status" and not repeats_first_set(k))  # fmt: skip
+    print(f"\nslm-train finished: {numbers}\n  run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}"
+          f"\n  model: {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
+          f"  plot: slm-curves {run_dir}", flush=True)  # fmt: skip
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def train_app(cfg: DictConfig) -> float | None:
+    with one_line_errors():  # inside the app: Hydra reports any exception that reaches it as a traceback
+        result = train(cfg, run_dir_from_hydra(), task_overrides())
+    return result.get("eval/loss")
+
+
+def main_train() -> None:
+    with one_line_errors():  # Ctrl-C before Hydra hands over (e.g. while composing) lands here
+        check_output_dirs(sys.argv[1:])
+        train_app()
+

@@ -1,0 +1,65 @@
+"""Training FLOPs of what a step actually computed (a data-efficiency x-axis beside tokens and time).
+
+Per token of a block of ``seq`` tokens, forward plus backward (PaLM's accounting, Chowdhery et al.
+2022, appendix B): ``6 x body`` for the decoder's weights (``body``: every parameter but the input
+embedding and the output layer) and ``12 x layers x width x seq`` for attention. The output layer
+(``head`` = vocabulary x width weights) is counted where it runs: ``2 x head`` per token of the
+no-grad scoring pass (every valid token when selecting by score), ``6 x head`` per trained token
+(logits recomputed, then the hidden-state and weight gradients). A live reference adds its forward
+(``2 x its weights``) per token; blocks seen only by a no-grad forward (skipped by sequence
+selection) cost a third of the decoder's terms plus the scoring pass. Estimates, not
+measurements: element-wise work and norms are left out, as in the usual ``6 N D``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    body: int  # decoder parameters other than the input embedding and the output layer
+    head: int  # vocabulary x width
+    layers: int
+    width: int
+    seq: int
+    reference: int = 0  # a live reference's parameters (0: stored scores or none)
+
+    @property
+    def attention(self) -> int:
+        return 12 * self.layers * self.width * self.seq
+
+    def step(self, tokens: int, scored: int, trained: int, forward_only: int = 0) -> float:
+        """FLOPs of a step that ran the decoder forward and backward on ``tokens`` tokens, scored
+        ``scored`` rows without grad, trained ``trained`` rows through the head, and ran
+        ``forward_only`` further tokens through a no-grad forward (blocks a selector skipped)."""
+        flops = (6 * self.body + self.attention) * tokens + 2 * self.head * scored + 6 * self.head * trained
+        flops += (2 * self.body + self.attention // 3 + 2 * self.head) * forward_only
+        flops += 2 * self.reference * (tokens + forward_only)
+        return float(flops)
+
+
+def flop_model(model: nn.Module, seq: int, reference: nn.Module | None = None) -> FlopModel:
+    """The :class:`FlopModel` of an HF causal LM (or a PEFT model of one) for blocks of ``seq`` tokens."""
+    from slm.model.architectures import causal_lm
+
+    lm = causal_lm(model)
+    emb, out = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
+    shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))  # the whole shape, also when ZeRO-3 partitioned it
+    numel = lambda p: int(_prod(shape(p)))
+    params = {id(p): p for p in lm.parameters()}  # a tied head is one parameter
+    head = numel(out)
+    body = sum(numel(p) for p in params.values()) - numel(emb) - (0 if out is emb else head)
+    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
+    ref = 0 if reference is None else sum(numel(p) for p in {id(p): p for p in reference.parameters()}.values())
+    return FlopModel(body, head, int(layers), int(shape(out)[1]), int(seq), ref)
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n

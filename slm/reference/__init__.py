@@ -1,0 +1,40 @@
+"""The frozen reference: loaded, scored live, or scored once into a store of columns. Imports slm.data,
+slm.model and slm.parallel.
+
+  scoring.py      load_reference, freeze, identity; score_dataset writes a store shard by shard (resumable)
+  store.py        a store on disk: per-token columns in hashed shards aligned by row with a packed split
+  source.py       RefSource: what the training loop asks of a reference (none, stored, live, evolving)
+"""
+
+from slm.reference.scoring import (
+    CHUNK_TOKENS,
+    check_vocab,
+    freeze,
+    load_reference,
+    load_stored,
+    reference_identity,
+    score_blocks,
+    score_dataset,
+    weights_hash,
+)
+from slm.reference.source import RefSource, check_evolution
+from slm.reference.store import META_FILE, StoredColumns, StoreError, expected_store, read_meta
+
+__all__ = [
+    "CHUNK_TOKENS",
+    "META_FILE",
+    "RefSource",
+    "StoreError",
+    "StoredColumns",
+    "check_evolution",
+    "check_vocab",
+    "expected_store",
+    "freeze",
+    "load_reference",
+    "load_stored",
+    "read_meta",
+    "reference_identity",
+    "score_blocks",
+    "score_dataset",
+    "weights_hash",
+]

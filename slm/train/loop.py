@@ -1,0 +1,306 @@
+"""The training loop: exact normalisation, eval, counters, checkpoints, resume and interruptions.
+
+Normalisation before backward: how many tokens an optimizer step trains is known from host-side
+labels before any forward (``num_to_keep(ratio, n_valid)`` per scope unit, or the loss mask's
+sum). The loop counts it for the whole step on all processes (one all-reduce), every
+micro-batch's loss is its sum divided by that count, and each engine (DDP, FSDP2, DeepSpeed)
+accumulates and steps its own way (see ``slm.parallel``). The step's loss is the mean over
+every token it trained. Which runs select the same tokens depends on the scope: ``global``
+makes W processes x batch b select as 1 process x W*b; ``sequence`` makes micro-batches,
+processes and batch sizes all equivalent; ``batch`` selects within each micro-batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slm.model import SelectiveLM, causal_lm, flop_model, shifted_valid
+from slm.parallel import Engine, param_dim, resolve_mixed_precision
+from slm.reference import RefSource, StoreError
+from slm.runs import Tracker, checkpoints, read_metrics
+from slm.selection import NonFiniteScores, RatioSchedule, num_selected, num_to_keep, ratio_schedule
+from slm.train.batches import BatchStream, fetch, to_device
+from slm.train.block_filter import BlockFilter
+from slm.train.config import TrainConfig, lr_lambda
+from slm.train.downstream import DownstreamConfig, evaluate_tasks
+from slm.train.evaluation import evaluate
+from slm.train.signals import StopSignals
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class RunInterrupted(Exception):
+    """A signal (Ctrl-C, SIGTERM, SIGUSR1) stopped the run at a step boundary after a checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, hint: str | None = None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.hint = hint  # what to tell the user, when "resume this run directory" is not the way on
+        super().__init__(hint or f"interrupted by signal {signum} at step {step}; checkpoint: {checkpoint}")
+
+
+def master_weights(lm: nn.Module, dtype: str | None) -> None:
+    """Trainable weights in ``dtype`` (float32 by default) whatever dtype the model loaded in."""
+    if dtype is None:
+        low = [n for n, p in lm.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if low:
+            log.warning("trainer.master_dtype=null: %d trainable tensors train directly in their low-precision "
+                        "dtype (updates smaller than their rounding step are lost)", len(low))  # fmt: skip
+        return
+    target = getattr(torch, dtype)
+    for p in lm.parameters():
+        if p.requires_grad and p.dtype != target:
+            p.data = p.data.to(target)
+
+
+class Trainer:
+    """Owns one training run: model, optimizer, data stream, counters, checkpoints and logs."""
+
+    def __init__(self, accelerator, lm: SelectiveLM, train_ds, eval_sets, cfg: TrainConfig, run_dir,
+                 ref: RefSource | None = None, tracker: Tracker | None = None, name: str = "train",
+                 mode: str | None = None, ratio: RatioSchedule | float | None = None,
+                 downstream: DownstreamConfig | None = None, tokenizer=None,
+                 blocks: BlockFilter | None = None):  # fmt: skip
+        """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
+        also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
+        model's own). ``downstream``: lm-evaluation-harness tasks run at eval points (needs the
+        ``tokenizer``). ``blocks``: sequence-level selection (each micro-batch keeps the best of
+        more candidate blocks, see :mod:`slm.blocks`)."""
+        self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
+        self.ref = ref or RefSource()
+        if not isinstance(eval_sets, dict):
+            eval_sets = {"validation": eval_sets}
+        self.eval_sets = {k: v.with_format("torch") for k, v in eval_sets.items()}
+        self.schedule = ratio_schedule(lm.ratio if ratio is None else ratio)
+        if not lm.fixed_count and cfg.grad_accum != 1:
+            raise ValueError(
+                f"selector={lm.selector} keeps a data-dependent number of tokens, so a step can be normalised "
+                "exactly only when it is one micro-batch: use trainer.grad_accum=1 (and a larger trainer.batch_size)"
+            )
+        self.tracker = tracker or Tracker(run_dir, enabled=False)
+        master_weights(lm, cfg.master_dtype)
+        # Counted before sharding (FSDP2 and ZeRO-3 hide whole shapes); live references add their forward.
+        self.flop_model = flop_model(lm.model, len(train_ds[0]["input_ids"]), self.ref.model)
+
+        def make_optimizer(model):
+            decay = [p for p in model.parameters() if p.requires_grad and param_dim(p) >= 2]
+            no_decay = [p for p in model.parameters() if p.requires_grad and param_dim(p) < 2]
+            groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+        self.engine = Engine(accelerator, lm, make_optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(cfg)), cfg.grad_accum, cfg.batch_size, resolve_mixed_precision(cfg.mixed_precision),
+            mode=mode, grad_clip=cfg.grad_clip)  # fmt: skip
+        self.selective = lm
+        self.downstream, self.tokenizer = downstream or DownstreamConfig(), tokenizer
+        if self.downstream.tasks and self.engine.mode in ("fsdp2", "deepspeed"):
+            raise ValueError("downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
+                             "shard: evaluate the saved model/ afterwards with lm_eval instead")  # fmt: skip
+        if self.ref.evolve_every and self.engine.mode in ("fsdp2", "deepspeed"):
+            raise ValueError("reference.evolve_every copies the training model into the reference, which needs the "
+                             "whole model on every process: run it on one process or with DDP")  # fmt: skip
+        self.train_ds = train_ds.select_columns(["input_ids", "labels", "attention_mask"]).with_format("torch")
+        self.blocks = blocks
+        per_micro_batch = blocks.candidates if blocks is not None else cfg.batch_size
+        self.stream = BatchStream(len(train_ds), per_micro_batch, accelerator.num_processes,
+                                  accelerator.process_index, cfg.seed)  # fmt: skip
+        self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0
+        self.train_time, self.flops = 0.0, 0.0  # seconds inside training steps; estimated FLOPs (slm.flops)
+        self.signals = StopSignals()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _all_ok(self, ok: bool) -> bool:
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
+        return float(self.acc.reduce(flag, "sum")) == 0
+
+    def save_checkpoint(self) -> Path:
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
+                 "train_time_s": self.train_time, "flops": self.flops,
+                 "selector_rng": self.selective.generator.get_state().tolist(),
+                 **self.engine.checkpoint_info}  # fmt: skip
+        return checkpoints.save(self.run_dir, self.step, state, self._write_checkpoint, self.acc.is_main_process,
+                                self.cfg.keep_checkpoints, self._all_ok)  # fmt: skip
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        """The engine's state, and what selection carries across steps (identical on every process,
+        so the main process writes it): a running threshold, an evolving reference's weights."""
+        self.engine.save_checkpoint(folder)
+        if self.acc.is_main_process:
+            if state := self.selective.selection_state():
+                torch.save(state, folder / "selection.pt")
+            if self.ref.evolve_every:
+                torch.save(self.ref.evolving_state(), folder / "reference.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = checkpoints.read_state(path)
+        self.engine.load_checkpoint(path, state)
+        self.step = state["step"]
+        self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
+        self.train_time, self.flops = state.get("train_time_s", 0.0), state.get("flops", 0.0)
+        self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
+        if (path / "selection.pt").exists():
+            self.selective.load_selection_state(torch.load(path / "selection.pt", weights_only=True))
+        if self.ref.evolve_every and (path / "reference.pt").exists():
+            self.ref.load_evolving_state(torch.load(path / "reference.pt", weights_only=True))
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def _step_count(self, batches: list[dict], ratio: float, candidates: int) -> tuple[int | None, int, int, int]:
+        """(tokens this step trains, tokens it trains on (kept blocks), valid tokens, tokens it read
+        (``candidates``: every candidate block's)) over every micro-batch and process, from host-side
+        labels (one all-reduce); the first is None for a selector whose count depends on the scores."""
+        lm = self.selective
+        valid = [shifted_valid(b["labels"]) for b in batches]
+        local = [num_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
+        n_valid = [int(v.sum()) for v in valid]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        store_error = float(self.ref.error is not None)  # a damaged store shard read on some process
+        counts = [*local, *n_valid, tokens, candidates, store_error]
+        *counts, tokens, candidates, store_error = self.acc.reduce(
+            torch.tensor(counts, dtype=torch.float64, device=self.acc.device), "sum").tolist()  # fmt: skip
+        if store_error:  # every process stops here, before any forward
+            raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
+        k = len(batches)
+        tokens, candidates, valid = int(tokens), int(candidates), int(sum(counts[k : 2 * k]))
+        if not lm.fixed_count:
+            return None, tokens, valid, candidates
+        if lm.scope == "global" and ratio < 1.0:  # top-k over each global micro-batch
+            return sum(num_to_keep(ratio, int(n)) for n in counts[k : 2 * k]), tokens, valid, candidates
+        return int(sum(counts[:k])), tokens, valid, candidates
+
+    def train_step(self) -> dict:
+        cfg, engine = self.cfg, self.engine
+        rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
+        batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
+        candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
+        if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
+            batches = [self.blocks.keep(b, engine, self.ref) for b in batches]
+        ratio = self.schedule.at(self.step, cfg.max_steps)
+        n_step, n_trained_on, n_valid, n_tok = self._step_count(batches, ratio, candidates)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
+        for m, batch in enumerate(batches):
+            batch = to_device(batch, self.acc.device)
+            ref = self.ref.values(batch)
+            with engine.micro_step(last=m == cfg.grad_accum - 1):
+                with engine.autocast():
+                    try:
+                        out = engine.model(input_ids=batch["input_ids"], labels=batch["labels"],
+                                           attention_mask=batch["attention_mask"], ratio=ratio,
+                                           num_items_in_batch=1 if n_step is None else n_step, **ref)  # fmt: skip
+                    except NonFiniteScores as e:
+                        raise self._non_finite(str(e)) from e
+                loss = out.loss
+                if n_step is None:  # a union/intersection: its count is known now (one micro-batch per step)
+                    counted = torch.tensor([out.n_selected], dtype=torch.float64, device=self.acc.device)
+                    n_step = int(self.acc.reduce(counted, "sum").item())
+                    loss = loss / max(n_step, 1)
+                engine.backward(loss)
+            loss_sum += loss.detach().double()
+            if out.n_nonfinite is not None:
+                nonfinite += out.n_nonfinite
+        stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
+        # The step's one sync: its loss, any non-finite selection score, and stop requests, on every process.
+        loss, bad_scores, stop = self.acc.reduce(torch.stack([loss_sum, nonfinite, stop]), "sum").tolist()
+        self._stop = stop > 0
+        if bad_scores:
+            raise self._non_finite(f"{int(bad_scores)} valid token(s) had NaN or inf selection scores; check the "
+                                   "reference losses and the model")  # fmt: skip
+        if not math.isfinite(loss):
+            raise self._non_finite("the training loss is NaN or inf")
+        grad_norm = engine.clip_and_step(cfg.grad_clip or None)
+        self.step += 1
+        self.tokens_seen += n_tok
+        self.tokens_selected += n_step
+        scoring_forward = n_tok if self.blocks is not None and self.blocks.forwards else 0
+        self.flops += self.flop_model.step(n_trained_on, n_valid if ratio < 1.0 else 0, n_step, scoring_forward)
+        if self.ref.maybe_evolve(self.step, self.selective.model):
+            log.info("reference: refreshed from the training model at step %d", self.step)
+        return {"train/loss": loss, "train/selected_frac": n_step / max(n_tok, 1), "train/lr": engine.lr(),
+                "train/grad_norm": grad_norm, "train/ratio": ratio}  # fmt: skip
+
+    def _non_finite(self, what: str) -> NonFiniteLoss:
+        ckpt = checkpoints.latest(self.run_dir, warn=False)
+        return NonFiniteLoss(
+            f"non-finite loss at step {self.step + 1} ({what}); stopped before updating the model. "
+            f"Last good checkpoint: {ckpt or 'none yet'}"
+        )
+
+    def _last_logged_eval(self) -> dict:
+        """On resume: the eval numbers already in metrics.jsonl (reported if nothing is left to do)."""
+        evals = [e for e in read_metrics(self.run_dir) if "eval/loss" in e and e["step"] <= self.step]
+        return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+
+    def _event(self, **metrics) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
+                "train_time_s": round(self.train_time, 3), "flops": self.flops, **metrics}  # fmt: skip
+
+    def eval(self, sets: bool = True, tasks: bool | None = None) -> dict:
+        """Every eval set (``sets``): ``eval/<name>/loss`` (``/tokens``, ``/answer_acc``), the first
+        set's numbers also as ``eval/loss`` (``/tokens``, ``/answer_acc``); and the downstream tasks
+        (``tasks``; default: when their schedule says so), logged as one event."""
+        res = {}
+        for i, (name, ds) in enumerate(self.eval_sets.items() if sets else ()):
+            one = evaluate(self.engine, ds, self.cfg.eval_batch_size)
+            res.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in one.items()})
+            if i == 0:
+                res.update(one)
+        if self.downstream.due(self.step, self.cfg.eval_every) if tasks is None else tasks:
+            if self.acc.is_main_process:  # the others wait: the harness runs in one process
+                res.update(evaluate_tasks(causal_lm(self.selective.model), self.tokenizer, self.downstream))
+            self.acc.wait_for_everyone()
+        if res:
+            self.tracker.log(self._event(**res))
+        return res
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to ``max_steps``; returns the final counters and eval numbers. A stop signal
+        ends the current step, writes a checkpoint and raises :class:`RunInterrupted`."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        ckpt = checkpoints.latest(self.run_dir) if cfg.resume else None
+        if cfg.resume and ckpt is None:
+            log.warning("trainer.resume=true but %s has no complete checkpoint; starting from scratch", self.run_dir)
+        if ckpt is not None:
+            self.load_checkpoint(ckpt)
+        last_eval = self.eval() if self.step == 0 else self._last_logged_eval()
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
+                   mininterval=0.5 if sys.stderr.isatty() else 15,  # a log file gets a line every 15 s
+                   disable=not (self.acc.is_main_process and cfg.progress))  # fmt: skip
+        t0, seen0 = time.perf_counter(), self.tokens_seen
+        self._stop = False
+        with self.signals, bar:
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                metrics = self.train_step()
+                self.train_time += time.perf_counter() - started
+                bar.update(1)
+                tok_s = (self.tokens_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sel=f"{metrics['train/selected_frac']:.2f}",
+                                tok_s=f"{tok_s:,.0f}", refresh=False)  # fmt: skip
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    self.tracker.log(self._event(**metrics, **{"train/tokens_per_s": tok_s}))
+                if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                    last_eval = self.eval()
+                elif self.downstream.due(self.step, cfg.eval_every):  # tasks on their own schedule
+                    self.eval(sets=False)
+                if self._stop:
+                    path = self.save_checkpoint()
+                    raise RunInterrupted(self.signals.signum or 0, self.step, path)
+                if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+        self.save_checkpoint()
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
+                **last_eval}  # fmt: skip
