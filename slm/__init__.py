@@ -25,10 +25,16 @@ _LAZY = {
 }
 
 __all__ = [
-    "select_tokens", "select_combined", "score_tokens", "excess_loss", "train_loss", "reference_loss",
-    "reference_entropy", "random_scores",
+    "select_tokens",
+    "select_combined",
+    "score_tokens",
+    "excess_loss",
+    "train_loss",
+    "reference_loss",
+    "reference_entropy",
+    "random_scores",
     *_LAZY,
-]  # fmt: skip
+]
 
 
 def __getattr__(name: str):

@@ -133,8 +133,15 @@ class SelectiveTrainer(Trainer):
     and scope; passing different ones here is an error.
     """
 
-    def __init__(self, model=None, *args, selection_ratio: float | None = None, selector: str | None = None,
-                 scope: str | None = None, **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        model=None,
+        *args,
+        selection_ratio: float | None = None,
+        selector: str | None = None,
+        scope: str | None = None,
+        **kwargs,
+    ):
         given = {"selection_ratio": selection_ratio, "selector": selector, "scope": scope}
         if isinstance(model, SelectiveLM):
             actual = {"selection_ratio": model.ratio, "selector": model.selector, "scope": model.scope}
@@ -148,8 +155,13 @@ class SelectiveTrainer(Trainer):
             self._require_mask = selection_ratio is None
             ratio = 1.0 if selection_ratio is None else check_ratio(selection_ratio, "selection_ratio")
             if model is not None:
-                model = SelectiveLM(model, ratio=ratio, selector=selector or "excess_loss", scope=scope or "batch",
-                                    check_scores="deferred")  # fmt: skip
+                model = SelectiveLM(
+                    model,
+                    ratio=ratio,
+                    selector=selector or "excess_loss",
+                    scope=scope or "batch",
+                    check_scores="deferred",
+                )
         if model is not None and model.scope == "global":
             raise ValueError("SelectiveTrainer supports scope='sequence' or 'batch' (not 'global')")
         if model is not None and not model.fixed_count:
@@ -303,8 +315,9 @@ class SelectiveTrainer(Trainer):
         if not self.args.should_save:
             return
         lm = self._lm()
-        save_inner_pretrained(lm, state_dict if state_dict is not None else lm.state_dict(), output_dir,
-                              self.processing_class)  # fmt: skip
+        save_inner_pretrained(
+            lm, state_dict if state_dict is not None else lm.state_dict(), output_dir, self.processing_class
+        )
         torch.save(self.args, f"{output_dir}/training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from slm.runs import CONFIG, METRICS_FILE, RESULT, RUN_INFO, flatten, read_json, read_metrics
 
@@ -25,13 +26,32 @@ log = logging.getLogger(__name__)
 # Config keys that do not change what a run trains (so two runs differing only there are seeds of
 # one experiment): the seed itself, names, cadence of evals and logs, caches, the logger.
 NOT_THE_EXPERIMENT = (
-    "seed", "name", "experiment_name", "hydra", "logger", "downstream", "score_batch_size", "trainer.resume",
-    "trainer.overwrite", "trainer.progress", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
-    "trainer.keep_checkpoints", "trainer.eval_batch_size", "data.cache_dir", "data.num_proc", "data.eval",
-)  # fmt: skip
+    "seed",
+    "name",
+    "experiment_name",
+    "hydra",
+    "logger",
+    "downstream",
+    "score_batch_size",
+    "trainer.resume",
+    "trainer.overwrite",
+    "trainer.progress",
+    "trainer.eval_every",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.eval_batch_size",
+    "data.cache_dir",
+    "data.num_proc",
+    "data.eval",
+)
 AXES = ("tokens_seen", "tokens_selected", "train_time_s", "flops")
-AXIS_LABELS = {"tokens_seen": "tokens seen", "tokens_selected": "tokens selected",
-               "train_time_s": "training time (s)", "flops": "training FLOPs (estimated)"}  # fmt: skip
+AXIS_LABELS = {
+    "tokens_seen": "tokens seen",
+    "tokens_selected": "tokens selected",
+    "train_time_s": "training time (s)",
+    "flops": "training FLOPs (estimated)",
+}
 
 
 def _experiment_key(key: str) -> bool:
@@ -144,16 +164,16 @@ def load_runs(paths: list[str]) -> list[Run]:
             max_steps = config.get("trainer.max_steps")
             runs.append(Run(str(run_dir), info, read_metrics(f), int(max_steps) if max_steps else None, config))
     if not runs:
-        raise ValueError(f"slm-curves: no runs under {', '.join(paths)} (no {METRICS_FILE} found): give the folder "
-                         "slm-train wrote (outputs/... or multirun/...)")  # fmt: skip
+        raise ValueError(
+            f"slm-curves: no runs under {', '.join(paths)} (no {METRICS_FILE} found): give the folder "
+            "slm-train wrote (outputs/... or multirun/...)"
+        )
     return runs
 
 
 def _config(run_dir: Path) -> dict:
-    try:
-        from omegaconf import OmegaConf
-
-        return flatten(OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG), resolve=False))
+    try:  # saved resolved by slm-train: plain YAML
+        return flatten(yaml.safe_load((run_dir / CONFIG).read_text()))
     except Exception:  # no saved config (an older run, a bare metrics.jsonl)
         return {}
 
@@ -166,8 +186,12 @@ def _wandb_runs(spec: str) -> list[Run]:
     out = []
     for r in wandb.Api().runs(f"{parts[0]}/{parts[1]}", filters=filters):
         cfg = flatten(dict(r.config))
-        info = {"selector": cfg.get("selector.name"), "ratio": cfg.get("selector.ratio"),
-                "reference": cfg.get("reference.kind"), "seed": cfg.get("seed")}  # fmt: skip
+        info = {
+            "selector": cfg.get("selector.name"),
+            "ratio": cfg.get("selector.ratio"),
+            "reference": cfg.get("reference.kind"),
+            "seed": cfg.get("seed"),
+        }
         out.append(Run(f"wandb:{r.path}", info, [dict(row) for row in r.scan_history()], config=cfg))
     return out
 
@@ -194,8 +218,11 @@ def _groups(runs: list[Run]) -> dict[str, list[Run]]:
         usual[k] = top if not rest or n > rest[0][1] else None
     out: dict[str, list[Run]] = {}
     for m in members:
-        extra = ", ".join(f"{'reference' if k == 'reference.kind' else k}={m[0].settings.get(k)}" for k in differing
-                          if repr(m[0].settings.get(k)) != usual[k])  # fmt: skip
+        extra = ", ".join(
+            f"{'reference' if k == 'reference.kind' else k}={m[0].settings.get(k)}"
+            for k in differing
+            if repr(m[0].settings.get(k)) != usual[k]
+        )
         name = m[0].group + (f" [{extra}]" if extra else "")
         while name in out:  # settings that print alike
             name += "'"
@@ -231,4 +258,3 @@ def tokens_to_reach(curve: Curve, target: float, axis: str = "tokens_seen") -> f
             frac = (y[i - 1] - target) / (y[i - 1] - y[i])
             return float(x[i - 1] + frac * (x[i] - x[i - 1]))
     return None
-

@@ -17,12 +17,17 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="slm-curves", description=__doc__.split("\n")[0])
     p.add_argument("paths", nargs="+", help="run dirs, sweep dirs, or wandb:ENTITY/PROJECT[/GROUP]")
     p.add_argument("--out", default=None, help="output folder (default: the first path, or ./curves)")
-    p.add_argument("--metric", default="eval/loss",
-                   help="the eval loss to plot and tabulate: eval/<name>/loss for an eval set (default: eval/loss, "
-                        "the first set)")  # fmt: skip
-    p.add_argument("--baseline", default=None,
-                   help="the group every other is compared with: part of its label (as the legend shows it) or a "
-                        "path of one of its runs (default: the group that trains every token)")  # fmt: skip
+    p.add_argument(
+        "--metric",
+        default="eval/loss",
+        help="the eval loss to plot and tabulate: eval/<name>/loss for an eval set (default: eval/loss, the first set)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="the group every other is compared with: part of its label (as the legend shows it) or a "
+        "path of one of its runs (default: the group that trains every token)",
+    )
     args = p.parse_args(argv)
 
     try:
@@ -36,17 +41,23 @@ def main(argv: list[str] | None = None) -> None:
     cs_loss, cs_acc = curves(runs, args.metric), curves(runs, acc_metric) if acc_metric else []
     if not cs_loss:
         known = sorted({k for r in runs for e in r.events for k in e if k.startswith("eval/") and k.endswith("loss")})
-        raise SystemExit(f"slm-curves: none of the runs has {args.metric} points; nothing to plot (they have: "
-                         f"{', '.join(known) or 'no eval points'})")  # fmt: skip
+        raise SystemExit(
+            f"slm-curves: none of the runs has {args.metric} points; nothing to plot (they have: "
+            f"{', '.join(known) or 'no eval points'})"
+        )
     for c in cs_loss:
         if c.partial:
-            print(f"slm-curves: {c.group} is partial: {c.partial}; its curve stops at the last eval step all of "
-                  "its runs reached and is labelled (partial)")  # fmt: skip
+            print(
+                f"slm-curves: {c.group} is partial: {c.partial}; its curve stops at the last eval step all of "
+                "its runs reached and is labelled (partial)"
+            )
         seeds = [r.seed for r in c.runs]
         if len(set(map(repr, seeds))) < len(seeds):
             distinct = len(set(map(repr, seeds)))
-            print(f"slm-curves: {c.group} holds {len(seeds)} runs of the same settings but only {distinct} distinct "
-                  "seed(s) (repeats are averaged as if they were seeds)")  # fmt: skip
+            print(
+                f"slm-curves: {c.group} holds {len(seeds)} runs of the same settings but only {distinct} distinct "
+                "seed(s) (repeats are averaged as if they were seeds)"
+            )
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
     for path in plot(cs_loss, cs_acc, out, args.metric):

@@ -34,8 +34,10 @@ def pick_baseline(cs: list[Curve], name: str | None = None) -> tuple[Curve | Non
             "(name one with --baseline)",
         )
     if len(bases) > 1:
-        return None, (f"{len(bases)} baseline groups with different settings ({'; '.join(c.group for c in bases)}): "
-                      "name the one to compare against with --baseline")  # fmt: skip
+        return None, (
+            f"{len(bases)} baseline groups with different settings ({'; '.join(c.group for c in bases)}): "
+            "name the one to compare against with --baseline"
+        )
     return bases[0], None
 
 
@@ -60,15 +62,17 @@ def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None
         else:
             fractions.append(reach / float(b.x[axis][-1]))
     notes = ([f"{missing} seed(s) without a baseline run of the same seed"] if missing else []) + (
-        [f"{unreached} of {len(c.runs)} seed(s) never reached it"] if unreached else [])  # fmt: skip
+        [f"{unreached} of {len(c.runs)} seed(s) never reached it"] if unreached else []
+    )
     paired = missing < len(c.runs)
     if not fractions or unreached:
         return None, None, "; ".join(notes), paired
     return float(np.mean(fractions)), max(fractions), "; ".join(notes), paired
 
 
-def savings_table(cs: list[Curve], baseline: str | None = None,
-                  metric: str = "eval/loss") -> tuple[list[dict], str | None]:  # fmt: skip
+def savings_table(
+    cs: list[Curve], baseline: str | None = None, metric: str = "eval/loss"
+) -> tuple[list[dict], str | None]:
     """Rows of what each group needs to reach the baseline's final ``metric`` (its mean over seeds):
     tokens seen and selected on the mean curve, and the fractions of the baseline's tokens, training
     time and FLOPs, paired by seed (mean and worst seed); and a note if there is no baseline."""
@@ -87,18 +91,22 @@ def savings_table(cs: list[Curve], baseline: str | None = None,
         flops_mean, _, _, _ = _paired(c, base, metric, "flops")
         rnd = lambda v: None if v is None else round(v, 3)
         name = f"baseline: {c.group}" if c is base and baseline else c.group
-        rows.append({
-            "run": name + (" (partial)" if c.partial else ""), "seeds": len(c.runs),
-            "final_eval_loss": round(float(c.mean[-1]), 4),
-            "tokens_seen_to_reach_baseline": None if seen is None else int(seen),
-            "tokens_selected_to_reach_baseline": None if sel is None else int(sel),
-            "fraction_of_baseline_tokens": rnd(tok_mean) if paired else ratio(seen, base_tokens),
-            "worst_seed_fraction": rnd(tok_worst),
-            "fraction_of_baseline_time": rnd(time_mean), "worst_seed_time_fraction": rnd(time_worst),
-            "fraction_of_baseline_flops": rnd(flops_mean),
-            "fold_saving": None if not seen or not base_tokens else round(base_tokens / seen, 2),
-            "notes": note,
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": name + (" (partial)" if c.partial else ""),
+                "seeds": len(c.runs),
+                "final_eval_loss": round(float(c.mean[-1]), 4),
+                "tokens_seen_to_reach_baseline": None if seen is None else int(seen),
+                "tokens_selected_to_reach_baseline": None if sel is None else int(sel),
+                "fraction_of_baseline_tokens": rnd(tok_mean) if paired else ratio(seen, base_tokens),
+                "worst_seed_fraction": rnd(tok_worst),
+                "fraction_of_baseline_time": rnd(time_mean),
+                "worst_seed_time_fraction": rnd(time_worst),
+                "fraction_of_baseline_flops": rnd(flops_mean),
+                "fold_saving": None if not seen or not base_tokens else round(base_tokens / seen, 2),
+                "notes": note,
+            }
+        )
     return rows, None
 
 

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from slm.data import build
 from slm.model import shifted_valid, token_losses
-from slm.runs import RUN_INFO
+from slm.reference import expected_store, load_stored
+from slm.runs import CONFIG, RUN_INFO
 from slm.selection import excess_loss, select_tokens
 
 
@@ -27,17 +30,13 @@ class SelectionSample:
 def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None = None) -> SelectionSample:
     """Score the first ``n_blocks`` training blocks with the run's final model and its stored
     reference losses, and select as the run did (top ``ratio`` by excess loss over the batch)."""
-    from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from slm.data import build
-    from slm.reference import expected_store, load_stored
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / RUN_INFO).read_text())
     if not info.get("scores_dir"):
         raise ValueError(f"{run_dir} trained without stored reference losses (reference={info.get('reference')})")
-    data = build(OmegaConf.load(run_dir / "config.yaml").data)  # the run's packed data, from its cache
+    data = build(yaml.safe_load((run_dir / CONFIG).read_text())["data"])  # the run's packed data, from its cache
     ds = data["train"].select(range(n_blocks))
     ref_loss = load_stored(info["scores_dir"], expected_store(data)).rows(range(n_blocks))
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()

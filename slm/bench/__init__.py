@@ -5,8 +5,8 @@ Imports slm.head and slm.model only (it runs where only torch, transformers, tri
   workloads.py    model shapes and the cases of each table
 """
 
-from slm.bench.workloads import BASELINE, FLOOR, SHAPES, SPARSE_CASES, build, cases
 from slm.bench.runner import main
+from slm.bench.workloads import BASELINE, FLOOR, SHAPES, SPARSE_CASES, build, cases
 
 __all__ = [
     "BASELINE",

@@ -30,6 +30,7 @@ import time
 import torch
 
 from slm.bench.workloads import BASELINE, FLOOR, SHAPES, SPARSE_CASES, build, cases, scoring_cases, sparse_cases
+from slm.head.matmul import fast_path
 
 
 def time_case(fn, model, steps: int, warmup: int, device: str, train: bool = True) -> float:
@@ -64,11 +65,27 @@ def _reset_peak_rss() -> None:
         f.write("5")
 
 
-def measure_memory_subprocess(args, name: str, table: str, batch: int | None = None,
-                              accumulating: bool = False) -> float:  # fmt: skip
+def measure_memory_subprocess(
+    args, name: str, table: str, batch: int | None = None, accumulating: bool = False
+) -> float:
     python = [sys.executable] + (["-S"] if sys.flags.no_site else [])  # the same packages as this process
-    cmd = [*python, "-m", "slm.bench", "--shape", args.shape, "--device", args.device, "--dtype", args.dtype,
-           "--memory-case", name, "--memory-table", table, "--backends", *args.backends]  # fmt: skip
+    cmd = [
+        *python,
+        "-m",
+        "slm.bench",
+        "--shape",
+        args.shape,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--memory-case",
+        name,
+        "--memory-table",
+        table,
+        "--backends",
+        *args.backends,
+    ]
     cmd += ["--accumulating"] if accumulating else []
     if batch or args.batch:
         cmd += ["--batch", str(batch or args.batch)]
@@ -173,8 +190,10 @@ def available_backends(device: str) -> list[str]:
 
 def describe(args) -> str:
     """What this run really uses: device, versions, the head backends and CUDA's matmul paths."""
-    lines = [f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
-             f"torch {torch.__version__}"]  # fmt: skip
+    lines = [
+        f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
+        f"torch {torch.__version__}",
+    ]
     try:
         import triton
 
@@ -183,8 +202,6 @@ def describe(args) -> str:
         lines.append("triton not installed")
     lines.append(f"head backends measured: {', '.join(args.backends)}")
     if args.device == "cuda":
-        from slm.head.matmul import fast_path
-
         a = torch.zeros(2, 2, device="cuda", dtype=getattr(torch, args.dtype))
         for op in ("mm", "addmm"):
             how = "yes" if fast_path(op, a) else "NO (float32 GEMMs)"
@@ -197,14 +214,18 @@ def _sparse(args, dtype, out: dict) -> None:
     batches = args.batches
     n_cases = len(SPARSE_CASES)
     per_case = "" if args.device == "cuda" else " and 2 memory subprocesses"
-    print(f"slm-bench --sparse-mask plan: {n_cases} cases x batches {batches}, {args.warmup + args.steps} steps "
-          f"each{per_case}; batch {batches[0]} runs first and gives the time estimate for the rest"
-          f"{'' if args.quick else ' (--quick: batches 1 and 2, 3 steps)'}", flush=True)  # fmt: skip
+    print(
+        f"slm-bench --sparse-mask plan: {n_cases} cases x batches {batches}, {args.warmup + args.steps} steps "
+        f"each{per_case}; batch {batches[0]} runs first and gives the time estimate for the rest"
+        f"{'' if args.quick else ' (--quick: batches 1 and 2, 3 steps)'}",
+        flush=True,
+    )
     started = time.perf_counter()
     for i, batch in enumerate(batches):
         model, ids, _, _ = build(args.shape, args.device, dtype, batch, args.seq)
-        res = _measure(args, sparse_cases(model, ids), model, ids, "sparse", out, out["batches"].setdefault(batch, {}),
-                       batch)  # fmt: skip
+        res = _measure(
+            args, sparse_cases(model, ids), model, ids, "sparse", out, out["batches"].setdefault(batch, {}), batch
+        )
         _table(f"\nbatch {batch} x {ids.shape[1]}:", res, "hand_written_masked_loss", None)
         if i == 0 and len(batches) > 1:
             first = time.perf_counter() - started
@@ -227,9 +248,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--backends", nargs="*", default=None,
-                   help="head backends to measure (default: every one the device runs: torch on CPU; torch, "
-                        "compiled and triton on CUDA)")  # fmt: skip
+    p.add_argument(
+        "--backends",
+        nargs="*",
+        default=None,
+        help="head backends to measure (default: every one the device runs: torch on CPU; torch, "
+        "compiled and triton on CUDA)",
+    )
     p.add_argument("--only", nargs="*", default=None, help="run only these cases (the baselines always run)")
     p.add_argument("--scoring", action="store_true", help="the no-grad scoring table instead of training steps")
     p.add_argument("--sparse-mask", action="store_true", help="the sparse loss_mask memory table (batches 1-8)")
@@ -254,16 +279,21 @@ def main(argv: list[str] | None = None) -> None:
     table = "scoring" if args.scoring else "sparse" if args.sparse_mask else "train"
     if args.memory_case:
         table = args.memory_table
-        fns = {"scoring": lambda: scoring_cases(model, ids, args.backends), "sparse": lambda: sparse_cases(model, ids),
-               "train": lambda: cases(model, ids, ref_loss, mask, args.backends)}[table]()  # fmt: skip
+        fns = {
+            "scoring": lambda: scoring_cases(model, ids, args.backends),
+            "sparse": lambda: sparse_cases(model, ids),
+            "train": lambda: cases(model, ids, ref_loss, mask, args.backends),
+        }[table]()
         return _memory_child(args, fns, model)
 
     b, t = ids.shape
     out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe(args), "cases": {}}
     print(f"slm-bench: {out['setup']}", flush=True)
     mem_kind = "max_memory_allocated" if args.device == "cuda" else "peak RSS growth"
-    head = (f"slm-bench: shape={args.shape} (vocab {model.config.vocab_size}, hidden {model.config.hidden_size}), "
-            f"{args.device}, {args.dtype}, median of {args.steps} steps; memory = {mem_kind}")  # fmt: skip
+    head = (
+        f"slm-bench: shape={args.shape} (vocab {model.config.vocab_size}, hidden {model.config.hidden_size}), "
+        f"{args.device}, {args.dtype}, median of {args.steps} steps; memory = {mem_kind}"
+    )
     fns = scoring_cases(model, ids, args.backends) if args.scoring else cases(model, ids, ref_loss, mask, args.backends)
     keep = {BASELINE, FLOOR, "hf_full_logits"}
     fns = {n: f for n, f in fns.items() if args.only is None or n in keep or n in args.only}
@@ -274,4 +304,3 @@ def main(argv: list[str] | None = None) -> None:
     else:
         _table("", res, BASELINE, FLOOR)
     _save(args, out)
-

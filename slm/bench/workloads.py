@@ -11,18 +11,66 @@ from slm.selection import select_tokens
 
 SHAPES = {
     # name: (model_type, config kwargs, batch, seq)
-    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, vocab_size=2000), 2, 32),
-    "cpu": ("llama", dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=4, vocab_size=32000), 4, 256),
-    "phi2-1layer": ("phi", dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=1,
-                                num_attention_heads=32, vocab_size=51200), 1, 512),
-    "qwen2.5-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                                   tie_word_embeddings=True), 8, 2048),
-    "tinyllama-1.1b": ("llama", dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                     num_attention_heads=32, num_key_value_heads=4, vocab_size=32000), 8, 2048),
-}  # fmt: skip
+    "tiny": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=2000,
+        ),
+        2,
+        32,
+    ),
+    "cpu": (
+        "llama",
+        dict(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+        4,
+        256,
+    ),
+    "phi2-1layer": (
+        "phi",
+        dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=1, num_attention_heads=32, vocab_size=51200),
+        1,
+        512,
+    ),
+    "qwen2.5-0.5b": (
+        "qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+        8,
+        2048,
+    ),
+    "tinyllama-1.1b": (
+        "llama",
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+        8,
+        2048,
+    ),
+}
 
 BASELINE = "hf_full_logits_masked"
 FLOOR = "backbone_only (floor)"
@@ -84,9 +132,11 @@ def sparse_cases(model, ids) -> dict:
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, 1 :: max(2, ids.shape[1] // 2)] = True  # two tokens per row
     lm = SelectiveLM(model)
-    fns = (lambda: lm(input_ids=ids, labels=ids, loss_mask=keep).loss,
-           lambda: _masked_ce(model(input_ids=ids).logits, ids, keep),
-           lambda: model(input_ids=ids, labels=ids.masked_fill(~keep, -100)).loss)  # fmt: skip
+    fns = (
+        lambda: lm(input_ids=ids, labels=ids, loss_mask=keep).loss,
+        lambda: _masked_ce(model(input_ids=ids).logits, ids, keep),
+        lambda: model(input_ids=ids, labels=ids.masked_fill(~keep, -100)).loss,
+    )
     return dict(zip(SPARSE_CASES, fns))
 
 
@@ -105,8 +155,9 @@ def scoring_cases(model, ids, backends: list[str]) -> dict:
 
             W = model.get_output_embeddings().weight
             hidden = lambda: model.base_model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, W.shape[1])
-            out["cce_forward"] = lambda: linear_cross_entropy(hidden(), W, ids[:, 1:].reshape(-1), reduction="none",
-                                                              impl="cce", filter_eps=None)  # fmt: skip
+            out["cce_forward"] = lambda: linear_cross_entropy(
+                hidden(), W, ids[:, 1:].reshape(-1), reduction="none", impl="cce", filter_eps=None
+            )
         except ImportError:
             pass
     return out
@@ -141,8 +192,9 @@ def _library_cases(model, ids, ref_loss, m3, m6) -> dict:
             return linear_cross_entropy(h, W, tgt.masked_fill(~sel, -100), reduction="mean", **exact)
 
         extra["cce_score_then_train_0.6"] = cce_score_then_train
-        extra["cce_mask_0.3"] = lambda: linear_cross_entropy(hidden(), W, tgt.masked_fill(~m3[:, 1:].reshape(-1), -100),
-                                                             **exact)  # fmt: skip
+        extra["cce_mask_0.3"] = lambda: linear_cross_entropy(
+            hidden(), W, tgt.masked_fill(~m3[:, 1:].reshape(-1), -100), **exact
+        )
     except ImportError:
         pass
     try:

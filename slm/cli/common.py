@@ -67,12 +67,24 @@ def one_line_errors():
         yield
     except RunInterrupted as e:
         where = e.checkpoint.parent.parent if e.checkpoint else "<run dir>"
-        fail(e.hint or f"interrupted at step {e.step}; checkpoint {e.checkpoint}. Continue with trainer.resume=true "
-              f"hydra.run.dir={where}", 128 + (e.signum or 2), e)  # fmt: skip
+        fail(
+            e.hint
+            or f"interrupted at step {e.step}; checkpoint {e.checkpoint}. Continue with trainer.resume=true "
+            f"hydra.run.dir={where}",
+            128 + (e.signum or 2),
+            e,
+        )
     except KeyboardInterrupt as e:
         fail("interrupted (Ctrl-C); caches and stores are written only when complete, so rerun to continue", 130, e)
-    except (runs.RunDirExists, runs.ResumeMismatch, NonFiniteLoss, checkpoints.CheckpointError, ValueError,
-            FileNotFoundError, ImportError) as e:  # fmt: skip
+    except (
+        runs.RunDirExists,
+        runs.ResumeMismatch,
+        NonFiniteLoss,
+        checkpoints.CheckpointError,
+        ValueError,
+        FileNotFoundError,
+        ImportError,
+    ) as e:
         fail(str(e), 1, e)
 
 

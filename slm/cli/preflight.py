@@ -12,6 +12,9 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from slm.data import data_files, is_local
+from slm.reference import read_meta
+
 # What a cached copy of each kind must hold at least.
 _MARKERS = {"model": ("config.json",), "tokenizer": ("tokenizer_config.json", "tokenizer.json")}
 
@@ -65,7 +68,6 @@ def check_run_sources(cfg) -> None:
     check_fetchable(cfg.data.get("tokenizer"), "data.tokenizer", "tokenizer")
     if cfg.reference.get("kind") == "live":
         check_fetchable(cfg.reference.get("path"), "reference.path", "model")
-    from slm.data import data_files, is_local
 
     sources = [("data.source", cfg.data.get("source"))]
     for name, spec in (cfg.data.get("eval") or {}).items():
@@ -83,6 +85,4 @@ def check_run_sources(cfg) -> None:
         except (FileNotFoundError, ValueError) as e:  # named by the setting that points at it
             raise type(e)(str(e).replace("data.source=", f"{setting}=", 1)) from None
     if cfg.reference.get("kind") == "stored" and cfg.reference.get("scores_dir"):
-        from slm.reference import read_meta
-
         read_meta(Path(os.path.expanduser(str(cfg.reference.scores_dir))))  # missing or unreadable: said now

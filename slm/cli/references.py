@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from slm import parallel
 from slm.cli.settings import cache_root, config_hash, container
-from slm.data import GENERATED, PackedData, SourceSpec, build_split, default_cache_dir
+from slm.data import GENERATED, PackedData, SourceSpec, build_split, default_cache_dir, tokenizer_identity
 from slm.model import SelectiveLM, build_model
 from slm.reference import (
     META_FILE,
@@ -37,7 +37,7 @@ from slm.reference import (
 from slm.runs import Tracker, checkpoints
 from slm.train import RunInterrupted, TrainConfig, Trainer
 
-log = logging.getLogger("slm")
+log = logging.getLogger(__name__)
 DONE = "DONE"
 
 
@@ -65,11 +65,18 @@ def _reference_data(cfg: DictConfig, data: PackedData, seed: int) -> tuple:
             raise ValueError(f"reference.data.split={split!r}: the {cfg.data.source} corpus has {sorted(data.splits)}")
         return data[split], {cfg.data.source: data.identity["data_hash"][split]}
     source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
-    packed = build_split(source, data.tokenizer, data.identity["block_size"], cfg.data.get("cache_dir") or
-                         default_cache_dir(), shuffle_seed=seed)  # fmt: skip
-    return packed, {"source": source.identity(cfg.data.get("cache_dir") or default_cache_dir()),
-                    "tokenizer": data.identity["tokenizer"],
-                    "block_size": data.identity["block_size"]}  # fmt: skip
+    packed = build_split(
+        source,
+        data.tokenizer,
+        data.identity["block_size"],
+        cfg.data.get("cache_dir") or default_cache_dir(),
+        shuffle_seed=seed,
+    )
+    return packed, {
+        "source": source.identity(cfg.data.get("cache_dir") or default_cache_dir()),
+        "tokenizer": data.identity["tokenizer"],
+        "block_size": data.identity["block_size"],
+    }
 
 
 def _reference_model(cfg: DictConfig, data: PackedData, seed: int):
@@ -87,16 +94,25 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
     tcfg = TrainConfig(**container(rcfg.trainer), seed=seed)
     ref_data, data_identity = _reference_data(cfg, data, seed)
     # Everything that changes the reference's weights: the global batch depends on the process count.
-    settings = {"model": container(cfg.model), "init": rcfg.get("init", "scratch"),
-                "trainer": container(rcfg.trainer), "data": data_identity, "seed": seed,
-                "processes": acc.num_processes,
-                "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision)}  # fmt: skip
+    settings = {
+        "model": container(cfg.model),
+        "init": rcfg.get("init", "scratch"),
+        "trainer": container(rcfg.trainer),
+        "data": data_identity,
+        "seed": seed,
+        "processes": acc.num_processes,
+        "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision),
+    }
     where = cache_root(cfg) / "reference" / config_hash(settings)
     what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
     with _locked(where) if acc.is_main_process else nullcontext():
         if _agreed((where / DONE).exists()):
-            log.info("reference: reusing the cached reference %s (trained once on %s, shared by every run and "
-                     "sweep job with these settings)", where, what)  # fmt: skip
+            log.info(
+                "reference: reusing the cached reference %s (trained once on %s, shared by every run and "
+                "sweep job with these settings)",
+                where,
+                what,
+            )
         else:
             resume_from = checkpoints.latest(where / "run", warn=False) if where.exists() else None
             if _agreed(resume_from is not None):  # an interrupted first run: carry on from its checkpoint
@@ -113,15 +129,30 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
             # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
             step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
-            t = Trainer(acc, lm, ref_data, data.eval_sets, tcfg, where / "run", mode=mode, name="reference",
-                        tracker=Tracker(where / "run", enabled=acc.is_main_process, resume_step=step))  # fmt: skip
+            t = Trainer(
+                acc,
+                lm,
+                ref_data,
+                data.eval_sets,
+                tcfg,
+                where / "run",
+                mode=mode,
+                name="reference",
+                tracker=Tracker(where / "run", enabled=acc.is_main_process, resume_step=step),
+            )
             try:
                 res = t.fit()
             except RunInterrupted as e:  # say how to continue the user's run, not how to resume the cache's
-                raise RunInterrupted(e.signum, e.step, e.checkpoint, hint=(
-                    f"interrupted while training the reference model (step {e.step} of {tcfg.max_steps}, "
-                    f"checkpointed in its cache {where}); the next run resumes it by itself: run the same command "
-                    "again to continue")) from e  # fmt: skip
+                raise RunInterrupted(
+                    e.signum,
+                    e.step,
+                    e.checkpoint,
+                    hint=(
+                        f"interrupted while training the reference model (step {e.step} of {tcfg.max_steps}, "
+                        f"checkpointed in its cache {where}); the next run resumes it by itself: run the same command "
+                        "again to continue"
+                    ),
+                ) from e
             t.engine.save_pretrained(where / "model", data.tokenizer)
             if acc.is_main_process:
                 (where / "result.json").write_text(json.dumps(res, indent=1))
@@ -132,8 +163,16 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
     return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
 
 
-def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, acc, out_dir=None,
-                  entropy: bool = False, dtype: str = "float32") -> tuple[Path, bool]:  # fmt: skip
+def stored_scores(
+    cfg: DictConfig,
+    data: PackedData,
+    reference,
+    ref_name: str,
+    acc,
+    out_dir=None,
+    entropy: bool = False,
+    dtype: str = "float32",
+) -> tuple[Path, bool]:
     """Score the training split once per (reference weights, data, columns); reuse the store afterwards.
     Returns (the store, whether an earlier run had made it)."""
     ident = reference_identity(reference, ref_name)
@@ -145,8 +184,16 @@ def stored_scores(cfg: DictConfig, data: PackedData, reference, ref_name: str, a
             load_stored(out_dir, meta)  # refuses a store made by another reference or for other data
             log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
         else:
-            score_dataset(reference, data["train"], out_dir, meta, batch_size=cfg.get("score_batch_size", 32),
-                          accelerator=acc, entropy=entropy, dtype=dtype)  # fmt: skip
+            score_dataset(
+                reference,
+                data["train"],
+                out_dir,
+                meta,
+                batch_size=cfg.get("score_batch_size", 32),
+                accelerator=acc,
+                entropy=entropy,
+                dtype=dtype,
+            )
     return out_dir, reused
 
 
@@ -173,8 +220,9 @@ def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: boo
         if cfg.reference.get("path"):  # optional: the reference the store must have been scored with
             expected["reference_name"] = str(cfg.reference.path)
         columns = load_stored(cfg.reference.scores_dir, expected)
-        return data["train"], RefSource("stored", scores_dir=str(cfg.reference.scores_dir), entropy=entropy,
-                                        store=columns)  # fmt: skip
+        return data["train"], RefSource(
+            "stored", scores_dir=str(cfg.reference.scores_dir), entropy=entropy, store=columns
+        )
     if kind in ("train", "demo"):
         name, ref = trained_reference(cfg, data, acc)
         check_vocab(model, ref)
@@ -192,11 +240,8 @@ def check_reference_tokenizer(cfg: DictConfig, data: PackedData) -> None:
         return
     from transformers import AutoTokenizer
 
-    from slm.data import tokenizer_identity
-
     path, ours = cfg.reference.path, data.identity["tokenizer"]
-    override = ("set reference.check_tokenizer=false only if you know the two vocabularies give every id the same "
-                "token")  # fmt: skip
+    override = "set reference.check_tokenizer=false only if you know the two vocabularies give every id the same token"
     try:
         theirs = tokenizer_identity(AutoTokenizer.from_pretrained(path))
     except (OSError, ValueError, TypeError) as e:

@@ -22,10 +22,18 @@ from slm.reference import check_evolution
 from slm.selection import BLOCK_SCORES, SCOPES, check_ratio, ratio_schedule
 from slm.train import DownstreamConfig, TrainConfig, harness
 
-log = logging.getLogger("slm")
+log = logging.getLogger(__name__)
 
-SELECTOR_NAMES = ("excess_loss", "train_loss", "reference_loss", "reference_entropy", "random", "all", "union",
-                  "intersection")  # fmt: skip
+SELECTOR_NAMES = (
+    "excess_loss",
+    "train_loss",
+    "reference_loss",
+    "reference_entropy",
+    "random",
+    "all",
+    "union",
+    "intersection",
+)
 
 
 def _run_stamp() -> str:
@@ -69,8 +77,7 @@ def needed_reference(cfg: DictConfig) -> dict:
     names = list(sel.get("scores") or []) if sel.name in ("union", "intersection") else [sel.name]
     if float(sel.get("blocks", 1.0)) < 1.0:
         names.append(sel.get("block_score", "excess_loss"))
-    return {"loss": any(n in ("excess_loss", "reference_loss") for n in names),
-            "entropy": "reference_entropy" in names}  # fmt: skip
+    return {"loss": any(n in ("excess_loss", "reference_loss") for n in names), "entropy": "reference_entropy" in names}
 
 
 for _name, _fn in (("slm_stamp", _run_stamp), ("slm_run_name", _run_name)):
@@ -97,8 +104,11 @@ def resolve_block_size(cfg: DictConfig) -> None:
     else:
         limit = cfg.model.config.get("max_position_embeddings") or cfg.model.config.get("n_positions")
     cfg.data.block_size = min(int(limit or MAX_DEFAULT_BLOCK), MAX_DEFAULT_BLOCK)
-    log.info("data.block_size=null: using %d (the model's context length, at most %d)", cfg.data.block_size,
-             MAX_DEFAULT_BLOCK)  # fmt: skip
+    log.info(
+        "data.block_size=null: using %d (the model's context length, at most %d)",
+        cfg.data.block_size,
+        MAX_DEFAULT_BLOCK,
+    )
 
 
 def validate(cfg: DictConfig) -> TrainConfig:
@@ -114,22 +124,28 @@ def validate(cfg: DictConfig) -> TrainConfig:
     if sel.scope not in SCOPES:
         raise ValueError(f"selector.scope must be one of {SCOPES}, got {sel.scope!r}")
     if sel.scope == "dataset" and sel.name in ("union", "intersection"):
-        raise ValueError(f"selector={sel.name} combines two exact top-k sets: selector.scope must be sequence, batch "
-                         "or global")  # fmt: skip
+        raise ValueError(
+            f"selector={sel.name} combines two exact top-k sets: selector.scope must be sequence, batch or global"
+        )
     check_ratio(sel.get("blocks", 1.0), "selector.blocks")
     if sel.get("block_score", "excess_loss") not in BLOCK_SCORES:
         raise ValueError(f"selector.block_score must be one of {BLOCK_SCORES}, got {sel.get('block_score')!r}")
     if _missing(cfg.data, "source"):
-        raise ValueError("data.source is required with this data option: a file, glob or folder (data=files) "
-                         "or a hub dataset name (data=hub)")  # fmt: skip
+        raise ValueError(
+            "data.source is required with this data option: a file, glob or folder (data=files) "
+            "or a hub dataset name (data=hub)"
+        )
     DataConfig(**{**container(cfg.data), "block_size": cfg.data.get("block_size") or 2})  # null: resolved later
     kind = cfg.reference.kind
     if kind == "stored" and _missing(cfg.reference, "scores_dir"):
-        raise ValueError("reference=stored needs reference.scores_dir=<folder>: run slm-score first (with the same "
-                         "model and data options); it prints the folder and the slm-train command to use")  # fmt: skip
+        raise ValueError(
+            "reference=stored needs reference.scores_dir=<folder>: run slm-score first (with the same "
+            "model and data options); it prints the folder and the slm-train command to use"
+        )
     if kind == "live" and _missing(cfg.reference, "path"):
-        raise ValueError("reference=live needs reference.path=<a model folder or hub name> sharing the training "
-                         "model's tokenizer")  # fmt: skip
+        raise ValueError(
+            "reference=live needs reference.path=<a model folder or hub name> sharing the training model's tokenizer"
+        )
     if kind == "demo" and cfg.data.source != "builtin":
         raise ValueError(
             f"reference=demo trains its reference on the built-in corpus's clean split, but data.source="
@@ -143,12 +159,16 @@ def validate(cfg: DictConfig) -> TrainConfig:
     if kind == "none" and selecting and (needs["entropy"] or sel.name == "reference_loss"):
         raise ValueError(f"selector={sel.name} needs a reference (reference=live, stored, train or demo)")
     if kind == "train" and _missing(cfg.reference.data, "source"):
-        raise ValueError("reference=train needs reference.data.source=<the reference's training text: a file, glob, "
-                         "folder, hub dataset or builtin>")  # fmt: skip
+        raise ValueError(
+            "reference=train needs reference.data.source=<the reference's training text: a file, glob, "
+            "folder, hub dataset or builtin>"
+        )
     if cfg.reference.get("evolve_every") is not None:
         if kind not in ("train", "demo", "live"):
-            raise ValueError(f"reference.evolve_every refreshes a reference model from the training model; "
-                             f"reference={kind} has none (use reference=train, demo or live)")  # fmt: skip
+            raise ValueError(
+                f"reference.evolve_every refreshes a reference model from the training model; "
+                f"reference={kind} has none (use reference=train, demo or live)"
+            )
         check_evolution(cfg.reference.evolve_every, cfg.reference.get("evolve_ema", 0.0))
     if cfg.reference.get("init") == "pretrained" and not cfg.model.get("pretrained"):
         raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
@@ -157,8 +177,10 @@ def validate(cfg: DictConfig) -> TrainConfig:
     tcfg = TrainConfig(**container(cfg.trainer), seed=cfg.seed)
     if (sel.name in ("union", "intersection") or sel.scope == "dataset") and tcfg.grad_accum != 1:
         what = f"selector={sel.name}" if sel.scope != "dataset" else "selector.scope=dataset"
-        raise ValueError(f"{what} keeps a data-dependent number of tokens: trainer.grad_accum must be 1 (the step "
-                         "is normalised after its one forward)")  # fmt: skip
+        raise ValueError(
+            f"{what} keeps a data-dependent number of tokens: trainer.grad_accum must be 1 (the step "
+            "is normalised after its one forward)"
+        )
     return tcfg
 
 

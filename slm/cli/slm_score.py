@@ -14,7 +14,7 @@ from slm.cli.preflight import check_run_sources
 from slm.cli.references import check_reference_tokenizer, check_score_vocab, stored_scores, trained_reference
 from slm.cli.settings import resolve_block_size
 from slm.data import build
-from slm.reference import META_FILE, load_reference
+from slm.reference import META_FILE, StoredColumns, load_reference, read_meta
 
 
 def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
@@ -32,19 +32,35 @@ def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         raise ValueError(f"slm-score needs reference=demo, train or live, got reference.kind={cfg.reference.kind!r}")
     else:
         check_reference_tokenizer(cfg, data)
-        name, ref = cfg.reference.path, load_reference(cfg.reference.path, device=acc.device,
-                                                       dtype=cfg.reference.get("dtype", "auto"))  # fmt: skip
+        name, ref = (
+            cfg.reference.path,
+            load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto")),
+        )
     check_score_vocab(cfg, data, ref)
-    out, reused = stored_scores(cfg, data, ref, name, acc, out_dir=cfg.get("out_dir"),
-                                entropy=bool(cfg.get("entropy")), dtype=cfg.get("store_dtype", "float32"))  # fmt: skip
+    out, reused = stored_scores(
+        cfg,
+        data,
+        ref,
+        name,
+        acc,
+        out_dir=cfg.get("out_dir"),
+        entropy=bool(cfg.get("entropy")),
+        dtype=cfg.get("store_dtype", "float32"),
+    )
     if acc.is_main_process:
         meta = runs.read_json(out / META_FILE) or {}
         rate = meta.get("tokens_per_s")
-        how = ("reused: an earlier slm-score run had stored these exact losses" if reused or not rate
-               else f"scored at {rate:,} tokens/s over {meta.get('processes')} process(es)")  # fmt: skip
-        print(f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out} ({how})"
-              f"\n  train with: slm-train {' '.join(_data_overrides(overrides))} reference=stored "
-              f"reference.scores_dir={out}", flush=True)  # fmt: skip
+        how = (
+            "reused: an earlier slm-score run had stored these exact losses"
+            if reused or not rate
+            else f"scored at {rate:,} tokens/s over {meta.get('processes')} process(es)"
+        )
+        print(
+            f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out} ({how})"
+            f"\n  train with: slm-train {' '.join(_data_overrides(overrides))} reference=stored "
+            f"reference.scores_dir={out}",
+            flush=True,
+        )
     return out
 
 
@@ -73,8 +89,6 @@ def main_score() -> None:
 def verify_stores(folders: list[str]) -> None:
     """``slm-score --verify <store>...``: hash every shard of each store against its metadata."""
     from tqdm.auto import tqdm
-
-    from slm.reference import StoredColumns, read_meta
 
     if not folders:
         raise ValueError("slm-score --verify takes one or more store folders (the folder slm-score printed)")

@@ -38,7 +38,7 @@ from slm.runs import Tracker, checkpoints
 from slm.selection import ratio_schedule
 from slm.train import BlockFilter, RunInterrupted, TrainConfig, Trainer
 
-log = logging.getLogger("slm")
+log = logging.getLogger(__name__)
 
 
 def _accelerator(tcfg: TrainConfig):
@@ -90,14 +90,31 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     schedule = ratio_schedule(1.0 if selector in ("all", "blocks") else sel.ratio)
     ratio = schedule.start if schedule.is_constant else schedule.label()
     combine = tuple(sel.scores) if selector in ("union", "intersection") else None
-    lm = SelectiveLM(model, ratio=schedule.start, selector=selector if selector in SELECTORS else "train_loss",
-                     combine=combine,
-                     scope=sel.scope, seed=cfg.seed, head_backend=tcfg.head_backend,
-                     check_scores="deferred")  # the loop checks them with its end-of-step reduce  # fmt: skip
-    info = dict(name=cfg.name, experiment=cfg.experiment_name, selector=selector, ratio=ratio, scope=sel.scope,
-                blocks=float(sel.get("blocks", 1.0)), train_split=cfg.data.get("train_split", "train"),
-                reference=cfg.reference.kind, seed=cfg.seed, scores_dir=ref.scores_dir, status="running",
-                processes=acc.num_processes, mode=parallel.requested_mode())  # fmt: skip
+    lm = SelectiveLM(
+        model,
+        ratio=schedule.start,
+        selector=selector if selector in SELECTORS else "train_loss",
+        combine=combine,
+        scope=sel.scope,
+        seed=cfg.seed,
+        head_backend=tcfg.head_backend,
+        check_scores="deferred",
+    )  # the loop checks them with its end-of-step reduce
+    info = dict(
+        name=cfg.name,
+        experiment=cfg.experiment_name,
+        selector=selector,
+        ratio=ratio,
+        scope=sel.scope,
+        blocks=float(sel.get("blocks", 1.0)),
+        train_split=cfg.data.get("train_split", "train"),
+        reference=cfg.reference.kind,
+        seed=cfg.seed,
+        scores_dir=ref.scores_dir,
+        status="running",
+        processes=acc.num_processes,
+        mode=parallel.requested_mode(),
+    )
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         old = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None
@@ -105,31 +122,61 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             record = {k: list(v) for k, v in changed.items()}
             if old.get("processes") != acc.num_processes:
                 record["processes"] = [old.get("processes"), acc.num_processes]
-            info = {**old, "status": "running", "processes": acc.num_processes, "mode": info["mode"],
-                    "resumes": [*old.get("resumes", []), record]}  # fmt: skip
+            info = {
+                **old,
+                "status": "running",
+                "processes": acc.num_processes,
+                "mode": info["mode"],
+                "resumes": [*old.get("resumes", []), record],
+            }
         else:
             OmegaConf.save(cfg, run_dir / runs.CONFIG, resolve=True)
         runs.write_json(run_dir / runs.RUN_INFO, info)
     wandb_cfg = None if cfg.logger.kind == "none" else container(cfg.logger)
-    tracker = Tracker(run_dir, enabled=acc.is_main_process, wandb_cfg=wandb_cfg, config=container(cfg),
-                      resume_step=_resume_step(run_dir) if tcfg.resume else None)  # fmt: skip
+    tracker = Tracker(
+        run_dir,
+        enabled=acc.is_main_process,
+        wandb_cfg=wandb_cfg,
+        config=container(cfg),
+        resume_step=_resume_step(run_dir) if tcfg.resume else None,
+    )
     blocks = None
     if float(sel.get("blocks", 1.0)) < 1.0:
         blocks = BlockFilter(float(sel.blocks), sel.get("block_score", "excess_loss"), tcfg.batch_size)
-    trainer = Trainer(acc, lm, train_ds, data.eval_sets, tcfg, run_dir, ref=ref, tracker=tracker, name=cfg.name,
-                      ratio=schedule, downstream=downstream_config(cfg), tokenizer=data.tokenizer,
-                      blocks=blocks)  # fmt: skip
+    trainer = Trainer(
+        acc,
+        lm,
+        train_ds,
+        data.eval_sets,
+        tcfg,
+        run_dir,
+        ref=ref,
+        tracker=tracker,
+        name=cfg.name,
+        ratio=schedule,
+        downstream=downstream_config(cfg),
+        tokenizer=data.tokenizer,
+        blocks=blocks,
+    )
     try:
         result = trainer.fit()
         _save_model(trainer, run_dir, data.tokenizer)
     except RunInterrupted as e:
-        _finish(acc, run_dir, info, {"status": "interrupted", "step": e.step, "checkpoint": str(e.checkpoint),
-                                     "signal": e.signum})  # fmt: skip
+        _finish(
+            acc,
+            run_dir,
+            info,
+            {"status": "interrupted", "step": e.step, "checkpoint": str(e.checkpoint), "signal": e.signum},
+        )
         raise
     except KeyboardInterrupt as e:  # a second Ctrl-C, or one after training (while model/ is written)
         ckpt = checkpoints.latest(run_dir, warn=False)
-        _finish(acc, run_dir, info, {"status": "interrupted", "step": trainer.step, "checkpoint": str(ckpt),
-                                     "signal": signal.SIGINT})  # fmt: skip
+        _finish(
+            acc,
+            run_dir,
+            info,
+            {"status": "interrupted", "step": trainer.step, "checkpoint": str(ckpt), "signal": signal.SIGINT},
+        )
         raise RunInterrupted(signal.SIGINT, trainer.step, ckpt) from e
     except Exception as e:
         _finish(acc, run_dir, info, {"status": "failed", "step": trainer.step, "error": f"{type(e).__name__}: {e}"})
@@ -174,11 +221,17 @@ def _print_summary(run_dir: Path, result: dict) -> None:
         parts = key.split("/")
         return len(parts) == 3 and parts[0] == "eval" and result.get(f"eval/{parts[2]}") == result[key]
 
-    numbers = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()
-                        if k != "status" and not repeats_first_set(k))  # fmt: skip
-    print(f"\nslm-train finished: {numbers}\n  run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}"
-          f"\n  model: {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
-          f"  plot: slm-curves {run_dir}", flush=True)  # fmt: skip
+    numbers = ", ".join(
+        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in result.items()
+        if k != "status" and not repeats_first_set(k)
+    )
+    print(
+        f"\nslm-train finished: {numbers}\n  run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}"
+        f"\n  model: {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
+        f"  plot: slm-curves {run_dir}",
+        flush=True,
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
@@ -192,4 +245,3 @@ def main_train() -> None:
     with one_line_errors():  # Ctrl-C before Hydra hands over (e.g. while composing) lands here
         check_output_dirs(sys.argv[1:])
         train_app()
-

@@ -1,11 +1,11 @@
 """Documents -> tokens -> packed fixed-length blocks, cached by their settings. Imports nothing else from slm.
 
-  config.py       DataConfig (data.*), SourceSpec (an eval set or a reference's text), PackedData
-  packing.py      build / build_split: tokenise, pack into blocks, cache under <cache_dir>/packed
-  sources.py      raw documents from the built-in corpora, local files or a hub dataset; hashes; eval overlap check
-  builtin.py      data.source=builtin: the arithmetic corpus (noisy training split, clean split)
-  realtext.py     data.source=realtext: English prose shipped with Python mixed with web-style junk
-  tokenizer.py    any HF tokenizer, or the built-in character tokenizer
+config.py       DataConfig (data.*), SourceSpec (an eval set or a reference's text), PackedData
+packing.py      build / build_split: tokenise, pack into blocks, cache under <cache_dir>/packed
+sources.py      raw documents from the built-in corpora, local files or a hub dataset; hashes; eval overlap check
+builtin.py      data.source=builtin: the arithmetic corpus (noisy training split, clean split)
+realtext.py     data.source=realtext: English prose shipped with Python mixed with web-style junk
+tokenizer.py    any HF tokenizer, or the built-in character tokenizer
 """
 
 from slm.data.builtin import CorpusConfig

@@ -77,9 +77,17 @@ class SourceSpec:
     realtext: dict = field(default_factory=dict)
 
     def identity(self, cache_dir: str | None = None) -> dict:
-        src = source_identity(DataConfig(source=self.source, text_field=self.text_field, sample_by=self.sample_by,
-                                          hub_config=self.hub_config, cache_dir=cache_dir, builtin=self.builtin,
-                                          realtext=self.realtext))  # fmt: skip
+        src = source_identity(
+            DataConfig(
+                source=self.source,
+                text_field=self.text_field,
+                sample_by=self.sample_by,
+                hub_config=self.hub_config,
+                cache_dir=cache_dir,
+                builtin=self.builtin,
+                realtext=self.realtext,
+            )
+        )
         return {"source": src, "split": self.split, "text_field": self.text_field, "sample_by": self.sample_by}
 
 
@@ -95,16 +103,8 @@ class PackedData:
 
 
 def data_config(cfg) -> DataConfig:
-    """A :class:`DataConfig` from a Hydra node, a dict or a DataConfig."""
-    if isinstance(cfg, DataConfig):
-        return cfg
-    try:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    except ImportError:
-        cfg = dict(cfg)
-    return DataConfig(**cfg)
+    """A :class:`DataConfig` from a mapping of its fields (``slm.cli`` passes a plain dict) or a DataConfig."""
+    return cfg if isinstance(cfg, DataConfig) else DataConfig(**dict(cfg))
 
 
 def source_identity(cfg: DataConfig) -> dict:
@@ -114,5 +114,10 @@ def source_identity(cfg: DataConfig) -> dict:
     if is_local(cfg.source):
         files = [(f, content_digest(f, cfg.cache_dir)) for f in data_files(cfg.source)]
         return {"files": files, "text_field": cfg.text_field, "sample_by": cfg.sample_by}
-    return {"hub": cfg.source, "config": cfg.hub_config, "revision": cfg.hub_revision,
-            "text_field": cfg.text_field, "splits": [cfg.train_split, cfg.validation_split]}  # fmt: skip
+    return {
+        "hub": cfg.source,
+        "config": cfg.hub_config,
+        "revision": cfg.hub_revision,
+        "text_field": cfg.text_field,
+        "splits": [cfg.train_split, cfg.validation_split],
+    }

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from slm.data.config import PackedData, SourceSpec, data_config, source_identity
-from slm.data.sources import BUILTIN, document_hashes, raw_documents, warn_overlap
+from slm.data.sources import BUILTIN, document_hashes, raw_documents, source_documents, warn_overlap
 from slm.data.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
@@ -101,13 +101,33 @@ def pack(docs, tokenizer, block_size: int, num_proc: int | None = None, desc: st
     """Tokenise a dataset of documents and pack it into ``block_size`` blocks, in bounded pieces."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    pieces = docs.map(_split_long, batched=True, batch_size=64, fn_kwargs={"limit": PIECE_CHARS},
-                      remove_columns=docs.column_names, num_proc=num_proc, desc=f"splitting {desc}")  # fmt: skip
-    tok = pieces.map(_tokenize, batched=True, batch_size=32, fn_kwargs={"tokenizer": tokenizer},
-                     remove_columns=pieces.column_names, num_proc=num_proc, desc=f"tokenising {desc}")  # fmt: skip
-    return tok.map(_pack, batched=True, batch_size=PACK_ROWS, remove_columns=tok.column_names, num_proc=num_proc,
-                   fn_kwargs={"block_size": block_size, "eos_id": eos, "pad_id": pad},
-                   desc=f"packing {desc}")  # fmt: skip
+    pieces = docs.map(
+        _split_long,
+        batched=True,
+        batch_size=64,
+        fn_kwargs={"limit": PIECE_CHARS},
+        remove_columns=docs.column_names,
+        num_proc=num_proc,
+        desc=f"splitting {desc}",
+    )
+    tok = pieces.map(
+        _tokenize,
+        batched=True,
+        batch_size=32,
+        fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=pieces.column_names,
+        num_proc=num_proc,
+        desc=f"tokenising {desc}",
+    )
+    return tok.map(
+        _pack,
+        batched=True,
+        batch_size=PACK_ROWS,
+        remove_columns=tok.column_names,
+        num_proc=num_proc,
+        fn_kwargs={"block_size": block_size, "eos_id": eos, "pad_id": pad},
+        desc=f"packing {desc}",
+    )
 
 
 def column_hash(ds, column: str, dtype=np.int64) -> str:
@@ -171,8 +191,9 @@ def _cached(where: Path, make, meta: dict):
         d.save_to_disk(str(tmp / name))
     for name, a in arrays.items():
         np.save(tmp / f"{name}.npy", a)
-    (tmp / "meta.json").write_text(json.dumps({"splits": list(splits), "arrays": list(arrays), **meta, **extra},
-                                              indent=1, default=str))  # fmt: skip
+    (tmp / "meta.json").write_text(
+        json.dumps({"splits": list(splits), "arrays": list(arrays), **meta, **extra}, indent=1, default=str)
+    )
     try:
         os.replace(tmp, where)
     except OSError:  # another process finished the same cache first
@@ -185,15 +206,25 @@ def _key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def build_split(spec: SourceSpec, tokenizer, block_size: int, cache_dir: str, shuffle_seed: int | None = None,
-                with_docs: bool = False):  # fmt: skip
+def build_split(
+    spec: SourceSpec,
+    tokenizer,
+    block_size: int,
+    cache_dir: str,
+    shuffle_seed: int | None = None,
+    with_docs: bool = False,
+):
     """One source packed as one split with the run's tokenizer and block size, cached like the rest
     (``with_docs``: also its documents' hashes, see :func:`document_hashes`)."""
-    settings = {"pack_version": PACK_VERSION, **spec.identity(cache_dir), "tokenizer": tokenizer_identity(tokenizer),
-                "block_size": block_size, "shuffle": shuffle_seed}  # fmt: skip
+    settings = {
+        "pack_version": PACK_VERSION,
+        **spec.identity(cache_dir),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "block_size": block_size,
+        "shuffle": shuffle_seed,
+    }
 
     def make():
-        from slm.data.sources import source_documents
 
         docs = source_documents(spec)
         packed = pack(docs, tokenizer, block_size, desc=Path(str(spec.source)).name)
@@ -213,9 +244,15 @@ def build(cfg) -> PackedData:
     extra eval sets of ``data.eval`` (each cached on its own, so adding one repacks nothing else)."""
     cfg = data_config(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    settings = {"pack_version": PACK_VERSION, "source": source_identity(cfg),
-                "tokenizer": tokenizer_identity(tokenizer), "block_size": cfg.block_size, "seed": cfg.seed,
-                "val_fraction": cfg.val_fraction, "sample_by": cfg.sample_by}  # fmt: skip
+    settings = {
+        "pack_version": PACK_VERSION,
+        "source": source_identity(cfg),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "block_size": cfg.block_size,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "sample_by": cfg.sample_by,
+    }
 
     def make():
         splits = {}
@@ -230,8 +267,11 @@ def build(cfg) -> PackedData:
             splits[name] = packed
         packed = {k: v for k, v in splits.items() if k != "train_docs"}
         _warn_unknown(tokenizer, packed)
-        identity = {"tokenizer": settings["tokenizer"], "block_size": cfg.block_size,
-                    "data_hash": {s: content_hash(d) for s, d in packed.items()}}  # fmt: skip
+        identity = {
+            "tokenizer": settings["tokenizer"],
+            "block_size": cfg.block_size,
+            "data_hash": {s: content_hash(d) for s, d in packed.items()},
+        }
         return splits, {"identity": identity}
 
     where = Path(cfg.cache_dir) / "packed" / _key(settings)

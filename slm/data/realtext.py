@@ -122,9 +122,12 @@ def junk_segment(rng: random.Random, length: int, words: list[str], kind: str | 
     if kind == "boilerplate":
         lines = []
         while sum(map(len, lines)) < length:
-            line = rng.choice(BOILERPLATE).format(year=rng.randint(1998, 2025), n=rng.randint(1, 999),
-                                                  company=rng.choice(("Acme Corp", "Example Media", "WebSite Ltd")),
-                                                  section=rng.choice(("News", "Tech", "Sports", "Life")))  # fmt: skip
+            line = rng.choice(BOILERPLATE).format(
+                year=rng.randint(1998, 2025),
+                n=rng.randint(1, 999),
+                company=rng.choice(("Acme Corp", "Example Media", "WebSite Ltd")),
+                section=rng.choice(("News", "Tech", "Sports", "Life")),
+            )
             lines.append(line)
         return "\n".join(lines)
     base = " ".join(rng.choice(words) for _ in range(rng.randint(6, 12)))

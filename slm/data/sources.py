@@ -39,8 +39,7 @@ def generated_documents(spec, split: str):
     return datasets.Dataset.from_list(generate(generated_config(spec), split))
 
 
-FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-           ".parquet": "parquet"}  # fmt: skip
+FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def data_files(source: str) -> list[str]:
@@ -135,8 +134,10 @@ def _load_files(cfg) -> dict:
         # Checked up front: the loaders accept bad bytes and fail later, far from the file that has them.
         bad = _first_bad_utf8(files)
         if bad is not None:
-            raise ValueError(f"data.source={cfg.source!r}: not UTF-8 text ({bad}). Convert the file, e.g. "
-                             "iconv -f latin1 -t utf-8 in.jsonl > out.jsonl")  # fmt: skip
+            raise ValueError(
+                f"data.source={cfg.source!r}: not UTF-8 text ({bad}). Convert the file, e.g. "
+                "iconv -f latin1 -t utf-8 in.jsonl > out.jsonl"
+            )
     kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
     # Read afresh: datasets' own cache knows a file by its path and modification time, and would hand back
     # the old rows of a file replaced with the same time (slm's packed cache, keyed by content, is the cache).

@@ -29,5 +29,13 @@ from slm.head.chunks import grad_chunk, score_chunk
 from slm.head.output import BACKENDS, CHUNK_ELEMENTS, OutputHead
 from slm.head.passes import full_logits_rows_loss, score_rows, selected_rows_loss
 
-__all__ = ["BACKENDS", "CHUNK_ELEMENTS", "OutputHead", "full_logits_rows_loss", "grad_chunk", "score_chunk",
-           "score_rows", "selected_rows_loss"]  # fmt: skip
+__all__ = [
+    "BACKENDS",
+    "CHUNK_ELEMENTS",
+    "OutputHead",
+    "full_logits_rows_loss",
+    "grad_chunk",
+    "score_chunk",
+    "score_rows",
+    "selected_rows_loss",
+]

@@ -16,8 +16,16 @@ def score_chunk(raw: Tensor, t: Tensor, softcap: float | None, hits: bool, entro
     return loss, lse, (z.argmax(-1) == t) if hits else None, ent
 
 
-def grad_chunk(raw: Tensor, t: Tensor, lse: Tensor | None, row_scale: Tensor | None, softcap: float | None,
-               scale: float, out_dtype: torch.dtype = torch.float32, bias_grad: bool = False):  # fmt: skip
+def grad_chunk(
+    raw: Tensor,
+    t: Tensor,
+    lse: Tensor | None,
+    row_scale: Tensor | None,
+    softcap: float | None,
+    scale: float,
+    out_dtype: torch.dtype = torch.float32,
+    bias_grad: bool = False,
+):
     """(d(sum of row_scale * loss)/d(pre-scale logits) in ``out_dtype`` (the gradient matmuls'
     dtype: the cast is part of the fused math), loss (float32), and with ``bias_grad`` the
     gradient's float32 column sums) of one chunk."""

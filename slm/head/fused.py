@@ -61,9 +61,16 @@ def _launcher(name: str, grid_of):
     if interpreting():
         return lambda *args, **kw: kernel[grid_of(_interpreter_blocks())](*args, **kw, **_interpreter_blocks())
     if name not in _TUNED:
-        configs = [triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=h), num_warps=w, num_stages=s)
-                   for n, v, h, w, s in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-                                         (128, 64, 64, 4, 4), (64, 64, 128, 4, 3))]  # fmt: skip
+        configs = [
+            triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=h), num_warps=w, num_stages=s)
+            for n, v, h, w, s in (
+                (64, 128, 64, 4, 3),
+                (128, 128, 64, 8, 3),
+                (64, 256, 64, 8, 3),
+                (128, 64, 64, 4, 4),
+                (64, 64, 128, 4, 3),
+            )
+        ]
         _TUNED[name] = triton.autotune(configs, key=["V", "H", "HAS_BIAS", "SOFTCAP"])(kernel)
     tuned = _TUNED[name]
     return lambda *args, **kw: tuned[lambda meta: grid_of(meta)](*args, **kw)
@@ -76,8 +83,9 @@ def _operands(head, hidden: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor,
 
 
 def _flags(head, dtype: torch.dtype) -> dict:
-    return dict(HAS_BIAS=head.bias is not None, SOFTCAP=bool(head.softcap), UPCAST=interpreting(),
-                IEEE=dtype == torch.float32)  # fmt: skip
+    return dict(
+        HAS_BIAS=head.bias is not None, SOFTCAP=bool(head.softcap), UPCAST=interpreting(), IEEE=dtype == torch.float32
+    )
 
 
 @torch.no_grad()
@@ -94,9 +102,26 @@ def score(head, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bo
         h, w, b = _operands(head, hidden, dtype)
         vocab = w.shape[0]
         launch = _launcher("score_kernel", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),))
-        launch(h, w, w if b is None else b, targets.contiguous(), loss, lse, loss if hit is None else hit,
-               loss if ent is None else ent, n, vocab, h.shape[1], h.stride(0), w.stride(0), float(head.scale),
-               float(head.softcap or 1.0), HITS=hits, ENTROPY=entropy, **_flags(head, dtype))  # fmt: skip
+        launch(
+            h,
+            w,
+            w if b is None else b,
+            targets.contiguous(),
+            loss,
+            lse,
+            loss if hit is None else hit,
+            loss if ent is None else ent,
+            n,
+            vocab,
+            h.shape[1],
+            h.stride(0),
+            w.stride(0),
+            float(head.scale),
+            float(head.softcap or 1.0),
+            HITS=hits,
+            ENTROPY=entropy,
+            **_flags(head, dtype),
+        )
     return loss, lse, None if hit is None else hit.bool(), ent
 
 
@@ -152,10 +177,27 @@ def _backward(head, dtype, hidden, targets, lse, grad_sum, row_weight, need_h, n
                 return triton.cdiv(k, meta["BLOCK_N"]), triton.cdiv(span, meta["BLOCK_V"])
 
             launch_slice = _launcher("grad_kernel", grid)
-            launch_slice(h, w, w if b is None else b, targets.contiguous(), lse.contiguous(), row_scale, g, k, vocab,
-                         width, h.stride(0), w.stride(0), g.stride(0), v0, v1, float(head.scale),
-                         float(head.softcap or 1.0), BF16_OUT=dtype == torch.bfloat16,
-                         **_flags(head, dtype))  # fmt: skip
+            launch_slice(
+                h,
+                w,
+                w if b is None else b,
+                targets.contiguous(),
+                lse.contiguous(),
+                row_scale,
+                g,
+                k,
+                vocab,
+                width,
+                h.stride(0),
+                w.stride(0),
+                g.stride(0),
+                v0,
+                v1,
+                float(head.scale),
+                float(head.softcap or 1.0),
+                BF16_OUT=dtype == torch.bfloat16,
+                **_flags(head, dtype),
+            )
             if need_w:
                 grad_w[v0:v1] = mm_f32(g.t(), h)
             if need_h:

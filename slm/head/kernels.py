@@ -26,9 +26,27 @@ import triton.language as tl
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, scale, softcap,
-                 HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    rows,
+    cols,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """``[BLOCK_N, BLOCK_V]`` float32 logits of rows x vocabulary ids (capped when SOFTCAP)."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     rmask, cmask = rows < N, cols < V
@@ -54,10 +72,32 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, s
 
 
 @triton.jit
-def score_kernel(h_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, hit_ptr, ent_ptr, N, V, H, stride_h, stride_w,
-                 scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HITS: tl.constexpr,
-                 ENTROPY: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+def score_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    t_ptr,
+    loss_ptr,
+    lse_ptr,
+    hit_ptr,
+    ent_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HITS: tl.constexpr,
+    ENTROPY: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     target = tl.load(t_ptr + rows, mask=rmask, other=0)
@@ -70,8 +110,27 @@ def score_kernel(h_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, hit_ptr, ent_ptr
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < V
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, scale, softcap, HAS_BIAS,
-                         SOFTCAP, UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            rows,
+            cols,
+            N,
+            V,
+            H,
+            stride_h,
+            stride_w,
+            scale,
+            softcap,
+            HAS_BIAS,
+            SOFTCAP,
+            UPCAST,
+            IEEE,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+        )
         z = tl.where(cmask[None, :], z, float("-inf"))
         block_max = tl.max(z, 1)
         m_new = tl.maximum(m, block_max)
@@ -97,17 +156,59 @@ def score_kernel(h_ptr, w_ptr, b_ptr, t_ptr, loss_ptr, lse_ptr, hit_ptr, ent_ptr
 
 
 @triton.jit
-def grad_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, rs_ptr, g_ptr, N, V, H, stride_h, stride_w, stride_g, v_start,
-                v_end, scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
-                IEEE: tl.constexpr, BF16_OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr):  # fmt: skip
+def grad_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    t_ptr,
+    lse_ptr,
+    rs_ptr,
+    g_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    stride_g,
+    v_start,
+    v_end,
+    scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+    BF16_OUT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """``g[:, v - v_start] = rs * (softmax(z) - onehot(t)) * dz/draw`` for vocabulary ids ``v`` in
     ``[v_start, v_end)``: the gradient with respect to the logits before scale and cap."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = v_start + tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     rmask, cmask = rows < N, cols < v_end
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H, stride_h, stride_w, scale, softcap, HAS_BIAS, SOFTCAP,
-                     UPCAST, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)  # fmt: skip
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        rows,
+        cols,
+        N,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        scale,
+        softcap,
+        HAS_BIAS,
+        SOFTCAP,
+        UPCAST,
+        IEEE,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+    )
     lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
     target = tl.load(t_ptr + rows, mask=rmask, other=-1)
     row_scale = tl.load(rs_ptr + rows, mask=rmask, other=0.0)

@@ -120,8 +120,12 @@ class _SelectedRowsCE(torch.autograd.Function):
             None if grad_h is None else grad_h.mul_(scale).to(ctx.hidden_dtype),
             None if grad_w is None else grad_w.mul_(scale),
             None if grad_b is None else grad_b.mul_(scale),
-            None, None, None, None, None,
-        )  # fmt: skip
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _accumulate(g: Tensor, h: Tensor, w: Tensor, grad_h, grad_w, grad_b, g_sum, i: int) -> None:

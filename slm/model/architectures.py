@@ -20,18 +20,56 @@ from slm.head import OutputHead
 # loss: ``cap(scale * (final_hidden @ W.T + b))``. Each is checked against HF's own loss and
 # gradients in the tests (tests/conftest.py ARCH_KWARGS).
 _PLAIN_HEADS = {
-    "gpt2", "gpt_neox", "gpt_neo", "gptj", "gpt_bigcode", "codegen", "bloom", "opt", "falcon", "persimmon",
-    "stablelm", "llama", "mistral", "ministral", "qwen2", "qwen3", "phi", "phi3", "gemma", "olmo", "olmo2",
-    "olmo3", "starcoder2", "smollm3", "glm", "glm4", "exaone4", "helium", "seed_oss", "apertus", "arcee",
-    "ernie4_5", "hunyuan_v1_dense", "nemotron",
+    "gpt2",
+    "gpt_neox",
+    "gpt_neo",
+    "gptj",
+    "gpt_bigcode",
+    "codegen",
+    "bloom",
+    "opt",
+    "falcon",
+    "persimmon",
+    "stablelm",
+    "llama",
+    "mistral",
+    "ministral",
+    "qwen2",
+    "qwen3",
+    "phi",
+    "phi3",
+    "gemma",
+    "olmo",
+    "olmo2",
+    "olmo3",
+    "starcoder2",
+    "smollm3",
+    "glm",
+    "glm4",
+    "exaone4",
+    "helium",
+    "seed_oss",
+    "apertus",
+    "arcee",
+    "ernie4_5",
+    "hunyuan_v1_dense",
+    "nemotron",
     # mixtures of experts: their loss is this cross-entropy while the router's auxiliary loss is off
     # (config.output_router_logits, off by default; SelectiveLM refuses it on for the models whose
     # loss adds it, see check_no_router_loss)
-    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "minimax", "glm4_moe", "hunyuan_v1_moe", "flex_olmo",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "phimoe",
+    "minimax",
+    "glm4_moe",
+    "hunyuan_v1_moe",
+    "flex_olmo",
     # Gemma 3's image-text model (4B and up) trained on text: unlike gemma3_text, its logits are not
     # soft-capped (HF's Gemma3ForConditionalGeneration ignores text_config.final_logit_softcapping)
     "gemma3",
-}  # fmt: skip
+}
 _SOFTCAPPED = {"gemma2", "gemma3_text", "vaultgemma"}  # tanh cap at config.final_logit_softcapping (None: none)
 _SCALED = {"cohere": "logit_scale", "cohere2": "logit_scale"}  # logits * config.<attribute>
 _DIVIDED = {"granite": "logits_scaling", "granitemoe": "logits_scaling"}  # logits / config.<attribute>
@@ -158,8 +196,9 @@ def _fsdp2(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule)
 
 
-def output_head(model: nn.Module, chunk_elements: int | None = None,
-                backend: str = "auto") -> tuple[OutputHead | None, str]:  # fmt: skip
+def output_head(
+    model: nn.Module, chunk_elements: int | None = None, backend: str = "auto"
+) -> tuple[OutputHead | None, str]:
     """The :class:`OutputHead` that reproduces ``model``'s logits, or ``None`` and the reason.
 
     An output layer sharded by FSDP2 is gathered first (it stays gathered until FSDP reshards it
@@ -183,7 +222,8 @@ def output_head(model: nn.Module, chunk_elements: int | None = None,
 
 
 def build_model(mcfg, vocab_size: int, seed: int, tokenizer=None, fresh: bool = False):
-    """An HF causal LM: ``pretrained`` (hub name or path), else built from ``config``. A model built
+    """An HF causal LM from ``mcfg``, a mapping of the ``model.*`` settings: ``pretrained`` (hub name or
+    path), else built from ``config`` (the HF config's fields). A model built
     from config carries ``tokenizer``'s special token ids (generation stops at its end token).
     ``fresh=True``: a pretrained model's architecture, freshly initialised (a reference trained
     from scratch)."""
@@ -191,16 +231,19 @@ def build_model(mcfg, vocab_size: int, seed: int, tokenizer=None, fresh: bool = 
 
     dtype = getattr(torch, mcfg.get("dtype", "float32"))
     if mcfg.get("pretrained") and not fresh:
-        return _from_pretrained(mcfg.pretrained, dtype)
+        return _from_pretrained(mcfg["pretrained"], dtype)
     if mcfg.get("pretrained"):
-        config = AutoConfig.from_pretrained(mcfg.pretrained)
+        config = AutoConfig.from_pretrained(mcfg["pretrained"])
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    kwargs = _container(mcfg.config)
+    kwargs = dict(mcfg["config"])
     model_type = kwargs.pop("model_type")
     if tokenizer is not None:
-        kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        kwargs.update(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     config = AutoConfig.for_model(model_type, vocab_size=vocab_size, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -217,9 +260,3 @@ def _from_pretrained(name: str, dtype):
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except OSError as e:
         raise ValueError(f"model.pretrained={name!r}: could not load it ({e})") from e
-
-
-def _container(node) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)

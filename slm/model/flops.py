@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from slm.model.architectures import causal_lm
+
 
 @dataclass(frozen=True)
 class FlopModel:
@@ -43,7 +45,6 @@ class FlopModel:
 
 def flop_model(model: nn.Module, seq: int, reference: nn.Module | None = None) -> FlopModel:
     """The :class:`FlopModel` of an HF causal LM (or a PEFT model of one) for blocks of ``seq`` tokens."""
-    from slm.model.architectures import causal_lm
 
     lm = causal_lm(model)
     emb, out = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight

@@ -43,8 +43,10 @@ def token_losses(
     targets = labels[:, 1:].reshape(-1).index_select(0, plan.valid_pos)
     if head is None:  # one sequence of full logits at a time
         b, t = labels.shape
-        loss, hit = torch.zeros(b, t - 1, device=labels.device), torch.zeros(b, t - 1, dtype=torch.bool,
-                                                                             device=labels.device)  # fmt: skip
+        loss, hit = (
+            torch.zeros(b, t - 1, device=labels.device),
+            torch.zeros(b, t - 1, dtype=torch.bool, device=labels.device),
+        )
         ent = torch.zeros_like(loss)
         for i in range(b):
             am = None if attention_mask is None else attention_mask[i : i + 1]
@@ -61,8 +63,11 @@ def token_losses(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs
         ).last_hidden_state[:, :-1]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos)
-        loss, _, hit, ent = score_rows(head, rows, targets, hits=True, entropy=True) if return_entropy else (
-            *score_rows(head, rows, targets, hits=True), None)  # fmt: skip
+        loss, _, hit, ent = (
+            score_rows(head, rows, targets, hits=True, entropy=True)
+            if return_entropy
+            else (*score_rows(head, rows, targets, hits=True), None)
+        )
     parts = [plan.scatter(plan.valid_pos, v) if v is not None else None for v in (loss, hit, ent)]
     return _pick(parts, return_hits, return_entropy)
 

@@ -27,8 +27,10 @@ def shifted_valid(labels: Tensor) -> Tensor:
     return valid
 
 
-MASK_ERROR = ("loss_mask must be boolean (or 0/1); it holds other values. For per-token loss weights pass "
-              "loss_weight (the loss is then sum(weight * loss) / sum(weight))")  # fmt: skip
+MASK_ERROR = (
+    "loss_mask must be boolean (or 0/1); it holds other values. For per-token loss weights pass "
+    "loss_weight (the loss is then sum(weight * loss) / sum(weight))"
+)
 WEIGHT_ERROR = "loss_weight must be finite and >= 0 (0 = not trained)"
 
 
@@ -96,16 +98,19 @@ class RowPlan:
         return None if self.weights is None else self.weights[:, 1:].reshape(-1).index_select(0, pos)
 
 
-def plan_rows(labels: Tensor, vocab: int, loss_mask: Tensor | None, loss_weight: Tensor | None,
-              ratio: float, scope: str) -> RowPlan:  # fmt: skip
+def plan_rows(
+    labels: Tensor, vocab: int, loss_mask: Tensor | None, loss_weight: Tensor | None, ratio: float, scope: str
+) -> RowPlan:
     """The rows of a batch, every count and check fetched in one copy (see the module docstring)."""
     valid = shifted_valid(labels)
     rows, targets = valid[:, 1:], labels[:, 1:]
     parts = [rows.sum(), (rows & ((targets < 0) | (targets >= vocab))).sum()]
     if rows.numel():  # the offending range, for the error message
         info = torch.iinfo(targets.dtype)
-        parts += [torch.where(rows, targets, targets.new_full((), info.max)).min(),
-                  torch.where(rows, targets, targets.new_full((), info.min)).max()]  # fmt: skip
+        parts += [
+            torch.where(rows, targets, targets.new_full((), info.max)).min(),
+            torch.where(rows, targets, targets.new_full((), info.min)).max(),
+        ]
     weights = known = None
     if loss_weight is not None:
         w = loss_weight.to(valid.device).float()
@@ -114,8 +119,9 @@ def plan_rows(labels: Tensor, vocab: int, loss_mask: Tensor | None, loss_weight:
         known = weights > 0
     elif loss_mask is not None:
         m = loss_mask.to(valid.device)
-        parts.append(torch.zeros((), dtype=torch.long, device=valid.device) if m.dtype == torch.bool else
-                     _not_boolean(m).sum())  # fmt: skip
+        parts.append(
+            torch.zeros((), dtype=torch.long, device=valid.device) if m.dtype == torch.bool else _not_boolean(m).sum()
+        )
         known = (m != 0) & valid
     elif ratio == 1.0:
         known = valid
@@ -165,8 +171,9 @@ class HeadRows:
             return (loss.sum() if row_weight is None else (loss * row_weight).sum()), loss
         lse = None if self.lse is None else self.lse.index_select(0, picked)
         loss = None if self.loss is None else self.loss.index_select(0, picked)
-        return selected_rows_loss(self.head, self.hidden.index_select(0, picked), self.targets.index_select(0, picked),
-                                  lse, row_weight, loss)  # fmt: skip
+        return selected_rows_loss(
+            self.head, self.hidden.index_select(0, picked), self.targets.index_select(0, picked), lse, row_weight, loss
+        )
 
 
 class FullLogitRows:

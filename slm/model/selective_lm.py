@@ -116,8 +116,10 @@ class SelectiveLM(nn.Module):
         elif combine is not None:
             raise ValueError(f"combine= goes with selector='union' or 'intersection', not {selector!r}")
         if combine is not None and scope == "dataset":
-            raise ValueError("selector='union'/'intersection' combine two exact top-k sets: use scope='sequence', "
-                             "'batch' or 'global' with them")  # fmt: skip
+            raise ValueError(
+                "selector='union'/'intersection' combine two exact top-k sets: use scope='sequence', "
+                "'batch' or 'global' with them"
+            )
         self.combine = combine
         if head_backend not in BACKENDS:
             raise ValueError(f"head_backend must be one of {BACKENDS}, got {head_backend!r}")
@@ -140,8 +142,9 @@ class SelectiveLM(nn.Module):
         why = head_support(model)
         self._fallback_warned = why is not None
         if why is not None:
-            warnings.warn(f"slm: {why}; falling back to HF's full forward (correct loss, no head savings).",
-                          stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"slm: {why}; falling back to HF's full forward (correct loss, no head savings).", stacklevel=2
+            )
 
     # -- the wrapper looks like the model it wraps (FSDP auto-wrap, Accelerate, Trainer, PEFT) ------
     @property
@@ -168,8 +171,9 @@ class SelectiveLM(nn.Module):
 
     # transformers 5 renamed gradient checkpointing to activation checkpointing; both names work.
     def activation_checkpointing_enable(self, *args, **kwargs):
-        return _call_either(self.model, "activation_checkpointing_enable", "gradient_checkpointing_enable",
-                            *args, **kwargs)  # fmt: skip
+        return _call_either(
+            self.model, "activation_checkpointing_enable", "gradient_checkpointing_enable", *args, **kwargs
+        )
 
     def activation_checkpointing_disable(self):
         return _call_either(self.model, "activation_checkpointing_disable", "gradient_checkpointing_disable")
@@ -248,8 +252,15 @@ class SelectiveLM(nn.Module):
         self._check_call(model_kwargs)
         if position_ids is not None:
             model_kwargs["position_ids"] = position_ids
-        labels = _check_inputs(input_ids, labels, attention_mask, ref_loss=ref_loss, ref_entropy=ref_entropy,
-                               loss_mask=loss_mask, loss_weight=loss_weight)  # fmt: skip
+        labels = _check_inputs(
+            input_ids,
+            labels,
+            attention_mask,
+            ref_loss=ref_loss,
+            ref_entropy=ref_entropy,
+            loss_mask=loss_mask,
+            loss_weight=loss_weight,
+        )
         if loss_mask is not None and loss_weight is not None:
             raise ValueError("pass loss_mask or loss_weight, not both (loss_weight > 0 marks the trained tokens)")
         if ref_loss is not None and ref_loss.dtype in (torch.bfloat16, torch.float16):
@@ -286,21 +297,30 @@ class SelectiveLM(nn.Module):
             denom = num_items_in_batch
         else:
             denom = n_selected if plan.weights is None else plan.weights_at(pos).sum()
-        return SelectiveOutput(loss=loss_sum / _nonzero(denom, loss_sum.device), token_loss=token_loss, mask=mask,
-                               n_selected=n_selected, n_valid=plan.n_valid, hits=hits,
-                               n_nonfinite=n_nonfinite)  # fmt: skip
+        return SelectiveOutput(
+            loss=loss_sum / _nonzero(denom, loss_sum.device),
+            token_loss=token_loss,
+            mask=mask,
+            n_selected=n_selected,
+            n_valid=plan.n_valid,
+            hits=hits,
+            n_nonfinite=n_nonfinite,
+        )
 
     def _exact(self) -> bool:
         """Whether this call can run the selective head (else HF's full logits, warned once)."""
         why = head_support(self.model)
         if why is not None and not self._fallback_warned:
             self._fallback_warned = True
-            warnings.warn(f"slm: {why}; falling back to HF's full logits from now on (correct loss, no head savings).",
-                          stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"slm: {why}; falling back to HF's full logits from now on (correct loss, no head savings).",
+                stacklevel=3,
+            )
         return why is None
 
-    def _select(self, token_loss: Tensor, ref_loss: Tensor | None, ref_entropy: Tensor | None, plan: RowPlan,
-                ratio: float):  # fmt: skip
+    def _select(
+        self, token_loss: Tensor, ref_loss: Tensor | None, ref_entropy: Tensor | None, plan: RowPlan, ratio: float
+    ):
         """(mask, flat positions of the selected rows, count of non-finite scores or None)."""
         dev = token_loss.device
         ref, ent = (None if t is None else t.to(dev) for t in (ref_loss, ref_entropy))
@@ -341,8 +361,7 @@ class SelectiveLM(nn.Module):
         targets = labels[:, 1:].reshape(-1).index_select(0, plan.valid_pos)
         if not exact:
             logits = lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs).logits
-            return FullLogitRows(logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, plan.valid_pos),
-                                 targets)  # fmt: skip
+            return FullLogitRows(logits[:, :-1].reshape(-1, logits.shape[-1]).index_select(0, plan.valid_pos), targets)
         out = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
         # After the decoder: under FSDP2 the head's unit is gathered by then (or now, see output_head).
         head, why = output_head(self.model, self.chunk_elements, self.head_backend)
@@ -354,8 +373,12 @@ class SelectiveLM(nn.Module):
 
 def _check_inputs(input_ids, labels, attention_mask, **per_token) -> Tensor:
     """Every input's type and shape, each error naming the argument; ``labels`` on the ids' device."""
-    for name, t in (("input_ids", input_ids), ("labels", labels), ("attention_mask", attention_mask),
-                    *per_token.items()):  # fmt: skip
+    for name, t in (
+        ("input_ids", input_ids),
+        ("labels", labels),
+        ("attention_mask", attention_mask),
+        *per_token.items(),
+    ):
         if t is not None and not torch.is_tensor(t):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if input_ids.dim() != 2:
@@ -370,8 +393,10 @@ def _check_inputs(input_ids, labels, attention_mask, **per_token) -> Tensor:
             f"labels {tuple(labels.shape)} must have the [B, T] shape of input_ids {tuple(input_ids.shape)}"
         )
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must be the [B, T] shape of "
-                         f"input_ids {tuple(input_ids.shape)}")  # fmt: skip
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}; it must be the [B, T] shape of "
+            f"input_ids {tuple(input_ids.shape)}"
+        )
     for name, t in per_token.items():
         if t is not None and t.shape != labels.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be aligned with labels {tuple(labels.shape)}")

@@ -1,9 +1,9 @@
 """One run over processes: DDP, FSDP2 and DeepSpeed behind one Engine. Imports slm.model.
 
-  launch.py       the mode the launcher asks for, mixed precision, the Accelerator, building models under ZeRO-3
-  engine.py       Engine: prepare, backward (loss already normalised), step, sharded save/load, final export
-  fsdp2.py        FSDP2 shard units: each decoder layer, the embedding, the head unit kept gathered through a step
-  state.py        what a checkpoint holds per mode (torch.distributed.checkpoint, DeepSpeed's own)
+launch.py       the mode the launcher asks for, mixed precision, the Accelerator, building models under ZeRO-3
+engine.py       Engine: prepare, backward (loss already normalised), step, sharded save/load, final export
+fsdp2.py        FSDP2 shard units: each decoder layer, the embedding, the head unit kept gathered through a step
+state.py        what a checkpoint holds per mode (torch.distributed.checkpoint, DeepSpeed's own)
 """
 
 from slm.parallel.engine import Engine

@@ -72,9 +72,18 @@ class Engine:
         grad_clip: max gradient norm (DeepSpeed clips inside its step, so it must know it here).
     """
 
-    def __init__(self, acc, lm: nn.Module, make_optimizer: Callable, make_scheduler: Callable, grad_accum: int,
-                 micro_batch: int, mixed_precision: str = "no", mode: str | None = None,
-                 grad_clip: float | None = None):  # fmt: skip
+    def __init__(
+        self,
+        acc,
+        lm: nn.Module,
+        make_optimizer: Callable,
+        make_scheduler: Callable,
+        grad_accum: int,
+        micro_batch: int,
+        mixed_precision: str = "no",
+        mode: str | None = None,
+        grad_clip: float | None = None,
+    ):
         self.acc, self.lm = acc, lm
         self.grad_clip = grad_clip
         self.mode = mode or requested_mode()
@@ -251,5 +260,3 @@ class Engine:
         if self.mode == "deepspeed":
             self.acc.free_memory(self.model, self.opt)
         self.model = self.opt = self.sched = None
-
-

@@ -15,6 +15,8 @@ import logging
 import torch
 from torch import nn
 
+from slm.model import causal_lm
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,6 @@ def fsdp2_units(lm: nn.Module) -> dict[str, list[nn.Module]]:
       backward, since the selective head reads the weight once per chunk;
     * the root (``lm``) keeps what is left (rotary tables, small buffers).
     """
-    from slm.model import causal_lm
 
     inner = causal_lm(getattr(lm, "model", lm))  # the HF model inside a SelectiveLM
     names = set(getattr(lm, "_no_split_modules", None) or [])
@@ -54,8 +55,9 @@ def fsdp2_units(lm: nn.Module) -> dict[str, list[nn.Module]]:
     return {"layers": layers, "embedding": [] if tied else [embedding], "head": head_unit}
 
 
-def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str, reshard: bool = True,
-                activation_checkpointing: bool = False) -> None:  # fmt: skip
+def shard_fsdp2(
+    lm: nn.Module, device_type: str, mixed_precision: str, reshard: bool = True, activation_checkpointing: bool = False
+) -> None:
     """``fully_shard`` the units of :func:`fsdp2_units`, then the root. ``reshard``: layers and the
     embedding return to their shards after the forward (the launch config's reshard setting)."""
     import torch.distributed as dist
@@ -78,10 +80,14 @@ def shard_fsdp2(lm: nn.Module, device_type: str, mixed_precision: str, reshard: 
     # Gathered once per step: the head reads it chunk by chunk in the forward and again in the backward.
     fully_shard(units["head"], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(lm, mesh=mesh, mp_policy=root_policy)
-    log.info("fsdp2: %d decoder layer units (%s), %s, a head unit (%s) and the root; compute dtype %s",
-             len(units["layers"]), sorted({type(m).__name__ for m in units["layers"]}),
-             "an embedding unit" if units["embedding"] else "the tied embedding in the head unit",
-             ", ".join(type(m).__name__ for m in units["head"]), dtype or "float32")  # fmt: skip
+    log.info(
+        "fsdp2: %d decoder layer units (%s), %s, a head unit (%s) and the root; compute dtype %s",
+        len(units["layers"]),
+        sorted({type(m).__name__ for m in units["layers"]}),
+        "an embedding unit" if units["embedding"] else "the tied embedding in the head unit",
+        ", ".join(type(m).__name__ for m in units["head"]),
+        dtype or "float32",
+    )
 
 
 def reshard_fsdp2(lm: nn.Module) -> None:

@@ -59,8 +59,9 @@ def make_accelerator(mixed_precision: str, grad_accum: int = 1):
         kwargs = {"cpu": False, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     # Autocast and loss scaling are the Engine's, except under DeepSpeed, whose engine Accelerate configures.
     precision = mixed_precision if mode == "deepspeed" else "no"
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=grad_accum,
-                       step_scheduler_with_optimizer=False, **kwargs)  # fmt: skip
+    return Accelerator(
+        mixed_precision=precision, gradient_accumulation_steps=grad_accum, step_scheduler_with_optimizer=False, **kwargs
+    )
 
 
 @contextmanager

@@ -57,8 +57,11 @@ def save_model_and_optimizer(lm: torch.nn.Module, opt, path: Path) -> None:
 
     model_sd, optim_sd = get_state_dict(lm, opt)
     with _quiet():
-        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(str(path / DCP_DIR)),
-                 **_dcp_kwargs())  # fmt: skip
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd},
+            storage_writer=dcp.FileSystemWriter(str(path / DCP_DIR)),
+            **_dcp_kwargs(),
+        )
 
 
 def load_model_and_optimizer(lm: torch.nn.Module, opt, path: Path) -> None:

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from slm.data import content_hash
 from slm.model import token_losses
+from slm.parallel import model_init
 from slm.reference import store as stores
 from slm.reference.store import StoredColumns, StoreError
 
@@ -36,7 +38,6 @@ def load_reference(path: str, device: torch.device | str = "cpu", dtype: str = "
 
     if dtype == "auto":
         dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-    from slm.parallel import model_init
 
     try:
         with model_init(trained=False):  # a frozen reference is never partitioned by ZeRO-3
@@ -149,8 +150,16 @@ def _release_freed_memory() -> None:
         pass
 
 
-def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: dict, batch_size: int = 32,
-                  accelerator=None, entropy: bool = False, dtype: str = "float32") -> Path:  # fmt: skip
+def score_dataset(
+    reference: nn.Module,
+    ds,
+    out_dir: str | os.PathLike,
+    meta: dict,
+    batch_size: int = 32,
+    accelerator=None,
+    entropy: bool = False,
+    dtype: str = "float32",
+) -> Path:
     """Score the packed split ``ds`` with ``reference`` into a store under ``out_dir``.
 
     Work is cut into chunks of about :data:`CHUNK_TOKENS` tokens, dealt round-robin to the
@@ -165,8 +174,6 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
     block = len(ds[0]["input_ids"])
     meta = {**meta, "rows": len(ds), "block_size": block, "entropy": entropy, "dtype": dtype}
     if "data_hash" not in meta:
-        from slm.data import content_hash
-
         meta["data_hash"] = content_hash(ds)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(reference.parameters()).device
@@ -185,12 +192,14 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
     mine = [c for j, c in enumerate(chunks) if j % world == rank and c in missing]
     t0 = time.perf_counter()
     # Rank 0's bar stands for all processes: they get equal shares of the work.
-    with _rows_with_progress(sum(map(tokens, mine)), f"scoring ({world} process{'es' * (world > 1)})",
-                             rank == 0) as bar:  # fmt: skip
+    with _rows_with_progress(
+        sum(map(tokens, mine)), f"scoring ({world} process{'es' * (world > 1)})", rank == 0
+    ) as bar:
         for c in mine:
             view = _reopened(ds)
-            scored = score_blocks(reference, view.select(range(c, min(c + per_chunk, len(ds)))), batch_size, device,
-                                  bar, entropy)  # fmt: skip
+            scored = score_blocks(
+                reference, view.select(range(c, min(c + per_chunk, len(ds)))), batch_size, device, bar, entropy
+            )
             del view
             values = dict(zip(columns, scored if entropy else (scored,)))
             entries = {col: stores.write_shard(out_dir, col, c, values[col], dtype, str(rank)) for col in columns}
@@ -205,9 +214,13 @@ def score_dataset(reference: nn.Module, ds, out_dir: str | os.PathLike, meta: di
     if rank == 0:
         entries = [json.loads(done(c).read_text()) for c in chunks]
         scored_now = sum(map(tokens, missing))
-        meta = {**meta, "shards": {col: [e[col] for e in entries] for col in columns}, "processes": world,
-                "seconds": round(seconds, 2),
-                "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None}  # fmt: skip
+        meta = {
+            **meta,
+            "shards": {col: [e[col] for e in entries] for col in columns},
+            "processes": world,
+            "seconds": round(seconds, 2),
+            "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None,
+        }
         stores.write_meta(out_dir, meta)  # last: the store is complete
         shutil.rmtree(parts)
         log.info("slm-score: stored %s for %d blocks in %s", " and ".join(columns), len(ds), out_dir)
@@ -238,18 +251,21 @@ def load_stored(out_dir: str | os.PathLike, expected: dict) -> StoredColumns:
     ref = meta.get("reference") or {}
     want = expected.get("reference")
     if want is not None and ref.get("weights_sha256") != want.get("weights_sha256"):
-        raise StoreError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r} (weights "
-                         f"{ref.get('weights_sha256')}), not {want.get('name')!r} (weights "
-                         f"{want.get('weights_sha256')}); choose another out_dir or delete this one")  # fmt: skip
+        raise StoreError(
+            f"stored reference losses in {out_dir} come from reference {ref.get('name')!r} (weights "
+            f"{ref.get('weights_sha256')}), not {want.get('name')!r} (weights "
+            f"{want.get('weights_sha256')}); choose another out_dir or delete this one"
+        )
     if expected.get("reference_name") and ref.get("name") != expected["reference_name"]:
-        raise StoreError(f"stored reference losses in {out_dir} come from reference {ref.get('name')!r}, not "
-                         f"reference.path={expected['reference_name']!r}")  # fmt: skip
+        raise StoreError(
+            f"stored reference losses in {out_dir} come from reference {ref.get('name')!r}, not "
+            f"reference.path={expected['reference_name']!r}"
+        )
     if expected.get("entropy") and "ref_entropy" not in meta["shards"]:
-        raise StoreError(f"this selector needs the reference's per-token entropy, which {out_dir} does not hold; "
-                         "score again with slm-score entropy=true")  # fmt: skip
+        raise StoreError(
+            f"this selector needs the reference's per-token entropy, which {out_dir} does not hold; "
+            "score again with slm-score entropy=true"
+        )
     columns = StoredColumns(out_dir, meta)
     columns.check_files()
     return columns
-
-
-

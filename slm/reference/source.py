@@ -52,16 +52,20 @@ class RefSource:
             return False
         ours, theirs = dict(self.model.named_parameters()), dict(model.named_parameters())
         if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape for k in ours):
-            raise ValueError("reference.evolve_every: the reference and the training model differ in architecture; "
-                             "an evolving reference is a copy of the training model")  # fmt: skip
+            raise ValueError(
+                "reference.evolve_every: the reference and the training model differ in architecture; "
+                "an evolving reference is a copy of the training model"
+            )
         for k, p in ours.items():
             p.mul_(self.evolve_ema).add_(theirs[k].detach().to(p.dtype), alpha=1.0 - self.evolve_ema)
         self.refreshes += 1
         return True
 
     def evolving_state(self) -> dict:
-        return {"weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "refreshes": self.refreshes}  # fmt: skip
+        return {
+            "weights": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "refreshes": self.refreshes,
+        }
 
     def load_evolving_state(self, state: dict) -> None:
         self.model.load_state_dict(state["weights"])
@@ -88,7 +92,8 @@ class RefSource:
         if self.kind == "stored":
             return {c: batch[c] for c in self.columns}
         if self.kind == "live":
-            out = token_losses(self.model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                               return_entropy=self.entropy)  # fmt: skip
+            out = token_losses(
+                self.model, batch["input_ids"], batch["labels"], batch["attention_mask"], return_entropy=self.entropy
+            )
             return {"ref_loss": out[0], "ref_entropy": out[1]} if self.entropy else {"ref_loss": out}
         return {}

@@ -69,8 +69,12 @@ def write_shard(folder: Path, column: str, first_row: int, values: np.ndarray, d
     tmp = path.with_name(f"{path.stem}.tmp{tag}.npy")
     np.save(tmp, encode(values, dtype))
     os.replace(tmp, path)
-    return {"first_row": first_row, "rows": int(values.shape[0]), "bytes": path.stat().st_size,
-            "sha256": file_sha256(path)}  # fmt: skip
+    return {
+        "first_row": first_row,
+        "rows": int(values.shape[0]),
+        "bytes": path.stat().st_size,
+        "sha256": file_sha256(path),
+    }
 
 
 def seal(meta: dict) -> str:
@@ -126,8 +130,9 @@ class StoredColumns:
             covered = sum(s["rows"] for s in shards)
             starts = [s["first_row"] for s in shards]
             if covered != rows or starts != sorted(starts) or (shards and starts[0] != 0):
-                raise StoreError(f"{self.folder}: the {column} shards cover {covered} rows, not the data's {rows}; "
-                                 f"{REDO}")  # fmt: skip
+                raise StoreError(
+                    f"{self.folder}: the {column} shards cover {covered} rows, not the data's {rows}; {REDO}"
+                )
             for s in shards:
                 path = self.folder / shard_name(column, s["first_row"])
                 size = path.stat().st_size if path.exists() else None
@@ -181,5 +186,9 @@ class StoredColumns:
 
 
 def expected_store(data: PackedData) -> dict:
-    return {"tokenizer": data.identity["tokenizer"], "block_size": data.identity["block_size"],
-            "data_hash": data.identity["data_hash"]["train"], "rows": len(data["train"])}  # fmt: skip
+    return {
+        "tokenizer": data.identity["tokenizer"],
+        "block_size": data.identity["block_size"],
+        "data_hash": data.identity["data_hash"]["train"],
+        "rows": len(data["train"]),
+    }

@@ -56,8 +56,9 @@ def latest(run_dir: Path, warn: bool = True) -> Path | None:
     for folder in _step_folders(root):
         if is_complete(folder):
             if warn:
-                log.warning("checkpoint %s is missing or incomplete; resuming from %s, the newest complete one",
-                            named, folder)  # fmt: skip
+                log.warning(
+                    "checkpoint %s is missing or incomplete; resuming from %s, the newest complete one", named, folder
+                )
             return folder
     return None
 

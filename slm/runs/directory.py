@@ -23,11 +23,23 @@ RUN_FILES = ("metrics.jsonl", RESULT, RUN_INFO, CONFIG, "checkpoints", "model", 
 # Settings a resume may change: they decide how long and how visibly a run trains, not what it
 # trains up to the step it reached. Everything else must match the run's own config.
 RESUMABLE = (
-    "trainer.max_steps", "trainer.eval_every", "trainer.log_every", "trainer.checkpoint_every",
-    "trainer.keep_checkpoints", "trainer.progress", "trainer.eval_batch_size", "trainer.resume",
-    "trainer.overwrite", "logger", "data.num_proc", "data.cache_dir", "data.eval", "downstream",
-    "score_batch_size", "hydra",
-)  # fmt: skip
+    "trainer.max_steps",
+    "trainer.eval_every",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.progress",
+    "trainer.eval_batch_size",
+    "trainer.resume",
+    "trainer.overwrite",
+    "logger",
+    "data.num_proc",
+    "data.cache_dir",
+    "data.eval",
+    "downstream",
+    "score_batch_size",
+    "hydra",
+)
 
 
 class RunDirExists(RuntimeError):
@@ -95,8 +107,9 @@ def _set(d: dict, key: str, value) -> None:
 SPLIT_KEYS = ("trainer.batch_size", "trainer.grad_accum")  # how a step's rows are split over processes
 
 
-def resume_config(saved: dict, new: dict, overrides: list[str] | None,
-                  processes: tuple[int, int] = (1, 1)) -> tuple[dict, dict]:  # fmt: skip
+def resume_config(
+    saved: dict, new: dict, overrides: list[str] | None, processes: tuple[int, int] = (1, 1)
+) -> tuple[dict, dict]:
     """The config a resumed run continues with: its saved one, plus the allowed changes.
 
     ``overrides`` are the launch's explicit ``key=value`` overrides (``None``: compare every key
@@ -112,8 +125,11 @@ def resume_config(saved: dict, new: dict, overrides: list[str] | None,
     else:
         keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
         keys = {k for k in flat_new if any(k == o or k.startswith(o + ".") for o in keys)} | keys
-    changed = {k: (flat_saved.get(k), flat_new.get(k)) for k in sorted(keys)
-               if k in flat_new and flat_saved.get(k) != flat_new.get(k)}  # fmt: skip
+    changed = {
+        k: (flat_saved.get(k), flat_new.get(k))
+        for k in sorted(keys)
+        if k in flat_new and flat_saved.get(k) != flat_new.get(k)
+    }
     refused = {k: v for k, v in changed.items() if not _resumable(k)}
     if processes[0] != processes[1] or set(SPLIT_KEYS) & set(refused):
         _check_step_rows(flat_saved, {k: changed.get(k, (None, flat_saved.get(k)))[1] for k in SPLIT_KEYS}, processes)

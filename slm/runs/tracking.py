@@ -53,8 +53,14 @@ def _wandb_logged_in() -> bool:
 class Tracker:
     """Writes events on the main process only; ``enabled=False`` makes every call a no-op."""
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, wandb_cfg: dict | None = None,
-                 config: dict | None = None, resume_step: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        enabled: bool,
+        wandb_cfg: dict | None = None,
+        config: dict | None = None,
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self.wandb = None
@@ -82,10 +88,18 @@ class Tracker:
             run_id = id_file.read_text().strip() if resume and id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self.wandb = wandb.init(
-                project=cfg.get("project", "slm"), entity=cfg.get("entity"), group=cfg.get("group"),
-                name=cfg.get("name"), tags=list(cfg.get("tags") or []), dir=str(run_dir), config=config,
-                mode=mode, id=run_id, resume="allow", settings=wandb.Settings(init_timeout=20, silent=True),
-            )  # fmt: skip
+                project=cfg.get("project", "slm"),
+                entity=cfg.get("entity"),
+                group=cfg.get("group"),
+                name=cfg.get("name"),
+                tags=list(cfg.get("tags") or []),
+                dir=str(run_dir),
+                config=config,
+                mode=mode,
+                id=run_id,
+                resume="allow",
+                settings=wandb.Settings(init_timeout=20, silent=True),
+            )
             for axis in X_AXES:
                 self.wandb.define_metric(axis)
             self.wandb.define_metric("train/*", step_metric="tokens_seen")
@@ -93,8 +107,9 @@ class Tracker:
             self.wandb.define_metric("downstream/*", step_metric="tokens_seen")
             log.info("W&B run %s (%s) in %s", run_id, mode, run_dir)
         except Exception as e:  # an unreachable server, a bad key, a broken install: keep training
-            log.warning("W&B disabled for this run (%s: %s); metrics.jsonl still records everything",
-                        type(e).__name__, e)  # fmt: skip
+            log.warning(
+                "W&B disabled for this run (%s: %s); metrics.jsonl still records everything", type(e).__name__, e
+            )
             self.wandb = None
 
     def log(self, event: dict) -> None:

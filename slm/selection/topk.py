@@ -74,8 +74,9 @@ def _check_finite(scores: Tensor, valid: Tensor) -> None:
         )
 
 
-def _top_k_rows(scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | None,
-                counts: list[int] | None = None) -> Tensor:  # fmt: skip
+def _top_k_rows(
+    scores: Tensor, valid: Tensor, ratio: float, tiebreak: Tensor | None, counts: list[int] | None = None
+) -> Tensor:
     """Top-k per row of a 2-D ``scores``, k computed from each row's valid count (``counts``:
     those counts already on the host, so nothing waits for the device)."""
     masked = scores.float().masked_fill(~valid, float("-inf"))
@@ -144,8 +145,9 @@ def select_tokens(
     """
     ratio = check_ratio(ratio)
     if scope not in TOPK_SCOPES:
-        raise ValueError(f"scope must be one of {TOPK_SCOPES} for a top-k (scope='dataset' is a RunningThreshold), "
-                         f"got {scope!r}")  # fmt: skip
+        raise ValueError(
+            f"scope must be one of {TOPK_SCOPES} for a top-k (scope='dataset' is a RunningThreshold), got {scope!r}"
+        )
     valid = _valid_mask(scores, valid)
     if ratio == 1.0:  # every valid token, whatever the scores
         return valid.clone()

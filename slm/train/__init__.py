@@ -1,12 +1,12 @@
 """The Accelerate training loop. Imports slm.model, slm.parallel, slm.reference, slm.runs, slm.selection.
 
-  loop.py         Trainer: exact normalisation before backward, eval, counters, checkpoints, resume, signals
-  config.py       TrainConfig (trainer.*) and the learning-rate schedule
-  batches.py      BatchStream (the same rows at any process count, resumable); rows to the device
-  block_filter.py sequence-level selection inside a step (selector.blocks)
-  evaluation.py   eval loss (and answer accuracy) on a packed split
-  downstream.py   lm-evaluation-harness tasks at eval points
-  signals.py      stop requests honoured at the next step boundary
+loop.py         Trainer: exact normalisation before backward, eval, counters, checkpoints, resume, signals
+config.py       TrainConfig (trainer.*) and the learning-rate schedule
+batches.py      BatchStream (the same rows at any process count, resumable); rows to the device
+block_filter.py sequence-level selection inside a step (selector.blocks)
+evaluation.py   eval loss (and answer accuracy) on a packed split
+downstream.py   lm-evaluation-harness tasks at eval points
+signals.py      stop requests honoured at the next step boundary
 """
 
 from slm.train.batches import BatchStream, fetch, to_device

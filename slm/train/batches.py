@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from slm.selection import to_device_async
+
 
 def fetch(ds, idx: list[int]) -> dict:
     """Rows ``idx`` of a packed split as CPU tensors (counting needs them on the host anyway).
@@ -14,7 +16,6 @@ def fetch(ds, idx: list[int]) -> dict:
 
 def to_device(batch: dict, device) -> dict:
     """A batch on ``device``, queued from pinned memory on a GPU (a pageable copy would make the host wait)."""
-    from slm.selection import to_device_async
 
     return {k: to_device_async(v, device) for k, v in batch.items()}
 

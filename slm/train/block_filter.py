@@ -50,8 +50,12 @@ class BlockFilter:
         if self.forwards:
             engine.lm.eval()  # scoring, not training: no dropout
             with engine.autocast():
-                out = engine.model(input_ids=on_device["input_ids"], labels=on_device["labels"],
-                                   attention_mask=on_device["attention_mask"], ratio=1.0)  # fmt: skip
+                out = engine.model(
+                    input_ids=on_device["input_ids"],
+                    labels=on_device["labels"],
+                    attention_mask=on_device["attention_mask"],
+                    ratio=1.0,
+                )
             engine.lm.train()
             token_loss = out.token_loss
         ref_loss = ref.values(on_device).get("ref_loss") if self.score != "train_loss" else None

@@ -31,8 +31,16 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "checkpoint_every",
-                     "keep_checkpoints", "eval_batch_size"):  # fmt: skip
+        for name in (
+            "max_steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_batch_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
@@ -40,8 +48,9 @@ class TrainConfig:
         if self.head_backend not in ("auto", "torch", "compiled", "triton"):
             raise ValueError(f"trainer.head_backend must be auto, torch, compiled or triton, got {self.head_backend!r}")
         if self.master_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"trainer.master_dtype must be float32 (default), bfloat16, float16 or null, "
-                             f"got {self.master_dtype!r}")  # fmt: skip
+            raise ValueError(
+                f"trainer.master_dtype must be float32 (default), bfloat16, float16 or null, got {self.master_dtype!r}"
+            )
         if not self.lr > 0:
             raise ValueError(f"trainer.lr must be > 0, got {self.lr}")
 

@@ -54,8 +54,12 @@ def preserved_rng():
 
     import numpy as np
 
-    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
-              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)  # fmt: skip
+    states = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    )
     try:
         yield
     finally:
@@ -78,10 +82,14 @@ def evaluate_tasks(model: nn.Module, tokenizer, cfg: DownstreamConfig) -> dict[s
         try:
             wrapped = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
             out = lm_eval.simple_evaluate(
-                model=wrapped, tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                task_manager=lm_eval.tasks.TaskManager(include_path=cfg.include_path), log_samples=False,
+                model=wrapped,
+                tasks=list(cfg.tasks),
+                num_fewshot=cfg.num_fewshot,
+                limit=cfg.limit,
+                task_manager=lm_eval.tasks.TaskManager(include_path=cfg.include_path),
+                log_samples=False,
                 verbosity="WARNING",
-            )  # fmt: skip
+            )
         finally:
             model.train(was_training)
     results = {}

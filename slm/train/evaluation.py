@@ -47,8 +47,13 @@ def evaluate(engine, ds, batch_size: int) -> dict:
             b["labels"] = torch.full_like(b["labels"], -100)
         b = to_device(b, acc.device)
         with engine.autocast():
-            out = lm(input_ids=b["input_ids"], labels=b["labels"], attention_mask=b["attention_mask"],
-                     ratio=1.0, return_hits=True)  # fmt: skip
+            out = lm(
+                input_ids=b["input_ids"],
+                labels=b["labels"],
+                attention_mask=b["attention_mask"],
+                ratio=1.0,
+                return_hits=True,
+            )
         sums[0] += out.token_loss.sum().double()
         sums[1] += out.n_valid
         if "answer_mask" in b:

@@ -54,8 +54,11 @@ def master_weights(lm: nn.Module, dtype: str | None) -> None:
     if dtype is None:
         low = [n for n, p in lm.named_parameters() if p.requires_grad and p.dtype != torch.float32]
         if low:
-            log.warning("trainer.master_dtype=null: %d trainable tensors train directly in their low-precision "
-                        "dtype (updates smaller than their rounding step are lost)", len(low))  # fmt: skip
+            log.warning(
+                "trainer.master_dtype=null: %d trainable tensors train directly in their low-precision "
+                "dtype (updates smaller than their rounding step are lost)",
+                len(low),
+            )
         return
     target = getattr(torch, dtype)
     for p in lm.parameters():
@@ -66,11 +69,23 @@ def master_weights(lm: nn.Module, dtype: str | None) -> None:
 class Trainer:
     """Owns one training run: model, optimizer, data stream, counters, checkpoints and logs."""
 
-    def __init__(self, accelerator, lm: SelectiveLM, train_ds, eval_sets, cfg: TrainConfig, run_dir,
-                 ref: RefSource | None = None, tracker: Tracker | None = None, name: str = "train",
-                 mode: str | None = None, ratio: RatioSchedule | float | None = None,
-                 downstream: DownstreamConfig | None = None, tokenizer=None,
-                 blocks: BlockFilter | None = None):  # fmt: skip
+    def __init__(
+        self,
+        accelerator,
+        lm: SelectiveLM,
+        train_ds,
+        eval_sets,
+        cfg: TrainConfig,
+        run_dir,
+        ref: RefSource | None = None,
+        tracker: Tracker | None = None,
+        name: str = "train",
+        mode: str | None = None,
+        ratio: RatioSchedule | float | None = None,
+        downstream: DownstreamConfig | None = None,
+        tokenizer=None,
+        blocks: BlockFilter | None = None,
+    ):
         """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
         also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
         model's own). ``downstream``: lm-evaluation-harness tasks run at eval points (needs the
@@ -98,22 +113,35 @@ class Trainer:
             groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
             return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
-        self.engine = Engine(accelerator, lm, make_optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lr_lambda(cfg)), cfg.grad_accum, cfg.batch_size, resolve_mixed_precision(cfg.mixed_precision),
-            mode=mode, grad_clip=cfg.grad_clip)  # fmt: skip
+        self.engine = Engine(
+            accelerator,
+            lm,
+            make_optimizer,
+            lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)),
+            cfg.grad_accum,
+            cfg.batch_size,
+            resolve_mixed_precision(cfg.mixed_precision),
+            mode=mode,
+            grad_clip=cfg.grad_clip,
+        )
         self.selective = lm
         self.downstream, self.tokenizer = downstream or DownstreamConfig(), tokenizer
         if self.downstream.tasks and self.engine.mode in ("fsdp2", "deepspeed"):
-            raise ValueError("downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
-                             "shard: evaluate the saved model/ afterwards with lm_eval instead")  # fmt: skip
+            raise ValueError(
+                "downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
+                "shard: evaluate the saved model/ afterwards with lm_eval instead"
+            )
         if self.ref.evolve_every and self.engine.mode in ("fsdp2", "deepspeed"):
-            raise ValueError("reference.evolve_every copies the training model into the reference, which needs the "
-                             "whole model on every process: run it on one process or with DDP")  # fmt: skip
+            raise ValueError(
+                "reference.evolve_every copies the training model into the reference, which needs the "
+                "whole model on every process: run it on one process or with DDP"
+            )
         self.train_ds = train_ds.select_columns(["input_ids", "labels", "attention_mask"]).with_format("torch")
         self.blocks = blocks
         per_micro_batch = blocks.candidates if blocks is not None else cfg.batch_size
-        self.stream = BatchStream(len(train_ds), per_micro_batch, accelerator.num_processes,
-                                  accelerator.process_index, cfg.seed)  # fmt: skip
+        self.stream = BatchStream(
+            len(train_ds), per_micro_batch, accelerator.num_processes, accelerator.process_index, cfg.seed
+        )
         self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0
         self.train_time, self.flops = 0.0, 0.0  # seconds inside training steps; estimated FLOPs (slm.flops)
         self.signals = StopSignals()
@@ -124,12 +152,24 @@ class Trainer:
         return float(self.acc.reduce(flag, "sum")) == 0
 
     def save_checkpoint(self) -> Path:
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
-                 "train_time_s": self.train_time, "flops": self.flops,
-                 "selector_rng": self.selective.generator.get_state().tolist(),
-                 **self.engine.checkpoint_info}  # fmt: skip
-        return checkpoints.save(self.run_dir, self.step, state, self._write_checkpoint, self.acc.is_main_process,
-                                self.cfg.keep_checkpoints, self._all_ok)  # fmt: skip
+        state = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "tokens_selected": self.tokens_selected,
+            "train_time_s": self.train_time,
+            "flops": self.flops,
+            "selector_rng": self.selective.generator.get_state().tolist(),
+            **self.engine.checkpoint_info,
+        }
+        return checkpoints.save(
+            self.run_dir,
+            self.step,
+            state,
+            self._write_checkpoint,
+            self.acc.is_main_process,
+            self.cfg.keep_checkpoints,
+            self._all_ok,
+        )
 
     def _write_checkpoint(self, folder: Path) -> None:
         """The engine's state, and what selection carries across steps (identical on every process,
@@ -167,7 +207,8 @@ class Trainer:
         store_error = float(self.ref.error is not None)  # a damaged store shard read on some process
         counts = [*local, *n_valid, tokens, candidates, store_error]
         *counts, tokens, candidates, store_error = self.acc.reduce(
-            torch.tensor(counts, dtype=torch.float64, device=self.acc.device), "sum").tolist()  # fmt: skip
+            torch.tensor(counts, dtype=torch.float64, device=self.acc.device), "sum"
+        ).tolist()
         if store_error:  # every process stops here, before any forward
             raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
         k = len(batches)
@@ -195,9 +236,14 @@ class Trainer:
             with engine.micro_step(last=m == cfg.grad_accum - 1):
                 with engine.autocast():
                     try:
-                        out = engine.model(input_ids=batch["input_ids"], labels=batch["labels"],
-                                           attention_mask=batch["attention_mask"], ratio=ratio,
-                                           num_items_in_batch=1 if n_step is None else n_step, **ref)  # fmt: skip
+                        out = engine.model(
+                            input_ids=batch["input_ids"],
+                            labels=batch["labels"],
+                            attention_mask=batch["attention_mask"],
+                            ratio=ratio,
+                            num_items_in_batch=1 if n_step is None else n_step,
+                            **ref,
+                        )
                     except NonFiniteScores as e:
                         raise self._non_finite(str(e)) from e
                 loss = out.loss
@@ -214,8 +260,10 @@ class Trainer:
         loss, bad_scores, stop = self.acc.reduce(torch.stack([loss_sum, nonfinite, stop]), "sum").tolist()
         self._stop = stop > 0
         if bad_scores:
-            raise self._non_finite(f"{int(bad_scores)} valid token(s) had NaN or inf selection scores; check the "
-                                   "reference losses and the model")  # fmt: skip
+            raise self._non_finite(
+                f"{int(bad_scores)} valid token(s) had NaN or inf selection scores; check the "
+                "reference losses and the model"
+            )
         if not math.isfinite(loss):
             raise self._non_finite("the training loss is NaN or inf")
         grad_norm = engine.clip_and_step(cfg.grad_clip or None)
@@ -226,8 +274,13 @@ class Trainer:
         self.flops += self.flop_model.step(n_trained_on, n_valid if ratio < 1.0 else 0, n_step, scoring_forward)
         if self.ref.maybe_evolve(self.step, self.selective.model):
             log.info("reference: refreshed from the training model at step %d", self.step)
-        return {"train/loss": loss, "train/selected_frac": n_step / max(n_tok, 1), "train/lr": engine.lr(),
-                "train/grad_norm": grad_norm, "train/ratio": ratio}  # fmt: skip
+        return {
+            "train/loss": loss,
+            "train/selected_frac": n_step / max(n_tok, 1),
+            "train/lr": engine.lr(),
+            "train/grad_norm": grad_norm,
+            "train/ratio": ratio,
+        }
 
     def _non_finite(self, what: str) -> NonFiniteLoss:
         ckpt = checkpoints.latest(self.run_dir, warn=False)
@@ -242,8 +295,14 @@ class Trainer:
         return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
 
     def _event(self, **metrics) -> dict:
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
-                "train_time_s": round(self.train_time, 3), "flops": self.flops, **metrics}  # fmt: skip
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "tokens_selected": self.tokens_selected,
+            "train_time_s": round(self.train_time, 3),
+            "flops": self.flops,
+            **metrics,
+        }
 
     def eval(self, sets: bool = True, tasks: bool | None = None) -> dict:
         """Every eval set (``sets``): ``eval/<name>/loss`` (``/tokens``, ``/answer_acc``), the first
@@ -276,9 +335,14 @@ class Trainer:
         if ckpt is not None:
             self.load_checkpoint(ckpt)
         last_eval = self.eval() if self.step == 0 else self._last_logged_eval()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc=self.name, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 15,  # a log file gets a line every 15 s
-                   disable=not (self.acc.is_main_process and cfg.progress))  # fmt: skip
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=self.name,
+            dynamic_ncols=True,
+            mininterval=0.5 if sys.stderr.isatty() else 15,  # a log file gets a line every 15 s
+            disable=not (self.acc.is_main_process and cfg.progress),
+        )
         t0, seen0 = time.perf_counter(), self.tokens_seen
         self._stop = False
         with self.signals, bar:
@@ -288,8 +352,12 @@ class Trainer:
                 self.train_time += time.perf_counter() - started
                 bar.update(1)
                 tok_s = (self.tokens_seen - seen0) / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", sel=f"{metrics['train/selected_frac']:.2f}",
-                                tok_s=f"{tok_s:,.0f}", refresh=False)  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{metrics['train/loss']:.3f}",
+                    sel=f"{metrics['train/selected_frac']:.2f}",
+                    tok_s=f"{tok_s:,.0f}",
+                    refresh=False,
+                )
                 if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                     self.tracker.log(self._event(**metrics, **{"train/tokens_per_s": tok_s}))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
@@ -302,5 +370,9 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
         self.save_checkpoint()
-        return {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected,
-                **last_eval}  # fmt: skip
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "tokens_selected": self.tokens_selected,
+            **last_eval,
+        }
