@@ -46,7 +46,7 @@ for name in ("liger_kernel", "cut_cross_entropy"):
 EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
-timeout 180 python3 -m pytest -p no:cacheprovider -q tests/test_gpu.py 2>&1 | tee "$out/tests.txt"
+timeout 180 python3 -m pytest -p no:cacheprovider -q tests/head/test_gpu.py 2>&1 | tee "$out/tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 bench() {  # bench NAME SECONDS ARGS...: one table, its JSON rewritten after every case

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
 from datasets import Dataset
+from support.archs import tiny_model
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
 import slm
@@ -118,7 +118,7 @@ def test_selection_by_ratio_and_flops(tmp_path):
     hf = 6 * batch["input_ids"].numel() * model.num_parameters(exclude_embeddings=True)  # what Trainer counts
     assert ours < hf
     # the estimate is the matrix products a step really runs (forward and backward, eager attention)
-    from probes import MatmulFlops
+    from support.probes import MatmulFlops
 
     model.zero_grad(set_to_none=True)
     with MatmulFlops() as counter:
@@ -155,7 +155,7 @@ def test_two_processes_equal_one_process(tmp_path):
     import sys
     from pathlib import Path
 
-    script = str(Path(__file__).resolve().parent / "trainer_ddp_run.py")
+    script = str(Path(__file__).resolve().parent / "support" / "launch" / "trainer_ddp_run.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for cmd in ([sys.executable, script, str(tmp_path / "one"), "4"],
                 [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, str(tmp_path / "two"),
@@ -176,7 +176,7 @@ def test_a_nan_score_on_one_process_stops_every_process(tmp_path):
     import subprocess
     import sys
 
-    script = str(Path(__file__).resolve().parent / "trainer_ddp_run.py")
+    script = str(Path(__file__).resolve().parent / "support" / "launch" / "trainer_ddp_run.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script,
                           str(tmp_path / "nan"), "2", "nan"], env=env, capture_output=True, text=True,

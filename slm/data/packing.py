@@ -1,6 +1,6 @@
 """Documents -> tokens -> packed fixed-length blocks, cached on disk by their settings.
 
-Documents (see :mod:`slm.sources`) are joined with an end-of-document token and cut into blocks
+Documents (see :mod:`slm.data.sources`) are joined with an end-of-document token and cut into blocks
 of ``block_size`` tokens; the last block of each packing batch is padded (labels ``-100``) so no
 token is dropped. A long document is tokenised in pieces of at most :data:`PIECE_CHARS`
 characters (cut after a line break or a space where there is one), so memory stays flat whatever

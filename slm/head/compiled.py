@@ -19,7 +19,7 @@ def compiled_kernels():
     if _COMPILED is None:
         # Not fullgraph: past dynamo's recompile limit (many head configurations in one process) a
         # chunk function falls back to eager, correct and slower, instead of failing the run. That
-        # the functions compile whole is a test (tests/test_model.py, zero graph breaks).
+        # the functions compile whole is a test (tests/head/test_backends.py, zero graph breaks).
         _COMPILED = tuple(_compiled_call(fn) for fn in (score_chunk, grad_chunk))
     return _COMPILED
 

@@ -150,7 +150,7 @@ def zero3_ready(module: nn.Module) -> bool:
         warnings.warn(
             "slm: ZeRO-3 had not gathered the output layer for this forward (its parameters were registered with "
             "SelectiveLM only now), so this one call ran HF's full logits; call "
-            "slm.architectures.register_zero3_head(model) after deepspeed.initialize to avoid it",
+            "slm.model.architectures.register_zero3_head(model) after deepspeed.initialize to avoid it",
             stacklevel=3,
         )
     return ready

@@ -90,7 +90,7 @@ class SelectiveLM(nn.Module):
             sync); ``deferred`` reports their count in ``out.n_nonfinite`` for the caller to check
             with its own end-of-step sync (what ``slm-train`` does).
 
-    A forward waits for the device once (the row counts and input checks, see :mod:`slm.rows`);
+    A forward waits for the device once (the row counts and input checks, see :mod:`slm.model.rows`);
     with ``scope="global"`` the cross-process gather adds its own.
     """
 

@@ -4,7 +4,7 @@ The launch mode comes from the launcher's environment (``accelerate launch --con
 accelerate_configs/<mode>.yaml`` sets it; ``torchrun`` alone means DDP):
 
 * ``single`` / ``ddp``: plain torch DDP (gradients averaged over processes).
-* ``fsdp2``: ``fully_shard`` on every large tensor's unit (:mod:`slm.fsdp2`: each decoder layer,
+* ``fsdp2``: ``fully_shard`` on every large tensor's unit (:mod:`slm.parallel.fsdp2`: each decoder layer,
   the embedding, the final norm with the output layer), the root not casting its inputs.
 * ``deepspeed``: Accelerate's DeepSpeed engine (ZeRO-2 or ZeRO-3); under ZeRO-3 the head's
   parameters are registered with the SelectiveLM right after ``prepare`` and gathered for its
@@ -12,7 +12,7 @@ accelerate_configs/<mode>.yaml`` sets it; ``torchrun`` alone means DDP):
 
 Every mode takes one contract from the training loop: backpropagate a loss already divided by
 the step's global token count (see :meth:`Engine.backward`); nothing rescales gradients after
-``backward`` (DeepSpeed has already stepped by then). Checkpoints are sharded (:mod:`slm.state`):
+``backward`` (DeepSpeed has already stepped by then). Checkpoints are sharded (:mod:`slm.parallel.state`):
 each process writes what it holds, and single/DDP/FSDP2 checkpoints load at any process count;
 only the final ``model/`` export is consolidated.
 """
@@ -231,7 +231,7 @@ class Engine:
 
     def save_checkpoint(self, path: Path) -> None:
         """Model, optimizer, schedule, loss scale and RNG into ``path`` (every process calls it). Each
-        process writes only what it holds (see :mod:`slm.state`): nothing is gathered."""
+        process writes only what it holds (see :mod:`slm.parallel.state`): nothing is gathered."""
         rank = _rank()
         if self.mode == "deepspeed":
             self.acc.save_state(str(path))  # the engine's (sharded) model and optimizer state

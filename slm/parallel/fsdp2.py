@@ -3,7 +3,7 @@
 Each decoder layer is a unit, the input embedding is one, and the final norm with the output layer
 (with the input embedding when it is tied to it: one parameter, one unit) is one that stays gathered
 from the forward through the backward: the selective head reads the whole weight chunk by chunk in
-the forward and again in the backward (see :func:`slm.architectures.output_head`). The root keeps
+the forward and again in the backward (see :func:`slm.model.architectures.output_head`). The root keeps
 what is left (rotary tables, small buffers) and does not cast its inputs, so reference losses stay
 float32 under a bf16 policy.
 """

@@ -7,7 +7,7 @@ any of these modes at any process count loads into any other (DCP reshards on lo
 writes its own sharded engine checkpoint (through Accelerate), which resumes at the process count
 that wrote it. Beside them: the LR schedule and loss scale (main process) and each process's RNG.
 
-``slm_state.json`` (written by :mod:`slm.checkpoints`) records the format and the process count,
+``slm_state.json`` (written by :mod:`slm.runs.checkpoints`) records the format and the process count,
 so a checkpoint that cannot load under this launch is refused naming why.
 """
 

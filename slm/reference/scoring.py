@@ -1,6 +1,6 @@
 """The frozen reference model: load it, score tokens live, or score a packed split once into a store.
 
-A store (see :mod:`slm.store`) holds only the reference's per-token columns (float32 ``ref_loss``,
+A store (see :mod:`slm.reference.store`) holds only the reference's per-token columns (float32 ``ref_loss``,
 optionally ``ref_entropy``), in shards aligned by row with the packed split it names by hash, and
 ``slm_ref.json``: the tokenizer identity, block size, data hash and row count, the reference's
 identity and weight hash, each shard's sha256, and a seal. Training refuses a store that disagrees

@@ -90,7 +90,7 @@ class Trainer:
         also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
         model's own). ``downstream``: lm-evaluation-harness tasks run at eval points (needs the
         ``tokenizer``). ``blocks``: sequence-level selection (each micro-batch keeps the best of
-        more candidate blocks, see :mod:`slm.blocks`)."""
+        more candidate blocks, see :mod:`slm.train.block_filter`)."""
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
         if not isinstance(eval_sets, dict):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, compose_train
+from support.compose import TINY, compose_train
 
 from slm.cli import one_line_errors, train
 from slm.runs import ResumeMismatch, RunDirExists, checkpoints, read_metrics

@@ -3,12 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import VOCAB, tiny_model
+from support.archs import VOCAB, tiny_model
 
 import slm
 from slm.model import shifted_valid
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+BACKENDS = ["torch", "compiled", "triton"]  # every backend on the GPU (on CPU the compiled one is slow-marked)
 
 
 def _batch(device):
@@ -17,9 +18,6 @@ def _batch(device):
     labels = ids.clone()
     labels[1, -9:] = -100
     return ids.to(device), labels.to(device)
-
-
-BACKENDS = ["torch", "compiled", "triton"]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "phi", "gemma2", "cohere"])
@@ -56,7 +54,7 @@ def test_the_default_cuda_backend_and_the_float32_output_matmuls_are_the_fast_on
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("selector", ["excess_loss", "random", "loss_mask"])
 def test_one_device_sync_per_forward_on_cuda(backend, selector):
-    from probes import HostSyncs
+    from support.probes import HostSyncs
 
     ids, labels = _batch("cuda")
     model = tiny_model("llama").cuda()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import tiny_model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support and test_hf_trainer
+from support.archs import tiny_model  # noqa: E402
 from test_hf_trainer import args, collator, dataset  # noqa: E402
 
 from slm import SelectiveTrainer  # noqa: E402

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose_train
+from support.compose import TINY, compose_train
 
 from slm.cli import train
 from slm.runs import read_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ARGS = [o for o in TINY if not o.startswith("reference.")] + ["reference=none", "trainer.max_steps=3"]
 QWEN_TIED = ["model.config.model_type=qwen2", "model.config.tie_word_embeddings=true"]
@@ -156,7 +156,7 @@ def test_bf16_two_processes_land_within_bf16_precision_of_one_process(tmp_path, 
 
 @pytest.mark.slow
 def test_fsdp2_shards_every_large_tensor_saves_only_shards_and_keeps_reference_losses_float32(tmp_path):
-    """The shipped FSDP config's environment, bf16: tests/fsdp_probe.py checks the units, the shards
+    """The shipped FSDP config's environment, bf16: tests/support/launch/fsdp_probe.py checks the units, the shards
     held between steps, the largest tensor a checkpoint save materialises, the tie and ref_loss."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
@@ -167,7 +167,7 @@ def test_fsdp2_shards_every_large_tensor_saves_only_shards_and_keeps_reference_l
     args = _validate_launch_command(args)[0]
     env = {**os.environ, **prepare_multi_gpu_env(args), "OMP_NUM_THREADS": "1"}
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
-    probe = str(Path(__file__).resolve().parent / "fsdp_probe.py")
+    probe = str(Path(__file__).resolve().parents[1] / "support" / "launch" / "fsdp_probe.py")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", probe],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-5000:]

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_model
-from test_model import assert_grads_close, grads, hf_token_ce
+from support.archs import VOCAB, tiny_model
+from support.hf_reference import assert_grads_close, grads, hf_token_ce
 
 import slm
 from slm.model import shifted_valid

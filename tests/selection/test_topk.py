@@ -1,4 +1,4 @@
-"""slm.selection against plain reference implementations."""
+"""select_tokens and its relatives against plain reference implementations, in every scope."""
 
 import os
 import subprocess
@@ -8,26 +8,41 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from support.plain_selection import plain_top_k, random_case
 
-from slm.selection import excess_loss, num_to_keep, random_scores, score_tokens, select_tokens
-
-
-def plain_top_k(scores, valid, k):
-    """Reference: walk tokens by (score desc, position asc) and keep the first k valid ones."""
-    flat = [(-s, i) for i, (s, v) in enumerate(zip(scores.flatten().tolist(), valid.flatten().tolist())) if v]
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    for _, i in sorted(flat)[:k]:
-        keep[i] = True
-    return keep.view(scores.shape)
+from slm.selection import (
+    num_to_keep,
+    select_tokens,
+)
 
 
-def random_case(seed, shape=(4, 9), ties=False):
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.randn(shape, generator=g)
-    if ties:
-        scores = scores.round()  # many equal scores
-    valid = torch.rand(shape, generator=g) < 0.7
-    return scores, valid
+def _global_worker(rank, world, port, scores, valid, ratio, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out[rank] = select_tokens(scores[rank], ratio, valid=valid[rank], scope="global")
+    finally:
+        dist.destroy_process_group()
+
+
+def _non_finite_worker(rank, world, port, out):
+    from slm.selection import NonFiniteScores
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=20))
+    try:
+        first = torch.randn(2, 5)
+        if rank == 1:
+            first[0, 2] = float("nan")
+        try:
+            select_tokens(first, 0.5, scope="global")
+            out[rank] = "no error"
+        except NonFiniteScores:
+            out[rank] = "raised"
+        second = torch.arange(10.0).reshape(2, 5) + 10 * rank  # a loop that caught the error goes on
+        out[f"{rank}-next"] = select_tokens(second, 0.3, scope="global")
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -77,19 +92,6 @@ def test_generator_breaks_ties_reproducibly():
     assert not torch.equal(a, c)
 
 
-def test_score_functions():
-    tl, ref = torch.tensor([[3.0, 1.0, 2.0]]), torch.tensor([[1.0, 1.5, 0.0]])
-    assert torch.equal(excess_loss(tl, ref), tl - ref)
-    assert torch.equal(score_tokens("train_loss", tl), tl)
-    assert torch.equal(score_tokens("reference_loss", tl, ref), -ref)
-    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    assert torch.equal(random_scores(tl, g1), random_scores(tl, g2))
-    with pytest.raises(ValueError, match="unknown selector"):
-        score_tokens("oracle", tl)
-    with pytest.raises(ValueError, match="ref_loss has shape"):
-        excess_loss(tl, ref[:, :2])
-
-
 @pytest.mark.parametrize("ratio", [0.0, -0.1, 1.01, float("nan"), "high"])
 def test_bad_ratio(ratio):
     with pytest.raises(ValueError, match="ratio"):
@@ -119,15 +121,6 @@ def test_importing_selection_imports_no_framework():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def _global_worker(rank, world, port, scores, valid, ratio, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out[rank] = select_tokens(scores[rank], ratio, valid=valid[rank], scope="global")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("rows", [(2, 3), (2, 0)], ids=["uneven", "one-empty"])
 def test_global_scope_equals_batch_scope_over_concatenated_batch(rows):
     # Uneven (even empty) local batches and ties: the selection must equal "batch" over the concatenation.
@@ -142,26 +135,6 @@ def test_global_scope_equals_batch_scope_over_concatenated_batch(rows):
     expected = select_tokens(torch.cat(scores), 0.37, valid=torch.cat(valid), scope="batch")
     assert torch.equal(got, expected)
     assert select_tokens(torch.cat(scores), 0.37, valid=torch.cat(valid), scope="global").equal(expected)
-
-
-def _non_finite_worker(rank, world, port, out):
-    from slm.selection import NonFiniteScores
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=__import__("datetime").timedelta(seconds=20))
-    try:
-        first = torch.randn(2, 5)
-        if rank == 1:
-            first[0, 2] = float("nan")
-        try:
-            select_tokens(first, 0.5, scope="global")
-            out[rank] = "no error"
-        except NonFiniteScores:
-            out[rank] = "raised"
-        second = torch.arange(10.0).reshape(2, 5) + 10 * rank  # a loop that caught the error goes on
-        out[f"{rank}-next"] = select_tokens(second, 0.3, scope="global")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_global_scope_non_finite_scores_raise_on_every_process():
@@ -182,23 +155,6 @@ def test_num_selected_counts_what_select_tokens_keeps():
         for scope in ("sequence", "batch"):
             for ratio in (0.1, 0.37, 0.6, 1.0):
                 assert num_selected(valid, ratio, scope) == int(select_tokens(scores, ratio, valid, scope).sum())
-
-
-# --- issue 11: the paper's self-reference scorers, combinations, ratio schedules ---------------------
-
-
-def test_reference_entropy_keeps_the_most_certain_tokens():
-    from slm.selection import reference_entropy
-
-    scores, valid = random_case(3, ties=True)
-    entropy = scores.abs()  # entropies are >= 0; ties included
-    got = select_tokens(score_tokens("reference_entropy", torch.zeros_like(entropy), ref_entropy=entropy), 0.4,
-                        valid=valid)  # fmt: skip
-    k = num_to_keep(0.4, int(valid.sum()))
-    assert torch.equal(got, plain_top_k(-entropy, valid, k))  # lowest entropy first, earlier position on ties
-    assert torch.equal(reference_entropy(entropy), -entropy)
-    with pytest.raises(ValueError, match="needs ref_entropy"):
-        score_tokens("reference_entropy", entropy)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -222,18 +178,6 @@ def test_union_and_intersection_of_exact_top_k_sets(seed, scope):
         select_combined("xor", a, b, 0.3, valid)
 
 
-def test_ratio_schedules():
-    from slm.selection import RatioSchedule, ratio_schedule
-
-    assert ratio_schedule(0.6).at(7, 10) == 0.6 and ratio_schedule(0.6).is_constant
-    lin = ratio_schedule({"schedule": "linear", "start": 1.0, "end": 0.6})
-    assert [round(lin.at(s, 5), 6) for s in range(5)] == [1.0, 0.9, 0.8, 0.7, 0.6]
-    cos = RatioSchedule("cosine", 1.0, 0.5)
-    assert cos.at(0, 11) == 1.0 and cos.at(10, 11) == pytest.approx(0.5) and cos.at(5, 11) == pytest.approx(0.75)
-    assert lin.label() == "linear-1.0-0.6"
-    with pytest.raises(ValueError, match="selector.ratio.end must be in"):
-        ratio_schedule({"schedule": "linear", "start": 1.0, "end": 0.0})
-    with pytest.raises(ValueError, match="needs an end"):
-        ratio_schedule({"schedule": "cosine", "start": 0.5})
-    with pytest.raises(ValueError, match="unknown keys"):
-        ratio_schedule({"schedule": "linear", "begin": 1.0})
+def test_top_k_is_unchanged_by_the_package_split():
+    scores, valid = torch.tensor([[3.0, 1.0, 2.0, 0.5]]), torch.tensor([[False, True, True, True]])
+    assert select_tokens(scores, 0.67, valid=valid).tolist() == [[False, True, True, False]]

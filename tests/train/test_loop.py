@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose_train
+from support.compose import TINY, compose_train
 
 from slm.cli import train
 from slm.runs import read_metrics
@@ -232,7 +232,7 @@ def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypa
 @pytest.mark.parametrize("scope", ["global", "sequence"])
 def test_two_processes_equal_one_process(tmp_path, scope):
     """torchrun --nproc_per_node 2 (gloo) x batch 2 == 1 process x batch 4, for the scopes that promise it."""
-    from conftest import save_reference, tiny_model
+    from support.archs import save_reference, tiny_model
 
     from slm.data import builtin_tokenizer
 
@@ -279,7 +279,7 @@ def test_processes_of_one_launch_share_one_run_directory(tmp_path):
 
 
 def test_live_reference_trains_exactly_like_its_stored_column(tmp_path):
-    from conftest import save_reference, tiny_model
+    from support.archs import save_reference, tiny_model
 
     from slm.cli import score
     from slm.data import builtin_tokenizer
@@ -299,8 +299,8 @@ def test_live_reference_trains_exactly_like_its_stored_column(tmp_path):
 
 def test_flops_estimate_the_matrix_products_a_selective_step_runs():
     """slm.flops against the FLOPs of every matmul dispatched by one forward + backward."""
-    from conftest import tiny_model
-    from probes import MatmulFlops
+    from support.archs import tiny_model
+    from support.probes import MatmulFlops
 
     import slm
     from slm.model import flop_model

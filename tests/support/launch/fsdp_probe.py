@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support and test_hf_trainer
 from accelerate.utils import broadcast_object_list  # noqa: E402
-from conftest import tiny_model  # noqa: E402
+from support.archs import tiny_model  # noqa: E402
 
 import slm  # noqa: E402
 from slm.parallel import Engine, make_accelerator, requested_mode  # noqa: E402

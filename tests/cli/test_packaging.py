@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY_RUN = [
     "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
     "model.config.num_key_value_heads=2", "data.block_size=32", "data.builtin.n_train_docs=60",

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from slm.cli import CONF_DIR
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = {"data=files": ["data.source=x.jsonl"], "data=hub": ["data.source=org/name"],
             "reference=live": ["reference.path=/m"], "reference=stored": ["reference.scores_dir=/s"],
             "reference=train": ["reference.data.source=clean.txt"]}  # fmt: skip
@@ -73,7 +73,7 @@ def test_readme_commands_are_what_ci_runs():
 def test_readme_core_api_example_runs():
     """The README's core-API block, with a tiny model in place of the hub download."""
     import torch
-    from conftest import tiny_model
+    from support.archs import tiny_model
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("## The core API", 1)[1].split("```python", 1)[1].split("```", 1)[0]

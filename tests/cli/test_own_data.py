@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, compose_train
+from support.compose import TINY, compose_train
 
 from slm.analysis import main as curves
 from slm.cli import train
@@ -138,15 +138,15 @@ def test_slm_score_stores_the_references_entropy_and_the_self_reference_selector
 
 
 def test_downstream_tasks_run_on_their_schedule_and_leave_training_unchanged(tmp_path, monkeypatch):
-    """A custom offline lm-evaluation-harness task (tests/data/lm_eval) every 3 steps while the eval
+    """A custom offline lm-evaluation-harness task (tests/assets/lm_eval) every 3 steps while the eval
     sets run every 2; with dropout on, the weights equal a run without it (the harness reseeds
     every random generator it finds; they are restored)."""
     pytest.importorskip("lm_eval")
     from safetensors.torch import load_file
 
-    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # the task YAML's data path is relative to the repo
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the task YAML's data path is relative to the repo
     common = ("reference=none", "selector=random", "+model.config.attention_dropout=0.2", "trainer.eval_every=2")
-    task = ("downstream.tasks=[slm_arith]", "downstream.include_path=tests/data/lm_eval", "downstream.every=3")
+    task = ("downstream.tasks=[slm_arith]", "downstream.include_path=tests/assets/lm_eval", "downstream.every=3")
     train(compose_train(tmp_path / "c", *common, *task), tmp_path / "run")
     logged = [e for e in read_metrics(tmp_path / "run") if "downstream/slm_arith/acc" in e]
     assert [e["step"] for e in logged] == [0, 3, 6]

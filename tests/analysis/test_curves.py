@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from helpers import compose_train
+from support.compose import compose_train
 
 from slm.analysis import Curve, load_runs, main, savings_table, tokens_to_reach
 from slm.cli import train
@@ -65,7 +65,7 @@ def test_notebook_executes(sweep, tmp_path):
     import nbformat
     from nbclient import NotebookClient
 
-    nb = nbformat.read(os.path.join(os.path.dirname(__file__), "..", "notebooks", "analysis.ipynb"), as_version=4)
+    nb = nbformat.read(os.path.join(os.path.dirname(__file__), "..", "..", "notebooks", "analysis.ipynb"), as_version=4)
     os.environ["SLM_SWEEP_DIR"], os.environ["SLM_NOTEBOOK_OUT"] = str(sweep), str(tmp_path)
     try:
         NotebookClient(nb, timeout=300, kernel_name="python3").execute()

@@ -1,0 +1,47 @@
+"""The built-in corpora: the arithmetic corpus's answers follow from its prompts; the real-text corpus is
+prose and junk half and half, with clean splits."""
+
+from slm.data import CorpusConfig
+from slm.data.builtin import generate, solve
+
+
+def test_corpus_answers_follow_from_prompts():
+    docs = generate(CorpusConfig(n_val_docs=20), "validation")
+    for d in docs:
+        for start, end in d["answer_spans"]:
+            expr = d["text"][:start].rsplit(";", 1)[-1].rstrip("=")  # e.g. "7*8"
+            op = next(o for o in "+-*" if o in expr)
+            a, b = expr.split(op)
+            assert d["text"][start:end] == f"{solve(int(a), op, int(b))};"
+    train = generate(CorpusConfig(n_train_docs=200, noise=0.5), "train")
+    n_noise = sum(len(d["noise_spans"]) for d in train)
+    n_clean = sum(len(d["answer_spans"]) for d in train)
+    assert 0.4 < n_noise / (n_noise + n_clean) < 0.6
+
+
+
+def test_the_realtext_corpus_is_prose_and_junk_half_and_half_with_clean_splits():
+    from slm.data.realtext import RealTextConfig, generate
+
+    cfg = RealTextConfig()
+    splits = {s: [d["text"] for d in generate(cfg, s)] for s in ("train", "clean", "validation")}
+    assert splits == {s: [d["text"] for d in generate(cfg, s)] for s in splits}  # deterministic
+    assert min(len(v) for v in splits.values()) > 50
+    printable = set(__import__("string").printable) - {"\x0b", "\x0c", "\r"}
+    assert all(set(t) <= printable for v in splits.values() for t in v)  # the built-in tokenizer covers it
+    clean_docs = set(splits["clean"]) | set(splits["validation"])
+    assert not set(splits["clean"]) & set(splits["validation"])
+    train_text = "\n\n".join(splits["train"])
+    leaked = [d for d in clean_docs if d[:200] in train_text]
+    assert not leaked  # no clean or held-out document appears in the training text
+    paragraphs = _prose_paragraphs(cfg)
+    prose = sum(len(p) for t in splits["train"] for p in t.split("\n\n") if p and p in paragraphs)
+    assert 0.4 < prose / len(train_text) < 0.6  # about half of the training text is junk
+
+
+def _prose_paragraphs(cfg):
+    import re
+
+    from slm.data import prose_documents
+
+    return {p.strip("\n") for d in prose_documents(cfg.min_chars) for p in re.split(r"\n\s*\n", d) if p.strip()}
