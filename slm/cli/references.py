@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
-from omegaconf import DictConfig
 
 from slm import parallel
-from slm.cli.settings import cache_root, config_hash, container
-from slm.data import GENERATED, PackedData, SourceSpec, build_split, default_cache_dir, tokenizer_identity
+from slm.cli.settings import ReferenceConfig, RunSettings, ScoreSettings, config_hash
+from slm.data import GENERATED, PackedData, SourceSpec, build_split, tokenizer_identity
 from slm.model import SelectiveLM, build_model
 from slm.reference import (
     META_FILE,
@@ -39,6 +38,7 @@ from slm.train import RunInterrupted, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 DONE = "DONE"
+Settings = RunSettings | ScoreSettings  # what slm-train and slm-score share: model, data, reference, cache
 
 
 def _locked(path: Path):
@@ -54,56 +54,55 @@ def _agreed(value: bool) -> bool:
     return box[0]
 
 
-def _reference_data(cfg: DictConfig, data: PackedData, seed: int) -> tuple:
+def _reference_data(settings: Settings, data: PackedData, seed: int) -> tuple:
     """(packed training text of a trained reference, its identity). The built-in corpus's own
     splits come from the run's packed data; any other source is packed with the run's tokenizer
     and block size and cached."""
-    spec = container(cfg.reference.data)
-    if spec.get("source") in GENERATED and spec.get("source") == cfg.data.source:  # a split of the run's own corpus
+    spec, own = settings.reference.data, settings.data.source
+    if spec.get("source") in GENERATED and spec.get("source") == own:  # a split of the run's own corpus
         split = spec.get("split") or "clean"
         if split not in data.splits:
-            raise ValueError(f"reference.data.split={split!r}: the {cfg.data.source} corpus has {sorted(data.splits)}")
-        return data[split], {cfg.data.source: data.identity["data_hash"][split]}
+            raise ValueError(f"reference.data.split={split!r}: the {own} corpus has {sorted(data.splits)}")
+        return data[split], {own: data.identity["data_hash"][split]}
     source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
     packed = build_split(
         source,
         data.tokenizer,
         data.identity["block_size"],
-        cfg.data.get("cache_dir") or default_cache_dir(),
+        settings.data.cache_dir,
         shuffle_seed=seed,
     )
     return packed, {
-        "source": source.identity(cfg.data.get("cache_dir") or default_cache_dir()),
+        "source": source.identity(settings.data.cache_dir),
         "tokenizer": data.identity["tokenizer"],
         "block_size": data.identity["block_size"],
     }
 
 
-def _reference_model(cfg: DictConfig, data: PackedData, seed: int):
-    if cfg.reference.get("init", "scratch") == "pretrained":
-        return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer)
-    return build_model(cfg.model, len(data.tokenizer), seed + 1, data.tokenizer, fresh=True)
+def _reference_model(settings: Settings, data: PackedData, seed: int):
+    fresh = settings.reference.init == "scratch"
+    return build_model(settings.model, len(data.tokenizer), seed + 1, data.tokenizer, fresh=fresh)
 
 
-def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
+def trained_reference(settings: Settings, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
     """``reference=train`` (and the built-in ``demo``): a reference trained once on its own text
     (``reference.data``) from scratch or from ``model.pretrained`` (``reference.init``), cached by
     a hash of everything that decides its weights and reused by every run and sweep job."""
-    rcfg = cfg.reference
-    seed = int(rcfg.get("seed", 0))  # not the run's seed: every seed of a sweep shares one reference
-    tcfg = TrainConfig(**container(rcfg.trainer), seed=seed)
-    ref_data, data_identity = _reference_data(cfg, data, seed)
+    rcfg = settings.reference
+    seed = int(rcfg.seed)  # not the run's seed: every seed of a sweep shares one reference
+    tcfg = TrainConfig(**rcfg.trainer, seed=seed)
+    ref_data, data_identity = _reference_data(settings, data, seed)
     # Everything that changes the reference's weights: the global batch depends on the process count.
-    settings = {
-        "model": container(cfg.model),
-        "init": rcfg.get("init", "scratch"),
-        "trainer": container(rcfg.trainer),
+    identity = {
+        "model": settings.model,
+        "init": rcfg.init,
+        "trainer": rcfg.trainer,
         "data": data_identity,
         "seed": seed,
         "processes": acc.num_processes,
         "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision),
     }
-    where = cache_root(cfg) / "reference" / config_hash(settings)
+    where = settings.cache_root / "reference" / config_hash(identity)
     what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
     with _locked(where) if acc.is_main_process else nullcontext():
         if _agreed((where / DONE).exists()):
@@ -124,7 +123,7 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
             acc.wait_for_everyone()
             log.info("reference: training the reference on %s (first run only) -> %s", what, where)
             with parallel.model_init(trained=False):  # trained with DDP under DeepSpeed, see below
-                model = _reference_model(cfg, data, seed)
+                model = _reference_model(settings, data, seed)
             lm = SelectiveLM(model, ratio=1.0)
             # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
@@ -164,7 +163,7 @@ def trained_reference(cfg: DictConfig, data: PackedData, acc) -> tuple[str, torc
 
 
 def stored_scores(
-    cfg: DictConfig,
+    settings: Settings,
     data: PackedData,
     reference,
     ref_name: str,
@@ -177,7 +176,7 @@ def stored_scores(
     Returns (the store, whether an earlier run had made it)."""
     ident = reference_identity(reference, ref_name)
     meta = {**expected_store(data), "reference": ident, "entropy": entropy, "dtype": dtype}
-    out_dir = Path(out_dir) if out_dir else cache_root(cfg) / "scores" / config_hash(meta)
+    out_dir = Path(out_dir) if out_dir else settings.cache_root / "scores" / config_hash(meta)
     with _locked(out_dir) if acc.is_main_process else nullcontext():  # concurrent sweep jobs score once
         reused = _agreed((out_dir / META_FILE).exists())
         if reused:
@@ -189,7 +188,7 @@ def stored_scores(
                 data["train"],
                 out_dir,
                 meta,
-                batch_size=cfg.get("score_batch_size", 32),
+                batch_size=settings.score_batch_size,
                 accelerator=acc,
                 entropy=entropy,
                 dtype=dtype,
@@ -197,50 +196,46 @@ def stored_scores(
     return out_dir, reused
 
 
-def reference_source(cfg: DictConfig, data: PackedData, acc, model, entropy: bool = False) -> tuple:
-    """(train dataset, RefSource) for ``cfg.reference.kind``: none | live | stored | train | demo.
-    ``entropy``: the selector also needs the reference's per-token entropy."""
-    kind = cfg.reference.kind
-    if kind == "none":
+def reference_source(settings: RunSettings, data: PackedData, acc, model) -> tuple:
+    """(train dataset, RefSource) for ``reference.kind``: none | live | stored | train | demo, with the
+    values the selector needs (its per-token entropy too where a score asks for it)."""
+    rcfg = settings.reference
+    entropy = settings.selector.needs()["entropy"]
+    if rcfg.kind == "none":
         return data["train"], RefSource("none")
-    evolve_every = cfg.reference.get("evolve_every")
-    if kind == "live" or evolve_every is not None:  # scored live (an evolving reference: from a trained one)
-        if kind == "live":
-            check_reference_tokenizer(cfg, data)
-            ref = load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto"))
+    if rcfg.kind == "live" or rcfg.evolve_every is not None:  # scored live (an evolving reference: a trained one)
+        if rcfg.kind == "live":
+            check_reference_tokenizer(rcfg, data)
+            ref = load_reference(rcfg.path, device=acc.device, dtype=rcfg.dtype)
         else:
-            _, ref = trained_reference(cfg, data, acc)
+            _, ref = trained_reference(settings, data, acc)
         check_vocab(model, ref)
         evolving = {}
-        if evolve_every is not None:
-            evolving = dict(evolve_every=int(evolve_every), evolve_ema=float(cfg.reference.get("evolve_ema", 0.0)))
+        if rcfg.evolve_every is not None:
+            evolving = dict(evolve_every=int(rcfg.evolve_every), evolve_ema=float(rcfg.evolve_ema))
         return data["train"], RefSource("live", freeze(ref), entropy=entropy, **evolving)
-    if kind == "stored":
+    if rcfg.kind == "stored":
         expected = {**expected_store(data), "entropy": entropy}
-        if cfg.reference.get("path"):  # optional: the reference the store must have been scored with
-            expected["reference_name"] = str(cfg.reference.path)
-        columns = load_stored(cfg.reference.scores_dir, expected)
-        return data["train"], RefSource(
-            "stored", scores_dir=str(cfg.reference.scores_dir), entropy=entropy, store=columns
-        )
-    if kind in ("train", "demo"):
-        name, ref = trained_reference(cfg, data, acc)
-        check_vocab(model, ref)
-        store, _ = stored_scores(cfg, data, ref, name, acc, entropy=entropy)
-        columns = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
-        return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
-    raise ValueError(f"reference.kind must be none, live, stored, train or demo, got {kind!r}")
+        if rcfg.path:  # optional: the reference the store must have been scored with
+            expected["reference_name"] = str(rcfg.path)
+        columns = load_stored(rcfg.scores_dir, expected)
+        return data["train"], RefSource("stored", scores_dir=str(rcfg.scores_dir), entropy=entropy, store=columns)
+    name, ref = trained_reference(settings, data, acc)  # train | demo
+    check_vocab(model, ref)
+    store, _ = stored_scores(settings, data, ref, name, acc, entropy=entropy)
+    columns = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
+    return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
 
 
-def check_reference_tokenizer(cfg: DictConfig, data: PackedData) -> None:
+def check_reference_tokenizer(rcfg: ReferenceConfig, data: PackedData) -> None:
     """Refuse a live reference whose tokenizer is not the training data's: vocabularies of the same
     size can map ids to different tokens (Llama-2 and Mistral-7B v0.1 both have 32,000), and its
     losses would then score other tokens. ``reference.check_tokenizer=false`` skips the check."""
-    if not cfg.reference.get("check_tokenizer", True):
+    if not rcfg.check_tokenizer:
         return
     from transformers import AutoTokenizer
 
-    path, ours = cfg.reference.path, data.identity["tokenizer"]
+    path, ours = rcfg.path, data.identity["tokenizer"]
     override = "set reference.check_tokenizer=false only if you know the two vocabularies give every id the same token"
     try:
         theirs = tokenizer_identity(AutoTokenizer.from_pretrained(path))
@@ -259,15 +254,15 @@ def check_reference_tokenizer(cfg: DictConfig, data: PackedData) -> None:
         )
 
 
-def check_score_vocab(cfg: DictConfig, data: PackedData, ref) -> None:
+def check_score_vocab(settings: Settings, data: PackedData, ref) -> None:
     """Refuse, before scoring, a reference whose vocabulary is not the training model's."""
     from transformers import AutoConfig
 
-    pretrained = cfg.model.get("pretrained")
+    pretrained = settings.model.get("pretrained")
     vocab = AutoConfig.from_pretrained(pretrained).vocab_size if pretrained else len(data.tokenizer)
     v_ref = ref.get_output_embeddings().weight.shape[0]
     if v_ref != vocab:
         raise ValueError(
             f"the reference's vocabulary ({v_ref} tokens) differs from the training model's ({vocab}, "
-            f"model={cfg.model.name}); a reference must share the training model's tokenizer"
+            f"model={settings.model.get('name')}); a reference must share the training model's tokenizer"
         )

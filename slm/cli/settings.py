@@ -1,8 +1,10 @@
-"""The composed slm-train / slm-score config: checked before anything slow runs (every error names
-the full key and the way on), and what it implies (what a run really selects by, its name, the
-reference values it needs, the block size).
+"""The one typed boundary: the composed slm-train / slm-score config becomes frozen settings objects
+(:class:`RunSettings`, :class:`ScoreSettings`) before anything slow runs. Each group's dataclass checks
+its own fields (every error names the full key and the way on); :func:`validate` adds the rules that
+span groups. Nothing below ``slm.cli`` reads a DictConfig.
 
-Registers the Hydra resolvers the configs use (``slm_stamp``, ``slm_run_name``).
+Also what the settings imply (what a run really selects by, its name, the block size), and the Hydra
+resolvers the configs use (``slm_stamp``, ``slm_run_name``).
 """
 
 from __future__ import annotations
@@ -12,28 +14,17 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from slm.data import DataConfig, default_cache_dir
-from slm.model import SCORES
+from slm.data import DataConfig
 from slm.reference import check_evolution
-from slm.selection import BLOCK_SCORES, SCOPES, check_ratio, ratio_schedule
-from slm.train import DownstreamConfig, TrainConfig, harness
+from slm.selection import ratio_schedule
+from slm.train import DownstreamConfig, SelectorConfig, TrainConfig, harness
 
 log = logging.getLogger(__name__)
-
-SELECTOR_NAMES = (
-    "excess_loss",
-    "train_loss",
-    "reference_loss",
-    "reference_entropy",
-    "random",
-    "all",
-    "union",
-    "intersection",
-)
 
 
 def _run_stamp() -> str:
@@ -71,130 +62,223 @@ def _run_name(selector: str, ratio, reference_kind: str, seed, blocks=1.0) -> st
     return f"{effective_selector(selector, ratio, reference_kind, blocks)}-{label}{kept}-{reference_kind}-s{seed}"
 
 
-def needed_reference(cfg: DictConfig) -> dict:
-    """Which reference values the selector needs: ``{"loss": bool, "entropy": bool}``."""
-    sel = cfg.selector
-    names = list(sel.get("scores") or []) if sel.name in ("union", "intersection") else [sel.name]
-    if float(sel.get("blocks", 1.0)) < 1.0:
-        names.append(sel.get("block_score", "excess_loss"))
-    return {"loss": any(n in ("excess_loss", "reference_loss") for n in names), "entropy": "reference_entropy" in names}
-
-
 for _name, _fn in (("slm_stamp", _run_stamp), ("slm_run_name", _run_name)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn, use_cache=_name == "slm_stamp")
 
 
-def _missing(node, key: str) -> bool:
-    return OmegaConf.is_config(node) and (OmegaConf.is_missing(node, key) or node.get(key) is None)
-
-
+REFERENCE_KINDS = ("none", "live", "stored", "train", "demo")
 MAX_DEFAULT_BLOCK = 2048
 
 
-def resolve_block_size(cfg: DictConfig) -> None:
-    """``data.block_size: null`` becomes the model's context length (at most 2048)."""
-    if cfg.data.get("block_size") is not None:
-        return
-    if cfg.model.get("pretrained"):
-        from transformers import AutoConfig
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """``reference.*``: where a run's reference values come from."""
 
-        mc = AutoConfig.from_pretrained(cfg.model.pretrained)
-        limit = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
-    else:
-        limit = cfg.model.config.get("max_position_embeddings") or cfg.model.config.get("n_positions")
-    cfg.data.block_size = min(int(limit or MAX_DEFAULT_BLOCK), MAX_DEFAULT_BLOCK)
-    log.info(
-        "data.block_size=null: using %d (the model's context length, at most %d)",
-        cfg.data.block_size,
-        MAX_DEFAULT_BLOCK,
-    )
+    kind: str = "none"  # none | live | stored | train | demo
+    path: str | None = None  # live: a model folder or hub name; stored: the reference the store must come from
+    scores_dir: str | None = None  # stored: the folder slm-score printed
+    dtype: str = "auto"  # live: auto = bfloat16 on CUDA, float32 on CPU
+    check_tokenizer: bool = True  # live: refuse a reference whose tokenizer is not the training one
+    data: dict = field(default_factory=dict)  # train/demo: its training text (SourceSpec fields)
+    init: str = "scratch"  # train/demo: scratch | pretrained (from model.pretrained)
+    trainer: dict = field(default_factory=dict)  # train/demo: its TrainConfig fields
+    seed: int = 0  # train/demo: its own seed, shared by every seed of a sweep
+    evolve_every: int | None = None  # refresh from the training model every N steps (scored live)
+    evolve_ema: float = 0.0
+
+    def __post_init__(self):
+        kind = self.kind
+        if kind not in REFERENCE_KINDS:
+            raise ValueError(f"reference.kind must be one of {REFERENCE_KINDS}, got {kind!r}")
+        if kind == "stored" and not self.scores_dir:
+            raise ValueError(
+                "reference=stored needs reference.scores_dir=<folder>: run slm-score first (with the same "
+                "model and data options); it prints the folder and the slm-train command to use"
+            )
+        if kind == "live" and not self.path:
+            raise ValueError(
+                "reference=live needs reference.path=<a model folder or hub name> sharing the training model's "
+                "tokenizer"
+            )
+        if kind == "train" and not (self.data or {}).get("source"):
+            raise ValueError(
+                "reference=train needs reference.data.source=<the reference's training text: a file, glob, "
+                "folder, hub dataset or builtin>"
+            )
+        if self.init not in ("scratch", "pretrained"):
+            raise ValueError(f"reference.init must be scratch or pretrained, got {self.init!r}")
+        if self.evolve_every is not None:
+            if kind not in ("train", "demo", "live"):
+                raise ValueError(
+                    f"reference.evolve_every refreshes a reference model from the training model; "
+                    f"reference={kind} has none (use reference=train, demo or live)"
+                )
+            check_evolution(self.evolve_every, self.evolve_ema)
+        if self.trained:
+            _typed(TrainConfig, self.trainer, "reference.trainer", seed=self.seed)
+
+    @property
+    def trained(self) -> bool:
+        """A reference trained once by slm itself (reference=train, or the built-in demo)."""
+        return self.kind in ("train", "demo")
 
 
-def validate(cfg: DictConfig) -> TrainConfig:
-    """Check the composed config before anything slow runs; every error names the full key."""
-    sel = cfg.selector
-    if sel.name not in SELECTOR_NAMES:
-        raise ValueError(f"selector.name must be one of {SELECTOR_NAMES}, got {sel.name!r}")
-    schedule = ratio_schedule(sel.ratio)
-    if sel.name in ("union", "intersection"):
-        scores = list(sel.get("scores") or [])
-        if len(scores) != 2 or not set(scores) <= set(SCORES):
-            raise ValueError(f"selector={sel.name} combines two scores: selector.scores=[a,b] with a, b in {SCORES}")
-    if sel.scope not in SCOPES:
-        raise ValueError(f"selector.scope must be one of {SCOPES}, got {sel.scope!r}")
-    if sel.scope == "dataset" and sel.name in ("union", "intersection"):
-        raise ValueError(
-            f"selector={sel.name} combines two exact top-k sets: selector.scope must be sequence, batch or global"
-        )
-    check_ratio(sel.get("blocks", 1.0), "selector.blocks")
-    if sel.get("block_score", "excess_loss") not in BLOCK_SCORES:
-        raise ValueError(f"selector.block_score must be one of {BLOCK_SCORES}, got {sel.get('block_score')!r}")
-    if _missing(cfg.data, "source"):
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What ``slm-score`` runs with (``score.yaml``)."""
+
+    model: dict  # the model.* settings, plain (slm.model.build_model reads them)
+    data: DataConfig
+    reference: ReferenceConfig
+    seed: int = 0
+    score_batch_size: int = 32
+    entropy: bool = False
+    store_dtype: str = "float32"
+    out_dir: str | None = None
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.data.cache_dir).expanduser()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What ``slm-train`` runs with (``train.yaml``)."""
+
+    model: dict
+    data: DataConfig
+    reference: ReferenceConfig
+    selector: SelectorConfig
+    trainer: TrainConfig
+    downstream: DownstreamConfig
+    logger: dict | None  # None: logger=none (metrics.jsonl only)
+    name: str
+    experiment_name: str = "default"
+    seed: int = 0
+    score_batch_size: int = 32
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.data.cache_dir).expanduser()
+
+
+def container(node) -> dict:
+    """A plain dict of a config node, interpolations resolved and missing values (``???``) as None."""
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    return _missing_as_none(plain)
+
+
+def _missing_as_none(value):
+    if isinstance(value, dict):
+        return {k: _missing_as_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_missing_as_none(v) for v in value]
+    return None if value == "???" else value
+
+
+def _typed(cls, values: dict | None, group: str, **extra):
+    """``cls(**values)`` with an unknown key named by its full setting."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values or {}) - known)
+    if unknown:
+        raise ValueError(f"{group}.{unknown[0]} is not a setting of {group}; it has {sorted(known - set(extra))}")
+    return cls(**(values or {}), **extra)
+
+
+def _data(plain: dict) -> DataConfig:
+    if plain["data"].get("source") is None:
         raise ValueError(
             "data.source is required with this data option: a file, glob or folder (data=files) "
             "or a hub dataset name (data=hub)"
         )
-    DataConfig(**{**container(cfg.data), "block_size": cfg.data.get("block_size") or 2})  # null: resolved later
-    kind = cfg.reference.kind
-    if kind == "stored" and _missing(cfg.reference, "scores_dir"):
-        raise ValueError(
-            "reference=stored needs reference.scores_dir=<folder>: run slm-score first (with the same "
-            "model and data options); it prints the folder and the slm-train command to use"
-        )
-    if kind == "live" and _missing(cfg.reference, "path"):
-        raise ValueError(
-            "reference=live needs reference.path=<a model folder or hub name> sharing the training model's tokenizer"
-        )
-    if kind == "demo" and cfg.data.source != "builtin":
+    return DataConfig(**plain["data"])
+
+
+def validate(cfg: DictConfig) -> RunSettings:
+    """The composed slm-train config as :class:`RunSettings`, checked before anything slow runs; every
+    error names the full key. The rules here span groups; each group checks its own fields."""
+    plain = container(cfg)
+    selector = _typed(SelectorConfig, plain["selector"], "selector")
+    data = _data(plain)
+    reference = _typed(ReferenceConfig, plain["reference"], "reference")
+    kind = reference.kind
+    if kind == "demo" and data.source != "builtin":
         raise ValueError(
             f"reference=demo trains its reference on the built-in corpus's clean split, but data.source="
-            f"{cfg.data.source!r}. Choose one: reference=none (no reference: every token with selector=all, or "
+            f"{data.source!r}. Choose one: reference=none (no reference: every token with selector=all, or "
             "selection by the training loss), reference=train reference.data.source=<clean text> (a reference "
             "trained once on it), reference=live reference.path=<model> (a pretrained reference), or "
             "reference=stored reference.scores_dir=<folder> (losses stored by slm-score)"
         )
-    needs = needed_reference(cfg)
-    selecting = not (schedule.is_constant and schedule.start >= 1.0)
-    if kind == "none" and selecting and (needs["entropy"] or sel.name == "reference_loss"):
-        raise ValueError(f"selector={sel.name} needs a reference (reference=live, stored, train or demo)")
-    if kind == "train" and _missing(cfg.reference.data, "source"):
-        raise ValueError(
-            "reference=train needs reference.data.source=<the reference's training text: a file, glob, "
-            "folder, hub dataset or builtin>"
-        )
-    if cfg.reference.get("evolve_every") is not None:
-        if kind not in ("train", "demo", "live"):
-            raise ValueError(
-                f"reference.evolve_every refreshes a reference model from the training model; "
-                f"reference={kind} has none (use reference=train, demo or live)"
-            )
-        check_evolution(cfg.reference.evolve_every, cfg.reference.get("evolve_ema", 0.0))
-    if cfg.reference.get("init") == "pretrained" and not cfg.model.get("pretrained"):
+    if kind == "none" and selector.selects and (selector.needs()["entropy"] or selector.name == "reference_loss"):
+        raise ValueError(f"selector={selector.name} needs a reference (reference=live, stored, train or demo)")
+    if reference.init == "pretrained" and not plain["model"].get("pretrained"):
         raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
-    if downstream_config(cfg).tasks:
+    downstream = _typed(DownstreamConfig, plain.get("downstream"), "downstream")
+    if downstream.tasks:
         harness()  # a clear error now if lm-evaluation-harness is missing, not at the first eval point
-    tcfg = TrainConfig(**container(cfg.trainer), seed=cfg.seed)
-    if (sel.name in ("union", "intersection") or sel.scope == "dataset") and tcfg.grad_accum != 1:
-        what = f"selector={sel.name}" if sel.scope != "dataset" else "selector.scope=dataset"
+    trainer = _typed(TrainConfig, plain["trainer"], "trainer", seed=plain["seed"])
+    if (selector.combines or selector.scope == "dataset") and trainer.grad_accum != 1:
+        what = f"selector={selector.name}" if selector.scope != "dataset" else "selector.scope=dataset"
         raise ValueError(
             f"{what} keeps a data-dependent number of tokens: trainer.grad_accum must be 1 (the step "
             "is normalised after its one forward)"
         )
-    return tcfg
+    logger = None if plain["logger"]["kind"] == "none" else plain["logger"]
+    return RunSettings(
+        model=plain["model"],
+        data=data,
+        reference=reference,
+        selector=selector,
+        trainer=trainer,
+        downstream=downstream,
+        logger=logger,
+        name=plain["name"],
+        experiment_name=plain.get("experiment_name", "default"),
+        seed=plain["seed"],
+        score_batch_size=plain.get("score_batch_size", 32),
+    )
 
 
-def downstream_config(cfg: DictConfig) -> DownstreamConfig:
-    return DownstreamConfig(**container(cfg.downstream)) if cfg.get("downstream") else DownstreamConfig()
+def score_settings(cfg: DictConfig) -> ScoreSettings:
+    """The composed slm-score config as :class:`ScoreSettings`."""
+    plain = container(cfg)
+    reference = _typed(ReferenceConfig, plain["reference"], "reference")
+    if reference.kind not in ("demo", "train", "live"):
+        raise ValueError(f"slm-score needs reference=demo, train or live, got reference.kind={reference.kind!r}")
+    if plain.get("store_dtype", "float32") not in ("float32", "bfloat16"):
+        raise ValueError(f"store_dtype must be float32 or bfloat16, got {plain['store_dtype']!r}")
+    return ScoreSettings(
+        model=plain["model"],
+        data=_data(plain),
+        reference=reference,
+        seed=plain.get("seed", 0),
+        score_batch_size=plain.get("score_batch_size", 32),
+        entropy=bool(plain.get("entropy")),
+        store_dtype=plain.get("store_dtype", "float32"),
+        out_dir=plain.get("out_dir"),
+    )
+
+
+def resolve_block_size(cfg: DictConfig, settings):
+    """``data.block_size: null`` becomes the model's context length (at most 2048), in the settings and in
+    ``cfg`` (the config a run saves records what it trained with)."""
+    if settings.data.block_size is not None:
+        return settings
+    model = settings.model
+    if model.get("pretrained"):
+        from transformers import AutoConfig
+
+        mc = AutoConfig.from_pretrained(model["pretrained"])
+        limit = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    else:
+        limit = model["config"].get("max_position_embeddings") or model["config"].get("n_positions")
+    size = min(int(limit or MAX_DEFAULT_BLOCK), MAX_DEFAULT_BLOCK)
+    cfg.data.block_size = size
+    log.info("data.block_size=null: using %d (the model's context length, at most %d)", size, MAX_DEFAULT_BLOCK)
+    return replace(settings, data=replace(settings.data, block_size=size))
 
 
 def config_hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def container(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-
-
-def cache_root(cfg: DictConfig) -> Path:
-    return Path(cfg.data.get("cache_dir") or default_cache_dir()).expanduser()

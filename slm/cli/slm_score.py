@@ -12,7 +12,7 @@ from slm import parallel, runs
 from slm.cli.common import CONF_DIR, check_output_dirs, one_line_errors, setup_logging, task_overrides
 from slm.cli.preflight import check_run_sources
 from slm.cli.references import check_reference_tokenizer, check_score_vocab, stored_scores, trained_reference
-from slm.cli.settings import resolve_block_size
+from slm.cli.settings import resolve_block_size, score_settings
 from slm.data import build
 from slm.reference import META_FILE, StoredColumns, load_reference, read_meta
 
@@ -20,32 +20,29 @@ from slm.reference import META_FILE, StoredColumns, load_reference, read_meta
 def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """``slm-score``: store reference losses of the training split (``overrides``: the launch's own,
     to print the ``slm-train`` command that uses the store)."""
+    settings = score_settings(cfg)
     check_run_sources(cfg)
-    resolve_block_size(cfg)
+    settings = resolve_block_size(cfg, settings)
     acc = parallel.make_accelerator("no")
     setup_logging(acc)
     with acc.main_process_first():
-        data = build(cfg.data)
-    if cfg.reference.kind in ("demo", "train"):
-        name, ref = trained_reference(cfg, data, acc)
-    elif cfg.reference.kind != "live":
-        raise ValueError(f"slm-score needs reference=demo, train or live, got reference.kind={cfg.reference.kind!r}")
-    else:
-        check_reference_tokenizer(cfg, data)
-        name, ref = (
-            cfg.reference.path,
-            load_reference(cfg.reference.path, device=acc.device, dtype=cfg.reference.get("dtype", "auto")),
-        )
-    check_score_vocab(cfg, data, ref)
+        data = build(settings.data)
+    rcfg = settings.reference
+    if rcfg.trained:
+        name, ref = trained_reference(settings, data, acc)
+    else:  # live
+        check_reference_tokenizer(rcfg, data)
+        name, ref = rcfg.path, load_reference(rcfg.path, device=acc.device, dtype=rcfg.dtype)
+    check_score_vocab(settings, data, ref)
     out, reused = stored_scores(
-        cfg,
+        settings,
         data,
         ref,
         name,
         acc,
-        out_dir=cfg.get("out_dir"),
-        entropy=bool(cfg.get("entropy")),
-        dtype=cfg.get("store_dtype", "float32"),
+        out_dir=settings.out_dir,
+        entropy=settings.entropy,
+        dtype=settings.store_dtype,
     )
     if acc.is_main_process:
         meta = runs.read_json(out / META_FILE) or {}

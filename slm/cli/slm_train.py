@@ -24,14 +24,7 @@ from slm.cli.common import (
 )
 from slm.cli.preflight import check_run_sources
 from slm.cli.references import reference_source
-from slm.cli.settings import (
-    container,
-    downstream_config,
-    effective_selector,
-    needed_reference,
-    resolve_block_size,
-    validate,
-)
+from slm.cli.settings import RunSettings, container, effective_selector, resolve_block_size, validate
 from slm.data import build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
 from slm.runs import Tracker, checkpoints
@@ -72,77 +65,46 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     """
     run_dir = Path(run_dir)
     cfg, changed = run_config(cfg, run_dir, overrides)
-    tcfg = validate(cfg)  # before anything slow: settings first, then what must be fetched
+    settings = validate(cfg)  # before anything slow: settings first, then what must be fetched
     check_run_sources(cfg)
-    resolve_block_size(cfg)
+    settings = resolve_block_size(cfg, settings)
+    tcfg, sel = settings.trainer, settings.selector
     acc = _accelerator(tcfg)
     setup_logging(acc)
     runs.claim(run_dir, tcfg.resume, tcfg.overwrite, acc.is_main_process)
     acc.wait_for_everyone()
+
+    log.info("data: %s (blocks of %d tokens)", settings.data.source, settings.data.block_size)
     with acc.main_process_first():  # one process packs and caches; the others then load the cache
-        data = build(cfg.data)
+        data = build(settings.data)
+    log.info("model: %s", settings.model.get("name"))
     with parallel.model_init():
-        model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
-    check_block_size(model.config, int(cfg.data.block_size))
-    train_ds, ref = reference_source(cfg, data, acc, model, entropy=needed_reference(cfg)["entropy"])
-    sel = cfg.selector
-    selector = effective_selector(sel.name, sel.ratio, cfg.reference.kind, sel.get("blocks", 1.0))
+        model = build_model(settings.model, len(data.tokenizer), settings.seed, data.tokenizer)
+    check_block_size(model.config, settings.data.block_size)
+    log.info("reference: %s", settings.reference.kind)
+    train_ds, ref = reference_source(settings, data, acc, model)
+
+    selector = effective_selector(sel.name, sel.ratio, settings.reference.kind, sel.blocks)
     schedule = ratio_schedule(1.0 if selector in ("all", "blocks") else sel.ratio)
-    ratio = schedule.start if schedule.is_constant else schedule.label()
-    combine = tuple(sel.scores) if selector in ("union", "intersection") else None
     lm = SelectiveLM(
         model,
         ratio=schedule.start,
         selector=selector if selector in SELECTORS else "train_loss",
-        combine=combine,
+        combine=sel.scores if sel.combines else None,
         scope=sel.scope,
-        seed=cfg.seed,
+        seed=settings.seed,
         head_backend=tcfg.head_backend,
-        check_scores="deferred",
-    )  # the loop checks them with its end-of-step reduce
-    info = dict(
-        name=cfg.name,
-        experiment=cfg.experiment_name,
-        selector=selector,
-        ratio=ratio,
-        scope=sel.scope,
-        blocks=float(sel.get("blocks", 1.0)),
-        train_split=cfg.data.get("train_split", "train"),
-        reference=cfg.reference.kind,
-        seed=cfg.seed,
-        scores_dir=ref.scores_dir,
-        status="running",
-        processes=acc.num_processes,
-        mode=parallel.requested_mode(),
+        check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
-    if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        old = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None
-        if old is not None:
-            record = {k: list(v) for k, v in changed.items()}
-            if old.get("processes") != acc.num_processes:
-                record["processes"] = [old.get("processes"), acc.num_processes]
-            info = {
-                **old,
-                "status": "running",
-                "processes": acc.num_processes,
-                "mode": info["mode"],
-                "resumes": [*old.get("resumes", []), record],
-            }
-        else:
-            OmegaConf.save(cfg, run_dir / runs.CONFIG, resolve=True)
-        runs.write_json(run_dir / runs.RUN_INFO, info)
-    wandb_cfg = None if cfg.logger.kind == "none" else container(cfg.logger)
+    info = _record_start(cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir)
     tracker = Tracker(
         run_dir,
         enabled=acc.is_main_process,
-        wandb_cfg=wandb_cfg,
+        wandb_cfg=settings.logger,
         config=container(cfg),
         resume_step=_resume_step(run_dir) if tcfg.resume else None,
     )
-    blocks = None
-    if float(sel.get("blocks", 1.0)) < 1.0:
-        blocks = BlockFilter(float(sel.blocks), sel.get("block_score", "excess_loss"), tcfg.batch_size)
+    blocks = BlockFilter(sel.blocks, sel.block_score, tcfg.batch_size) if sel.blocks < 1.0 else None
     trainer = Trainer(
         acc,
         lm,
@@ -152,9 +114,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         run_dir,
         ref=ref,
         tracker=tracker,
-        name=cfg.name,
+        name=settings.name,
         ratio=schedule,
-        downstream=downstream_config(cfg),
+        downstream=settings.downstream,
         tokenizer=data.tokenizer,
         blocks=blocks,
     )
@@ -190,6 +152,46 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def _record_start(
+    cfg, settings: RunSettings, run_dir: Path, acc, changed: dict, selector, schedule, scores_dir
+) -> dict:
+    """run_info.json as the run starts (a resume adds to the earlier record); config.yaml on the first start."""
+    sel = settings.selector
+    info = dict(
+        name=settings.name,
+        experiment=settings.experiment_name,
+        selector=selector,
+        ratio=schedule.start if schedule.is_constant else schedule.label(),
+        scope=sel.scope,
+        blocks=sel.blocks,
+        train_split=settings.data.train_split,
+        reference=settings.reference.kind,
+        seed=settings.seed,
+        scores_dir=scores_dir,
+        status="running",
+        processes=acc.num_processes,
+        mode=parallel.requested_mode(),
+    )
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        old = runs.read_json(run_dir / runs.RUN_INFO) if settings.trainer.resume else None
+        if old is not None:
+            record = {k: list(v) for k, v in changed.items()}
+            if old.get("processes") != acc.num_processes:
+                record["processes"] = [old.get("processes"), acc.num_processes]
+            info = {
+                **old,
+                "status": "running",
+                "processes": acc.num_processes,
+                "mode": info["mode"],
+                "resumes": [*old.get("resumes", []), record],
+            }
+        else:
+            OmegaConf.save(cfg, run_dir / runs.CONFIG, resolve=True)
+        runs.write_json(run_dir / runs.RUN_INFO, info)
+    return info
 
 
 def _save_model(trainer: Trainer, run_dir: Path, tokenizer) -> None:

@@ -17,7 +17,7 @@ def default_cache_dir() -> str:
 class DataConfig:
     source: str = "builtin"  # builtin | realtext | a file, glob or folder | an HF hub dataset name
     tokenizer: str = BUILTIN  # builtin | an HF tokenizer name or local path
-    block_size: int = 128
+    block_size: int | None = 128
     text_field: str = "text"
     sample_by: str = "paragraph"  # text files: one document per line | paragraph | document (file)
     hub_config: str | None = None
@@ -33,7 +33,7 @@ class DataConfig:
     eval: dict = field(default_factory=dict)  # name -> SourceSpec fields: extra eval sets (e.g. clean text)
 
     def __post_init__(self):
-        if self.block_size is None or int(self.block_size) < 2:
+        if self.block_size is not None and int(self.block_size) < 2:  # None: the model's length, set by slm.cli
             raise ValueError(f"data.block_size must be >= 2 (one input and one target), got {self.block_size}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")

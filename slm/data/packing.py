@@ -243,6 +243,8 @@ def build(cfg) -> PackedData:
     """Load, tokenise, pack and shuffle (train) every split, or load them from the cache; then the
     extra eval sets of ``data.eval`` (each cached on its own, so adding one repacks nothing else)."""
     cfg = data_config(cfg)
+    if cfg.block_size is None:
+        raise ValueError("data.block_size is null: set it, or let slm-train resolve it from the model's context length")
     tokenizer = load_tokenizer(cfg.tokenizer)
     settings = {
         "pack_version": PACK_VERSION,

@@ -22,7 +22,9 @@ from slm.head import BACKENDS
 from slm.model.architectures import causal_lm, check_no_router_loss, head_support, output_head, zero3_ready
 from slm.model.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
 from slm.selection import (
+    COMBINATIONS,
     SCOPES,
+    SCORERS,
     RunningThreshold,
     check_ratio,
     num_to_keep,
@@ -31,8 +33,8 @@ from slm.selection import (
     select_tokens,
 )
 
-SCORES = ("excess_loss", "train_loss", "reference_loss", "reference_entropy", "random")
-SELECTORS = (*SCORES, "union", "intersection")  # the last two combine two scores' top-k sets
+SCORES = tuple(SCORERS)  # one registry: slm.selection's score functions
+SELECTORS = (*SCORES, *COMBINATIONS)  # the combinations join two scores' top-k sets
 
 # Keyword arguments a padding-free collator (DataCollatorWithFlattening) adds for flash attention.
 _PACKING_KWARGS = {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}

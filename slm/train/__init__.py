@@ -11,7 +11,7 @@ signals.py      stop requests honoured at the next step boundary
 
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter
-from slm.train.config import TrainConfig, lr_lambda
+from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lambda
 from slm.train.downstream import DownstreamConfig, harness
 from slm.train.evaluation import answer_accuracy, evaluate
 from slm.train.loop import NonFiniteLoss, RunInterrupted, Trainer, master_weights
@@ -22,6 +22,8 @@ __all__ = [
     "DownstreamConfig",
     "NonFiniteLoss",
     "RunInterrupted",
+    "SELECTOR_NAMES",
+    "SelectorConfig",
     "TrainConfig",
     "Trainer",
     "answer_accuracy",

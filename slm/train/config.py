@@ -1,9 +1,63 @@
-"""The training loop's settings (``trainer.*``) and its learning-rate schedule."""
+"""The training loop's settings: ``trainer.*`` (:class:`TrainConfig`, with its learning-rate schedule)
+and ``selector.*`` (:class:`SelectorConfig`). Each validates its own fields and names the full key."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from slm.model import SCORES, SELECTORS
+from slm.selection import BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
+
+SELECTOR_NAMES = (*SELECTORS, "all")  # "all": every token (selection off)
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """``selector.*``: which tokens a step trains."""
+
+    name: str = "excess_loss"  # a score of slm.selection, a combination of two, or all
+    ratio: object = 0.6  # the share kept, in (0, 1], or a schedule (see slm.selection.ratio_schedule)
+    scope: str = "batch"  # sequence | batch | global | dataset
+    blocks: float = 1.0  # the share of candidate blocks a step keeps (1.0: off)
+    block_score: str = "excess_loss"  # what ranks the candidate blocks
+    scores: tuple = ()  # the two scores a union / intersection combines
+
+    def __post_init__(self):
+        if self.name not in SELECTOR_NAMES:
+            raise ValueError(f"selector.name must be one of {SELECTOR_NAMES}, got {self.name!r}")
+        ratio_schedule(self.ratio)  # names selector.ratio when it is not a ratio or a schedule
+        object.__setattr__(self, "scores", tuple(self.scores or ()))
+        if self.combines and (len(self.scores) != 2 or not set(self.scores) <= set(SCORES)):
+            raise ValueError(f"selector={self.name} combines two scores: selector.scores=[a,b] with a, b in {SCORES}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"selector.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.scope == "dataset" and self.combines:
+            raise ValueError(
+                f"selector={self.name} combines two exact top-k sets: selector.scope must be sequence, batch or global"
+            )
+        check_ratio(self.blocks, "selector.blocks")
+        object.__setattr__(self, "blocks", float(self.blocks))
+        if self.block_score not in BLOCK_SCORES:
+            raise ValueError(f"selector.block_score must be one of {BLOCK_SCORES}, got {self.block_score!r}")
+
+    @property
+    def combines(self) -> bool:
+        return self.name in COMBINATIONS
+
+    @property
+    def selects(self) -> bool:
+        """Whether tokens are selected at all (not every token at a constant ratio 1.0)."""
+        schedule = ratio_schedule(self.ratio)
+        return self.name != "all" and not (schedule.is_constant and schedule.start >= 1.0)
+
+    def needs(self) -> dict:
+        """Which reference values the scores need: ``{"loss": bool, "entropy": bool}``."""
+        names = list(self.scores) if self.combines else [self.name]
+        if self.blocks < 1.0:
+            names.append(self.block_score)
+        columns = {NEEDS.get(n) for n in names}
+        return {"loss": "ref_loss" in columns, "entropy": "ref_entropy" in columns}
 
 
 @dataclass
