@@ -6,14 +6,14 @@ Imports slm.head and slm.model only (it runs where only torch, transformers, tri
 """
 
 from slm.bench.runner import main
-from slm.bench.workloads import BASELINE, FLOOR, SHAPES, SPARSE_CASES, build, cases
+from slm.bench.workloads import BASELINE, FLOOR, SHAPES, SPARSE_CASES, build_workload, cases
 
 __all__ = [
     "BASELINE",
     "FLOOR",
     "SHAPES",
     "SPARSE_CASES",
-    "build",
+    "build_workload",
     "cases",
     "main",
 ]

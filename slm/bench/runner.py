@@ -29,7 +29,16 @@ import time
 
 import torch
 
-from slm.bench.workloads import BASELINE, FLOOR, SHAPES, SPARSE_CASES, build, cases, scoring_cases, sparse_cases
+from slm.bench.workloads import (
+    BASELINE,
+    FLOOR,
+    SHAPES,
+    SPARSE_CASES,
+    build_workload,
+    cases,
+    scoring_cases,
+    sparse_cases,
+)
 from slm.head.matmul import fast_path
 
 
@@ -222,7 +231,7 @@ def _sparse(args, dtype, out: dict) -> None:
     )
     started = time.perf_counter()
     for i, batch in enumerate(batches):
-        model, ids, _, _ = build(args.shape, args.device, dtype, batch, args.seq)
+        model, ids, _, _ = build_workload(args.shape, args.device, dtype, batch, args.seq)
         res = _measure(
             args, sparse_cases(model, ids), model, ids, "sparse", out, out["batches"].setdefault(batch, {}), batch
         )
@@ -275,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe(args)}
         print(f"slm-bench: {out['setup']}", flush=True)
         return _sparse(args, dtype, out)
-    model, ids, ref_loss, mask = build(args.shape, args.device, dtype, args.batch, args.seq)
+    model, ids, ref_loss, mask = build_workload(args.shape, args.device, dtype, args.batch, args.seq)
     table = "scoring" if args.scoring else "sparse" if args.sparse_mask else "train"
     if args.memory_case:
         table = args.memory_table

@@ -77,7 +77,7 @@ FLOOR = "backbone_only (floor)"
 SPARSE_CASES = ("selective_loss_mask", "hand_written_masked_loss", "hf_plain_loss")
 
 
-def build(shape: str, device: str, dtype: torch.dtype, batch: int | None, seq: int | None):
+def build_workload(shape: str, device: str, dtype: torch.dtype, batch: int | None, seq: int | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, kwargs, b, t = SHAPES[shape]

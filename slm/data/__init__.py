@@ -1,6 +1,6 @@
 """Documents -> tokens -> packed fixed-length blocks, cached by their settings. Imports nothing else from slm.
 
-config.py       DataConfig (data.*), SourceSpec (an eval set or a reference's text), PackedData
+spec.py         DataConfig (data.*), SourceSpec (an eval set or a reference's text), PackedData
 packing.py      build / build_split: tokenise, pack into blocks, cache under <cache_dir>/packed
 sources.py      raw documents from the built-in corpora, local files or a hub dataset; hashes; eval overlap check
 builtin.py      data.source=builtin: the arithmetic corpus (noisy training split, clean split)
@@ -9,7 +9,6 @@ tokenizer.py    any HF tokenizer, or the built-in character tokenizer
 """
 
 from slm.data.builtin import CorpusConfig
-from slm.data.config import DataConfig, PackedData, SourceSpec, data_config, default_cache_dir, eval_spec
 from slm.data.packing import IGNORE_INDEX, build, build_split, check_block_size, content_hash, pack
 from slm.data.realtext import RealTextConfig, prose_documents
 from slm.data.sources import (
@@ -24,6 +23,7 @@ from slm.data.sources import (
     raw_documents,
     warn_overlap,
 )
+from slm.data.spec import DataConfig, PackedData, SourceSpec, data_config, default_cache_dir, eval_spec
 from slm.data.tokenizer import builtin_tokenizer, load_tokenizer, tokenizer_identity
 
 __all__ = [

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slm.data.config import PackedData, SourceSpec, data_config, source_identity
 from slm.data.sources import BUILTIN, document_hashes, raw_documents, source_documents, warn_overlap
+from slm.data.spec import PackedData, SourceSpec, data_config, source_identity
 from slm.data.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)

@@ -89,7 +89,7 @@ def _flags(head, dtype: torch.dtype) -> dict:
 
 
 @torch.no_grad()
-def score(head, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bool = False):
+def scoring_pass(head, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bool = False):
     """(loss, lse, hit or None, entropy or None) of every row, float32, from one fused kernel."""
     n, dtype = hidden.shape[0], head.compute_dtype()
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -131,7 +131,7 @@ class FusedRowsCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, lse, loss, row_weight, head):
         if lse is None or loss is None:  # rows not scored yet (a loss_mask, ratio 1.0): score just these
-            loss, lse, _, _ = score(head, hidden.detach(), targets)
+            loss, lse, _, _ = scoring_pass(head, hidden.detach(), targets)
         ctx.head, ctx.dtype = head, head.compute_dtype()
         ctx.save_for_backward(hidden, weight, bias, targets, lse, row_weight)
         ctx.mark_non_differentiable(loss)

@@ -20,7 +20,7 @@ def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = F
     ``entropy=True`` (after it) the entropy of each row's predictive distribution.
     """
     if head.resolved_backend() == "triton":
-        loss, lse, hit, ent = fused.score(head, hidden, targets, hits, entropy)
+        loss, lse, hit, ent = fused.scoring_pass(head, hidden, targets, hits, entropy)
         return (loss, lse) + ((hit,) if hits else ()) + ((ent,) if entropy else ())
     n = hidden.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import slm.bench.workloads as bench_cases
-from slm.bench import BASELINE, FLOOR, SPARSE_CASES, build, cases, main
+from slm.bench import BASELINE, FLOOR, SPARSE_CASES, build_workload, cases, main
 
 
 def test_bench_table_and_json(tmp_path, capsys):
@@ -26,7 +26,7 @@ def test_bench_table_and_json(tmp_path, capsys):
 
 def test_the_masked_cases_compute_the_baselines_loss():
     """The comparison is like with like: every case that trains the baseline's 60% mask gets its loss."""
-    model, ids, ref_loss, mask = build("tiny", "cpu", torch.float32, None, None)
+    model, ids, ref_loss, mask = build_workload("tiny", "cpu", torch.float32, None, None)
     run = cases(model, ids, ref_loss, mask, ["torch"])
     expected = run[BASELINE]().item()
     for name in ("slm_loss_mask_0.6", "torch_linear_ce_mask_0.6"):
@@ -51,7 +51,7 @@ def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path, capsys, m
 
 
 def test_every_head_backend_gets_its_own_cases():
-    model, ids, ref_loss, mask = build("tiny", "cpu", torch.float32, 1, 16)
+    model, ids, ref_loss, mask = build_workload("tiny", "cpu", torch.float32, 1, 16)
     names = set(cases(model, ids, ref_loss, mask, ["torch", "triton"]))
     for backend in ("torch", "triton"):
         assert {f"slm_{backend}_loss_mask_0.3", f"slm_{backend}_excess_0.6", f"slm_{backend}_excess_1.0"} <= names

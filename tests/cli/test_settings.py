@@ -73,4 +73,5 @@ def test_what_a_selector_needs_from_its_reference():
     union = SelectorConfig("union", scores=["train_loss", "reference_entropy"])
     assert union.needs() == {"loss": False, "entropy": True} and union.scores == ("train_loss", "reference_entropy")
     assert SelectorConfig("train_loss", blocks=0.5, block_score="reference_loss").needs()["loss"]
-    assert not SelectorConfig("excess_loss", ratio=1.0).selects and SelectorConfig(ratio={"schedule": "linear", "start": 0.9, "end": 0.3}).selects
+    assert not SelectorConfig("excess_loss", ratio=1.0).selects
+    assert SelectorConfig(ratio={"schedule": "linear", "start": 0.9, "end": 0.3}).selects

@@ -146,7 +146,7 @@ def test_a_replaced_file_with_the_same_size_and_time_is_packed_again(tmp_path):
 
 
 def test_a_pinned_hub_revision_is_part_of_the_packed_cache_key():
-    from slm.data.config import source_identity
+    from slm.data.spec import source_identity
 
     a, b = (source_identity(DataConfig(source="org/corpus", hub_revision=r)) for r in (None, "v2"))
     assert a != b and b["revision"] == "v2"
