@@ -65,6 +65,8 @@ class Run:
     events: list[dict]
     max_steps: int | None = None  # what the run was set to reach
     config: dict = field(default_factory=dict)  # its flattened config (empty for runs without one)
+    sweep: str | None = None  # the sweep folder it belongs to (Hydra's multirun.yaml beside its job folders)
+    apart: bool = False  # read beside runs of other sweeps: its sweep is one of its settings
 
     @property
     def last_step(self) -> int:
@@ -82,7 +84,13 @@ class Run:
             out = {k: v for k, v in self.config.items() if _experiment_key(k)}
         else:
             out = {f"selector.{k}" if k in ("ratio",) else k: self.info.get(k) for k in ("selector", "ratio")}
+        if self.apart:
+            out["sweep"] = Path(self.sweep).name
         out["selector.effective"] = self.info.get("selector")  # what it really selected by
+        if out["selector.effective"] == "all":  # every token trains: no other selector setting acts
+            out = {k: v for k, v in out.items() if not k.startswith("selector.") or k == "selector.effective"}
+        elif float(out.get("selector.blocks", 1.0)) >= 1.0:
+            out.pop("selector.block_score", None)  # ranks candidate blocks only when some are dropped
         return out
 
     @property
@@ -142,7 +150,32 @@ class Curve:
         return self.group + seeds + (" (partial)" if self.partial else "")
 
 
-def load_runs(paths: list[str]) -> list[Run]:
+SWEEP_FILE = "multirun.yaml"  # Hydra's sweeper writes it into each sweep folder
+
+
+def sweep_of(run_dir: Path, root: Path) -> Path | None:
+    """The sweep folder a run belongs to: its nearest folder (up to ``root``'s parent) holding multirun.yaml."""
+    for folder in (run_dir, *run_dir.parents):
+        if (folder / SWEEP_FILE).exists():
+            return folder
+        if folder == root.parent:
+            return None
+    return None
+
+
+def newest_sweep(files: list[Path], root: Path) -> tuple[list[Path], list[Path]]:
+    """A folder holding several sweeps (``multirun/<experiment>``) is read as its newest sweep: runs of two
+    sweeps are never seeds of one group. Returns (the files kept, the sweep folders passed over)."""
+    sweeps = sorted({s for f in files if (s := sweep_of(f.parent, root)) is not None}, key=lambda s: s.name)
+    if len(sweeps) < 2:
+        return files, []
+    newest = sweeps[-1]
+    return [f for f in files if sweep_of(f.parent, root) in (newest, None)], sweeps[:-1]
+
+
+def load_runs(paths: list[str], skipped: list | None = None) -> list[Run]:
+    """Every run under ``paths`` (run folders, sweep folders, folders of sweeps: the newest sweep of each;
+    ``skipped`` collects the sweep folders passed over), or a W&B project (``wandb:ENTITY/PROJECT[/GROUP]``)."""
     runs = []
     for p in paths:
         if p.startswith("wandb:"):
@@ -152,6 +185,9 @@ def load_runs(paths: list[str]) -> list[Run]:
         if not root.exists():
             raise FileNotFoundError(f"slm-curves: {p} does not exist (give run or sweep folders: multirun/...)")
         files = [root] if root.is_file() else sorted(root.rglob(METRICS_FILE))
+        files, older = newest_sweep(files, root)
+        if skipped is not None:
+            skipped += older
         for f in files:
             run_dir = f.parent
             if "reference" in run_dir.parts and (run_dir.parent / "model").exists():
@@ -162,7 +198,20 @@ def load_runs(paths: list[str]) -> list[Run]:
                 info["status"] = result.get("status", "finished")
             config = _config(run_dir)
             max_steps = config.get("trainer.max_steps")
-            runs.append(Run(str(run_dir), info, read_metrics(f), int(max_steps) if max_steps else None, config))
+            sweep = sweep_of(run_dir, root)
+            runs.append(
+                Run(
+                    str(run_dir),
+                    info,
+                    read_metrics(f),
+                    int(max_steps) if max_steps else None,
+                    config,
+                    sweep=str(sweep) if sweep else None,
+                )
+            )
+    if len({r.sweep for r in runs if r.sweep}) > 1:
+        for r in runs:
+            r.apart = r.sweep is not None
     if not runs:
         raise ValueError(
             f"slm-curves: no runs under {', '.join(paths)} (no {METRICS_FILE} found): give the folder "
@@ -205,7 +254,8 @@ def _groups(runs: list[Run]) -> dict[str, list[Run]]:
         by_settings[repr(sorted(r.settings.items(), key=lambda kv: kv[0]))].append(r)
     members = list(by_settings.values())
     keys = sorted({k for m in members for k in m[0].settings})
-    differing = [k for k in keys if len({repr(m[0].settings.get(k)) for m in members}) > 1]
+    # a key differs when the groups where it acts disagree (a baseline has no selector.scope, say)
+    differing = [k for k in keys if len({repr(m[0].settings[k]) for m in members if k in m[0].settings}) > 1]
     shown = {"selector.name", "selector.ratio", "selector.effective"}  # in the group's name already
     if "reference.kind" in differing:
         shown |= {k for k in differing if k.startswith("reference.") and k != "reference.kind"}
@@ -214,14 +264,14 @@ def _groups(runs: list[Run]) -> dict[str, list[Run]]:
     # no value is the most common).
     usual = {}
     for k in differing:
-        (top, n), *rest = Counter(repr(m[0].settings.get(k)) for m in members).most_common()
+        (top, n), *rest = Counter(repr(m[0].settings[k]) for m in members if k in m[0].settings).most_common()
         usual[k] = top if not rest or n > rest[0][1] else None
     out: dict[str, list[Run]] = {}
     for m in members:
         extra = ", ".join(
             f"{'reference' if k == 'reference.kind' else k}={m[0].settings.get(k)}"
             for k in differing
-            if repr(m[0].settings.get(k)) != usual[k]
+            if k in m[0].settings and repr(m[0].settings.get(k)) != usual[k]  # a setting that acts in this group
         )
         name = m[0].group + (f" [{extra}]" if extra else "")
         while name in out:  # settings that print alike

@@ -30,10 +30,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
 
+    older: list[Path] = []
     try:
-        runs = load_runs(args.paths)
+        runs = load_runs(args.paths, skipped=older)
     except (FileNotFoundError, ValueError) as e:  # a missing folder, or one without runs: one line, no traceback
         raise SystemExit(str(e)) from None
+    read = sorted({r.sweep for r in runs if r.sweep})
+    if older:
+        print(
+            f"slm-curves: {', '.join(args.paths)} holds {len(older) + len(read)} sweeps; reading the newest, "
+            f"{', '.join(read)} (name sweep folders to read others: {', '.join(str(o) for o in older)})"
+        )
+    elif read:
+        print(f"slm-curves: reading {len(read)} sweep(s): {', '.join(read)}")
     empty = [r.path for r in runs if not r.evals(args.metric)]
     for path in empty:
         print(f"slm-curves: {path} has no {args.metric} points; skipped")

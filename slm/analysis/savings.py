@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from slm.analysis.efficiency import Curve, Run, curves, tokens_to_reach
+from slm.runs import MIN_EVAL_POINTS
 
 
 def pick_baseline(cs: list[Curve], name: str | None = None) -> tuple[Curve | None, str | None]:
@@ -90,6 +91,11 @@ def savings_table(
         time_mean, time_worst, _, _ = _paired(c, base, metric, "train_time_s")
         flops_mean, _, _, _ = _paired(c, base, metric, "flops")
         rnd = lambda v: None if v is None else round(v, 3)
+        points = min(len(r.evals(metric)) for r in [*c.runs, *base.runs])
+        if points < MIN_EVAL_POINTS:  # a fraction interpolated between two or three points is rough
+            note = "; ".join(
+                filter(None, [note, f"rests on {points} eval points (fewer than {MIN_EVAL_POINTS}): rough"])
+            )
         name = f"baseline: {c.group}" if c is base and baseline else c.group
         rows.append(
             {

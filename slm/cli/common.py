@@ -77,6 +77,7 @@ def one_line_errors():
     except KeyboardInterrupt as e:
         fail("interrupted (Ctrl-C); caches and stores are written only when complete, so rerun to continue", 130, e)
     except (
+        checkpoints.CheckpointException,
         runs.RunDirExists,
         runs.ResumeMismatch,
         NonFiniteLoss,
@@ -85,7 +86,7 @@ def one_line_errors():
         FileNotFoundError,
         ImportError,
     ) as e:
-        fail(str(e), 1, e)
+        fail(checkpoints.describe(e) if isinstance(e, checkpoints.CheckpointException) else str(e), 1, e)
 
 
 def fail(message: str, code: int, error: BaseException):

@@ -53,13 +53,17 @@ def effective_selector(selector: str, ratio, reference_kind: str, blocks=1.0) ->
     return selector
 
 
-def _run_name(selector: str, ratio, reference_kind: str, seed, blocks=1.0) -> str:
+def _run_name(selector: str, ratio, reference_kind: str, seed, blocks=1.0, scope="batch") -> str:
+    """``<selector>-<ratio>[-blocks<b>][-<scope>]-<reference>-s<seed>``: the scope where it decides what is
+    kept (not the default per-batch top-k, nor a run that trains every token)."""
     try:
         label = ratio_schedule(ratio).label()
     except ValueError:
         label = str(ratio)
+    effective = effective_selector(selector, ratio, reference_kind, blocks)
     kept = f"-blocks{blocks}" if float(blocks) < 1.0 else ""
-    return f"{effective_selector(selector, ratio, reference_kind, blocks)}-{label}{kept}-{reference_kind}-s{seed}"
+    where = f"-{scope}" if scope != "batch" and effective not in ("all", "blocks") else ""
+    return f"{effective}-{label}{kept}{where}-{reference_kind}-s{seed}"
 
 
 for _name, _fn in (("slm_stamp", _run_stamp), ("slm_run_name", _run_name)):

@@ -27,6 +27,7 @@ from slm.cli.references import reference_source
 from slm.cli.settings import RunSettings, container, effective_selector, resolve_block_size, validate
 from slm.data import build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
+from slm.parallel import CheckpointRefused
 from slm.runs import Tracker, checkpoints
 from slm.selection import ratio_schedule
 from slm.train import BlockFilter, RunInterrupted, TrainConfig, Trainer
@@ -96,6 +97,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         head_backend=tcfg.head_backend,
         check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
+    before = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume and acc.is_main_process else None
     info = _record_start(cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir)
     tracker = Tracker(
         run_dir,
@@ -140,8 +142,12 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
             {"status": "interrupted", "step": trainer.step, "checkpoint": str(ckpt), "signal": signal.SIGINT},
         )
         raise RunInterrupted(signal.SIGINT, trainer.step, ckpt) from e
-    except Exception as e:
-        _finish(acc, run_dir, info, {"status": "failed", "step": trainer.step, "error": f"{type(e).__name__}: {e}"})
+    except CheckpointRefused:  # said before anything was read or trained: the run's records stay as they were
+        if before is not None:
+            runs.write_json(run_dir / runs.RUN_INFO, before)
+        raise
+    except checkpoints.FAILURES as e:
+        _finish(acc, run_dir, info, {"status": "failed", "step": trainer.step, "error": checkpoints.describe(e)})
         raise
     finally:
         tracker.finish()

@@ -99,9 +99,17 @@ class RowPlan:
 
 
 def plan_rows(
-    labels: Tensor, vocab: int, loss_mask: Tensor | None, loss_weight: Tensor | None, ratio: float, scope: str
+    labels: Tensor,
+    vocab: int,
+    loss_mask: Tensor | None,
+    loss_weight: Tensor | None,
+    ratio: float,
+    scope: str,
+    input_ids: Tensor | None = None,
+    input_vocab: int | None = None,
 ) -> RowPlan:
-    """The rows of a batch, every count and check fetched in one copy (see the module docstring)."""
+    """The rows of a batch, every count and check fetched in one copy (see the module docstring);
+    ``input_ids`` (and the embedding's size) are checked in the same copy, before the decoder sees them."""
     valid = shifted_valid(labels)
     rows, targets = valid[:, 1:], labels[:, 1:]
     parts = [rows.sum(), (rows & ((targets < 0) | (targets >= vocab))).sum()]
@@ -111,6 +119,9 @@ def plan_rows(
             torch.where(rows, targets, targets.new_full((), info.max)).min(),
             torch.where(rows, targets, targets.new_full((), info.min)).max(),
         ]
+    check_inputs = input_ids is not None and input_vocab is not None
+    if check_inputs:
+        parts += [((input_ids < 0) | (input_ids >= input_vocab)).sum(), input_ids.min(), input_ids.max()]
     weights = known = None
     if loss_weight is not None:
         w = loss_weight.to(valid.device).float()
@@ -131,12 +142,19 @@ def plan_rows(
         parts.append(rows.sum(dim=1))
     host = to_host(torch.cat([p.reshape(-1).long() for p in parts]))
     n_valid, n_bad = host[0], host[1]
+    rest = host[4:] if rows.numel() else host[2:]
+    if check_inputs:
+        (n_bad_inputs, lo, hi), rest = rest[:3], rest[3:]
+        if n_bad_inputs:
+            raise ValueError(
+                f"input_ids must be token ids in [0, {input_vocab}), got values in [{lo}, {hi}]; is the tokenizer "
+                "the model's (a tokenizer with added tokens needs model.resize_token_embeddings(len(tokenizer)))?"
+            )
     if n_bad:
         raise ValueError(
             f"labels must be token ids in [0, {vocab}) or -100, got values in [{host[2]}, {host[3]}]; "
             "is the tokenizer the model's?"
         )
-    rest = host[4:] if rows.numel() else host[2:]
     if loss_weight is not None and rest[0]:
         raise ValueError(WEIGHT_ERROR)
     if loss_mask is not None and rest[0]:

@@ -272,7 +272,11 @@ class SelectiveLM(nn.Module):
         exact = self._exact() and zero3_ready(self)  # else this call runs HF's own forward
         out_layer = self.get_output_embeddings().weight
         vocab = getattr(out_layer, "ds_shape", out_layer.shape)[0]  # the whole vocabulary, also when sharded
-        plan = plan_rows(labels, vocab, loss_mask, loss_weight, ratio, self.scope)  # the forward's one sync
+        embedding = self.get_input_embeddings()
+        n_inputs = getattr(embedding.weight, "ds_shape", embedding.weight.shape)[0] if embedding is not None else None
+        plan = plan_rows(  # the forward's one sync
+            labels, vocab, loss_mask, loss_weight, ratio, self.scope, input_ids=input_ids, input_vocab=n_inputs
+        )
         rows = self._rows(exact, input_ids, attention_mask, plan, labels, model_kwargs)
 
         hits = n_nonfinite = None

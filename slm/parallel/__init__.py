@@ -17,8 +17,10 @@ from slm.parallel.launch import (
     requested_mode,
     resolve_mixed_precision,
 )
+from slm.parallel.state import CheckpointRefused
 
 __all__ = [
+    "CheckpointRefused",
     "Engine",
     "MODES",
     "PRECISIONS",

@@ -76,22 +76,26 @@ def load_model_and_optimizer(lm: torch.nn.Module, opt, path: Path) -> None:
     set_state_dict(lm, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+class CheckpointRefused(ValueError):
+    """A checkpoint this launch cannot load (another format or process count): said before anything is read."""
+
+
 def check_loadable(saved: dict, mode: str, processes: int, folder: Path) -> None:
     """Refuse, naming why, a checkpoint this launch cannot load (before anything is read)."""
     fmt = saved.get("format")
     if fmt is None:
-        raise ValueError(
+        raise CheckpointRefused(
             f"{folder} was written by an earlier version of slm (full state dicts, before sharded checkpoints); "
             "this version cannot resume it. Start a new run (or train with that version to the end)"
         )
     want = checkpoint_format(mode)
     if fmt != want:
-        raise ValueError(
+        raise CheckpointRefused(
             f"{folder} holds a {FORMATS.get(fmt, fmt)} checkpoint, but this launch runs {FORMATS[want]}; resume "
             "with the launch config that wrote it"
         )
     if fmt == "deepspeed" and saved.get("processes") != processes:
-        raise ValueError(
+        raise CheckpointRefused(
             f"{folder} is a DeepSpeed checkpoint of {saved.get('processes')} processes and this launch has "
             f"{processes}: DeepSpeed resumes its ZeRO checkpoints at the process count that wrote them. Relaunch with "
             f"{saved.get('processes')} processes (or convert it with DeepSpeed's ds_to_universal.py)"

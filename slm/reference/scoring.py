@@ -233,7 +233,7 @@ def load_stored(out_dir: str | os.PathLike, expected: dict) -> StoredColumns:
     """The store's columns, after checking it was made for this data (and reference) and is intact.
 
     ``expected``: ``tokenizer``, ``block_size``, ``data_hash`` (of the split scored), ``rows``,
-    optionally ``entropy`` (the column is needed), ``reference`` (an identity from
+    optionally ``entropy`` (the column is needed), ``dtype`` (the columns' dtype), ``reference`` (an identity from
     :func:`reference_identity`) or ``reference_name``. The metadata must be unedited (its seal),
     every shard present at its recorded size, and a sample of shards must hash to what
     ``slm-score`` wrote (the others are hashed when first read); any difference raises naming it.
@@ -261,10 +261,17 @@ def load_stored(out_dir: str | os.PathLike, expected: dict) -> StoredColumns:
             f"stored reference losses in {out_dir} come from reference {ref.get('name')!r}, not "
             f"reference.path={expected['reference_name']!r}"
         )
+    if "dtype" in expected and meta.get("dtype", "float32") != expected["dtype"]:
+        raise StoreError(
+            f"{out_dir} holds {meta.get('dtype', 'float32')} reference losses, not the {expected['dtype']} asked for "
+            f"(store_dtype={expected['dtype']}): choose another out_dir, or ask for store_dtype="
+            f"{meta.get('dtype', 'float32')} to reuse it"
+        )
     if expected.get("entropy") and "ref_entropy" not in meta["shards"]:
         raise StoreError(
-            f"this selector needs the reference's per-token entropy, which {out_dir} does not hold; "
-            "score again with slm-score entropy=true"
+            f"this selector needs the reference's per-token entropy, and {out_dir} has no ref_entropy column: score "
+            "the data into a new folder with slm-score out_dir=<another folder> entropy=true (and the same data and "
+            "model options), then use that folder"
         )
     columns = StoredColumns(out_dir, meta)
     columns.check_files()

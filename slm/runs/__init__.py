@@ -21,12 +21,13 @@ from slm.runs.directory import (
     resume_config,
     write_json,
 )
-from slm.runs.tracking import METRICS_FILE, Tracker, read_metrics
+from slm.runs.tracking import METRICS_FILE, MIN_EVAL_POINTS, Tracker, read_metrics
 
 __all__ = [
     "CONFIG",
     "CheckpointError",
     "METRICS_FILE",
+    "MIN_EVAL_POINTS",
     "RESULT",
     "RUN_FILES",
     "RUN_INFO",

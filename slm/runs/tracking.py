@@ -16,6 +16,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# A curve needs this many eval points before "where does it reach that loss" means more than a straight line.
+MIN_EVAL_POINTS = 5
 METRICS_FILE = "metrics.jsonl"
 X_AXES = ("tokens_seen", "tokens_selected")
 
@@ -68,14 +70,16 @@ class Tracker:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            self.rewind(resume_step)
         elif self.path.exists():
             self.path.unlink()
         if wandb_cfg is not None:
             self._init_wandb(Path(run_dir), wandb_cfg, config or {}, resume=resume_step is not None)
 
-    def _truncate_after(self, step: int) -> None:
+    def rewind(self, step: int) -> None:
         """On resume, drop events logged after the checkpoint: they are about to be redone."""
+        if not self.enabled:
+            return
         kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 

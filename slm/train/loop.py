@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from slm.model import SelectiveLM, causal_lm, flop_model, shifted_valid
-from slm.parallel import Engine, param_dim, resolve_mixed_precision
+from slm.parallel import CheckpointRefused, Engine, param_dim, resolve_mixed_precision
 from slm.reference import RefSource, StoreError
-from slm.runs import Tracker, checkpoints, read_metrics
+from slm.runs import MIN_EVAL_POINTS, Tracker, checkpoints, read_metrics
 from slm.selection import NonFiniteScores, RatioSchedule, num_selected, num_to_keep, ratio_schedule
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter
@@ -181,6 +181,47 @@ class Trainer:
             if self.ref.evolve_every:
                 torch.save(self.ref.evolving_state(), folder / "reference.pt")
 
+    def _warn_few_eval_points(self) -> None:
+        points = 1 + -(-self.cfg.max_steps // self.cfg.eval_every)  # step 0, every eval_every, the last step
+        if points < MIN_EVAL_POINTS and self.name != "reference":
+            every = max(1, self.cfg.max_steps // (MIN_EVAL_POINTS - 1))
+            log.warning(
+                "trainer.max_steps=%d with trainer.eval_every=%d gives %d eval points: too few for a data-efficiency "
+                "curve (slm-curves marks fractions resting on fewer than %d); set trainer.eval_every=%d",
+                self.cfg.max_steps,
+                self.cfg.eval_every,
+                points,
+                MIN_EVAL_POINTS,
+                every,
+            )
+
+    def _resume(self) -> Path | None:
+        """Load the newest checkpoint that is complete, intact (the main process checks every file's hash)
+        and loads; a damaged one is passed over with a warning and set aside when its step is written
+        again. A checkpoint this launch cannot load (:class:`CheckpointRefused`) stops the run instead."""
+        damaged: list[Path] = []
+        while (ckpt := checkpoints.latest(self.run_dir, warn=not damaged, skip=tuple(damaged))) is not None:
+            bad = checkpoints.damaged_file(ckpt) if self.acc.is_main_process else None
+            why = f"{bad} does not match the hash recorded when it was written" if bad else None
+            if self._all_ok(bad is None):
+                try:
+                    self.load_checkpoint(ckpt)
+                except CheckpointRefused:
+                    raise
+                except checkpoints.FAILURES as e:
+                    why = f"it does not load: {checkpoints.describe(e)}"
+                if self._all_ok(why is None):
+                    self.tracker.rewind(self.step)  # what was logged after this checkpoint is about to be redone
+                    return ckpt
+            log.warning("checkpoint %s is damaged (%s); resuming from the one before it", ckpt, why or "elsewhere")
+            damaged.append(ckpt)
+        if damaged:  # a failed load may have changed some weights: never train on from them
+            raise checkpoints.CheckpointError(
+                f"no checkpoint of {self.run_dir} is intact ({', '.join(p.name for p in damaged)} are damaged): "
+                "start the run again without trainer.resume"
+            )
+        return None
+
     def load_checkpoint(self, path: Path) -> None:
         state = checkpoints.read_state(path)
         self.engine.load_checkpoint(path, state)
@@ -329,11 +370,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        ckpt = checkpoints.latest(self.run_dir) if cfg.resume else None
-        if cfg.resume and ckpt is None:
+        self._warn_few_eval_points()
+        if cfg.resume and self._resume() is None:
             log.warning("trainer.resume=true but %s has no complete checkpoint; starting from scratch", self.run_dir)
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
         last_eval = self.eval() if self.step == 0 else self._last_logged_eval()
         bar = tqdm(
             total=cfg.max_steps,

@@ -6,7 +6,7 @@ import os
 import pytest
 from support.compose import compose_train
 
-from slm.analysis import Curve, load_runs, main, savings_table, tokens_to_reach
+from slm.analysis import Curve, curves, load_runs, main, savings_table, tokens_to_reach
 from slm.cli import train
 from slm.runs import read_metrics
 
@@ -95,13 +95,14 @@ def test_an_interrupted_seed_is_labelled_partial_not_silently_averaged(sweep, tm
     assert "| excess_loss 0.5 (partial) |" in printed
 
 
-def _fake_run(root, name, ratio, seed, losses, max_steps=4, selector=None, width=32):
+def _fake_run(root, name, ratio, seed, losses, max_steps=4, selector=None, width=32, scope=None):
     """A run folder as slm-train writes it, with a chosen eval curve (tokens 100 per step)."""
     from omegaconf import OmegaConf
 
     run = root / name
     run.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"seed": seed, "selector": {"name": selector or "excess_loss", "ratio": ratio},
+    chosen = {"name": selector or "excess_loss", "ratio": ratio, **({"scope": scope} if scope else {})}
+    OmegaConf.save(OmegaConf.create({"seed": seed, "selector": chosen,
                                      "trainer": {"max_steps": max_steps}, "model": {"width": width}}),
                    run / "config.yaml")  # fmt: skip
     sel = selector or ("all" if ratio == 1.0 else "excess_loss")
@@ -155,3 +156,62 @@ def test_any_group_can_be_the_baseline_and_unequal_eval_points_do_not_divide_by_
     rows, note = savings_table(curves(load_runs([str(root)])), baseline="random")
     slm = next(r for r in rows if r["run"].startswith("excess_loss"))
     assert slm["fraction_of_baseline_tokens"] == pytest.approx(0.25 + 0.25 * (3 - 2.2) / (3 - 2))
+
+
+def test_settings_that_do_not_act_when_every_token_trains_never_label_the_baseline(tmp_path):
+    """A baseline trains every token whatever its selector.scope says: only the arms are told apart by it."""
+    from slm.analysis import curves
+
+    root = tmp_path / "runs"
+    _fake_run(root, "base", 1.0, 0, [5, 4, 3], scope="batch")
+    _fake_run(root, "topk", 0.5, 0, [5, 3, 2], scope="batch")
+    _fake_run(root, "threshold", 0.5, 0, [5, 3, 1.5], scope="dataset")
+    labels = sorted(c.group for c in curves(load_runs([str(root)])))
+    assert labels == ["baseline (all tokens)", "excess_loss 0.5 [selector.scope=batch]",
+                      "excess_loss 0.5 [selector.scope=dataset]"]  # fmt: skip
+    _fake_run(root, "base_dataset", 1.0, 1, [5, 4, 2.5], scope="dataset")  # the same experiment: another seed
+    base = next(c for c in curves(load_runs([str(root)])) if c.is_baseline)
+    assert len(base.runs) == 2
+
+
+def test_a_folder_of_several_sweeps_reads_the_newest_and_says_which(tmp_path, capsys):
+    """Two sweeps with the same settings under multirun/default are never pooled as seeds: the newest is
+    read and named, the older one listed; named folders are read as given (issue 26, item 11)."""
+    root = tmp_path / "multirun" / "default"
+    for stamp, shift in (("2026-12-01_10-00-00", 0.0), ("2026-12-02_10-00-00", 0.5)):
+        sweep = root / stamp
+        sweep.mkdir(parents=True)
+        (sweep / "multirun.yaml").write_text("hydra: {}\n")  # what Hydra's sweeper writes in the sweep folder
+        _fake_run(sweep, "0_base", 1.0, 0, [5, 4, 3 + shift, 2 + shift, 1.0 + shift])
+        _fake_run(sweep, "1_half", 0.5, 0, [5, 3, 1.5 + shift, 1.0 + shift, 0.8 + shift])
+    main([str(root), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "holds 2 sweeps" in out and "2026-12-02_10-00-00" in out and "2026-12-01_10-00-00" in out
+    base = next(c for c in curves(load_runs([str(root)])) if c.is_baseline)
+    assert [r.path for r in base.runs] == [str(root / "2026-12-02_10-00-00" / "0_base")]
+    rows, _ = savings_table(curves(load_runs([str(root)])))
+    assert next(r for r in rows if r["run"].startswith("baseline"))["fraction_of_baseline_time"] == 1.0
+    both = load_runs([str(root / "2026-12-01_10-00-00"), str(root / "2026-12-02_10-00-00")])
+    assert len(both) == 4  # named sweep folders are all read, each sweep its own groups
+    assert sorted(c.group for c in curves(both) if c.is_baseline) == [
+        "baseline (all tokens) [sweep=2026-12-01_10-00-00]",
+        "baseline (all tokens) [sweep=2026-12-02_10-00-00]",
+    ]
+
+
+def test_a_fraction_resting_on_too_few_eval_points_is_marked(tmp_path):
+    """Two eval points make a straight line of any curve: the table says the fraction is rough (issue 26, 10)."""
+    from slm.runs import MIN_EVAL_POINTS
+
+    root = tmp_path / "runs"
+    _fake_run(root, "base", 1.0, 0, [5, 2.0], max_steps=1)
+    _fake_run(root, "half", 0.5, 0, [5, 1.5], max_steps=1)
+    rows, _ = savings_table(curves(load_runs([str(root)])))
+    half = next(r for r in rows if r["run"].startswith("excess_loss"))
+    assert half["fraction_of_baseline_tokens"] is not None
+    assert f"rests on 2 eval points (fewer than {MIN_EVAL_POINTS})" in half["notes"]
+    dense = tmp_path / "dense"
+    _fake_run(dense, "base", 1.0, 0, [5, 4, 3, 2.5, 2.0], max_steps=4)
+    _fake_run(dense, "half", 0.5, 0, [5, 3, 2.5, 1.8, 1.5], max_steps=4)
+    rows, _ = savings_table(curves(load_runs([str(dense)])))
+    assert all("eval points" not in r["notes"] for r in rows)

@@ -174,6 +174,12 @@ def test_runs_are_named_and_recorded_by_what_they_select(tmp_path):
     train(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "run_info.json").read_text())["selector"] == "train_loss"
     assert compose_train(tmp_path / "c", "selector.ratio=1.0").name.startswith("all-1.0-demo")
+    # the scope is part of the name where it decides what is kept (issue 26, item 12)
+    assert compose_train(tmp_path / "c", "selector.ratio=0.5", "selector.scope=dataset").name == (
+        "excess_loss-0.5-dataset-demo-s0"
+    )
+    assert compose_train(tmp_path / "c", "selector.ratio=0.5").name == "excess_loss-0.5-demo-s0"
+    assert compose_train(tmp_path / "c", "selector.ratio=1.0", "selector.scope=dataset").name == "all-1.0-demo-s0"
 
 
 def test_saved_model_carries_the_tokenizers_special_ids_and_generation_stops_at_eos(tmp_path):

@@ -203,6 +203,20 @@ def test_bad_inputs_raise_clear_errors(batch):
         slm.select_tokens(torch.rand(2, 5), 0.5, valid=torch.full((2, 5), 0.5))
 
 
+@pytest.mark.parametrize("bad", [VOCAB, VOCAB + 50, -3])
+def test_an_input_id_outside_the_vocabulary_is_named_not_a_raw_index_error(batch, bad):
+    ids, am, labels = batch
+    ids = ids.clone()
+    ids[1, 4] = bad
+    lm = slm.SelectiveLM(tiny_model("llama"))
+    lo, hi = int(ids.min()), int(ids.max())
+    said = rf"input_ids must be token ids in \[0, {VOCAB}\), got values in \[{lo}, {hi}\]"
+    with pytest.raises(ValueError, match=said):
+        lm(input_ids=ids, labels=labels)
+    with pytest.raises(ValueError, match="input_ids must be token ids"):  # a loss_mask plan: the same check
+        lm(input_ids=ids, labels=labels, loss_mask=labels >= 0)
+
+
 def test_save_pretrained_round_trip(tmp_path, batch):
     from transformers import AutoModelForCausalLM
 

@@ -217,3 +217,23 @@ def test_a_live_reference_with_another_tokenizer_of_the_same_size_is_refused(tmp
     # the explicit override trains with it
     train(compose_train(tmp_path / "cache", *live, "reference.check_tokenizer=false", "trainer.max_steps=1"),
           tmp_path / "run3")  # fmt: skip
+
+
+def test_slm_score_into_a_folder_holding_other_columns_names_the_way_out(tmp_path, capsys):
+    """A store's dtype and columns decide its content: a second slm-score into the same out_dir with another
+    store_dtype or entropy never reports the first store as 'these exact losses' (issue 26, items 8-9)."""
+    from slm.cli import score
+
+    def cfg(*extra):
+        return compose_train(tmp_path / "cache", f"out_dir={tmp_path / 'x'}", *extra, config_name="score")
+
+    store = score(cfg("store_dtype=bfloat16"))
+    assert load_stored(store, {}).meta["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"holds bfloat16 reference losses.*store_dtype=float32.*another out_dir"):
+        score(cfg())  # float32 asked for: not reused
+    with pytest.raises(ValueError, match=r"no ref_entropy column.*out_dir=<another folder> entropy=true"):
+        score(cfg("store_dtype=bfloat16", "entropy=true"))
+    assert "reused" in (score(cfg("store_dtype=bfloat16")) and capsys.readouterr().out)  # the same asks: reused
+    both = score(compose_train(tmp_path / "cache", f"out_dir={tmp_path / 'y'}", "entropy=true", config_name="score"))
+    assert set(load_stored(both, {"entropy": True}).meta["shards"]) == {"ref_loss", "ref_entropy"}
+    score(compose_train(tmp_path / "cache", f"out_dir={tmp_path / 'y'}", config_name="score"))  # a subset: reused

@@ -316,3 +316,13 @@ def test_flops_estimate_the_matrix_products_a_selective_step_runs():
             out.loss.backward()
         model.zero_grad(set_to_none=True)
         assert est.step(ids.numel(), scored, out.n_selected) == pytest.approx(counter.flops, rel=0.02), ratio
+
+
+def test_a_run_with_too_few_eval_points_for_a_curve_says_so_at_start(tmp_path, caplog):
+    """trainer.max_steps shorter than a few trainer.eval_every: warned once, with the setting that fixes it."""
+    short = ("reference=none", "trainer.max_steps=4")
+    train(compose_train(tmp_path / "c", *short, "trainer.eval_every=3"), tmp_path / "a")
+    assert "3 eval points" in caplog.text and "trainer.eval_every=1" in caplog.text
+    caplog.clear()
+    train(compose_train(tmp_path / "c", *short, "trainer.eval_every=1"), tmp_path / "b")
+    assert "eval points" not in caplog.text
