@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from slm.data import build
+from slm.data import build, is_local
 from slm.model import shifted_valid, token_losses
 from slm.reference import expected_store, load_stored
 from slm.runs import CONFIG, RUN_INFO
@@ -36,7 +38,8 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
     info = json.loads((run_dir / RUN_INFO).read_text())
     if not info.get("scores_dir"):
         raise ValueError(f"{run_dir} trained without stored reference losses (reference={info.get('reference')})")
-    data = build(yaml.safe_load((run_dir / CONFIG).read_text())["data"])  # the run's packed data, from its cache
+    data_cfg = yaml.safe_load((run_dir / CONFIG).read_text())["data"]
+    data = build(_from_launch_dir(data_cfg, info.get("launch_dir")))  # the run's packed data, from its cache
     ds = data["train"].select(range(n_blocks))
     ref_loss = load_stored(info["scores_dir"], expected_store(data)).rows(range(n_blocks))
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
@@ -49,6 +52,17 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
     mask = select_tokens(ex, ratio, valid=valid)
     tokens = [tok.convert_ids_to_tokens(row) for row in ds["input_ids"]]
     return SelectionSample(tokens, ex.numpy(), mask.numpy(), valid.numpy(), ratio)
+
+
+def _from_launch_dir(data_cfg: dict, launch_dir: str | None) -> dict:
+    """The run's data settings with a relative local source made absolute against the folder it was
+    launched from (run_info.json records it), so the sample can be read from anywhere (a notebook's folder)."""
+    source = data_cfg.get("source")
+    if launch_dir and source and not os.path.isabs(os.path.expanduser(source)):
+        there = os.path.join(launch_dir, source)
+        if is_local(source) and (os.path.exists(there) or glob.glob(there)):
+            return {**data_cfg, "source": there}
+    return data_cfg
 
 
 def highlight_html(sample: SelectionSample, rows: int = 3) -> str:

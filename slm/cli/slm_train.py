@@ -179,6 +179,7 @@ def _record_start(
         status="running",
         processes=acc.num_processes,
         mode=parallel.requested_mode(),
+        launch_dir=os.getcwd(),  # where relative data paths of its config start from
     )
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -66,17 +66,22 @@ def test_notebook_executes(sweep, tmp_path):
     from nbclient import NotebookClient
 
     nb = nbformat.read(os.path.join(os.path.dirname(__file__), "..", "..", "notebooks", "analysis.ipynb"), as_version=4)
-    os.environ["SLM_SWEEP_DIR"], os.environ["SLM_NOTEBOOK_OUT"] = str(sweep), str(tmp_path)
+    os.environ["SLM_SWEEP_DIR"] = str(sweep)
+    here = tmp_path / "notebooks"  # the kernel runs where the notebook lives
+    here.mkdir()
+    before = (sweep / "curves.png").stat().st_mtime_ns if (sweep / "curves.png").exists() else None
     try:
-        NotebookClient(nb, timeout=300, kernel_name="python3").execute()
+        NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(here)}}).execute()
     finally:
-        del os.environ["SLM_SWEEP_DIR"], os.environ["SLM_NOTEBOOK_OUT"]
+        del os.environ["SLM_SWEEP_DIR"]
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
     (hist,) = [c for c in nb.cells if c.cell_type == "code" and "ax.hist(" in c.source]
     assert any("image/png" in o.get("data", {}) for o in hist.outputs)  # the histogram is shown
     assert any("text/html" in o.get("data", {}) and "background:#b7f0b1" in o["data"]["text/html"] for o in outputs)
-    assert (tmp_path / "curves.png").exists()
+    assert (tmp_path / "outputs" / "notebook" / "curves.png").exists()  # beside the notebook, not in the sweep
+    after = (sweep / "curves.png").stat().st_mtime_ns if (sweep / "curves.png").exists() else None
+    assert after == before
 
 
 def test_an_interrupted_seed_is_labelled_partial_not_silently_averaged(sweep, tmp_path, capsys):

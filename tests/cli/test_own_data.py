@@ -163,3 +163,25 @@ def test_downstream_without_the_harness_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install -e '.\[eval\]'"):
         train(compose_train(tmp_path / "c", "reference=none", "downstream.tasks=[gsm8k]"), tmp_path / "run")
     assert not (tmp_path / "c").exists()  # refused before any data was packed
+
+
+def test_what_a_run_on_relative_paths_kept_is_readable_from_any_folder(corpus, tmp_path, monkeypatch):
+    """A run launched with data.source=noisy.jsonl (relative) records its launch folder, so the notebook's
+    selection sample (run from notebooks/) reads the run's own data (issue 26, item 13)."""
+    from slm.analysis import selection_sample
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("noisy.jsonl", "clean.jsonl"):
+        (work / name).write_text((corpus / name).read_text())
+    monkeypatch.chdir(work)
+    relative = ("data=files", "data.source=noisy.jsonl", "data.block_size=64", "reference=train",
+                "reference.data.source=clean.jsonl", "reference.trainer.max_steps=2", "reference.trainer.batch_size=4",
+                "reference.trainer.progress=false", "trainer.max_steps=2")  # fmt: skip
+    train(compose_train(tmp_path / "c", *relative), work / "run")
+    assert json.loads((work / "run" / "run_info.json").read_text())["launch_dir"] == str(work)
+    elsewhere = tmp_path / "notebooks"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    sample = selection_sample(work / "run", n_blocks=2)
+    assert sample.mask.shape == (2, 64) and sample.mask.any() and len(sample.tokens) == 2
