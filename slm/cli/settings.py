@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from slm.data import DataConfig
 from slm.reference import check_evolution
 from slm.selection import ratio_schedule
-from slm.train import DownstreamConfig, SelectorConfig, TrainConfig, harness
+from slm.train import DownstreamConfig, SelectorConfig, TrainConfig, check_blocks, harness
 
 log = logging.getLogger(__name__)
 
@@ -217,12 +217,18 @@ def validate(cfg: DictConfig) -> RunSettings:
         )
     if kind == "none" and selector.selects and (selector.needs()["entropy"] or selector.name == "reference_loss"):
         raise ValueError(f"selector={selector.name} needs a reference (reference=live, stored, train or demo)")
+    if kind == "none" and selector.blocks < 1.0 and selector.block_score != "train_loss":
+        raise ValueError(
+            f"selector.block_score={selector.block_score} ranks blocks with a reference, and reference=none has "
+            "none: use selector.block_score=train_loss (or a reference)"
+        )
     if reference.init == "pretrained" and not plain["model"].get("pretrained"):
         raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
     downstream = _typed(DownstreamConfig, plain.get("downstream"), "downstream")
     if downstream.tasks:
         harness()  # a clear error now if lm-evaluation-harness is missing, not at the first eval point
     trainer = _typed(TrainConfig, plain["trainer"], "trainer", seed=plain["seed"])
+    check_blocks(trainer.batch_size, selector.blocks)
     if (selector.combines or selector.scope == "dataset") and trainer.grad_accum != 1:
         what = f"selector={selector.name}" if selector.scope != "dataset" else "selector.scope=dataset"
         raise ValueError(

@@ -30,7 +30,7 @@ from slm.model import SELECTORS, SelectiveLM, build_model
 from slm.parallel import CheckpointRefused
 from slm.runs import Tracker, checkpoints
 from slm.selection import ratio_schedule
-from slm.train import BlockFilter, RunInterrupted, TrainConfig, Trainer
+from slm.train import BlockFilter, RunInterrupted, TrainConfig, Trainer, candidates
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,31 @@ def run_config(cfg: DictConfig, run_dir: Path, overrides: list[str] | None) -> t
     info = runs.read_json(run_dir / runs.RUN_INFO) or {}
     processes = (int(info.get("processes", 1)), int(os.environ.get("WORLD_SIZE", "1")))
     merged, changed = runs.resume_config(container(OmegaConf.load(saved)), container(cfg), overrides, processes)
+    _check_candidates(merged, changed, processes)
     for key, (old, new) in changed.items():
         log.info("resume: %s changed from %r to %r", key, old, new)
     return OmegaConf.create(merged), changed
+
+
+def _check_candidates(merged: dict, changed: dict, processes: tuple[int, int]) -> None:
+    """With block selection, a step reads processes x grad_accum x candidates(batch_size) blocks: a resume
+    with another layout of the same rows per step would read other rows than the uninterrupted run."""
+    blocks = float(merged["selector"].get("blocks", 1.0))
+    if blocks >= 1.0:
+        return
+    now = merged["trainer"]
+    before = {**now, **{k.split(".", 1)[1]: old for k, (old, _) in changed.items() if k.startswith("trainer.")}}
+    read = [
+        world * int(t["grad_accum"]) * candidates(int(t["batch_size"]), blocks)
+        for world, t in ((processes[0], before), (processes[1], now))
+    ]
+    if read[0] != read[1]:
+        raise runs.ResumeMismatch(
+            f"trainer.resume=true: with selector.blocks={blocks} the run read {read[0]} candidate blocks per step "
+            f"({processes[0]} process(es) x trainer.batch_size={before['batch_size']} x trainer.grad_accum="
+            f"{before['grad_accum']}); this launch would read {read[1]}, so other rows than the run would have: "
+            "resume with the run's own process count, batch size and grad_accum"
+        )
 
 
 def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:

@@ -6,8 +6,9 @@ embedding and the output layer) and ``12 x layers x width x seq`` for attention.
 (``head`` = vocabulary x width weights) is counted where it runs: ``2 x head`` per token of the
 no-grad scoring pass (every valid token when selecting by score), ``6 x head`` per trained token
 (logits recomputed, then the hidden-state and weight gradients). A live reference adds its forward
-(``2 x its weights``) per token; blocks seen only by a no-grad forward (skipped by sequence
-selection) cost a third of the decoder's terms plus the scoring pass. Estimates, not
+(``2 x its weights``) per token it reads (with sequence selection, every candidate block a block
+score asks it about, and again the kept ones); candidate blocks scored by the training model cost a
+no-grad forward: a third of the decoder's terms plus the scoring pass. Estimates, not
 measurements: element-wise work and norms are left out, as in the usual ``6 N D``.
 """
 
@@ -33,13 +34,16 @@ class FlopModel:
     def attention(self) -> int:
         return 12 * self.layers * self.width * self.seq
 
-    def step(self, tokens: int, scored: int, trained: int, forward_only: int = 0) -> float:
+    def step(
+        self, tokens: int, scored: int, trained: int, forward_only: int = 0, reference_tokens: int | None = None
+    ) -> float:
         """FLOPs of a step that ran the decoder forward and backward on ``tokens`` tokens, scored
-        ``scored`` rows without grad, trained ``trained`` rows through the head, and ran
-        ``forward_only`` further tokens through a no-grad forward (blocks a selector skipped)."""
+        ``scored`` rows without grad, trained ``trained`` rows through the head, ran ``forward_only``
+        further tokens through a no-grad forward (candidate blocks scored by the training model), and
+        ran a live reference on ``reference_tokens`` tokens (default: the ``tokens`` trained on)."""
         flops = (6 * self.body + self.attention) * tokens + 2 * self.head * scored + 6 * self.head * trained
         flops += (2 * self.body + self.attention // 3 + 2 * self.head) * forward_only
-        flops += 2 * self.reference * (tokens + forward_only)
+        flops += 2 * self.reference * (tokens if reference_tokens is None else reference_tokens)
         return float(flops)
 
 

@@ -10,13 +10,15 @@ signals.py      stop requests honoured at the next step boundary
 """
 
 from slm.train.batches import BatchStream, fetch, to_device
-from slm.train.block_filter import BlockFilter
+from slm.train.block_filter import BlockFilter, candidates, check_blocks
 from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lambda
 from slm.train.downstream import DownstreamConfig, harness
 from slm.train.evaluation import answer_accuracy, evaluate
 from slm.train.loop import NonFiniteLoss, RunInterrupted, Trainer, master_weights
 
 __all__ = [
+    "candidates",
+    "check_blocks",
     "BatchStream",
     "BlockFilter",
     "DownstreamConfig",

@@ -3,14 +3,16 @@
 A step reads ``batch_size / ratio`` candidate blocks per micro-batch and keeps the ``batch_size``
 best by a block score (:mod:`slm.selection.blocks`); only the kept blocks go through the training
 forward and backward (token selection inside them as configured). Scoring by the training model's
-loss (``excess_loss``, ``train_loss``) costs one no-grad forward of every candidate; by the
-reference's stored losses (``reference_loss``), nothing. Each process keeps the best of its own
+loss (``excess_loss``, ``train_loss``) costs one no-grad forward of every candidate; a live reference
+runs on every candidate its score asks about (``excess_loss``, ``reference_loss``); by the reference's
+stored losses (``reference_loss``), nothing. Each process keeps the best of its own
 candidates, so W processes equal one process with W accumulated micro-batches (``BatchStream``
 deals them the same rows).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,24 @@ import torch
 from slm.model import shifted_valid
 from slm.selection import BLOCK_SCORES, block_scores, check_ratio, select_blocks
 from slm.train.batches import to_device
+
+
+def candidates(batch_size: int, blocks: float) -> int:
+    """Candidate blocks a micro-batch of ``batch_size`` reads when a share ``blocks`` of them is kept."""
+    return max(batch_size, round(batch_size / blocks))
+
+
+def check_blocks(batch_size: int, blocks: float) -> None:
+    """Refuse a block share that keeps every candidate at this batch size (no block is ever dropped),
+    naming the nearest settings that select."""
+    if blocks < 1.0 and candidates(batch_size, blocks) == batch_size:
+        share = batch_size / (batch_size + 0.5)  # the largest share with one candidate more than is kept
+        least = math.ceil(0.5 * blocks / (1.0 - blocks) - 1e-9)  # the smallest batch with one more candidate
+        raise ValueError(
+            f"selector.blocks={blocks} with trainer.batch_size={batch_size} reads round({batch_size}/{blocks}) = "
+            f"{batch_size} candidate block(s) per micro-batch and keeps them all: no block selection happens. Use "
+            f"selector.blocks<={share:.3f} (at this batch size) or trainer.batch_size>={max(least, batch_size + 1)}"
+        )
 
 
 @dataclass
@@ -34,7 +54,7 @@ class BlockFilter:
     @property
     def candidates(self) -> int:
         """Blocks read per micro-batch."""
-        return max(self.batch_size, round(self.batch_size / self.ratio))
+        return candidates(self.batch_size, self.ratio)
 
     @property
     def forwards(self) -> bool:

@@ -312,7 +312,11 @@ class Trainer:
         self.tokens_seen += n_tok
         self.tokens_selected += n_step
         scoring_forward = n_tok if self.blocks is not None and self.blocks.forwards else 0
-        self.flops += self.flop_model.step(n_trained_on, n_valid if ratio < 1.0 else 0, n_step, scoring_forward)
+        # a live reference reads the candidates when the block score asks it, then the kept blocks again
+        asked = n_tok if self.blocks is not None and self.blocks.score != "train_loss" else 0
+        self.flops += self.flop_model.step(
+            n_trained_on, n_valid if ratio < 1.0 else 0, n_step, scoring_forward, reference_tokens=n_trained_on + asked
+        )
         if self.ref.maybe_evolve(self.step, self.selective.model):
             log.info("reference: refreshed from the training model at step %d", self.step)
         return {

@@ -85,3 +85,32 @@ def test_an_evolving_reference_is_refreshed_on_schedule_scored_live_and_resumes_
         train(compose_train(tmp_path / "c", "reference=stored", "reference.scores_dir=/x", "+reference.evolve_every=2"),
               tmp_path / "x")  # fmt: skip
     _resumed_equals_whole(tmp_path / "resume", monkeypatch, "reference.evolve_every=2")
+
+
+def test_a_block_share_that_keeps_every_candidate_is_refused_with_the_settings_that_work(tmp_path):
+    """trainer.batch_size=1 with selector.blocks=0.7 reads round(1 / 0.7) = 1 candidate and keeps it: no block
+    selection happens, so the setting is refused naming the nearest ones that select (issue 26, item 6)."""
+    from slm.cli.settings import validate
+
+    with pytest.raises(ValueError, match=r"selector\.blocks<=0\.667 .*trainer\.batch_size>=2"):
+        validate(compose_train(tmp_path / "c", "selector.blocks=0.7", "trainer.batch_size=1"))
+    validate(compose_train(tmp_path / "c", "selector.blocks=0.6", "trainer.batch_size=1"))  # 2 candidates, 1 kept
+    validate(compose_train(tmp_path / "c", "selector.blocks=0.7", "trainer.batch_size=2"))  # 3 candidates, 2 kept
+
+
+def test_a_resume_that_would_read_other_candidate_blocks_is_refused(tmp_path, monkeypatch):
+    """5 x 2 micro-batches read 2 x round(5 / 0.3) = 34 candidates a step; 10 x 1 would read 33, so other rows
+    than the uninterrupted run's: refused, naming both layouts."""
+    from slm.runs import ResumeMismatch
+
+    common = ("reference=none", "selector=train_loss", "selector.blocks=0.3", "selector.block_score=train_loss",
+              "trainer.max_steps=2")  # fmt: skip
+    train(compose_train(tmp_path / "c", *common, "trainer.batch_size=5", "trainer.grad_accum=2"), tmp_path / "run")
+    with pytest.raises(ResumeMismatch, match=r"34 candidate blocks.*33"):
+        train(
+            compose_train(
+                tmp_path / "c", *common, "trainer.batch_size=10", "trainer.grad_accum=1", "trainer.resume=true"
+            ),
+            tmp_path / "run",
+            overrides=["trainer.batch_size=10", "trainer.grad_accum=1", "trainer.resume=true"],
+        )

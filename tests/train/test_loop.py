@@ -326,3 +326,37 @@ def test_a_run_with_too_few_eval_points_for_a_curve_says_so_at_start(tmp_path, c
     caplog.clear()
     train(compose_train(tmp_path / "c", *short, "trainer.eval_every=1"), tmp_path / "b")
     assert "eval points" not in caplog.text
+
+
+@pytest.mark.parametrize("block_score", ["reference_loss", "train_loss", "excess_loss"])
+def test_a_live_reference_is_counted_on_every_block_it_scores(tmp_path, monkeypatch, block_score):
+    """With selector.blocks, a live reference runs on every candidate block its block score needs and on the
+    kept ones: the FLOPs count exactly those reference forwards (issue 26, item 7). The stored column of the same
+    reference selects the same blocks at no reference cost, so the difference is the reference's own work."""
+    from support.archs import save_reference, tiny_model
+
+    from slm.cli import score
+    from slm.data import builtin_tokenizer
+    from slm.reference import RefSource
+
+    ref = tiny_model("llama", seed=3, vocab=len(builtin_tokenizer()))
+    save_reference(ref, tmp_path / "ref")
+    live = ("reference=live", f"reference.path={tmp_path / 'ref'}")
+    blocks = ("selector=train_loss", "selector.blocks=0.5", f"selector.block_score={block_score}")
+    store = score(compose_train(tmp_path / "cache", *live, config_name="score"))
+    forwarded = []
+    real = RefSource.values
+
+    def counting(self, batch):
+        if self.kind == "live":
+            forwarded.append(int(batch["attention_mask"].sum()))
+        return real(self, batch)
+
+    monkeypatch.setattr(RefSource, "values", counting)
+    train(compose_train(tmp_path / "cache", *live, *blocks), tmp_path / "live")
+    monkeypatch.setattr(RefSource, "values", real)
+    stored = ("reference=stored", f"reference.scores_dir={store}")
+    train(compose_train(tmp_path / "cache", *stored, *blocks), tmp_path / "s")
+    flops = [read_metrics(tmp_path / d)[-1]["flops"] for d in ("live", "s")]
+    params = sum(p.numel() for p in ref.parameters())
+    assert flops[0] - flops[1] == pytest.approx(2 * params * sum(forwarded), rel=1e-9)
