@@ -3,14 +3,23 @@
 Token Cleaning (Pang et al., ICML 2025) ranks tokens over the whole dataset: a junk-heavy batch then
 trains fewer tokens and a clean one more. With the current model's excess loss the scores move as
 it learns, so the threshold is a running quantile: the ``1 - ratio`` quantile of the valid scores
-of the last ``window`` steps (this step's included), nudged by how far the share kept so far is
-from the ratio (what is owed is paid back over about :data:`PAYBACK_STEPS` steps), so that over
-the run the share trained meets the ratio. The scores come from every
+of the last ``window`` steps (this step's included), nudged by how far the tokens kept so far are
+from what the ratio asked for so far (``sum of ratio(step) x valid tokens(step)``, so a ratio schedule
+is followed step by step; what is owed is paid back over about :data:`PAYBACK_STEPS` steps).
+
+The bound: scores fall as the model learns, so a quantile over earlier steps keeps too few of this
+step's; and a junk-heavy stretch can keep too few for a while. So the tokens kept so far never leave
+:data:`TOLERANCE` (relative) of what was asked so far: a step whose threshold would take them out
+keeps its best tokens up to the edge instead (at ratio 0.4, kept/seen stays in [0.38, 0.42] from the
+first step on). Early steps, whose allowance is small, are close to per-batch top-k; the threshold
+gains its freedom as the run goes on. The scores come from every
 process (gathered in rank order), so all of them use one threshold and W processes x batch b select
 as one process x W*b.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -18,6 +27,7 @@ from torch import Tensor
 from slm.selection.topk import _check_finite, _distributed, _gather_global, check_ratio
 
 PAYBACK_STEPS = 4
+TOLERANCE = 0.05  # the tokens kept so far stay within this share of what the ratio asked for so far
 
 
 class RunningThreshold:
@@ -35,12 +45,28 @@ class RunningThreshold:
         self.recent: list[Tensor] = []  # the valid scores of the last `window` steps, oldest first
         self.kept = 0  # valid tokens kept so far (every process)
         self.seen = 0  # valid tokens seen so far (every process)
+        self.due = 0.0  # what the ratio asked for so far: the sum of ratio x valid tokens over the steps
 
     def level(self, ratio: float, n: int) -> float:
         """The share of the recent scores to keep at a step of ``n`` valid tokens: the ratio, plus
         what is owed (or minus what is ahead) over the run, paid back over PAYBACK_STEPS such steps."""
-        owed = ratio * self.seen - self.kept
+        owed = self.due - self.kept
         return min(1.0, max(0.0, ratio + owed / max(1, PAYBACK_STEPS * n)))
+
+    def _bounded(self, every: Tensor, threshold: Tensor, ratio: float) -> Tensor:
+        """``threshold``, or the score of the best token at the edge of the allowance when the tokens kept
+        so far would leave TOLERANCE of what was asked (see the module docstring)."""
+        n = every.numel()
+        due = self.due + ratio * n
+        low = max(0, math.ceil(due * (1 - TOLERANCE) - self.kept - 1e-9))
+        high = min(n, math.floor(due * (1 + TOLERANCE) - self.kept + 1e-9))
+        k = int((every >= threshold.to(every.device)).sum())
+        if low <= k <= high or low > high:
+            return threshold
+        k = min(max(k, low), high)
+        if k == 0:
+            return torch.tensor(float("inf"), device=threshold.device)
+        return torch.topk(every, k).values[-1].to(threshold.device)
 
     def select(self, scores: Tensor, valid: Tensor, ratio: float, check_finite: bool = True) -> Tensor:
         """Bool mask of the shape of ``scores``: the valid tokens at or above this step's threshold."""
@@ -59,14 +85,18 @@ class RunningThreshold:
             threshold = torch.tensor(float("inf"), device=scores.device)
         else:
             threshold = torch.quantile(pool, 1.0 - keep_share).to(scores.device)
+        threshold = self._bounded(every, threshold, ratio)
         mask = valid & (scores.float() >= threshold)
+        self.due += ratio * every.numel()
         self.seen += int(every.numel())
         self.kept += int((every >= threshold.to(every.device)).sum())
         return mask
 
     def state_dict(self) -> dict:
-        return {"window": self.window, "recent": [t.cpu() for t in self.recent], "kept": self.kept, "seen": self.seen}
+        recent = [t.cpu() for t in self.recent]
+        return {"window": self.window, "recent": recent, "kept": self.kept, "seen": self.seen, "due": self.due}
 
     def load_state_dict(self, state: dict) -> None:
         self.window, self.recent = int(state["window"]), list(state["recent"])
         self.kept, self.seen = int(state["kept"]), int(state["seen"])
+        self.due = float(state.get("due", self.kept))  # a checkpoint from before: owed nothing
