@@ -27,8 +27,8 @@ ALLOWED = {
 }
 HYDRA = {"hydra", "omegaconf"}
 # Imported inside functions on purpose: optional dependencies, each loaded only where it is used.
-# The head's Triton kernels (slm.head.fused brings in triton) load on first use of that backend.
-OPTIONAL_SLM = {"slm.head.fused"}
+# The head's Triton kernels (slm.head.fused and slm.head.kernels bring in triton) load on first use.
+OPTIONAL_SLM = {"slm.head.fused", "slm.head.kernels"}
 
 
 def package_of(path: Path, root: Path = SLM) -> str:

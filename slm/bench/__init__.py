@@ -3,6 +3,8 @@ Imports slm.head and slm.model only (it runs where only torch, transformers, tri
 
   runner.py       timing, memory, tables, main (slm-bench and python -m slm.bench)
   workloads.py    model shapes and the cases of each table
+  kernel_resources.py  the Triton kernels compiled for GPU targets on any machine: registers, spills, shared
+                  memory per config and flag set (scripts/kernel_compile_check.py)
 """
 
 from slm.bench.runner import main

@@ -16,11 +16,13 @@ Runs on CUDA, and on CPU under Triton's interpreter (``TRITON_INTERPRET=1``) for
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
 
 from slm.head.matmul import addmm_f32_, mm_f32, no_autocast
+from slm.head.output import OutputHead
 
 # Logit-gradient elements held per vocabulary slice in the backward (compute dtype: 128 MiB in bf16).
 SLICE_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 20}
@@ -47,32 +49,132 @@ def unavailable(device: torch.device) -> str | None:
     return None
 
 
+_CHECKED: dict = {}  # (device, dtype, bias, softcap, scale) -> None (the kernels agree) or why not
+_WARNED: set = set()  # (device, why) already said by auto_backend
+# The self-check's tolerances by compute dtype: the kernels against float32 math on the same rounded operands.
+SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
+def self_check(head) -> str | None:
+    """The first time a process runs the kernels on a device for a (compute dtype, bias, soft-cap)
+    combination, compare them on a small problem with plain float32 math: losses, log-sum-exps and
+    the hidden, weight and bias gradients. Returns None when they agree, else why not (a compile or
+    resource error, or a mismatch); the answer is kept for the process."""
+    dtype = head.compute_dtype()
+    key = (str(head.weight.device), dtype, head.bias is not None, bool(head.softcap), float(head.scale))
+    if key not in _CHECKED:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():  # it may first run inside a no-grad scoring pass
+                _CHECKED[key] = _compare(head, dtype)
+        except Exception as e:  # a compile error, out of resources, a launch failure: the kernels are not usable
+            _CHECKED[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}"
+    return _CHECKED[key]
+
+
+def _compare(head, dtype: torch.dtype) -> str | None:
+    device = head.weight.device
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, vocab, width = 37, 301, 64  # not multiples of any tile: the ragged edges run too
+    make = lambda *shape: (torch.randn(*shape, generator=g) * 0.5).to(device)
+    weight = make(vocab, width).to(dtype)
+    bias = make(vocab).float() if head.bias is not None else None
+    small = OutputHead(weight, bias, scale=head.scale, softcap=head.softcap, backend="triton")
+    hidden, targets = make(n, width).to(dtype), torch.randint(0, vocab, (n,), generator=g).to(device)
+    row_weight = torch.rand(n, generator=g).to(device)
+    with no_autocast(device.type):
+        loss, lse, _, _ = scoring_pass(small, hidden, targets)
+        h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+        b = None if bias is None else bias.detach().clone().requires_grad_(True)
+        total, _ = FusedRowsCE.apply(h, w, b, targets, None, None, row_weight, small)
+        total.backward()
+        # the reference: float32 math on the same (rounded) operands
+        hr, wr = hidden.float().requires_grad_(True), weight.float().requires_grad_(True)
+        br = None if bias is None else bias.clone().requires_grad_(True)
+        z = hr @ wr.t() + (br if br is not None else 0.0)
+        z = z * small.scale
+        if small.softcap:
+            z = small.softcap * torch.tanh(z / small.softcap)
+        ref_lse = torch.logsumexp(z, dim=-1)
+        ref_loss = ref_lse - z.gather(1, targets[:, None]).squeeze(1)
+        (ref_loss * row_weight).sum().backward()
+    tol = SELF_CHECK_TOLERANCE.get(dtype, 5e-2)
+    pairs = [
+        ("loss", loss, ref_loss),
+        ("log-sum-exp", lse, ref_lse),
+        ("hidden gradient", h.grad, hr.grad),
+        ("weight gradient", w.grad, wr.grad),
+    ]
+    if b is not None:
+        pairs.append(("bias gradient", b.grad, br.grad))
+    for name, ours, ref in pairs:
+        err = (ours.float() - ref.detach()).abs().max().item()
+        scale = ref.detach().abs().max().item() + 1e-6
+        if not err <= tol * scale:  # also catches NaN
+            return f"its {name} differs from float32 math by {err:.3g} (tolerance {tol * scale:.3g})"
+    return None
+
+
+def auto_backend(head) -> str:
+    """What ``head_backend=auto`` runs on CUDA: triton when its kernels pass :func:`self_check` here, else
+    the compiled backend, with one warning naming why."""
+    why = self_check(head)
+    if why is None:
+        return "triton"
+    if (str(head.weight.device), why) not in _WARNED:
+        _WARNED.add((str(head.weight.device), why))
+        warnings.warn(
+            f"the triton head backend failed its first-use check on {head.weight.device} ({why}); this process "
+            "runs the compiled backend instead (same results, slower). Please report it on the project's issue tracker "
+            "with the output of `bash scripts/gpu_check.sh OUT` (GPU, torch and triton versions); head_backend=triton "
+            "makes it an error",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return "compiled"
+
+
 def _interpreter_blocks() -> dict:
     # Small tiles: the interpreter runs every op in NumPy, and tests use small shapes.
     return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
 
 
 _TUNED: dict = {}
+# (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages) the autotuner tries on a GPU, by compute dtype.
+# scripts/kernel_compile_check.py compiles every one for sm_80 and sm_90a with every flag set (bias, soft-cap,
+# hits, entropy) and requires zero spill bytes: a [BLOCK_N, BLOCK_V] float32 tile and its [BLOCK_N, BLOCK_H]
+# / [BLOCK_H, BLOCK_V] operands over 32 x num_warps threads must leave room for the online softmax's
+# temporaries. float32 operands take twice the registers of 16-bit ones: one tile shape fits.
+AUTOTUNE_CONFIGS = {
+    "16-bit": (
+        (64, 128, 32, 8, 3),
+        (64, 128, 32, 8, 4),
+        (128, 64, 32, 8, 3),
+        (64, 64, 64, 8, 3),
+        (32, 128, 32, 4, 3),
+        (64, 64, 32, 4, 3),
+    ),
+    "float32": ((64, 64, 32, 8, 3),),
+}
 
 
-def _launcher(name: str, grid_of):
-    """``kernel[grid](...)`` with tile sizes autotuned per (V, H) on a GPU, fixed under the interpreter."""
+def config_family(dtype: torch.dtype) -> str:
+    return "float32" if dtype == torch.float32 else "16-bit"
+
+
+def _launcher(name: str, grid_of, dtype: torch.dtype):
+    """``kernel[grid](...)`` with tile sizes autotuned per (V, H) on a GPU among the configs of the compute
+    dtype's family, fixed under the interpreter."""
     kernel = getattr(kernels, name)
     if interpreting():
         return lambda *args, **kw: kernel[grid_of(_interpreter_blocks())](*args, **kw, **_interpreter_blocks())
-    if name not in _TUNED:
+    family = config_family(dtype)
+    if (name, family) not in _TUNED:
         configs = [
             triton.Config(dict(BLOCK_N=n, BLOCK_V=v, BLOCK_H=h), num_warps=w, num_stages=s)
-            for n, v, h, w, s in (
-                (64, 128, 64, 4, 3),
-                (128, 128, 64, 8, 3),
-                (64, 256, 64, 8, 3),
-                (128, 64, 64, 4, 4),
-                (64, 64, 128, 4, 3),
-            )
+            for n, v, h, w, s in AUTOTUNE_CONFIGS[family]
         ]
-        _TUNED[name] = triton.autotune(configs, key=["V", "H", "HAS_BIAS", "SOFTCAP"])(kernel)
-    tuned = _TUNED[name]
+        _TUNED[name, family] = triton.autotune(configs, key=["V", "H", "HAS_BIAS", "SOFTCAP"])(kernel)
+    tuned = _TUNED[name, family]
     return lambda *args, **kw: tuned[lambda meta: grid_of(meta)](*args, **kw)
 
 
@@ -101,7 +203,7 @@ def scoring_pass(head, hidden: Tensor, targets: Tensor, hits: bool = False, entr
     with no_autocast(hidden.device.type):
         h, w, b = _operands(head, hidden, dtype)
         vocab = w.shape[0]
-        launch = _launcher("score_kernel", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),))
+        launch = _launcher("score_kernel", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), dtype)
         launch(
             h,
             w,
@@ -176,7 +278,7 @@ def _backward(head, dtype, hidden, targets, lse, grad_sum, row_weight, need_h, n
             def grid(meta, span=v1 - v0):
                 return triton.cdiv(k, meta["BLOCK_N"]), triton.cdiv(span, meta["BLOCK_V"])
 
-            launch_slice = _launcher("grad_kernel", grid)
+            launch_slice = _launcher("grad_kernel", grid, dtype)
             launch_slice(
                 h,
                 w,
@@ -195,7 +297,7 @@ def _backward(head, dtype, hidden, targets, lse, grad_sum, row_weight, need_h, n
                 v1,
                 float(head.scale),
                 float(head.softcap or 1.0),
-                BF16_OUT=dtype == torch.bfloat16,
+                BF16_OUT=dtype == torch.bfloat16 and interpreting(),  # the GPU's own conversion rounds to even
                 **_flags(head, dtype),
             )
             if need_w:

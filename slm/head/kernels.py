@@ -15,8 +15,8 @@ logit scale and soft-cap applied in registers:
 Kept to what the GPU compiler takes: power-of-two blocks, ``tl.dot`` blocks of at least 16 in every
 dimension, masks for ragged edges, no data-dependent Python. Two constexpr switches exist for
 Triton's CPU interpreter (``TRITON_INTERPRET=1``, the tests): ``UPCAST`` feeds ``tl.dot`` float32
-(it multiplies bf16 wrongly), and bf16 stores round to nearest-even by hand (it truncates); on a
-GPU both are off or exact.
+(it multiplies bf16 wrongly), and ``BF16_OUT`` rounds bf16 stores to nearest-even by hand (it
+truncates); on a GPU both are off, so they cost nothing there (the compile check compiles them out).
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def grad_kernel(
         g = g * (1.0 - capped * capped)
     g = g * (row_scale * scale)[:, None]
     g = tl.where(rmask[:, None] & cmask[None, :], g, 0.0)
-    if BF16_OUT:  # round to nearest even by hand: the interpreter's float32 -> bfloat16 truncates
+    if BF16_OUT:  # the interpreter only: its float32 -> bfloat16 truncates; a GPU's conversion rounds to even
         bits = g.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         g = bits.to(tl.float32, bitcast=True)

@@ -69,8 +69,9 @@ class OutputHead:
         return z * self.scale if self.scale != 1.0 else z
 
     def resolved_backend(self) -> str:
-        """The backend this head runs: ``auto`` is triton on CUDA where Triton is installed, else
-        compiled on CUDA, torch elsewhere; an explicit ``triton`` it cannot run is an error."""
+        """The backend this head runs: ``auto`` is triton on CUDA where Triton is installed and its kernels
+        pass their first-use check (:func:`slm.head.fused.self_check`), else compiled on CUDA (with a warning
+        when the check failed), torch elsewhere; an explicit ``triton`` it cannot run or trust is an error."""
         from slm.head import fused
 
         if self.backend not in BACKENDS:
@@ -78,10 +79,11 @@ class OutputHead:
         device = self.weight.device
         if self.backend == "auto":
             if device.type == "cuda":
-                return "triton" if fused.unavailable(device) is None else "compiled"
+                return fused.auto_backend(self) if fused.unavailable(device) is None else "compiled"
             return "torch"
-        if self.backend == "triton" and (why := fused.unavailable(device)):
-            raise ValueError(f"head_backend=triton: {why}")
+        if self.backend == "triton":
+            if why := fused.unavailable(device) or fused.self_check(self):
+                raise ValueError(f"head_backend=triton: {why}")
         return self.backend
 
     def kernels(self):

@@ -19,7 +19,6 @@ def test_corpus_answers_follow_from_prompts():
     assert 0.4 < n_noise / (n_noise + n_clean) < 0.6
 
 
-
 def test_the_realtext_corpus_is_prose_and_junk_half_and_half_with_clean_splits():
     from slm.data.realtext import RealTextConfig, generate
 

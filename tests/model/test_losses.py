@@ -1,6 +1,5 @@
 """token_losses against HF's per-token cross-entropy, entropy and hits from full logits; bad inputs refused."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

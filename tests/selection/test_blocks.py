@@ -1,6 +1,5 @@
 """Whole-block ranking and selection against a plain reimplementation."""
 
-
 import pytest
 import torch
 

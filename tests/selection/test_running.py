@@ -1,6 +1,5 @@
 """The threshold over the run (scope=dataset) against a plain quantile of the recent scores."""
 
-
 import math
 
 import pytest
