@@ -8,9 +8,12 @@ validation split. Nothing is silently skipped.
 
 from __future__ import annotations
 
+import atexit
 import glob
 import hashlib
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -123,6 +126,21 @@ def _only_whitespace(files: list[str]) -> bool:
     return True
 
 
+_RAW_CACHE: list[str] = []
+
+
+def _raw_cache() -> str:
+    """This process's own folder for datasets' build of local files (under ``TMPDIR``, removed at exit).
+    datasets' builders write into a temporary folder of their shared cache and rename it into place, so
+    processes building the same file at once (a sweep's jobs starting together) remove each other's
+    (``No such file or directory: .../tmpXXXX``). The files are read afresh every time anyway (below):
+    slm's packed cache, keyed by content, is the shared one."""
+    if not _RAW_CACHE:
+        _RAW_CACHE.append(tempfile.mkdtemp(prefix="slm-raw-"))
+        atexit.register(shutil.rmtree, _RAW_CACHE[0], ignore_errors=True)
+    return _RAW_CACHE[0]
+
+
 def _load_files(cfg) -> dict:
     import datasets
 
@@ -143,7 +161,9 @@ def _load_files(cfg) -> dict:
     # the old rows of a file replaced with the same time (slm's packed cache, keyed by content, is the cache).
     kwargs["download_mode"] = datasets.DownloadMode.FORCE_REDOWNLOAD
     try:
-        return {"train": datasets.load_dataset(builder, data_files=files, split="train", **kwargs)}
+        return {
+            "train": datasets.load_dataset(builder, data_files=files, split="train", cache_dir=_raw_cache(), **kwargs)
+        }
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
         raise ValueError(f"data.source={cfg.source!r}: could not read the {builder} files: {e.__cause__ or e}") from e
 

@@ -1,0 +1,40 @@
+"""Runs that start together on one empty cache (a sweep's jobs, a SLURM array) all succeed (issue 29).
+
+Real processes, started at once, sharing SLM_CACHE and the Hugging Face datasets cache. Before each
+process built local files in its own folder, 1 of 3 runs on a new file succeeded: the others died on
+``No such file or directory: <HF datasets cache>/json/.../tmpXXXX``, the builder's temporary folder that
+the process that won had renamed away."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+TINY = ("reference=none", "trainer.max_steps=1", "logger=none", "trainer.progress=false", "data.block_size=32",
+        "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
+        "model.config.num_key_value_heads=2", "trainer.batch_size=4")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_four_runs_started_together_on_a_new_local_file_all_succeed(tmp_path):
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    docs = [" ".join(words[(i * 7 + j) % 5] for j in range(40)) for i in range(300)]
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    (tmp_path / "tmp").mkdir()
+    train = [sys.executable, "-m", "slm.cli", "data=files", f"data.source={tmp_path / 'new.jsonl'}", *TINY]
+    runs = [
+        subprocess.Popen([*train, f"hydra.run.dir={tmp_path / f'run{i}'}"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for i in range(4)
+    ]
+    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    failed = [(i, out[-1500:]) for i, (r, out) in enumerate(zip(runs, outputs)) if r.returncode != 0]
+    assert failed == []
+    finished = [json.loads((tmp_path / f"run{i}" / "result.json").read_text()) for i in range(4)]
+    assert all(f["status"] == "finished" for f in finished)
+    assert len({f["tokens_seen"] for f in finished}) == 1  # one packing of the file, read by all
+    assert list((tmp_path / "tmp").glob("slm-raw-*")) == []  # each process's own raw build is gone with it
