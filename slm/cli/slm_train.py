@@ -119,8 +119,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         head_backend=tcfg.head_backend,
         check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
-    before = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume and acc.is_main_process else None
-    info = _record_start(cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir)
+    info, before = _record_start(cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir)
     tracker = Tracker(
         run_dir,
         enabled=acc.is_main_process,
@@ -183,9 +182,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
 
 def _record_start(
-    cfg, settings: RunSettings, run_dir: Path, acc, changed: dict, selector, schedule, scores_dir
-) -> dict:
-    """run_info.json as the run starts (a resume adds to the earlier record); config.yaml on the first start."""
+    cfg, settings: RunSettings, run_dir: Path, acc, changed: dict, selector: str, schedule, scores_dir
+) -> tuple[dict, dict | None]:
+    """run_info.json as the run starts (a resume adds to the earlier record); config.yaml on the first start.
+    Returns (the record, the earlier one on a resume: what a refused resume puts back)."""
     sel = settings.selector
     info = dict(
         name=settings.name,
@@ -203,6 +203,7 @@ def _record_start(
         mode=parallel.requested_mode(),
         launch_dir=os.getcwd(),  # where relative data paths of its config start from
     )
+    old = None
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         old = runs.read_json(run_dir / runs.RUN_INFO) if settings.trainer.resume else None
@@ -220,7 +221,7 @@ def _record_start(
         else:
             OmegaConf.save(cfg, run_dir / runs.CONFIG, resolve=True)
         runs.write_json(run_dir / runs.RUN_INFO, info)
-    return info
+    return info, old
 
 
 def _save_model(trainer: Trainer, run_dir: Path, tokenizer) -> None:
