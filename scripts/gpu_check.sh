@@ -55,6 +55,7 @@ bench() {  # bench NAME SECONDS ARGS...: one table, its JSON rewritten after eve
     timeout "$limit" python3 -m slm.bench "$@" --json "$out/$name.json" 2>&1 | grep -v Warning | tee "$out/$name.md"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
+python3 -m slm.bench --model > "$out/expected.md" || status=1  # what the tables below should show
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     bench bench_qwen2.5-0.5b 200 --shape qwen2.5-0.5b --steps 10 --warmup 3
     bench scoring_qwen2.5-0.5b 60 --shape qwen2.5-0.5b --scoring --steps 10 --warmup 3

@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from slm.bench import perf_model
 from slm.bench.workloads import (
     BASELINE,
     FLOOR,
@@ -270,10 +271,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8], help="--sparse-mask batch sizes")
     p.add_argument("--quick", action="store_true", help="--sparse-mask on batches 1 and 2 with 3 steps (minutes)")
     p.add_argument("--json", default=None, help="also write the results here (after every case)")
+    p.add_argument(
+        "--model", action="store_true", help="print the expected H100/H200 head times (FLOPs, bytes) and exit"
+    )
     p.add_argument("--memory-case", default=None, help=argparse.SUPPRESS)
     p.add_argument("--memory-table", default="train", help=argparse.SUPPRESS)
     p.add_argument("--accumulating", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.model:  # arithmetic only: no model is built
+        print("\n\n".join(perf_model.table(gpu) for gpu in perf_model.GPUS), flush=True)
+        return
     args.shape = args.shape or ("phi2-1layer" if args.sparse_mask else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     args.backends = args.backends or available_backends(args.device)
