@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -41,11 +41,23 @@ DONE = "DONE"
 Settings = RunSettings | ScoreSettings  # what slm-train and slm-score share: model, data, reference, cache
 
 
+@contextmanager
 def _locked(path: Path):
-    from filelock import FileLock  # a dependency of datasets and huggingface_hub
+    """Hold ``path``'s lock file: the jobs of a sweep that need the same cache entry prepare it once; the
+    others wait (saying so once, and for what), then reuse it."""
+    from filelock import FileLock, Timeout  # a dependency of datasets and huggingface_hub
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock")
+    lock = FileLock(str(path) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("cache: waiting for %s, which another job is preparing; it is reused when ready", path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _agreed(value: bool) -> bool:

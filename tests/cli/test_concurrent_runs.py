@@ -27,8 +27,14 @@ def test_four_runs_started_together_on_a_new_local_file_all_succeed(tmp_path):
     (tmp_path / "tmp").mkdir()
     train = [sys.executable, "-m", "slm.cli", "data=files", f"data.source={tmp_path / 'new.jsonl'}", *TINY]
     runs = [
-        subprocess.Popen([*train, f"hydra.run.dir={tmp_path / f'run{i}'}"], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            [*train, f"hydra.run.dir={tmp_path / f'run{i}'}"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         for i in range(4)
     ]
     outputs = [r.communicate(timeout=600)[0] for r in runs]
@@ -38,3 +44,35 @@ def test_four_runs_started_together_on_a_new_local_file_all_succeed(tmp_path):
     assert all(f["status"] == "finished" for f in finished)
     assert len({f["tokens_seen"] for f in finished}) == 1  # one packing of the file, read by all
     assert list((tmp_path / "tmp").glob("slm-raw-*")) == []  # each process's own raw build is gone with it
+
+
+@pytest.mark.slow
+def test_four_runs_with_reference_train_started_together_train_the_reference_once(tmp_path):
+    """The reference of a sweep (reference=train) is trained by one job; the others wait, say so, and reuse it."""
+    words = ["alpha", "beta", "gamma", "delta"]
+    for name, n in (("noisy.jsonl", 300), ("clean.jsonl", 200)):
+        docs = [" ".join(words[(i * 5 + j) % 4] for j in range(40)) for i in range(n)]
+        (tmp_path / name).write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "HF_DATASETS_CACHE": str(tmp_path / "hf"),
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    reference = ("reference=train", f"reference.data.source={tmp_path / 'clean.jsonl'}",
+                 "reference.trainer.max_steps=3", "reference.trainer.batch_size=4",
+                 "reference.trainer.progress=false")  # fmt: skip
+    train = [sys.executable, "-m", "slm.cli", "data=files", f"data.source={tmp_path / 'noisy.jsonl'}", *TINY[1:]]
+    runs = [
+        subprocess.Popen(
+            [*train, *reference, f"hydra.run.dir={tmp_path / f'run{i}'}"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(4)
+    ]
+    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0, 0, 0], [out[-1500:] for out in outputs]
+    trained = sum("training the reference on" in out for out in outputs)
+    assert trained == 1, outputs
+    assert sum("reusing the cached reference" in out for out in outputs) == 3
+    assert len(list((tmp_path / "cache" / "reference").glob("*/DONE"))) == 1
