@@ -173,8 +173,25 @@ def _load_cached(where: Path):
 
 
 def _cached(where: Path, make, meta: dict):
-    """Splits from the cache at ``where``, or made by ``make()`` and cached (atomically: concurrent
-    sweep jobs never see a half-written cache; a damaged cache is made again)."""
+    """Splits from the cache at ``where``, or made by ``make()`` and cached: once (concurrent sweep jobs wait
+    on the entry's lock file, saying so, and load what the first made) and atomically (written aside and
+    renamed into place: nothing half-written is ever read; a damaged cache is made again)."""
+    from filelock import FileLock, Timeout  # a dependency of datasets
+
+    where.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(where) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("data: waiting for %s, which another job is packing; it is reused when ready", where)
+        lock.acquire()
+    try:
+        return _cached_locked(where, make, meta)
+    finally:
+        lock.release()
+
+
+def _cached_locked(where: Path, make, meta: dict):
     if (where / "meta.json").exists():
         try:
             loaded = _load_cached(where)

@@ -43,6 +43,7 @@ def test_four_runs_started_together_on_a_new_local_file_all_succeed(tmp_path):
     finished = [json.loads((tmp_path / f"run{i}" / "result.json").read_text()) for i in range(4)]
     assert all(f["status"] == "finished" for f in finished)
     assert len({f["tokens_seen"] for f in finished}) == 1  # one packing of the file, read by all
+    assert sum("data: packed" in out for out in outputs) == 1  # packed by one process, loaded by the others
     assert list((tmp_path / "tmp").glob("slm-raw-*")) == []  # each process's own raw build is gone with it
 
 
