@@ -77,3 +77,19 @@ def test_four_runs_with_reference_train_started_together_train_the_reference_onc
     assert trained == 1, outputs
     assert sum("reusing the cached reference" in out for out in outputs) == 3
     assert len(list((tmp_path / "cache" / "reference").glob("*/DONE"))) == 1
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_its_jobs_side_by_side_with_the_joblib_launcher(tmp_path):
+    """hydra/launcher=joblib (pip install -e ".[parallel]"): the jobs of a sweep run at once in worker processes,
+    each with OMP_NUM_THREADS = cores / jobs (joblib sets it), on one cache; every job finishes."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    env.pop("OMP_NUM_THREADS", None)
+    sweep = [sys.executable, "-m", "slm.cli", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+             "selector=train_loss", "selector.ratio=0.5,1.0", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+             *TINY]  # fmt: skip
+    done = subprocess.run(sweep, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/result.json"))]
+    assert [r["status"] for r in results] == ["finished", "finished"]
