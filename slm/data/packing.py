@@ -192,6 +192,8 @@ def _cached(where: Path, make, meta: dict):
 
 
 def _cached_locked(where: Path, make, meta: dict):
+    for stale in where.parent.glob(where.name + ".tmp*"):  # a preparer that died: we hold the lock, it is gone
+        shutil.rmtree(stale, ignore_errors=True)
     if (where / "meta.json").exists():
         try:
             loaded = _load_cached(where)

@@ -93,3 +93,35 @@ def test_a_sweep_runs_its_jobs_side_by_side_with_the_joblib_launcher(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/result.json"))]
     assert [r["status"] for r in results] == ["finished", "finished"]
+
+
+@pytest.mark.slow
+def test_a_preparer_killed_mid_build_leaves_nothing_half_written_and_the_next_runs_succeed(tmp_path):
+    """A job killed (SIGKILL) while it packs a new file: its lock goes with it, its half-written folder is
+    never read and is cleared by the next preparer, and two runs started after it both succeed."""
+    import signal
+    import time
+
+    docs = [" ".join(f"w{(i * 13 + j) % 97}" for j in range(60)) for i in range(20000)]
+    (tmp_path / "big.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    train = [sys.executable, "-m", "slm.cli", "data=files", f"data.source={tmp_path / 'big.jsonl'}", *TINY]
+    first = subprocess.Popen([*train, f"hydra.run.dir={tmp_path / 'killed'}"], env=env, cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    packed = tmp_path / "cache" / "packed"
+    deadline = time.time() + 300
+    while not list(packed.glob("*.lock")) and time.time() < deadline:  # it holds the entry's lock: packing
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run finished before it could be killed mid-build"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not list(packed.glob("*/meta.json"))  # no entry published
+    runs = [
+        subprocess.Popen([*train, f"hydra.run.dir={tmp_path / f'run{i}'}"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0], [out[-1500:] for out in outputs]
+    assert sum("data: packed" in out for out in outputs) == 1
+    assert not list(packed.glob("*.tmp*"))  # the dead preparer's half-written folder is gone
