@@ -125,3 +125,27 @@ def test_a_preparer_killed_mid_build_leaves_nothing_half_written_and_the_next_ru
     assert [r.returncode for r in runs] == [0, 0], [out[-1500:] for out in outputs]
     assert sum("data: packed" in out for out in outputs) == 1
     assert not list(packed.glob("*.tmp*"))  # the dead preparer's half-written folder is gone
+
+
+@pytest.mark.slow
+def test_four_slm_score_runs_started_together_score_the_store_once(tmp_path):
+    """slm-score of one reference on one data set, from four processes at once: the reference is trained once,
+    the store scored once, and every process ends with the same store (issue 29, item 5c)."""
+    env = {**os.environ, "SLM_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    score = [sys.executable, "-c", "from slm.cli import main_score; main_score()", "data.block_size=32",
+             "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
+             "model.config.num_key_value_heads=2", "data.builtin.n_train_docs=60", "data.builtin.n_clean_docs=60",
+             "data.builtin.n_val_docs=8", "reference.trainer.max_steps=2", "reference.trainer.batch_size=4",
+             "reference.trainer.progress=false"]  # fmt: skip
+    runs = [
+        subprocess.Popen([*score, f"hydra.run.dir={tmp_path / f'score{i}'}"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for i in range(4)
+    ]
+    outputs = [r.communicate(timeout=600)[0] for r in runs]
+    assert [r.returncode for r in runs] == [0, 0, 0, 0], [out[-1500:] for out in outputs]
+    assert sum("training the reference on" in out for out in outputs) == 1
+    assert sum("scored at" in out for out in outputs) == 1 and sum("reused" in out for out in outputs) == 3
+    stores = {line.split(" in ", 1)[1].split(" (")[0] for out in outputs for line in out.splitlines()
+              if line.startswith("slm-score: stored ref_loss")}  # fmt: skip
+    assert len(stores) == 1
