@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ from accelerate.utils import broadcast_object_list
 
 from slm import parallel
 from slm.cli.settings import ReferenceConfig, RunSettings, ScoreSettings, config_hash
-from slm.data import GENERATED, PackedData, SourceSpec, build_split, tokenizer_identity
+from slm.data import GENERATED, CacheLock, PackedData, SourceSpec, build_split, tokenizer_identity
 from slm.model import SelectiveLM, build_model
 from slm.reference import (
     META_FILE,
@@ -39,25 +39,6 @@ from slm.train import RunInterrupted, TrainConfig, Trainer
 log = logging.getLogger(__name__)
 DONE = "DONE"
 Settings = RunSettings | ScoreSettings  # what slm-train and slm-score share: model, data, reference, cache
-
-
-@contextmanager
-def _locked(path: Path):
-    """Hold ``path``'s lock file: the jobs of a sweep that need the same cache entry prepare it once; the
-    others wait (saying so once, and for what), then reuse it."""
-    from filelock import FileLock, Timeout  # a dependency of datasets and huggingface_hub
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("cache: waiting for %s, which another job is preparing; it is reused when ready", path)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _agreed(value: bool) -> bool:
@@ -116,7 +97,8 @@ def trained_reference(settings: Settings, data: PackedData, acc) -> tuple[str, t
     }
     where = settings.cache_root / "reference" / config_hash(identity)
     what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
-    with _locked(where) if acc.is_main_process else nullcontext():
+    # one job of a sweep trains it; the others wait on its lock (saying so), then reuse it
+    with CacheLock(where, f"the reference {where}") if acc.is_main_process else nullcontext():
         if _agreed((where / DONE).exists()):
             log.info(
                 "reference: reusing the cached reference %s (trained once on %s, shared by every run and "
@@ -189,7 +171,7 @@ def stored_scores(
     ident = reference_identity(reference, ref_name)
     meta = {**expected_store(data), "reference": ident, "entropy": entropy, "dtype": dtype}
     out_dir = Path(out_dir) if out_dir else settings.cache_root / "scores" / config_hash(meta)
-    with _locked(out_dir) if acc.is_main_process else nullcontext():  # concurrent sweep jobs score once
+    with CacheLock(out_dir, f"the store {out_dir}") if acc.is_main_process else nullcontext():  # scored once
         reused = _agreed((out_dir / META_FILE).exists())
         if reused:
             load_stored(out_dir, meta)  # refuses a store made by another reference or for other data

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slm.data.locks import CacheLock
 from slm.data.sources import BUILTIN, document_hashes, raw_documents, source_documents, warn_overlap
 from slm.data.spec import PackedData, SourceSpec, data_config, source_identity
 from slm.data.tokenizer import load_tokenizer, tokenizer_identity
@@ -175,20 +176,10 @@ def _load_cached(where: Path):
 def _cached(where: Path, make, meta: dict):
     """Splits from the cache at ``where``, or made by ``make()`` and cached: once (concurrent sweep jobs wait
     on the entry's lock file, saying so, and load what the first made) and atomically (written aside and
-    renamed into place: nothing half-written is ever read; a damaged cache is made again)."""
-    from filelock import FileLock, Timeout  # a dependency of datasets
-
-    where.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(where) + ".lock")
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("data: waiting for %s, which another job is packing; it is reused when ready", where)
-        lock.acquire()
-    try:
+    renamed into place: nothing half-written is ever read; a damaged cache is made again). The lock holds on
+    shared filesystems too (:mod:`slm.data.locks`)."""
+    with CacheLock(where, f"the packed data {where}"):
         return _cached_locked(where, make, meta)
-    finally:
-        lock.release()
 
 
 def _cached_locked(where: Path, make, meta: dict):
