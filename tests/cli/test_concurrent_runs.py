@@ -17,6 +17,19 @@ TINY = ("reference=none", "trainer.max_steps=1", "logger=none", "trainer.progres
         "model.config.num_key_value_heads=2", "trainer.batch_size=4")  # fmt: skip
 
 
+def start_together(command: list[str], runs: int, tmp_path, env: dict, prefix: str = "run") -> list[str]:
+    """``runs`` processes of ``command`` (each with its own hydra.run.dir) started at once; their outputs, after
+    asserting that every one succeeded."""
+    procs = [
+        subprocess.Popen([*command, f"hydra.run.dir={tmp_path / f'{prefix}{i}'}"], env=env, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        for i in range(runs)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * runs, [out[-1500:] for out in outputs]
+    return outputs
+
+
 @pytest.mark.slow
 def test_four_runs_started_together_on_a_new_local_file_all_succeed(tmp_path):
     words = ["alpha", "beta", "gamma", "delta", "epsilon"]
@@ -26,20 +39,7 @@ def test_four_runs_started_together_on_a_new_local_file_all_succeed(tmp_path):
            "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
     (tmp_path / "tmp").mkdir()
     train = [sys.executable, "-m", "slm.cli", "data=files", f"data.source={tmp_path / 'new.jsonl'}", *TINY]
-    runs = [
-        subprocess.Popen(
-            [*train, f"hydra.run.dir={tmp_path / f'run{i}'}"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(4)
-    ]
-    outputs = [r.communicate(timeout=600)[0] for r in runs]
-    failed = [(i, out[-1500:]) for i, (r, out) in enumerate(zip(runs, outputs)) if r.returncode != 0]
-    assert failed == []
+    outputs = start_together(train, 4, tmp_path, env)
     finished = [json.loads((tmp_path / f"run{i}" / "result.json").read_text()) for i in range(4)]
     assert all(f["status"] == "finished" for f in finished)
     assert len({f["tokens_seen"] for f in finished}) == 1  # one packing of the file, read by all
@@ -60,19 +60,7 @@ def test_four_runs_with_reference_train_started_together_train_the_reference_onc
                  "reference.trainer.max_steps=3", "reference.trainer.batch_size=4",
                  "reference.trainer.progress=false")  # fmt: skip
     train = [sys.executable, "-m", "slm.cli", "data=files", f"data.source={tmp_path / 'noisy.jsonl'}", *TINY[1:]]
-    runs = [
-        subprocess.Popen(
-            [*train, *reference, f"hydra.run.dir={tmp_path / f'run{i}'}"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for i in range(4)
-    ]
-    outputs = [r.communicate(timeout=600)[0] for r in runs]
-    assert [r.returncode for r in runs] == [0, 0, 0, 0], [out[-1500:] for out in outputs]
+    outputs = start_together([*train, *reference], 4, tmp_path, env)
     trained = sum("training the reference on" in out for out in outputs)
     assert trained == 1, outputs
     assert sum("reusing the cached reference" in out for out in outputs) == 3
@@ -116,13 +104,7 @@ def test_a_preparer_killed_mid_build_leaves_nothing_half_written_and_the_next_ru
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not list(packed.glob("*/meta.json"))  # no entry published
-    runs = [
-        subprocess.Popen([*train, f"hydra.run.dir={tmp_path / f'run{i}'}"], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        for i in range(2)
-    ]
-    outputs = [r.communicate(timeout=600)[0] for r in runs]
-    assert [r.returncode for r in runs] == [0, 0], [out[-1500:] for out in outputs]
+    outputs = start_together(train, 2, tmp_path, env)
     assert sum("data: packed" in out for out in outputs) == 1
     assert not list(packed.glob("*.tmp*"))  # the dead preparer's half-written folder is gone
 
@@ -137,13 +119,7 @@ def test_four_slm_score_runs_started_together_score_the_store_once(tmp_path):
              "model.config.num_key_value_heads=2", "data.builtin.n_train_docs=60", "data.builtin.n_clean_docs=60",
              "data.builtin.n_val_docs=8", "reference.trainer.max_steps=2", "reference.trainer.batch_size=4",
              "reference.trainer.progress=false"]  # fmt: skip
-    runs = [
-        subprocess.Popen([*score, f"hydra.run.dir={tmp_path / f'score{i}'}"], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        for i in range(4)
-    ]
-    outputs = [r.communicate(timeout=600)[0] for r in runs]
-    assert [r.returncode for r in runs] == [0, 0, 0, 0], [out[-1500:] for out in outputs]
+    outputs = start_together(score, 4, tmp_path, env, prefix="score")
     assert sum("training the reference on" in out for out in outputs) == 1
     assert sum("scored at" in out for out in outputs) == 1 and sum("reused" in out for out in outputs) == 3
     stores = {line.split(" in ", 1)[1].split(" (")[0] for out in outputs for line in out.splitlines()
