@@ -5,8 +5,8 @@ The lock is a file created atomically (``O_CREAT | O_EXCL``) beside the entry, n
 when). While held, a background thread touches it every :data:`HEARTBEAT_S` seconds. A waiter takes the lock
 over when its owner is gone: at once when the owner is a process of this machine that no longer exists, else
 when the heartbeat has stopped for :data:`STALE_S` seconds (its machine died, or its job was killed). Taking
-over renames the stale file aside first (one rename wins), so two waiters never both take it. Waiters say once
-what they wait for. Machines' clocks must agree to within ``STALE_S`` (the file's time is the server's).
+over renames the stale file aside first (one waiter's rename wins; one that moved a fresh lock instead, taken
+by a faster waiter meanwhile, puts it back). Waiters say once what they wait for. Machines' clocks must agree to within ``STALE_S`` (the file's time is the server's).
 """
 
 from __future__ import annotations
