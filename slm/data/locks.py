@@ -6,7 +6,8 @@ when). While held, a background thread touches it every :data:`HEARTBEAT_S` seco
 over when its owner is gone: at once when the owner is a process of this machine that no longer exists, else
 when the heartbeat has stopped for :data:`STALE_S` seconds (its machine died, or its job was killed). Taking
 over renames the stale file aside first (one waiter's rename wins; one that moved a fresh lock instead, taken
-by a faster waiter meanwhile, puts it back). Waiters say once what they wait for. Machines' clocks must agree to within ``STALE_S`` (the file's time is the server's).
+by a faster waiter meanwhile, puts it back). Waiters say once what they wait for. Machines' clocks must agree
+to within ``STALE_S`` (the file's time is the server's).
 """
 
 from __future__ import annotations
