@@ -221,6 +221,30 @@ def reference_source(settings: RunSettings, data: PackedData, acc, model) -> tup
     return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
 
 
+def trained_quality(name: str | None) -> dict | None:
+    """How well a reference slm trained itself (``name``: its model folder in the cache) did when it was
+    trained: its eval losses on the eval sets of the run that trained it and its step count (the cache's
+    ``result.json``), or None for any other reference."""
+    folder = Path(name).parent if name else None
+    if folder is None or not (folder / DONE).exists() or not (folder / "result.json").exists():
+        return None
+    result = json.loads((folder / "result.json").read_text())
+    losses = {k: round(float(v), 4) for k, v in result.items() if k.startswith("eval/") and k.endswith("loss")}
+    return {**losses, "steps": result.get("step")}
+
+
+def reference_quality(ref: RefSource) -> dict | None:
+    """:func:`trained_quality` of the reference a run's store was scored with (None: not one slm trained)."""
+    meta = ref.store.meta if ref.store is not None else {}
+    return trained_quality((meta.get("reference") or {}).get("name"))
+
+
+def describe_quality(quality: dict) -> str:
+    named = {v for k, v in quality.items() if k.count("/") == 2}  # eval/<set>/loss; eval/loss repeats the first
+    losses = ", ".join(f"{k}={v}" for k, v in quality.items() if k != "steps" and (k.count("/") == 2 or v not in named))
+    return f"{losses} after {quality['steps']} steps of its own training"
+
+
 def check_reference_tokenizer(rcfg: ReferenceConfig, data: PackedData) -> None:
     """Refuse a live reference whose tokenizer is not the training data's: vocabularies of the same
     size can map ids to different tokens (Llama-2 and Mistral-7B v0.1 both have 32,000), and its

@@ -11,7 +11,14 @@ from omegaconf import DictConfig
 from slm import parallel, runs
 from slm.cli.common import CONF_DIR, check_output_dirs, one_line_errors, setup_logging, task_overrides
 from slm.cli.preflight import check_run_sources
-from slm.cli.references import check_reference_tokenizer, check_score_vocab, stored_scores, trained_reference
+from slm.cli.references import (
+    check_reference_tokenizer,
+    check_score_vocab,
+    describe_quality,
+    stored_scores,
+    trained_quality,
+    trained_reference,
+)
 from slm.cli.settings import resolve_block_size, score_settings
 from slm.data import build
 from slm.reference import META_FILE, StoredColumns, load_reference, read_meta
@@ -52,9 +59,11 @@ def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
             if reused or not rate
             else f"scored at {rate:,} tokens/s over {meta.get('processes')} process(es)"
         )
+        quality = trained_quality(name) if rcfg.trained else None
         print(
             f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out} ({how})"
-            f"\n  train with: slm-train {' '.join(_data_overrides(overrides))} reference=stored "
+            + (f"\n  reference quality: {describe_quality(quality)}" if quality else "")
+            + f"\n  train with: slm-train {' '.join(_data_overrides(overrides))} reference=stored "
             f"reference.scores_dir={out}",
             flush=True,
         )

@@ -23,7 +23,7 @@ from slm.cli.common import (
     task_overrides,
 )
 from slm.cli.preflight import check_run_sources
-from slm.cli.references import reference_source
+from slm.cli.references import describe_quality, reference_quality, reference_source
 from slm.cli.settings import RunSettings, container, effective_selector, resolve_block_size, validate
 from slm.data import build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
@@ -106,6 +106,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     check_block_size(model.config, settings.data.block_size)
     log.info("reference: %s", settings.reference.kind)
     train_ds, ref = reference_source(settings, data, acc, model)
+    quality = reference_quality(ref)
+    if quality:
+        log.info("reference quality: %s", describe_quality(quality))
 
     selector = effective_selector(sel.name, sel.ratio, settings.reference.kind, sel.blocks)
     schedule = ratio_schedule(1.0 if selector in ("all", "blocks") else sel.ratio)
@@ -119,7 +122,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         head_backend=tcfg.head_backend,
         check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
-    info, before = _record_start(cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir)
+    info, before = _record_start(cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir, quality)
     tracker = Tracker(
         run_dir,
         enabled=acc.is_main_process,
@@ -182,7 +185,15 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
 
 
 def _record_start(
-    cfg, settings: RunSettings, run_dir: Path, acc, changed: dict, selector: str, schedule, scores_dir
+    cfg,
+    settings: RunSettings,
+    run_dir: Path,
+    acc,
+    changed: dict,
+    selector: str,
+    schedule,
+    scores_dir,
+    quality: dict | None = None,
 ) -> tuple[dict, dict | None]:
     """run_info.json as the run starts (a resume adds to the earlier record); config.yaml on the first start.
     Returns (the record, the earlier one on a resume: what a refused resume puts back)."""
@@ -202,6 +213,7 @@ def _record_start(
         processes=acc.num_processes,
         mode=parallel.requested_mode(),
         launch_dir=os.getcwd(),  # where relative data paths of its config start from
+        reference_quality=quality,  # a reference slm trained: its eval losses and steps (None otherwise)
     )
     old = None
     if acc.is_main_process:

@@ -1,6 +1,8 @@
 """A reference scored into a store: trained on clean text it separates answers from noise; the stored
 column equals live scores; scoring resumes, equals one process on two, never mixes references."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,20 @@ def test_slm_score_into_a_folder_holding_other_columns_names_the_way_out(tmp_pat
     both = score(compose_train(tmp_path / "cache", f"out_dir={tmp_path / 'y'}", "entropy=true", config_name="score"))
     assert set(load_stored(both, {"entropy": True}).meta["shards"]) == {"ref_loss", "ref_entropy"}
     score(compose_train(tmp_path / "cache", f"out_dir={tmp_path / 'y'}", config_name="score"))  # a subset: reused
+
+
+def test_the_quality_of_a_reference_slm_trained_is_reported_and_recorded(tmp_path, capsys):
+    """reference=train / demo: the reference's eval losses from its own training (its cache's result.json) are
+    printed by slm-score and slm-train and recorded in every run's run_info (issues 28 item 6, 30 item 1)."""
+    from slm.cli import score, train
+
+    store = score(compose_train(tmp_path / "cache", config_name="score"))
+    printed = capsys.readouterr().out
+    result = json.loads((next((tmp_path / "cache" / "reference").glob("*/DONE")).parent / "result.json").read_text())
+    assert f"reference quality: eval/validation/loss={round(result['eval/validation/loss'], 4)}" in printed
+    assert f"after {result['step']} steps of its own training" in printed
+    train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "run")
+    quality = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_quality"]
+    assert quality["eval/loss"] == round(result["eval/loss"], 4) and quality["steps"] == result["step"]
+    train(compose_train(tmp_path / "cache", "reference=none"), tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / "run_info.json").read_text())["reference_quality"] is None
