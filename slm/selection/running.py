@@ -53,20 +53,22 @@ class RunningThreshold:
         owed = self.due - self.kept
         return min(1.0, max(0.0, ratio + owed / max(1, PAYBACK_STEPS * n)))
 
-    def _bounded(self, every: Tensor, threshold: Tensor, ratio: float) -> Tensor:
-        """``threshold``, or the score of the best token at the edge of the allowance when the tokens kept
-        so far would leave TOLERANCE of what was asked (see the module docstring)."""
+    def _bounded(self, every: Tensor, threshold: Tensor, ratio: float) -> tuple[Tensor, int]:
+        """(``threshold``, or the score of the best token at the edge of the allowance when the tokens kept
+        so far would leave TOLERANCE of what was asked (see the module docstring); how many of ``every``
+        reach it)."""
         n = every.numel()
         due = self.due + ratio * n
         low = max(0, math.ceil(due * (1 - TOLERANCE) - self.kept - 1e-9))
         high = min(n, math.floor(due * (1 + TOLERANCE) - self.kept + 1e-9))
         k = int((every >= threshold.to(every.device)).sum())
         if low <= k <= high or low > high:
-            return threshold
+            return threshold, k
         k = min(max(k, low), high)
         if k == 0:
-            return torch.tensor(float("inf"), device=threshold.device)
-        return torch.topk(every, k).values[-1].to(threshold.device)
+            return torch.tensor(float("inf"), device=threshold.device), 0
+        edge = torch.topk(every, k).values[-1]
+        return edge.to(threshold.device), int((every >= edge).sum())  # ties at the edge are kept too
 
     def select(self, scores: Tensor, valid: Tensor, ratio: float, check_finite: bool = True) -> Tensor:
         """Bool mask of the shape of ``scores``: the valid tokens at or above this step's threshold."""
@@ -85,11 +87,11 @@ class RunningThreshold:
             threshold = torch.tensor(float("inf"), device=scores.device)
         else:
             threshold = torch.quantile(pool, 1.0 - keep_share).to(scores.device)
-        threshold = self._bounded(every, threshold, ratio)
+        threshold, kept = self._bounded(every, threshold, ratio)
         mask = valid & (scores.float() >= threshold)
         self.due += ratio * every.numel()
         self.seen += int(every.numel())
-        self.kept += int((every >= threshold.to(every.device)).sum())
+        self.kept += kept
         return mask
 
     def state_dict(self) -> dict:
