@@ -144,6 +144,20 @@ class Curve:
             return None
         return f"{len(notes)} of {len(self.runs)} runs incomplete ({'; '.join(notes)})"
 
+    def outgrown(self, metric: str) -> list[tuple[dict, float]]:
+        """(eval event, its ``metric``) of each run at the step its model reached its reference's eval loss."""
+        marks = []
+        for r in self.runs:
+            steps = {e["step"] for e in r.events if e.get("reference/outgrown")}
+            marks += [(e, e[metric]) for e in r.evals(metric) if e["step"] in steps]
+        return marks
+
+    @property
+    def reference_loss(self) -> float | None:
+        """The reference's loss on the first eval set its runs were watched against (None: not watched)."""
+        levels = {next(iter(v.values())) for r in self.runs if (v := r.info.get("reference_eval_loss"))}
+        return levels.pop() if len(levels) == 1 else None
+
     @property
     def label(self) -> str:
         seeds = f" ({len(self.runs)} seeds)" if len(self.runs) > 1 else ""

@@ -35,6 +35,8 @@ def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "ev
             ax.plot(c.x[axis], c.mean, label=c.label, **style)
             if len(c.runs) > 1:
                 ax.fill_between(c.x[axis], c.lo, c.hi, alpha=0.2, color=style["color"])
+            if "loss" in ylabel:
+                _mark_reference(ax, c, axis, metric, style["color"])
         ax.set_xlabel(AXIS_LABELS[axis])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -51,3 +53,15 @@ def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "ev
     for p in paths:
         fig.savefig(p, dpi=120)
     return paths
+
+
+def _mark_reference(ax, c: Curve, axis: str, metric: str, color) -> None:
+    """Where each run's model reached its reference's eval loss (a triangle on its own loss) and, for the
+    first eval set, that loss itself (a dotted line)."""
+    marks = [(e[axis], y) for e, y in c.outgrown(metric) if axis in e]
+    if marks:
+        xs, ys = zip(*marks)
+        ax.scatter(xs, ys, marker="v", s=40, color=color, edgecolors="black", zorder=5,
+                   label=f"{c.group}: reached its reference")  # fmt: skip
+    if metric == "eval/loss" and c.reference_loss is not None and not c.is_baseline:
+        ax.axhline(c.reference_loss, color=color, ls=":", lw=1)

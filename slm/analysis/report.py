@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> None:
                 f"slm-curves: {c.group} holds {len(seeds)} runs of the same settings but only {distinct} distinct "
                 "seed(s) (repeats are averaged as if they were seeds)"
             )
+        reached = sorted(
+            {(Path(r.path).name, e["step"]) for r in c.runs for e in r.events if e.get("reference/outgrown")}
+        )
+        if reached:
+            print(
+                f"slm-curves: {c.group}: the model reached its reference's eval loss in {len(reached)} of "
+                f"{len(c.runs)} runs ({', '.join(f'{name} at step {step}' for name, step in reached)}; "
+                "marked with a triangle)"
+            )
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
     for path in plot(cs_loss, cs_acc, out, args.metric):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,21 +21,23 @@ from accelerate.utils import broadcast_object_list
 
 from slm import parallel
 from slm.cli.settings import ReferenceConfig, RunSettings, ScoreSettings, config_hash
-from slm.data import GENERATED, CacheLock, PackedData, SourceSpec, build_split, tokenizer_identity
+from slm.data import GENERATED, CacheLock, PackedData, SourceSpec, build_split, content_hash, tokenizer_identity
 from slm.model import SelectiveLM, build_model
 from slm.reference import (
     META_FILE,
     RefSource,
     check_vocab,
+    eval_losses,
     expected_store,
     freeze,
     load_reference,
     load_stored,
     reference_identity,
     score_dataset,
+    weights_hash,
 )
 from slm.runs import Tracker, checkpoints
-from slm.train import RunInterrupted, TrainConfig, Trainer
+from slm.train import EarlyStop, RunInterrupted, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
 DONE = "DONE"
@@ -95,6 +98,9 @@ def trained_reference(settings: Settings, data: PackedData, acc) -> tuple[str, t
         "processes": acc.num_processes,
         "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision),
     }
+    converge = rcfg.converge or {}
+    if converge.get("holdout"):
+        identity["converge"] = converge
     where = settings.cache_root / "reference" / config_hash(identity)
     what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
     # one job of a sweep trains it; the others wait on its lock (saying so), then reuse it
@@ -122,16 +128,31 @@ def trained_reference(settings: Settings, data: PackedData, acc) -> tuple[str, t
             # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
             step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
+            train_text, eval_sets, early = ref_data, data.eval_sets, None
+            if converge.get("holdout"):
+                train_text, heldout = hold_out(ref_data, converge["holdout"])
+                eval_sets = {**data.eval_sets, HELDOUT: heldout}
+                early = EarlyStop(HELDOUT, converge["patience"], converge["min_delta"])
+                log.info(
+                    "reference: trains until its loss on %d held-out blocks of its text stops improving "
+                    "(patience %d evals of %d steps, at most %d steps)",
+                    len(heldout),
+                    early.patience,
+                    tcfg.eval_every,
+                    tcfg.max_steps,
+                )
             t = Trainer(
                 acc,
                 lm,
-                ref_data,
-                data.eval_sets,
+                train_text,
+                eval_sets,
                 tcfg,
                 where / "run",
                 mode=mode,
                 name="reference",
                 tracker=Tracker(where / "run", enabled=acc.is_main_process, resume_step=step),
+                early_stop=early,
+                on_best=lambda: t.engine.save_pretrained(where / "model", data.tokenizer),  # the best weights
             )
             try:
                 res = t.fit()
@@ -146,7 +167,8 @@ def trained_reference(settings: Settings, data: PackedData, acc) -> tuple[str, t
                         "again to continue"
                     ),
                 ) from e
-            t.engine.save_pretrained(where / "model", data.tokenizer)
+            if early is None or early.best_step == 0:  # else model/ holds the best eval's weights already
+                t.engine.save_pretrained(where / "model", data.tokenizer)
             if acc.is_main_process:
                 (where / "result.json").write_text(json.dumps(res, indent=1))
                 (where / DONE).write_text("")  # last: the cache is complete
@@ -154,6 +176,19 @@ def trained_reference(settings: Settings, data: PackedData, acc) -> tuple[str, t
             t.engine.release()
             del t, lm, model
     return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
+
+
+HELDOUT = "reference_heldout"  # the eval set a converging reference is judged on
+
+
+def hold_out(packed, share: float) -> tuple:
+    """(training blocks, held-out blocks): the last ``share`` of a packed split (at least one block, whole
+    documents but one at the seam), so the held-out loss measures text the reference never trained on."""
+    n = len(packed)
+    k = max(1, round(share * n))
+    if n - k < 1:
+        raise ValueError(f"reference.converge.holdout={share}: the reference's text has only {n} block(s)")
+    return packed.select(range(n - k)), packed.select(range(n - k, n))
 
 
 def stored_scores(
@@ -230,7 +265,10 @@ def trained_quality(name: str | None) -> dict | None:
         return None
     result = json.loads((folder / "result.json").read_text())
     losses = {k: round(float(v), 4) for k, v in result.items() if k.startswith("eval/") and k.endswith("loss")}
-    return {**losses, "steps": result.get("step")}
+    quality = {**losses, "steps": result.get("best_step") or result.get("step")}
+    if result.get("best_step"):  # trained until its held-out loss stopped improving: the best eval's weights
+        quality["trained_steps"] = result.get("step")
+    return quality
 
 
 def reference_quality(ref: RefSource) -> dict | None:
@@ -241,8 +279,57 @@ def reference_quality(ref: RefSource) -> dict | None:
 
 def describe_quality(quality: dict) -> str:
     named = {v for k, v in quality.items() if k.count("/") == 2}  # eval/<set>/loss; eval/loss repeats the first
-    losses = ", ".join(f"{k}={v}" for k, v in quality.items() if k != "steps" and (k.count("/") == 2 or v not in named))
-    return f"{losses} after {quality['steps']} steps of its own training"
+    losses = ", ".join(
+        f"{k}={v}" for k, v in quality.items() if k.startswith("eval/") and (k.count("/") == 2 or v not in named)
+    )
+    how = f"{losses} after {quality['steps']} steps of its own training"
+    if quality.get("trained_steps"):
+        how += f" (its best held-out loss; it stopped at step {quality['trained_steps']})"
+    return how
+
+
+def reference_eval(settings: Settings, data: PackedData, acc, identity: dict, model=None) -> dict | None:
+    """The reference's loss on each of the run's eval sets (``name -> loss``), computed once per
+    (reference weights, eval sets) and cached; None when neither a cache nor the reference's weights are
+    at hand (a stored column scored with a model this machine does not have)."""
+    if not data.eval_sets:
+        return None
+    key = {"reference": identity, "eval": {n: content_hash(ds) for n, ds in data.eval_sets.items()}}
+    path = settings.cache_root / "reference_eval" / f"{config_hash(key)}.json"
+    losses = None
+    if acc.is_main_process:
+        if path.exists():
+            losses = json.loads(path.read_text())["losses"]
+        else:
+            model = model if model is not None else _local_reference(identity, acc.device)
+            if model is not None:
+                losses = eval_losses(model, data.eval_sets, settings.score_batch_size, acc.device)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"key": key, "losses": losses}, indent=1))
+                os.replace(tmp, path)  # complete or absent: runs starting together may both write it
+    box = [losses]
+    broadcast_object_list(box)
+    return box[0]
+
+
+def _local_reference(identity: dict, device):
+    """The reference a store was scored with, when its folder is on this machine with the same weights."""
+    name = identity.get("name")
+    if not name or not Path(name).is_dir():
+        return None
+    model = load_reference(name, device=device)
+    return model if weights_hash(model) == identity.get("weights_sha256") else None
+
+
+def run_reference_eval(settings: RunSettings, data: PackedData, acc, ref: RefSource) -> dict | None:
+    """:func:`reference_eval` for a run's reference (None: no reference, or an evolving one)."""
+    if ref.evolve_every:
+        return None
+    if ref.kind == "live":
+        return reference_eval(settings, data, acc, reference_identity(ref.model, settings.reference.path), ref.model)
+    identity = (ref.store.meta.get("reference") if ref.store is not None else None) or None
+    return reference_eval(settings, data, acc, identity) if identity else None
 
 
 def check_reference_tokenizer(rcfg: ReferenceConfig, data: PackedData) -> None:

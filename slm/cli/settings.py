@@ -86,7 +86,8 @@ class ReferenceConfig:
     check_tokenizer: bool = True  # live: refuse a reference whose tokenizer is not the training one
     data: dict = field(default_factory=dict)  # train/demo: its training text (SourceSpec fields)
     init: str = "scratch"  # train/demo: scratch | pretrained (from model.pretrained)
-    trainer: dict = field(default_factory=dict)  # train/demo: its TrainConfig fields
+    trainer: dict = field(default_factory=dict)  # train/demo: its TrainConfig fields (max_steps: the cap)
+    converge: dict = field(default_factory=dict)  # train/demo: holdout, patience, min_delta (early stop)
     seed: int = 0  # train/demo: its own seed, shared by every seed of a sweep
     evolve_every: int | None = None  # refresh from the training model every N steps (scored live)
     evolve_ema: float = 0.0
@@ -121,11 +122,33 @@ class ReferenceConfig:
             check_evolution(self.evolve_every, self.evolve_ema)
         if self.trained:
             _typed(TrainConfig, self.trainer, "reference.trainer", seed=self.seed)
+            object.__setattr__(self, "converge", check_converge(self.converge))
 
     @property
     def trained(self) -> bool:
         """A reference trained once by slm itself (reference=train, or the built-in demo)."""
         return self.kind in ("train", "demo")
+
+
+CONVERGE_KEYS = {"holdout": 0.0, "patience": 3, "min_delta": 0.0}
+
+
+def check_converge(converge: dict | None) -> dict:
+    """``reference.converge``: ``holdout`` (the share of the reference's text held out to judge it; 0: train
+    ``reference.trainer.max_steps`` steps, no early stop), ``patience`` (evals without improvement before it
+    stops), ``min_delta`` (the least fall in held-out loss that counts as one)."""
+    converge = dict(converge or {})
+    unknown = sorted(set(converge) - set(CONVERGE_KEYS))
+    if unknown:
+        raise ValueError(f"reference.converge has no {', '.join(unknown)}: it takes {', '.join(CONVERGE_KEYS)}")
+    out = {**CONVERGE_KEYS, **{k: v for k, v in converge.items() if v is not None}}
+    if not 0.0 <= float(out["holdout"]) < 0.5:
+        raise ValueError(f"reference.converge.holdout must be in [0, 0.5), got {out['holdout']}")
+    if int(out["patience"]) < 1:
+        raise ValueError(f"reference.converge.patience must be >= 1, got {out['patience']}")
+    if not float(out["min_delta"]) >= 0:
+        raise ValueError(f"reference.converge.min_delta must be >= 0, got {out['min_delta']}")
+    return {"holdout": float(out["holdout"]), "patience": int(out["patience"]), "min_delta": float(out["min_delta"])}
 
 
 @dataclass(frozen=True)

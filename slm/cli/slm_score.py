@@ -15,13 +15,14 @@ from slm.cli.references import (
     check_reference_tokenizer,
     check_score_vocab,
     describe_quality,
+    reference_eval,
     stored_scores,
     trained_quality,
     trained_reference,
 )
 from slm.cli.settings import resolve_block_size, score_settings
 from slm.data import build
-from slm.reference import META_FILE, StoredColumns, load_reference, read_meta
+from slm.reference import META_FILE, StoredColumns, load_reference, read_meta, reference_identity
 
 
 def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
@@ -51,6 +52,7 @@ def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         entropy=settings.entropy,
         dtype=settings.store_dtype,
     )
+    ref_eval = reference_eval(settings, data, acc, reference_identity(ref, name), ref)
     if acc.is_main_process:
         meta = runs.read_json(out / META_FILE) or {}
         rate = meta.get("tokens_per_s")
@@ -63,11 +65,16 @@ def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         print(
             f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out} ({how})"
             + (f"\n  reference quality: {describe_quality(quality)}" if quality else "")
+            + (f"\n  reference eval loss: {_losses(ref_eval)}" if ref_eval else "")
             + f"\n  train with: slm-train {' '.join(_data_overrides(overrides))} reference=stored "
             f"reference.scores_dir={out}",
             flush=True,
         )
     return out
+
+
+def _losses(by_set: dict) -> str:
+    return ", ".join(f"{name}={loss:.4f}" for name, loss in by_set.items())
 
 
 def _data_overrides(overrides: list[str] | None) -> list[str]:

@@ -23,14 +23,14 @@ from slm.cli.common import (
     task_overrides,
 )
 from slm.cli.preflight import check_run_sources
-from slm.cli.references import describe_quality, reference_quality, reference_source
+from slm.cli.references import describe_quality, reference_quality, reference_source, run_reference_eval
 from slm.cli.settings import RunSettings, container, effective_selector, resolve_block_size, validate
 from slm.data import build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
 from slm.parallel import CheckpointRefused
 from slm.runs import Tracker, checkpoints
 from slm.selection import ratio_schedule
-from slm.train import BlockFilter, RunInterrupted, TrainConfig, Trainer, candidates
+from slm.train import BlockFilter, OutgrownWatch, RunInterrupted, TrainConfig, Trainer, candidates
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     quality = reference_quality(ref)
     if quality:
         log.info("reference quality: %s", describe_quality(quality))
+    outgrown = _outgrown_watch(settings, data, acc, ref)
 
     selector = effective_selector(sel.name, sel.ratio, settings.reference.kind, sel.blocks)
     schedule = ratio_schedule(1.0 if selector in ("all", "blocks") else sel.ratio)
@@ -122,7 +123,10 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         head_backend=tcfg.head_backend,
         check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
-    info, before = _record_start(cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir, quality)
+    ref_eval = {outgrown.eval_set: outgrown.reference_loss} if outgrown else None
+    info, before = _record_start(
+        cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir, quality, ref_eval
+    )
     tracker = Tracker(
         run_dir,
         enabled=acc.is_main_process,
@@ -145,6 +149,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         downstream=settings.downstream,
         tokenizer=data.tokenizer,
         blocks=blocks,
+        outgrown=outgrown,
     )
     try:
         result = trainer.fit()
@@ -184,6 +189,28 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     return result
 
 
+def _outgrown_watch(settings: RunSettings, data, acc, ref) -> OutgrownWatch | None:
+    """Watch the model's eval loss against its reference's on the first eval set, for a run whose selection
+    ranks by the reference (None otherwise, or when the reference's eval loss cannot be had)."""
+    sel = settings.selector
+    needs = sel.needs()
+    if not (sel.selects and (needs["loss"] or needs["entropy"])) or ref.kind == "none":
+        return None
+    losses = run_reference_eval(settings, data, acc, ref)
+    if not losses:
+        why = "an evolving reference" if ref.evolve_every else "its weights are not on this machine"
+        log.info("reference: its eval loss is unknown (%s): the run cannot tell when the model outgrows it", why)
+        return None
+    name = next(iter(data.eval_sets))
+    log.info(
+        "reference: its loss on %s is %.4f; once the model's reaches it, selector.when_outgrown=%s",
+        name,
+        losses[name],
+        sel.when_outgrown,
+    )
+    return OutgrownWatch(name, losses[name], margin=sel.outgrown_margin, remedy=sel.when_outgrown)
+
+
 def _record_start(
     cfg,
     settings: RunSettings,
@@ -194,6 +221,7 @@ def _record_start(
     schedule,
     scores_dir,
     quality: dict | None = None,
+    reference_eval_loss: dict | None = None,
 ) -> tuple[dict, dict | None]:
     """run_info.json as the run starts (a resume adds to the earlier record); config.yaml on the first start.
     Returns (the record, the earlier one on a resume: what a refused resume puts back)."""
@@ -214,6 +242,7 @@ def _record_start(
         mode=parallel.requested_mode(),
         launch_dir=os.getcwd(),  # where relative data paths of its config start from
         reference_quality=quality,  # a reference slm trained: its eval losses and steps (None otherwise)
+        reference_eval_loss=reference_eval_loss,  # the loss the model is watched against (None: not watched)
     )
     old = None
     if acc.is_main_process:

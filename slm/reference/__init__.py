@@ -1,7 +1,8 @@
 """The frozen reference: loaded, scored live, or scored once into a store of columns. Imports slm.data,
 slm.model and slm.parallel.
 
-  scoring.py      load_reference, freeze, identity; score_dataset writes a store shard by shard (resumable)
+  scoring.py      load_reference, freeze, identity, eval_losses; score_dataset writes a store shard by shard
+                  (resumable)
   store.py        a store on disk: per-token columns in hashed shards aligned by row with a packed split
   source.py       RefSource: what the training loop asks of a reference (none, stored, live, evolving)
 """
@@ -9,6 +10,7 @@ slm.model and slm.parallel.
 from slm.reference.scoring import (
     CHUNK_TOKENS,
     check_vocab,
+    eval_losses,
     freeze,
     load_reference,
     load_stored,
@@ -28,6 +30,7 @@ __all__ = [
     "StoredColumns",
     "check_evolution",
     "check_vocab",
+    "eval_losses",
     "expected_store",
     "freeze",
     "load_reference",

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slm.data import content_hash
-from slm.model import token_losses
+from slm.model import shifted_valid, token_losses
 from slm.parallel import model_init
 from slm.reference import store as stores
 from slm.reference.store import StoredColumns, StoreError
@@ -75,6 +75,23 @@ def weights_hash(model: nn.Module) -> str:
 
 def reference_identity(reference: nn.Module, name: str) -> dict:
     return {"name": name, "model_type": reference.config.model_type, "weights_sha256": weights_hash(reference)}
+
+
+@torch.no_grad()
+def eval_losses(reference: nn.Module, eval_sets: dict, batch_size: int, device) -> dict:
+    """The reference's mean loss over every valid token of each eval set (``name -> loss``): the number
+    the training model's ``eval/<name>/loss`` is compared with."""
+    out = {}
+    for name, ds in eval_sets.items():
+        ds = ds.with_format("torch")
+        total, count = 0.0, 0
+        for i in range(0, len(ds), batch_size):
+            rows = ds[i : i + batch_size]
+            ids, labels, am = (rows[k].to(device) for k in ("input_ids", "labels", "attention_mask"))
+            total += float(token_losses(reference, ids, labels, attention_mask=am).double().sum())
+            count += int(shifted_valid(labels).sum())
+        out[name] = total / max(count, 1)
+    return out
 
 
 def _rows_with_progress(n: int, desc: str, enabled: bool):

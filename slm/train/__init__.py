@@ -7,6 +7,7 @@ block_filter.py sequence-level selection inside a step (selector.blocks)
 evaluation.py   eval loss (and answer accuracy) on a packed split
 downstream.py   lm-evaluation-harness tasks at eval points
 signals.py      stop requests honoured at the next step boundary
+watches.py      what eval points watch: an early stop on held-out loss, the model outgrowing its reference
 """
 
 from slm.train.batches import BatchStream, fetch, to_device
@@ -15,6 +16,7 @@ from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lam
 from slm.train.downstream import DownstreamConfig, harness
 from slm.train.evaluation import answer_accuracy, evaluate
 from slm.train.loop import NonFiniteLoss, RunInterrupted, Trainer, master_weights
+from slm.train.watches import WHEN_OUTGROWN, EarlyStop, OutgrownWatch
 
 __all__ = [
     "candidates",
@@ -22,12 +24,15 @@ __all__ = [
     "BatchStream",
     "BlockFilter",
     "DownstreamConfig",
+    "EarlyStop",
     "NonFiniteLoss",
+    "OutgrownWatch",
     "RunInterrupted",
     "SELECTOR_NAMES",
     "SelectorConfig",
     "TrainConfig",
     "Trainer",
+    "WHEN_OUTGROWN",
     "answer_accuracy",
     "evaluate",
     "fetch",

@@ -61,6 +61,10 @@ class BlockFilter:
         """Whether scoring runs the training model (a no-grad forward of every candidate)."""
         return self.score != "reference_loss"
 
+    def first(self, batch: dict) -> dict:
+        """The first ``batch_size`` candidates (a random draw of them: the stream shuffles): block selection off."""
+        return {k: v[: self.batch_size] for k, v in batch.items()}
+
     @torch.no_grad()
     def keep(self, batch: dict, engine, ref) -> dict:
         """The ``batch_size`` best blocks of a CPU batch of candidates (still on the CPU)."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from slm.model import SCORES, SELECTORS
 from slm.selection import BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
+from slm.train.watches import check_outgrown
 
 SELECTOR_NAMES = (*SELECTORS, "all")  # "all": every token (selection off)
 
@@ -22,6 +23,8 @@ class SelectorConfig:
     blocks: float = 1.0  # the share of candidate blocks a step keeps (1.0: off)
     block_score: str = "excess_loss"  # what ranks the candidate blocks
     scores: tuple = ()  # the two scores a union / intersection combines
+    when_outgrown: str = "all"  # once the model reaches its reference's eval loss: all (every token) | keep
+    outgrown_margin: float = 0.0  # "reaches": within this share of the reference's loss
 
     def __post_init__(self):
         if self.name not in SELECTOR_NAMES:
@@ -36,6 +39,8 @@ class SelectorConfig:
             raise ValueError(
                 f"selector={self.name} combines two exact top-k sets: selector.scope must be sequence, batch or global"
             )
+        check_outgrown(self.when_outgrown, self.outgrown_margin)
+        object.__setattr__(self, "outgrown_margin", float(self.outgrown_margin))
         check_ratio(self.blocks, "selector.blocks")
         object.__setattr__(self, "blocks", float(self.blocks))
         if self.block_score not in BLOCK_SCORES:

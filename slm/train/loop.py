@@ -32,6 +32,7 @@ from slm.train.config import TrainConfig, lr_lambda
 from slm.train.downstream import DownstreamConfig, evaluate_tasks
 from slm.train.evaluation import evaluate
 from slm.train.signals import StopSignals
+from slm.train.watches import EarlyStop, OutgrownWatch
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +86,17 @@ class Trainer:
         downstream: DownstreamConfig | None = None,
         tokenizer=None,
         blocks: BlockFilter | None = None,
+        early_stop: EarlyStop | None = None,
+        on_best=None,
+        outgrown: OutgrownWatch | None = None,
     ):
         """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
         also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
         model's own). ``downstream``: lm-evaluation-harness tasks run at eval points (needs the
         ``tokenizer``). ``blocks``: sequence-level selection (each micro-batch keeps the best of
-        more candidate blocks, see :mod:`slm.train.block_filter`)."""
+        more candidate blocks, see :mod:`slm.train.block_filter`). ``early_stop``: end the run once a
+        held-out loss stops improving, calling ``on_best()`` at each new best eval (to keep its weights).
+        ``outgrown``: watch for the model reaching its reference's eval loss (see :mod:`slm.train.watches`)."""
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
         if not isinstance(eval_sets, dict):
@@ -138,6 +144,7 @@ class Trainer:
             )
         self.train_ds = train_ds.select_columns(["input_ids", "labels", "attention_mask"]).with_format("torch")
         self.blocks = blocks
+        self.early_stop, self.on_best, self.outgrown = early_stop, on_best, outgrown
         per_micro_batch = blocks.candidates if blocks is not None else cfg.batch_size
         self.stream = BatchStream(
             len(train_ds), per_micro_batch, accelerator.num_processes, accelerator.process_index, cfg.seed
@@ -159,6 +166,8 @@ class Trainer:
             "train_time_s": self.train_time,
             "flops": self.flops,
             "selector_rng": self.selective.generator.get_state().tolist(),
+            "early_stop": self.early_stop.state() if self.early_stop else None,
+            "outgrown_step": self.outgrown.step if self.outgrown else None,
             **self.engine.checkpoint_info,
         }
         return checkpoints.save(
@@ -229,6 +238,10 @@ class Trainer:
         self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
         self.train_time, self.flops = state.get("train_time_s", 0.0), state.get("flops", 0.0)
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
+        if self.early_stop and state.get("early_stop"):
+            self.early_stop.load(state["early_stop"])
+        if self.outgrown:
+            self.outgrown.step = state.get("outgrown_step")
         if (path / "selection.pt").exists():
             self.selective.load_selection_state(torch.load(path / "selection.pt", weights_only=True))
         if self.ref.evolve_every and (path / "reference.pt").exists():
@@ -265,9 +278,10 @@ class Trainer:
         rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
         batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
         candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
+        selecting = not (self.outgrown and self.outgrown.ratio(0.0) == 1.0)  # off once the reference is outgrown
         if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
-            batches = [self.blocks.keep(b, engine, self.ref) for b in batches]
-        ratio = self.schedule.at(self.step, cfg.max_steps)
+            batches = [self.blocks.keep(b, engine, self.ref) if selecting else self.blocks.first(b) for b in batches]
+        ratio = self.schedule.at(self.step, cfg.max_steps) if selecting else 1.0
         n_step, n_trained_on, n_valid, n_tok = self._step_count(batches, ratio, candidates)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
@@ -334,10 +348,23 @@ class Trainer:
             f"Last good checkpoint: {ckpt or 'none yet'}"
         )
 
-    def _last_logged_eval(self) -> dict:
-        """On resume: the eval numbers already in metrics.jsonl (reported if nothing is left to do)."""
-        evals = [e for e in read_metrics(self.run_dir) if "eval/loss" in e and e["step"] <= self.step]
+    def _logged_eval(self, step: int) -> dict:
+        """The eval numbers metrics.jsonl holds for the last eval at or before ``step`` (on resume: reported
+        if nothing is left to do; after an early stop: the best eval's)."""
+        evals = [e for e in read_metrics(self.run_dir) if "eval/loss" in e and e["step"] <= step]
         return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+
+    def _watch(self, metrics: dict) -> None:
+        """What the run watches at an eval point: an early stop (keeping the best weights) and the reference."""
+        if self.early_stop and self.early_stop.update(self.step, metrics) and self.step > 0 and self.on_best:
+            self.on_best()
+        if self.outgrown and self.outgrown.update(self.step, metrics):
+            mark = {"reference/outgrown": 1.0, "reference/eval_loss": self.outgrown.reference_loss}
+            self.tracker.log(self._event(**mark))
+
+    @property
+    def _stopped_early(self) -> bool:
+        return bool(self.early_stop and self.early_stop.done)
 
     def _event(self, **metrics) -> dict:
         return {
@@ -377,7 +404,11 @@ class Trainer:
         self._warn_few_eval_points()
         if cfg.resume and self._resume() is None:
             log.warning("trainer.resume=true but %s has no complete checkpoint; starting from scratch", self.run_dir)
-        last_eval = self.eval() if self.step == 0 else self._last_logged_eval()
+        if self.step == 0:
+            last_eval = self.eval()
+            self._watch(last_eval)
+        else:
+            last_eval = self._logged_eval(self.step)
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
@@ -389,7 +420,7 @@ class Trainer:
         t0, seen0 = time.perf_counter(), self.tokens_seen
         self._stop = False
         with self.signals, bar:
-            while self.step < cfg.max_steps:
+            while self.step < cfg.max_steps and not self._stopped_early:
                 started = time.perf_counter()
                 metrics = self.train_step()
                 self.train_time += time.perf_counter() - started
@@ -405,6 +436,7 @@ class Trainer:
                     self.tracker.log(self._event(**metrics, **{"train/tokens_per_s": tok_s}))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     last_eval = self.eval()
+                    self._watch(last_eval)
                 elif self.downstream.due(self.step, cfg.eval_every):  # tasks on their own schedule
                     self.eval(sets=False)
                 if self._stop:
@@ -413,9 +445,21 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
         self.save_checkpoint()
-        return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "tokens_selected": self.tokens_selected,
-            **last_eval,
-        }
+        result = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected}
+        if self.early_stop:  # the weights kept are the best eval's: report its numbers
+            stop = self.early_stop
+            if stop.done:
+                log.info(
+                    "%s: stopped at step %d, %s not better than %.4f (step %d) for %d evals",
+                    self.name,
+                    self.step,
+                    stop.key,
+                    stop.best,
+                    stop.best_step,
+                    stop.patience,
+                )
+            result.update(best_step=stop.best_step, stopped_early=stop.done)
+            last_eval = self._logged_eval(stop.best_step) or last_eval
+        if self.outgrown and self.outgrown.step is not None:
+            result["outgrown_step"] = self.outgrown.step
+        return {**result, **last_eval}

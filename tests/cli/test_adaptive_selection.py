@@ -1,56 +1,23 @@
 """Selection that adapts to the corpus, end to end through slm-train: a threshold over the run, whole
 blocks, an evolving reference; each trains what it promises and resumes exactly."""
 
-import os
-import signal
-
 import pytest
 import torch
 from support.compose import compose_train
+from support.resume import resumed_equals_whole, step_values
 
 from slm.cli import train
-from slm.runs import read_metrics
-from slm.train import RunInterrupted, Trainer
-
-
-def _steps(run, key):
-    return [e[key] for e in read_metrics(run) if key in e and "train/loss" in e]
-
-
-def _resumed_equals_whole(tmp_path, monkeypatch, *overrides):
-    """Ctrl-C at step 3 of 6, resume: the same metrics and weights as a run never interrupted."""
-    from safetensors.torch import load_file
-
-    common = ("trainer.checkpoint_every=100", *overrides)
-    train(compose_train(tmp_path / "c", *common), tmp_path / "whole")
-    real = Trainer.train_step
-
-    def ctrl_c_in_step_3(self):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_3)
-    with pytest.raises(RunInterrupted):
-        train(compose_train(tmp_path / "c", *common), tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "train_step", real)
-    train(compose_train(tmp_path / "c", *common, "trainer.resume=true"), tmp_path / "cut")
-    for key in ("train/loss", "tokens_seen", "tokens_selected", "flops"):
-        assert _steps(tmp_path / "cut", key) == pytest.approx(_steps(tmp_path / "whole", key), rel=1e-6), key
-    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("whole", "cut"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-5)
 
 
 def test_a_threshold_over_the_run_trains_data_dependent_counts_and_resumes_exactly(tmp_path, monkeypatch):
     train(compose_train(tmp_path / "c", "selector.scope=dataset", "selector.ratio=0.4"), tmp_path / "run")
-    fracs = _steps(tmp_path / "run", "train/selected_frac")
+    fracs = step_values(tmp_path / "run", "train/selected_frac")
     assert len(set(round(f, 4) for f in fracs)) > 1  # batches train different shares
-    seen, sel = _steps(tmp_path / "run", "tokens_seen")[-1], _steps(tmp_path / "run", "tokens_selected")[-1]
+    seen, sel = step_values(tmp_path / "run", "tokens_seen")[-1], step_values(tmp_path / "run", "tokens_selected")[-1]
     assert 0.25 < sel / seen < 0.5  # the ratio of the valid tokens, paid back within a few steps
     with pytest.raises(ValueError, match="selector.scope=dataset keeps a data-dependent number.*grad_accum must be 1"):
         train(compose_train(tmp_path / "c", "selector.scope=dataset", "trainer.grad_accum=2"), tmp_path / "x")
-    _resumed_equals_whole(tmp_path / "resume", monkeypatch, "selector.scope=dataset", "selector.ratio=0.4")
+    resumed_equals_whole(tmp_path / "resume", monkeypatch, "selector.scope=dataset", "selector.ratio=0.4")
 
 
 @pytest.mark.parametrize("score", ["excess_loss", "reference_loss"])
@@ -59,11 +26,14 @@ def test_whole_blocks_are_selected_and_only_the_kept_ones_train(tmp_path, score)
     train(compose_train(tmp_path / "c", *base), tmp_path / "all")
     train(compose_train(tmp_path / "c", *base, "selector.blocks=0.5", f"selector.block_score={score}"),
           tmp_path / "blocks")  # fmt: skip
-    seen_all, seen_blocks = _steps(tmp_path / "all", "tokens_seen"), _steps(tmp_path / "blocks", "tokens_seen")
-    sel_blocks = _steps(tmp_path / "blocks", "tokens_selected")
+    seen_all, seen_blocks = (
+        step_values(tmp_path / "all", "tokens_seen"),
+        step_values(tmp_path / "blocks", "tokens_seen"),
+    )
+    sel_blocks = step_values(tmp_path / "blocks", "tokens_selected")
     # each step reads 8 candidate blocks and trains 4 of them, every valid token of those
     assert seen_blocks[-1] > 1.8 * seen_all[-1] and sel_blocks[-1] < 0.6 * seen_blocks[-1]
-    flops_all, flops_blocks = _steps(tmp_path / "all", "flops"), _steps(tmp_path / "blocks", "flops")
+    flops_all, flops_blocks = step_values(tmp_path / "all", "flops"), step_values(tmp_path / "blocks", "flops")
     if score == "excess_loss":  # a no-grad forward of every candidate: more than the plain run's FLOPs
         assert flops_blocks[-1] > flops_all[-1]
     else:  # stored reference losses: no forward, so about the plain run's
@@ -71,7 +41,7 @@ def test_whole_blocks_are_selected_and_only_the_kept_ones_train(tmp_path, score)
 
 
 def test_whole_block_selection_resumes_exactly(tmp_path, monkeypatch):
-    _resumed_equals_whole(tmp_path, monkeypatch, "selector.blocks=0.5", "selector.ratio=0.6")
+    resumed_equals_whole(tmp_path, monkeypatch, "selector.blocks=0.5", "selector.ratio=0.6")
 
 
 def test_an_evolving_reference_is_refreshed_on_schedule_scored_live_and_resumes_exactly(tmp_path, monkeypatch):
@@ -80,11 +50,11 @@ def test_an_evolving_reference_is_refreshed_on_schedule_scored_live_and_resumes_
     assert torch.load(ckpt / "reference.pt", weights_only=True)["refreshes"] == 3  # steps 2, 4 and 6
     # scored live: every step pays a reference forward, which the FLOPs count
     train(compose_train(tmp_path / "c"), tmp_path / "fixed")
-    assert _steps(tmp_path / "run", "flops")[-1] > 1.2 * _steps(tmp_path / "fixed", "flops")[-1]
+    assert step_values(tmp_path / "run", "flops")[-1] > 1.2 * step_values(tmp_path / "fixed", "flops")[-1]
     with pytest.raises(ValueError, match="reference.evolve_every refreshes a reference model.*reference=stored"):
         train(compose_train(tmp_path / "c", "reference=stored", "reference.scores_dir=/x", "+reference.evolve_every=2"),
               tmp_path / "x")  # fmt: skip
-    _resumed_equals_whole(tmp_path / "resume", monkeypatch, "reference.evolve_every=2")
+    resumed_equals_whole(tmp_path / "resume", monkeypatch, "reference.evolve_every=2")
 
 
 def test_a_block_share_that_keeps_every_candidate_is_refused_with_the_settings_that_work(tmp_path):

@@ -14,6 +14,9 @@ TINY = [
     "trainer.warmup_steps=2", "trainer.eval_batch_size=8", "trainer.progress=false",
     "reference.trainer.max_steps=4", "reference.trainer.batch_size=4", "reference.trainer.progress=false",
     "reference.trainer.eval_every=4", "logger=none",
+    # a 4-step reference is soon outgrown: tests of other features keep the selection they set
+    # (tests/cli/test_outgrown.py tests the default, when_outgrown=all)
+    "selector.when_outgrown=keep",
 ]  # fmt: skip
 
 

@@ -1,0 +1,153 @@
+"""A reference the model outgrows (issue 30): the reference's eval loss is computed once and cached, the
+run warns and records the step where the model reaches it, and ``selector.when_outgrown=all`` trains every
+token from then on (resumably); ``reference=train`` trains until its held-out loss stops improving and
+keeps the best weights."""
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from support.compose import compose_train
+from support.resume import resumed_equals_whole
+
+from slm.cli import CONF_DIR, train
+from slm.cli.references import hold_out
+from slm.cli.settings import validate
+from slm.data import build
+from slm.runs import read_metrics
+from slm.train import SelectorConfig
+
+# A one-step reference predicts little better than chance: the model passes it within a few steps.
+WEAK = (
+    "reference.trainer.max_steps=1",
+    "reference.trainer.eval_every=1",
+    "selector.ratio=0.5",
+    "selector.when_outgrown=all",
+)
+STRONG = ("reference.trainer.max_steps=150", "reference.trainer.eval_every=150", "selector.ratio=0.5",
+          "selector.when_outgrown=all")  # fmt: skip
+
+
+def test_the_remedy_is_the_default_for_every_selector():
+    for yaml in (Path(CONF_DIR) / "selector").glob("*.yaml"):
+        assert OmegaConf.load(yaml).when_outgrown == "all", yaml.name
+    assert SelectorConfig().when_outgrown == "all"
+    with pytest.raises(ValueError, match="selector.when_outgrown must be one of"):
+        SelectorConfig(when_outgrown="never")
+
+
+def _events(run: Path, key: str) -> list[tuple[int, float]]:
+    return [(e["step"], e[key]) for e in read_metrics(run) if key in e]
+
+
+def _plain_eval_loss(model_dir: Path, eval_set) -> float:
+    """Mean next-token cross-entropy over every valid token, with plain torch on full logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ds = eval_set.with_format("torch")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ds), 8):
+            rows = ds[i : i + 8]
+            logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+            targets = rows["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).double(), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            total, count = total + float(loss), count + int((targets != -100).sum())
+    return total / count
+
+
+def _reference_dir(cache: Path) -> Path:
+    return next((cache / "reference").glob("*/DONE")).parent
+
+
+def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(tmp_path, caplog):
+    cfg = compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=12")
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg, tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    ref_loss = info["reference_eval_loss"]["validation"]
+    data = build(validate(cfg).data)
+    plain = _plain_eval_loss(_reference_dir(tmp_path / "c") / "model", data.eval_sets["validation"])
+    assert ref_loss == pytest.approx(plain, rel=1e-5)
+    step = result["outgrown_step"]
+    evals = dict(_events(tmp_path / "run", "eval/validation/loss"))
+    assert step == min(s for s, loss in evals.items() if loss <= ref_loss)  # the first eval at or below it
+    assert _events(tmp_path / "run", "reference/outgrown") == [(step, 1.0)]
+    assert sum("has reached its reference's" in r.message for r in caplog.records) == 1
+    ratios = dict(_events(tmp_path / "run", "train/ratio"))
+    assert all(r == (0.5 if s <= step else 1.0) for s, r in ratios.items())
+    assert 0 < step < 12
+    # keep: the same warning, selection goes on
+    result = train(compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=12", "selector.when_outgrown=keep"),
+                   tmp_path / "keep")  # fmt: skip
+    assert result["outgrown_step"] == step
+    assert set(dict(_events(tmp_path / "keep", "train/ratio")).values()) == {0.5}
+
+
+def test_no_warning_while_the_reference_stays_ahead(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        result = train(compose_train(tmp_path / "c", *STRONG), tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert result["eval/loss"] > info["reference_eval_loss"]["validation"]
+    assert "outgrown_step" not in result and not _events(tmp_path / "run", "reference/outgrown")
+    assert not any("has reached its reference's" in r.message for r in caplog.records)
+    # a baseline does not select: nothing is watched
+    train(compose_train(tmp_path / "c", *STRONG, "selector=all"), tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "run_info.json").read_text())["reference_eval_loss"] is None
+
+
+def test_the_reference_eval_loss_is_cached_and_read_for_a_stored_column(tmp_path, caplog):
+    """Computed once per (reference weights, eval sets); a run on a stored column finds it in the cache, and
+    one whose reference is nowhere on this machine says the check is off instead of guessing."""
+    from slm.cli import score
+
+    store = score(compose_train(tmp_path / "c", *WEAK[:2], config_name="score"))
+    cached = list((tmp_path / "c" / "reference_eval").glob("*.json"))
+    assert len(cached) == 1  # slm-score computed it
+    stored = ("selector.ratio=0.5", "selector.when_outgrown=all", "reference=stored", f"reference.scores_dir={store}")
+    train(compose_train(tmp_path / "c", *stored), tmp_path / "run")
+    got = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_eval_loss"]
+    assert got == json.loads(cached[0].read_text())["losses"]
+    cached[0].unlink()
+    model = _reference_dir(tmp_path / "c") / "model"
+    model.rename(model.with_name("moved"))
+    with caplog.at_level(logging.INFO):
+        train(compose_train(tmp_path / "c", *stored), tmp_path / "run2")
+    assert json.loads((tmp_path / "run2" / "run_info.json").read_text())["reference_eval_loss"] is None
+    assert any("cannot tell when the model outgrows it" in r.message for r in caplog.records)
+
+
+def test_the_remedy_resumes_exactly(tmp_path, monkeypatch):
+    """Interrupted after the model passed its reference: the resumed run still trains every token."""
+    resumed_equals_whole(tmp_path, monkeypatch, *WEAK)
+    assert json.loads((tmp_path / "cut" / "result.json").read_text())["outgrown_step"] == 3
+
+
+def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_the_best(tmp_path):
+    converge = ("reference.converge.holdout=0.1", "reference.converge.patience=2", "reference.converge.min_delta=0.3",
+                "reference.trainer.max_steps=200", "reference.trainer.eval_every=5")  # fmt: skip
+    train(compose_train(tmp_path / "c", *converge, "trainer.max_steps=1"), tmp_path / "run")
+    where = _reference_dir(tmp_path / "c")
+    held = _events(where / "run", "eval/reference_heldout/loss")
+    best, best_step = held[0][1], 0
+    for step, loss in held[1:]:  # the rule, replayed on the logged losses
+        if loss < best - 0.3:
+            best, best_step = loss, step
+        elif step - best_step >= 2 * 5:
+            stopped = step
+            break
+    result = json.loads((where / "result.json").read_text())
+    assert (result["best_step"], result["step"], result["stopped_early"]) == (best_step, stopped, True)
+    assert stopped < 200 and held[-1][0] == stopped  # it stopped there, far below the cap
+    # the kept weights are the best eval's: their held-out loss, recomputed, is the one logged there
+    data = build(validate(compose_train(tmp_path / "c", *converge)).data)
+    _, heldout = hold_out(data["clean"], 0.1)
+    assert _plain_eval_loss(where / "model", heldout) == pytest.approx(best, rel=1e-5)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_quality"]
+    assert (info["steps"], info["trained_steps"]) == (best_step, stopped)

@@ -1,0 +1,41 @@
+"""An interrupted run resumed against one never interrupted."""
+
+import os
+import signal
+
+import pytest
+import torch
+
+from slm.cli import train
+from slm.runs import read_metrics
+from slm.train import RunInterrupted, Trainer
+from support.compose import compose_train
+
+
+def step_values(run, key):
+    return [e[key] for e in read_metrics(run) if key in e and "train/loss" in e]
+
+
+def resumed_equals_whole(tmp_path, monkeypatch, *overrides):
+    """Ctrl-C at step 3 of 6, resume: the same metrics and weights as a run never interrupted."""
+    from safetensors.torch import load_file
+
+    common = ("trainer.checkpoint_every=100", *overrides)
+    train(compose_train(tmp_path / "c", *common), tmp_path / "whole")
+    real = Trainer.train_step
+
+    def ctrl_c_in_step_3(self):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_3)
+    with pytest.raises(RunInterrupted):
+        train(compose_train(tmp_path / "c", *common), tmp_path / "cut")
+    monkeypatch.setattr(Trainer, "train_step", real)
+    train(compose_train(tmp_path / "c", *common, "trainer.resume=true"), tmp_path / "cut")
+    for key in ("train/loss", "tokens_seen", "tokens_selected", "flops"):
+        assert step_values(tmp_path / "cut", key) == pytest.approx(step_values(tmp_path / "whole", key), rel=1e-6), key
+    a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("whole", "cut"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-5)
