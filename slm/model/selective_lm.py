@@ -338,15 +338,20 @@ class SelectiveLM(nn.Module):
         else:
             selector = "train_loss" if self.selector == "excess_loss" and ref is None else self.selector
             scores = [score_tokens(selector, token_loss, ref, self.generator, ent)]
-            if self.threshold is not None:
-                mask = self.threshold.select(scores[0], plan.valid, ratio, check_finite=eager)
-            else:
-                mask = select_tokens(scores[0], ratio, plan.valid, self.scope, **kw)
-        nonfinite = None if eager else sum((~torch.isfinite(s) & plan.valid).sum() for s in scores)
+            if self.threshold is not None:  # its count is read once, then the positions need no further wait
+                mask, kept = self.threshold.select_counted(scores[0], plan.valid, ratio, eager, plan.n_valid)
+                return mask, plan.positions(mask, kept), self._nonfinite(scores, plan, eager)
+            mask = select_tokens(scores[0], ratio, plan.valid, self.scope, **kw)
+        nonfinite = self._nonfinite(scores, plan, eager)
         if plan.counts is None or not self.fixed_count:  # the count is known only after selecting
             return mask, mask[:, 1:].reshape(-1).nonzero().squeeze(1), nonfinite
         k = sum(num_to_keep(ratio, n) for n in plan.counts)
         return mask, plan.positions(mask, k), nonfinite
+
+    @staticmethod
+    def _nonfinite(scores: list[Tensor], plan: RowPlan, eager: bool) -> Tensor | None:
+        """How many valid tokens have a NaN or inf score, as a device count (None: checked eagerly)."""
+        return None if eager else sum((~torch.isfinite(s) & plan.valid).sum() for s in scores)
 
     @property
     def fixed_count(self) -> bool:

@@ -53,28 +53,38 @@ class RunningThreshold:
         owed = self.due - self.kept
         return min(1.0, max(0.0, ratio + owed / max(1, PAYBACK_STEPS * n)))
 
-    def _bounded(self, every: Tensor, threshold: Tensor, ratio: float) -> tuple[Tensor, int]:
-        """(``threshold``, or the score of the best token at the edge of the allowance when the tokens kept
-        so far would leave TOLERANCE of what was asked (see the module docstring); how many of ``every``
-        reach it)."""
+    def _bounded(self, every: Tensor, threshold: Tensor, ratio: float) -> Tensor:
+        """``threshold``, or the score of the best token at the edge of the allowance when the tokens kept
+        so far would leave TOLERANCE of what was asked (see the module docstring). Decided on the device:
+        the bounds come from host counts, the edge from the sorted scores at the clamped count."""
         n = every.numel()
         due = self.due + ratio * n
         low = max(0, math.ceil(due * (1 - TOLERANCE) - self.kept - 1e-9))
         high = min(n, math.floor(due * (1 + TOLERANCE) - self.kept + 1e-9))
-        k = int((every >= threshold.to(every.device)).sum())
-        if low <= k <= high or low > high:
-            return threshold, k
-        k = min(max(k, low), high)
-        if k == 0:
-            return torch.tensor(float("inf"), device=threshold.device), 0
-        edge = torch.topk(every, k).values[-1]
-        return edge.to(threshold.device), int((every >= edge).sum())  # ties at the edge are kept too
+        if low > high or n == 0:
+            return threshold
+        count = (every >= threshold).sum()
+        k = count.clamp(low, high)
+        ranked = torch.sort(every, descending=True).values
+        edge = torch.where(k > 0, ranked.gather(0, (k - 1).clamp(min=0).reshape(1))[0], float("inf"))
+        return torch.where((count >= low) & (count <= high), threshold, edge)  # ties at the edge are kept too
 
-    def select(self, scores: Tensor, valid: Tensor, ratio: float, check_finite: bool = True) -> Tensor:
+    def select(
+        self, scores: Tensor, valid: Tensor, ratio: float, check_finite: bool = True, n_valid: int | None = None
+    ) -> Tensor:
         """Bool mask of the shape of ``scores``: the valid tokens at or above this step's threshold."""
+        return self.select_counted(scores, valid, ratio, check_finite, n_valid)[0]
+
+    def select_counted(
+        self, scores: Tensor, valid: Tensor, ratio: float, check_finite: bool = True, n_valid: int | None = None
+    ) -> tuple[Tensor, int]:
+        """(the mask of :meth:`select`, how many of this process's tokens it keeps). ``n_valid``: this
+        process's valid count when the host knows it already; then the step's one wait for the device
+        is reading how many tokens it keeps (on one process; more processes also exchange scores)."""
         ratio = check_ratio(ratio)
         valid = valid.bool()
-        mine = scores.float()[valid]
+        n = int(valid.sum()) if n_valid is None else int(n_valid)
+        mine = scores.float().flatten().index_select(0, torch.nonzero_static(valid.flatten(), size=n).squeeze(1))
         every = _gather_global(mine)[0] if _distributed() else mine  # every process's, in rank order
         if check_finite:
             _check_finite(every, torch.ones_like(every, dtype=torch.bool))
@@ -82,17 +92,19 @@ class RunningThreshold:
         pool = torch.cat([t.to(every.device) for t in self.recent])
         keep_share = self.level(ratio, every.numel())
         if keep_share >= 1.0 or not pool.numel():
-            threshold = torch.tensor(float("-inf"), device=scores.device)
+            threshold = torch.tensor(float("-inf"), device=every.device)
         elif keep_share <= 0.0:
-            threshold = torch.tensor(float("inf"), device=scores.device)
+            threshold = torch.tensor(float("inf"), device=every.device)
         else:
-            threshold = torch.quantile(pool, 1.0 - keep_share).to(scores.device)
-        threshold, kept = self._bounded(every, threshold, ratio)
-        mask = valid & (scores.float() >= threshold)
+            threshold = _quantile(pool, 1.0 - keep_share)
+        threshold = self._bounded(every, threshold, ratio)
+        mask = valid & (scores.float() >= threshold.to(scores.device))
+        counts = torch.stack([(every >= threshold).sum(), (mine >= threshold).sum()])
+        kept, mine_kept = counts.to("cpu", copy=True).tolist()  # the one read: every process's count, this one's
         self.due += ratio * every.numel()
         self.seen += int(every.numel())
         self.kept += kept
-        return mask
+        return mask, mine_kept
 
     def state_dict(self) -> dict:
         recent = [t.cpu() for t in self.recent]
@@ -102,3 +114,12 @@ class RunningThreshold:
         self.window, self.recent = int(state["window"]), list(state["recent"])
         self.kept, self.seen = int(state["kept"]), int(state["seen"])
         self.due = float(state.get("due", self.kept))  # a checkpoint from before: owed nothing
+
+
+def _quantile(values: Tensor, q: float) -> Tensor:
+    """``torch.quantile(values, q)`` (linear interpolation) without its host-side checks, which wait for the
+    device: the positions come from the host-known length."""
+    ranked = torch.sort(values).values
+    at = q * (values.numel() - 1)
+    lo, hi = math.floor(at), math.ceil(at)
+    return ranked[lo] + (at - lo) * (ranked[hi] - ranked[lo])

@@ -302,17 +302,22 @@ class Trainer:
                     except NonFiniteScores as e:
                         raise self._non_finite(str(e)) from e
                 loss = out.loss
-                if n_step is None:  # a union/intersection: its count is known now (one micro-batch per step)
-                    counted = torch.tensor([out.n_selected], dtype=torch.float64, device=self.acc.device)
-                    n_step = int(self.acc.reduce(counted, "sum").item())
-                    loss = loss / max(n_step, 1)
+                if n_step is None:  # a count known after the forward (one micro-batch per step): every
+                    # process's summed on the device, so the host learns it with the step's one sync below
+                    counted = out.mask[:, 1:].sum().double()
+                    loss = loss / self.acc.reduce(counted.reshape(1), "sum")[0].clamp(min=1)
                 engine.backward(loss)
             loss_sum += loss.detach().double()
             if out.n_nonfinite is not None:
                 nonfinite += out.n_nonfinite
         stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
-        # The step's one sync: its loss, any non-finite selection score, and stop requests, on every process.
-        loss, bad_scores, stop = self.acc.reduce(torch.stack([loss_sum, nonfinite, stop]), "sum").tolist()
+        counted = counted if n_step is None else torch.zeros_like(stop)
+        # The step's one sync: its loss, any non-finite selection score, stop requests, and a count known only
+        # after the forward, on every process.
+        loss, bad_scores, stop, counted = self.acc.reduce(
+            torch.stack([loss_sum, nonfinite, stop, counted]), "sum"
+        ).tolist()
+        n_step = round(counted) if n_step is None else n_step
         self._stop = stop > 0
         if bad_scores:
             raise self._non_finite(

@@ -388,6 +388,34 @@ def test_a_forward_waits_for_the_device_once_and_the_backward_never(batch, case)
         assert torch.equal(out.mask, eager.mask) and int(out.n_nonfinite) == 0
 
 
+def test_a_threshold_over_the_run_waits_once_more_per_forward_for_its_count(batch):
+    """scope=dataset: the count it keeps depends on the scores, so the forward reads it once (with every
+    other number the selection needs) after the plan's one read; the positions and the bound need no wait
+    of their own (issue 25 item 5: before, 6 more). The masks equal the threshold's own, counted eagerly."""
+    from support.probes import HostSyncs
+
+    from slm.selection import RunningThreshold
+
+    ids, am, labels = batch
+    model = tiny_model("llama")
+    lm = slm.SelectiveLM(model, scope="dataset", check_scores="deferred")
+    plain = RunningThreshold()
+    with HostSyncs() as decoder:
+        model.base_model(input_ids=ids, attention_mask=am, use_cache=False)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):  # the first steps keep to the bound's edge, later ones use the threshold
+        ref = torch.rand(ids.shape, generator=g) * 3
+        with HostSyncs() as forward:
+            out = lm(input_ids=ids, labels=labels, attention_mask=am, ref_loss=ref, ratio=0.4)
+        assert sorted(forward.ops) == sorted(decoder.ops + ["copy to cpu"] * 2), (step, forward.ops)
+        with HostSyncs() as backward:
+            out.loss.backward()
+        assert backward.ops == []
+        expected = plain.select(slm.excess_loss(out.token_loss.detach(), ref), shifted_valid(labels), 0.4)
+        assert torch.equal(out.mask, expected) and out.n_selected == int(expected.sum())
+        assert plain.kept == lm.threshold.kept and plain.seen == lm.threshold.seen
+
+
 @pytest.mark.parametrize("how", ["union", "intersection"])
 def test_combined_selectors_train_exactly_the_combined_set(batch, how):
     ids, am, labels = batch

@@ -87,6 +87,18 @@ def test_fsdp2_two_processes_equal_one_process(tmp_path, arch):
         assert again.lm_head.weight is again.get_input_embeddings().weight
 
 
+@pytest.mark.slow
+def test_a_threshold_over_the_run_on_two_processes_equals_one_process(tmp_path):
+    """scope=dataset: every process's scores set one threshold, and the count each step trains (known only
+    after the forward) normalises the step on the device: 2 processes x batch 2 = 1 process x batch 4."""
+    how = ("selector.scope=dataset", "selector.ratio=0.4")
+    one = one_process(tmp_path, "one", "trainer.batch_size=4", *how)
+    two = launched(tmp_path, "ddp", "two", "trainer.batch_size=2", *how)
+    assert_same_run(one, two, atol=1e-5)
+    fracs = {round(e["train/selected_frac"], 4) for e in read_metrics(two) if "train/selected_frac" in e}
+    assert len(fracs) > 1  # the steps trained data-dependent shares
+
+
 def dcp_state(folder: Path) -> dict:
     """A sharded checkpoint's model and optimizer state, read back whole (for tests only)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
