@@ -177,10 +177,11 @@ class HeadRows:
         self.head, self.hidden, self.targets = head, hidden, targets
         self.loss = self.lse = None
 
-    def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
-        out = score_rows(self.head, self.hidden.detach(), self.targets, hits=hits)
+    def score(self, hits: bool = False, entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(every row's loss, arg-max hits or None, predictive entropy or None), without gradients."""
+        out = score_rows(self.head, self.hidden.detach(), self.targets, hits=hits, entropy=entropy)
         self.loss, self.lse = out[0], out[1]
-        return out[0], out[2] if hits else None
+        return out[0], out[2] if hits else None, out[-1] if entropy else None
 
     def train(self, picked: Tensor, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(weighted loss sum, per-row losses) of the valid rows at indices ``picked``."""
@@ -199,10 +200,15 @@ class FullLogitRows:
 
     def __init__(self, logits: Tensor, targets: Tensor):
         self.ce = full_logits_rows_loss(logits, targets)
-        self.hit = logits.detach().argmax(-1) == targets
+        self.logits, self.targets = logits.detach(), targets
 
-    def score(self, hits: bool = False) -> tuple[Tensor, Tensor | None]:
-        return self.ce.detach(), self.hit if hits else None
+    def score(self, hits: bool = False, entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        hit = self.logits.argmax(-1) == self.targets if hits else None
+        ent = None
+        if entropy:
+            logp = torch.log_softmax(self.logits.float(), dim=-1)
+            ent = -(logp.exp() * logp).sum(-1)
+        return self.ce.detach(), hit, ent
 
     def train(self, picked: Tensor, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
         ce = self.ce.index_select(0, picked)

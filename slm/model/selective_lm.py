@@ -62,6 +62,7 @@ class SelectiveOutput(ModelOutput):
     n_selected: int | None = None
     n_valid: int | None = None
     hits: Tensor | None = None  # [B, T] bool, label == arg-max prediction (with return_hits=True)
+    entropy: Tensor | None = None  # [B, T] float32, the predictive distribution's entropy (return_entropy=True)
     n_nonfinite: Tensor | None = None  # with check_scores="deferred": NaN/inf selection scores (device scalar)
 
 
@@ -238,6 +239,7 @@ class SelectiveLM(nn.Module):
         ratio: float | None = None,
         num_items_in_batch: Tensor | float | None = None,
         return_hits: bool = False,
+        return_entropy: bool = False,
         **model_kwargs,
     ) -> SelectiveOutput:
         """Loss over the selected tokens (see :class:`SelectiveOutput`).
@@ -248,7 +250,8 @@ class SelectiveLM(nn.Module):
         by the selector's score are trained. ``num_items_in_batch`` replaces the denominator (the
         number of trained tokens, or the weights' sum) so a trainer can normalise over a whole
         optimizer step and all processes; 0 means "nothing trained" (the loss is 0, never inf).
-        ``return_hits=True`` also reports arg-max hits, for accuracy metrics. Other keyword
+        ``return_hits=True`` also reports arg-max hits, for accuracy metrics, and ``return_entropy=True``
+        each valid token's predictive entropy (both from the no-grad scoring pass). Other keyword
         arguments (``position_ids``, packing arguments) go to the decoder; unknown ones raise.
         """
         self._check_call(model_kwargs)
@@ -279,13 +282,15 @@ class SelectiveLM(nn.Module):
         )
         rows = self._rows(exact, input_ids, attention_mask, plan, labels, model_kwargs)
 
-        hits = n_nonfinite = None
-        if plan.known is None or return_hits:
+        hits = entropy = n_nonfinite = None
+        if plan.known is None or return_hits or return_entropy:
             # Selection needs the current loss of every valid token: a no-grad scoring pass.
-            row_loss, row_hits = rows.score(return_hits)
+            row_loss, row_hits, row_entropy = rows.score(return_hits, return_entropy)
             token_loss = plan.scatter(plan.valid_pos, row_loss)
             if return_hits:
                 hits = plan.scatter(plan.valid_pos, row_hits)
+            if return_entropy:
+                entropy = plan.scatter(plan.valid_pos, row_entropy)
             if plan.known is None:
                 mask, pos, n_nonfinite = self._select(token_loss, ref_loss, ref_entropy, plan, ratio)
             else:
@@ -310,6 +315,7 @@ class SelectiveLM(nn.Module):
             n_selected=n_selected,
             n_valid=plan.n_valid,
             hits=hits,
+            entropy=entropy,
             n_nonfinite=n_nonfinite,
         )
 

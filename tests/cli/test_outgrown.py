@@ -66,7 +66,7 @@ def _reference_dir(cache: Path) -> Path:
     return next((cache / "reference").glob("*/DONE")).parent
 
 
-def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(tmp_path, caplog):
+def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(tmp_path, caplog, capsys):
     cfg = compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=12")
     with caplog.at_level(logging.WARNING):
         result = train(cfg, tmp_path / "run")
@@ -83,6 +83,16 @@ def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(
     ratios = dict(_events(tmp_path / "run", "train/ratio"))
     assert all(r == (0.5 if s <= step else 1.0) for s, r in ratios.items())
     assert 0 < step < 12
+    # slm-curves marks it: the run's loss at that step, and says where
+    from slm.analysis import curves, load_runs
+    from slm.analysis.report import main as slm_curves
+
+    (curve,) = curves(load_runs([str(tmp_path / "run")]))
+    assert [(e["step"], y) for e, y in curve.outgrown("eval/loss")] == [(step, evals[step])]
+    assert curve.reference_loss == ref_loss
+    slm_curves([str(tmp_path / "run"), "--out", str(tmp_path / "plot")])
+    assert f"reached its reference's eval loss in 1 of 1 runs (run at step {step}" in capsys.readouterr().out
+    assert (tmp_path / "plot" / "curves.png").exists()
     # keep: the same warning, selection goes on
     result = train(compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=12", "selector.when_outgrown=keep"),
                    tmp_path / "keep")  # fmt: skip

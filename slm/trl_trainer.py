@@ -1,0 +1,195 @@
+"""SelectiveSFTTrainer: TRL's ``SFTTrainer`` whose output layer trains only the tokens it keeps.
+
+TRL builds the batches as it always does (completion-only and assistant-only masks become labels of
+-100, packing and padding-free rows with ``position_ids``), counts the trained tokens of each
+optimizer step over its micro-batches and processes (``num_items_in_batch``) and normalises by that
+count. This trainer keeps all of it and changes one thing: the model's loss is slm's selective head
+(:class:`slm.SelectiveLM`). At ``selection_ratio=1.0`` it trains exactly TRL's tokens, with TRL's
+loss and gradients. Below 1.0 it scores every token TRL would train without gradients, keeps the top
+share by an slm score (the excess loss over a reference model given by ``reference=``, as Token
+Cleaning does; the model's own loss; random), and runs the gradient-carrying head only on those;
+``num_items_in_batch`` then counts the kept tokens. TRL's ``entropy`` and ``mean_token_accuracy``
+are computed over every token TRL would train, from the scoring pass (``token_metrics=False``
+skips that pass at ratio 1.0, where nothing else needs it).
+
+Needs ``pip install -e ".[trl]"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any
+
+import torch
+from trl import SFTTrainer
+
+from slm.model import SelectiveLM, shifted_valid, token_losses
+from slm.reference import freeze, load_reference
+from slm.selection import NonFiniteScores, check_ratio, num_selected
+
+SFT_SELECTORS = ("excess_loss", "train_loss", "reference_loss", "random")
+_NOT_FOR_THE_DECODER = ("labels", "use_cache", "ref_loss")
+
+
+def add_selective_head(model: torch.nn.Module, selective: SelectiveLM) -> None:
+    """Route ``model(..., slm_head=True, ...)`` through ``selective`` (its SelectiveOutput); without
+    ``slm_head`` the forward is the one it had (generation, TRL's own calls). A call through a DDP or FSDP
+    wrapper of ``model`` reaches this forward, so their gradient hooks see the selective loss."""
+    original = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, slm_head: bool = False, **kwargs):
+        if not slm_head:
+            return original(*args, **kwargs)
+        return selective(**kwargs)
+
+    model.forward = types.MethodType(forward, model)
+
+
+class SelectiveSFTTrainer(SFTTrainer):
+    """``trl.SFTTrainer`` with slm's token selection and selective head.
+
+    Args (beyond ``SFTTrainer``'s):
+        selection_ratio: the share of the tokens TRL would train that this trainer trains (1.0: all).
+        selector: ``excess_loss`` (needs ``reference``), ``train_loss``, ``reference_loss`` (the tokens
+            the reference finds easiest; needs ``reference``) or ``random``.
+        scope: ``batch`` (top-k over each micro-batch) or ``sequence`` (top-k within each row).
+        reference: a causal LM (a model, or a path / hub name) sharing the tokenizer, scored live
+            without gradients on every training batch.
+        token_metrics: log TRL's ``entropy`` and ``mean_token_accuracy`` (from the scoring pass).
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        *pos,
+        selection_ratio: float = 1.0,
+        selector: str = "excess_loss",
+        scope: str = "batch",
+        reference=None,
+        token_metrics: bool = True,
+        **kwargs,
+    ):
+        ratio = check_ratio(selection_ratio, "selection_ratio")
+        if selector not in SFT_SELECTORS:
+            raise ValueError(f"SelectiveSFTTrainer: selector must be one of {SFT_SELECTORS}, got {selector!r}")
+        if scope not in ("batch", "sequence"):
+            raise ValueError(f"SelectiveSFTTrainer: scope must be 'batch' or 'sequence', got {scope!r}")
+        if ratio < 1.0 and selector in ("excess_loss", "reference_loss") and reference is None:
+            raise ValueError(
+                f"SelectiveSFTTrainer: selector={selector!r} ranks tokens against a reference: pass reference=<a "
+                "model or path sharing the tokenizer>, or selector='train_loss'"
+            )
+        super().__init__(model, args, *pos, **kwargs)
+        if self.args.loss_type != "nll":
+            raise ValueError(
+                f"SelectiveSFTTrainer: loss_type={self.args.loss_type!r} reweights every token by its probability; "
+                "the selective head trains plain cross-entropy (loss_type='nll')"
+            )
+        if self.args.label_smoothing_factor or self.compute_loss_func is not None:
+            raise ValueError(
+                "SelectiveSFTTrainer: label smoothing and compute_loss_func need every token's logits, which the "
+                "selective head never builds"
+            )
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.selective = SelectiveLM(inner, ratio=ratio, selector=selector, scope=scope, check_scores="deferred")
+        add_selective_head(inner, self.selective)
+        self.reference = _frozen(reference, self.args.device) if reference is not None else None
+        self.token_metrics = token_metrics
+        self.model_accepts_loss_kwargs = True  # the loss is normalised by num_items_in_batch here
+        self._nonfinite = None
+
+    # -- counting: the tokens each micro-batch trains, from host-side labels, before any forward ------
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        lm = self.selective
+        n = sum(int(num_selected(shifted_valid(b["labels"]), lm.ratio, lm.scope)) for b in batch_samples)
+        n = torch.tensor(n, device=device)  # an integer count, as Trainer's own (the loss stays in its dtype)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            n = self.accelerator.gather(n.reshape(1)).sum()
+        return n
+
+    # -- loss ---------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch=None):
+        training = self.model.training
+        mode = "train" if training else "eval"
+        decoder = {k: v for k, v in inputs.items() if k not in _NOT_FOR_THE_DECODER}
+        selecting = training and self.selective.ratio < 1.0
+        ref_loss = self._reference_losses(inputs, decoder) if selecting else None
+        metrics = self.token_metrics or not training
+        out = model(
+            slm_head=True,
+            labels=inputs["labels"],
+            ref_loss=ref_loss,
+            ratio=None if training else 1.0,
+            num_items_in_batch=num_items_in_batch if training else None,
+            return_hits=metrics,
+            return_entropy=metrics,
+            **decoder,
+        )
+        loss = out.loss
+        if training:
+            self._check_scores(out.n_nonfinite)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
+        if metrics:  # over every token TRL would train, as TRL logs them
+            gather = self.accelerator.gather_for_metrics
+            n_valid = gather(torch.as_tensor(out.n_valid, device=loss.device)).sum()
+            entropy, correct = gather(out.entropy.sum()).sum(), gather(out.hits.sum()).sum()
+            self._metrics[mode]["entropy"].append((entropy / n_valid).item() if n_valid > 0 else 0.0)
+            self._metrics[mode]["mean_token_accuracy"].append((correct / n_valid).item() if n_valid > 0 else 0.0)
+        if training:
+            self._metrics[mode]["selected_frac"].append(out.n_selected / max(out.n_valid, 1))
+            self._count_tokens(inputs)
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, out) if return_outputs else loss
+
+    def _reference_losses(self, inputs: dict, decoder: dict) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        kwargs = {k: v for k, v in decoder.items() if k not in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            return token_losses(
+                self.reference, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"), **kwargs
+            )
+
+    def _count_tokens(self, inputs: dict) -> None:
+        """TRL's ``num_tokens``: every input token of the run so far (padding aside)."""
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        else:
+            local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
+        self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
+
+    def _check_scores(self, n_nonfinite) -> None:
+        """NaN/inf selection scores over the step's micro-batches, raised on every process before the update."""
+        if self.selective.ratio >= 1.0:
+            return
+        if n_nonfinite is not None:
+            self._nonfinite = n_nonfinite.double() if self._nonfinite is None else self._nonfinite + n_nonfinite
+        if not self.accelerator.sync_gradients:
+            return
+        local = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.float64)
+        self._nonfinite = None
+        bad = int(self.accelerator.reduce(local.reshape(1).to(self.args.device), "sum").item())
+        if bad:
+            raise NonFiniteScores(
+                f"SelectiveSFTTrainer: {bad} valid token(s) had NaN or inf selection scores at step "
+                f"{self.state.global_step + 1}; check the reference and the model (stopped before the update)"
+            )
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Eval loss over every token TRL evaluates (no logits exist: predictions are not returned)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def _frozen(reference, device) -> torch.nn.Module:
+    if isinstance(reference, str):
+        return load_reference(reference, device=device)
+    return freeze(reference.to(device))

@@ -1,0 +1,119 @@
+"""SelectiveSFTTrainer against TRL's own SFTTrainer (tiny model, CPU): at ratio 1.0 the same losses, gradient
+norms, metrics and weights for every way TRL marks the trained tokens; below it, the loss and gradients of
+plain full-logits cross-entropy over the kept tokens."""
+
+import pytest
+import torch
+from datasets import Dataset
+from support.archs import tiny_model
+from support.hf_reference import assert_grads_close, grads
+
+import slm
+from slm.data import builtin_tokenizer
+from slm.model import shifted_valid
+
+trl = pytest.importorskip("trl")
+from slm.trl_trainer import SelectiveSFTTrainer  # noqa: E402
+
+CHAT = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<eos>"
+    "{% endgeneration %}{% else %}{{ m['role'] }}: {{ m['content'] }}\n{% endif %}{% endfor %}"
+)
+
+
+def _data(kind: str, n: int = 24) -> Dataset:
+    rows = []
+    for i in range(n):
+        q, a = f"What is {i} plus {i % 7}?", f"It is {i + i % 7}." + " Sure." * (i % 3)
+        if kind == "completion":
+            rows.append({"prompt": q + " ", "completion": a})
+        elif kind == "assistant":
+            rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        else:
+            rows.append({"text": f"{q} {a}"})
+    return Dataset.from_list(rows)
+
+
+def _train(tmp_path, cls, kind: str, name: str, config: dict | None = None, **extra):
+    tok = builtin_tokenizer()
+    tok.chat_template = CHAT
+    model = tiny_model("llama", seed=3, vocab=len(tok))
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
+        assistant_only_loss=kind == "assistant", **(config or {}),
+    )  # fmt: skip
+    trainer = cls(model=model, args=args, train_dataset=_data(kind), processing_class=tok, **extra)
+    trainer.train()
+    return [e for e in trainer.state.log_history if "loss" in e], model
+
+
+@pytest.mark.parametrize(
+    "kind, config",
+    [("completion", {}), ("assistant", {}), ("text", {}), ("completion", {"packing": True, "max_length": 64}),
+     ("text", {"padding_free": True, "max_length": None})],
+    ids=["completion_only", "assistant_only", "plain_text", "packing", "padding_free"],
+)  # fmt: skip
+def test_at_ratio_one_it_equals_trl_sft(tmp_path, kind, config):
+    ours, a = _train(tmp_path, SelectiveSFTTrainer, kind, "ours", config)
+    theirs, b = _train(tmp_path, trl.SFTTrainer, kind, "trl", config)
+    assert len(ours) == len(theirs) == 3
+    for x, y in zip(ours, theirs):
+        for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy"):
+            assert x[key] == pytest.approx(y[key], rel=2e-5, abs=1e-6), (x["step"], key)
+        assert x["num_tokens"] == y["num_tokens"] and x["selected_frac"] == 1.0
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        # Adam divides by sqrt(v): float re-association in a near-zero gradient moves a weight by ~1e-5
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _full_logits_ce(model, batch) -> torch.Tensor:
+    """[B, T] next-token cross-entropy from HF's full logits (entry t predicts labels[:, t]), 0 where invalid."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits.float()
+    labels = batch["labels"]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().clamp(min=0), reduction="none"
+    ).view(labels.shape[0], -1)
+    return torch.nn.functional.pad(ce, (1, 0)) * shifted_valid(labels)
+
+
+@pytest.mark.parametrize("selector", ["train_loss", "excess_loss"])
+def test_below_one_it_trains_the_kept_tokens_exactly(tmp_path, selector):
+    """One micro-batch: the loss and every gradient equal plain cross-entropy over the top 30% of the
+    completion tokens by the selector's score (excess loss: over a reference model)."""
+    tok = builtin_tokenizer()
+    model, reference = tiny_model("llama", seed=3, vocab=len(tok)), tiny_model("llama", seed=9, vocab=len(tok))
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[], use_cpu=True)
+    trainer = SelectiveSFTTrainer(
+        model=model, args=args, train_dataset=_data("completion"), processing_class=tok, selection_ratio=0.3,
+        selector=selector, reference=reference if selector == "excess_loss" else None,
+    )  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    n_keep = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_keep)
+    ce = _full_logits_ce(model, batch)
+    score = ce.detach()
+    if selector == "excess_loss":
+        with torch.no_grad():
+            score = score - _full_logits_ce(reference, batch)
+    kept = slm.select_tokens(score, 0.3, shifted_valid(batch["labels"]), "batch")
+    assert int(kept.sum()) == int(n_keep) < 0.35 * int(shifted_valid(batch["labels"]).sum())
+    plain = ce[kept].sum() / kept.sum()
+    torch.testing.assert_close(loss, plain, atol=1e-6, rtol=1e-5)
+    assert_grads_close(grads(loss, model), grads(plain, model))
+
+
+def test_settings_the_selective_head_cannot_honour_are_refused(tmp_path):
+    tok = builtin_tokenizer()
+    common = dict(train_dataset=_data("completion"), processing_class=tok)
+
+    def args(**kw):
+        return trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **kw)
+
+    with pytest.raises(ValueError, match="ranks tokens against a reference"):
+        SelectiveSFTTrainer(model=tiny_model("llama", vocab=len(tok)), args=args(), selection_ratio=0.5, **common)
+    with pytest.raises(ValueError, match="loss_type='nll'"):
+        SelectiveSFTTrainer(model=tiny_model("llama", vocab=len(tok)), args=args(loss_type="dft"), **common)
+    with pytest.raises(ValueError, match="selector must be one of"):
+        SelectiveSFTTrainer(model=tiny_model("llama", vocab=len(tok)), args=args(), selector="union", **common)
