@@ -116,6 +116,29 @@ class SelectiveDataCollator:
             )
 
 
+class StepScoreCheck:
+    """NaN/inf selection scores counted over a step's micro-batches; on its last one (before its backward,
+    so nothing is updated) the count is reduced over every process and all of them raise: a process that
+    raised alone would leave the others waiting in a collective."""
+
+    def __init__(self):
+        self.count = None  # a device scalar
+
+    def add(self, trainer, n_nonfinite, where: str) -> None:
+        if n_nonfinite is not None:
+            self.count = n_nonfinite.double() if self.count is None else self.count + n_nonfinite
+        if not trainer.accelerator.sync_gradients:
+            return
+        local = self.count if self.count is not None else torch.zeros((), dtype=torch.float64)
+        self.count = None
+        bad = int(trainer.accelerator.reduce(local.reshape(1).to(trainer.args.device), "sum").item())
+        if bad:
+            raise NonFiniteScores(
+                f"{type(trainer).__name__}: {bad} valid token(s) had NaN or inf selection scores at step "
+                f"{trainer.state.global_step + 1}; check {where} and the model (stopped before the update)"
+            )
+
+
 class SelectiveTrainer(Trainer):
     """``transformers.Trainer`` that computes the output layer and loss only on trained tokens.
 
@@ -191,7 +214,7 @@ class SelectiveTrainer(Trainer):
             )
         self.model_accepts_loss_kwargs = True  # we normalise by num_items_in_batch ourselves
         self._selected = torch.zeros(2, dtype=torch.float64)  # trained tokens, valid tokens since last log
-        self._nonfinite = None  # NaN/inf selection scores of this step's micro-batches (a device scalar)
+        self._score_check = StepScoreCheck()
         self._flops = None  # the model's FlopModel, made on first use
 
     def _lm(self) -> SelectiveLM:
@@ -250,23 +273,8 @@ class SelectiveTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def _check_scores(self, n_nonfinite) -> None:
-        """Count NaN/inf selection scores over the step's micro-batches; on its last one (before its
-        backward, so nothing is updated) reduce the count over every process and raise on all of them:
-        a process that raised alone would leave the others waiting in a collective."""
-        if self._lm().ratio >= 1.0:  # nothing is ever selected by score (a loss_mask trains what it marks)
-            return
-        if n_nonfinite is not None:
-            self._nonfinite = n_nonfinite.double() if self._nonfinite is None else self._nonfinite + n_nonfinite
-        if not self.accelerator.sync_gradients:
-            return
-        local = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.float64)
-        self._nonfinite = None
-        bad = int(self.accelerator.reduce(local.reshape(1).to(self.args.device), "sum").item())
-        if bad:
-            raise NonFiniteScores(
-                f"SelectiveTrainer: {bad} valid token(s) had NaN or inf selection scores at step "
-                f"{self.state.global_step + 1}; check the ref_loss column and the model (stopped before the update)"
-            )
+        if self._lm().ratio < 1.0:  # else nothing is selected by score (a loss_mask trains what it marks)
+            self._score_check.add(self, n_nonfinite, "the ref_loss column")
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss: over the loss_mask tokens if given, else over all valid tokens. With

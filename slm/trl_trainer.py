@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
+from slm.hf_trainer import StepScoreCheck
 from slm.model import SelectiveLM, shifted_valid, token_losses
 from slm.reference import freeze, load_reference
-from slm.selection import NonFiniteScores, check_ratio, num_selected
+from slm.selection import check_ratio, num_selected
 
 SFT_SELECTORS = ("excess_loss", "train_loss", "reference_loss", "random")
 _NOT_FOR_THE_DECODER = ("labels", "use_cache", "ref_loss")
@@ -99,7 +100,7 @@ class SelectiveSFTTrainer(SFTTrainer):
         self.reference = _frozen(reference, self.args.device) if reference is not None else None
         self.token_metrics = token_metrics
         self.model_accepts_loss_kwargs = True  # the loss is normalised by num_items_in_batch here
-        self._nonfinite = None
+        self._score_check = StepScoreCheck()
 
     # -- counting: the tokens each micro-batch trains, from host-side labels, before any forward ------
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -132,7 +133,8 @@ class SelectiveSFTTrainer(SFTTrainer):
         )
         loss = out.loss
         if training:
-            self._check_scores(out.n_nonfinite)
+            if self.selective.ratio < 1.0:
+                self._score_check.add(self, out.n_nonfinite, "the reference")
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes  # DDP averages gradients; the count is global
         if metrics:  # over every token TRL would train, as TRL logs them
@@ -163,23 +165,6 @@ class SelectiveSFTTrainer(SFTTrainer):
         else:
             local = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
         self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
-
-    def _check_scores(self, n_nonfinite) -> None:
-        """NaN/inf selection scores over the step's micro-batches, raised on every process before the update."""
-        if self.selective.ratio >= 1.0:
-            return
-        if n_nonfinite is not None:
-            self._nonfinite = n_nonfinite.double() if self._nonfinite is None else self._nonfinite + n_nonfinite
-        if not self.accelerator.sync_gradients:
-            return
-        local = self._nonfinite if self._nonfinite is not None else torch.zeros((), dtype=torch.float64)
-        self._nonfinite = None
-        bad = int(self.accelerator.reduce(local.reshape(1).to(self.args.device), "sum").item())
-        if bad:
-            raise NonFiniteScores(
-                f"SelectiveSFTTrainer: {bad} valid token(s) had NaN or inf selection scores at step "
-                f"{self.state.global_step + 1}; check the reference and the model (stopped before the update)"
-            )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Eval loss over every token TRL evaluates (no logits exist: predictions are not returned)."""

@@ -18,7 +18,7 @@ ALLOWED = {
     "model": {"head", "selection"},
     "parallel": {"model"},
     "hf_trainer": {"model", "selection"},
-    "trl_trainer": {"model", "selection", "reference"},
+    "trl_trainer": {"hf_trainer", "model", "selection", "reference"},
     "bench": {"head", "model", "selection"},
     "reference": {"data", "model", "parallel"},
     "train": {"model", "parallel", "reference", "runs", "selection"},
