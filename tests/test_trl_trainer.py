@@ -2,6 +2,8 @@
 norms, metrics and weights for every way TRL marks the trained tokens; below it, the loss and gradients of
 plain full-logits cross-entropy over the kept tokens."""
 
+import re
+
 import pytest
 import torch
 from datasets import Dataset
@@ -117,3 +119,18 @@ def test_settings_the_selective_head_cannot_honour_are_refused(tmp_path):
         SelectiveSFTTrainer(model=tiny_model("llama", vocab=len(tok)), args=args(loss_type="dft"), **common)
     with pytest.raises(ValueError, match="selector must be one of"):
         SelectiveSFTTrainer(model=tiny_model("llama", vocab=len(tok)), args=args(), selector="union", **common)
+
+
+def test_the_readme_example_runs_as_written(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "trl_sft_example.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "llama"
+    logged = [float(x) for x in re.findall(r"'selected_frac': '([0-9.]+)'", done.stdout + done.stderr)]
+    assert logged and all(0.28 <= f <= 0.32 for f in logged)  # the share it was asked to keep
