@@ -124,8 +124,9 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
     ref_eval = {outgrown.eval_set: outgrown.reference_loss} if outgrown else None
+    passes = _passes(settings, acc, len(train_ds))
     info, before = _record_start(
-        cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir, quality, ref_eval
+        cfg, settings, run_dir, acc, changed, selector, schedule, ref.scores_dir, quality, ref_eval, passes
     )
     tracker = Tracker(
         run_dir,
@@ -189,6 +190,25 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     return result
 
 
+def _passes(settings: RunSettings, acc, n_rows: int) -> float:
+    """How many times the run reads its training text (rows read over rows there); said when above one:
+    a saving measured over repeated text is not one over fresh text (the second pass's clean tokens are
+    known ones)."""
+    t, blocks = settings.trainer, settings.selector.blocks
+    per_step = acc.num_processes * t.grad_accum * (candidates(t.batch_size, blocks) if blocks < 1.0 else t.batch_size)
+    passes = round(per_step * t.max_steps / max(n_rows, 1), 3)
+    if passes > 1:
+        log.warning(
+            "the run reads its training text %.2f times (%d steps x %d blocks of %d): selection's saving over "
+            "repeated text is not its saving over one pass of fresh text",
+            passes,
+            t.max_steps,
+            per_step,
+            n_rows,
+        )
+    return passes
+
+
 def _outgrown_watch(settings: RunSettings, data, acc, ref) -> OutgrownWatch | None:
     """Watch the model's eval loss against its reference's on the first eval set, for a run whose selection
     ranks by the reference (None otherwise, or when the reference's eval loss cannot be had)."""
@@ -222,6 +242,7 @@ def _record_start(
     scores_dir,
     quality: dict | None = None,
     reference_eval_loss: dict | None = None,
+    passes: float | None = None,
 ) -> tuple[dict, dict | None]:
     """run_info.json as the run starts (a resume adds to the earlier record); config.yaml on the first start.
     Returns (the record, the earlier one on a resume: what a refused resume puts back)."""
@@ -243,6 +264,7 @@ def _record_start(
         launch_dir=os.getcwd(),  # where relative data paths of its config start from
         reference_quality=quality,  # a reference slm trained: its eval losses and steps (None otherwise)
         reference_eval_loss=reference_eval_loss,  # the loss the model is watched against (None: not watched)
+        passes=passes,  # how many times the run reads its training text
     )
     old = None
     if acc.is_main_process:

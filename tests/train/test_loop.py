@@ -360,3 +360,22 @@ def test_a_live_reference_is_counted_on_every_block_it_scores(tmp_path, monkeypa
     flops = [read_metrics(tmp_path / d)[-1]["flops"] for d in ("live", "s")]
     params = sum(p.numel() for p in ref.parameters())
     assert flops[0] - flops[1] == pytest.approx(2 * params * sum(forwarded), rel=1e-9)
+
+
+def test_a_run_that_reads_its_text_more_than_once_says_so(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        train(compose_train(tmp_path / "c", "trainer.max_steps=80"), tmp_path / "run")
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    from slm.cli.settings import validate
+    from slm.data import build
+
+    rows = len(build(validate(compose_train(tmp_path / "c")).data)["train"])
+    assert info["passes"] == round(80 * 4 / rows, 3) > 1
+    assert any("reads its training text" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "once")
+    assert json.loads((tmp_path / "once" / "run_info.json").read_text())["passes"] < 1
+    assert not any("reads its training text" in r.message for r in caplog.records)
