@@ -22,7 +22,7 @@ import types
 from typing import Any
 
 import torch
-from trl import SFTTrainer
+from trl import GRPOTrainer, SFTTrainer
 
 from slm.hf_trainer import StepScoreCheck
 from slm.model import SelectiveLM, shifted_valid, token_losses
@@ -34,13 +34,16 @@ _NOT_FOR_THE_DECODER = ("labels", "use_cache", "ref_loss")
 
 
 def add_selective_head(model: torch.nn.Module, selective: SelectiveLM) -> None:
-    """Route ``model(..., slm_head=True, ...)`` through ``selective`` (its SelectiveOutput); without
-    ``slm_head`` the forward is the one it had (generation, TRL's own calls). A call through a DDP or FSDP
+    """Route ``model(..., slm_head=True, ...)`` through ``selective`` (its SelectiveOutput), and
+    ``model(..., slm_keep=rule, ...)`` through :meth:`SelectiveLM.kept_logprobs`; otherwise the forward is
+    the one it had (generation, TRL's own calls). A call through a DDP or FSDP
     wrapper of ``model`` reaches this forward, so their gradient hooks see the selective loss."""
     original = model.forward
 
     @functools.wraps(type(model).forward)
-    def forward(self, *args, slm_head: bool = False, **kwargs):
+    def forward(self, *args, slm_head: bool = False, slm_keep=None, **kwargs):
+        if slm_keep is not None:  # per-token log-probs with gradients through the kept tokens only
+            return selective.kept_logprobs(keep=slm_keep, **kwargs)
         if not slm_head:
             return original(*args, **kwargs)
         return selective(**kwargs)
@@ -178,3 +181,82 @@ def _frozen(reference, device) -> torch.nn.Module:
     if isinstance(reference, str):
         return load_reference(reference, device=device)
     return freeze(reference.to(device))
+
+
+GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+
+
+class SelectiveGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose ``top_entropy_quantile`` runs through slm's selective head.
+
+    TRL scores every completion token with gradients and then multiplies the policy loss of all but the
+    highest-entropy share by zero. Here one no-grad scoring pass gives every completion token's
+    log-probability and entropy (what the importance ratio, clipping and the mask need), TRL's own rule
+    picks the same tokens, and the gradient-carrying head runs on those tokens only. The loss and its
+    gradients are TRL's (tested equal). Settings whose gradient reaches every token are refused: a KL
+    term (``beta``), sequence-level importance sampling, the entropy bonus, and the losses that mix
+    tokens in their weights (``vespo``, ``luspo``).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.top_entropy_quantile < 1.0:
+            raise ValueError("SelectiveGRPOTrainer: set top_entropy_quantile < 1 (the share of tokens it trains)")
+        refused = {
+            "beta != 0 (its KL term has a gradient at every token)": self.beta != 0.0,
+            "importance_sampling_level='sequence' (every token's ratio enters each)": (
+                self.importance_sampling_level != "token"
+            ),
+            "an entropy bonus (its gradient reaches every token's entropy)": self._entropy_bonus_enabled,
+            f"loss_type={self.loss_type!r} (supported: {', '.join(GRPO_LOSSES)})": self.loss_type not in GRPO_LOSSES,
+            "a model with a router loss": self.aux_loss_enabled,
+        }
+        bad = [what for what, hit in refused.items() if hit]
+        if bad:
+            raise ValueError(f"SelectiveGRPOTrainer: not with {'; '.join(bad)}; use trl.GRPOTrainer for those")
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.selective = SelectiveLM(inner, ratio=1.0)
+        add_selective_head(inner, self.selective)
+        self._completion_mask = None
+
+    def _compute_loss(self, model, inputs):
+        mask = inputs["completion_mask"]
+        self._completion_mask = mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._completion_mask = None
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
+        compute_aux_loss=False, **multimodal,
+    ):  # fmt: skip
+        ours = (
+            self._completion_mask is not None
+            and torch.is_grad_enabled()
+            and compute_entropy
+            and not compute_aux_loss
+            and all(v is None for v in multimodal.values())
+        )
+        if not ours:  # generation-time scoring, the reference model, eval: TRL's own
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
+                **multimodal,
+            )  # fmt: skip
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        completion = self._completion_mask
+
+        def keep(logp, entropy, valid):  # TRL's own rule, on the scoring pass's entropies
+            top = self.get_high_entropy_mask(entropy[:, -logits_to_keep:], completion, 1 - self.top_entropy_quantile)
+            kept = torch.zeros_like(valid)
+            kept[:, -logits_to_keep:] = top
+            return kept
+
+        with self.accelerator.autocast():
+            logp, entropy, kept = model(
+                input_ids=input_ids, attention_mask=attention_mask, labels=labels, slm_keep=keep
+            )
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["selected_frac"].append(float(kept.sum() / completion.sum().clamp(min=1)))
+        return logp[:, -logits_to_keep:], entropy[:, -logits_to_keep:], None

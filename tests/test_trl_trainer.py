@@ -134,3 +134,40 @@ def test_the_readme_example_runs_as_written(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "llama"
     logged = [float(x) for x in re.findall(r"'selected_frac': '([0-9.]+)'", done.stdout + done.stderr)]
     assert logged and all(0.28 <= f <= 0.32 for f in logged)  # the share it was asked to keep
+
+
+def _grpo(tmp_path, cls, name: str, **config):
+    tok = builtin_tokenizer()
+    tok.padding_side = "left"
+    model = tiny_model("llama", seed=3, vocab=len(tok))
+    prompts = Dataset.from_list([{"prompt": f"What is {i} plus {i % 5}? "} for i in range(16)])
+
+    def reward(completions, **kw):  # longer answers and more digits score higher: the advantages differ
+        return [len(c) / 10 + sum(ch.isdigit() for ch in c) for c in completions]
+
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, num_generations=4,
+        max_completion_length=16, gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, report_to=[],
+        use_cpu=True, bf16=False, seed=0, save_strategy="no", top_entropy_quantile=0.2, **config,
+    )  # fmt: skip
+    trainer = cls(model=model, args=args, reward_funcs=reward, train_dataset=prompts, processing_class=tok)
+    trainer.train()
+    return [e for e in trainer.state.log_history if "loss" in e], model
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_grpo_top_entropy_tokens_equal_trl(tmp_path, loss_type):
+    """The same completions (sampled on CPU), the same tokens kept, the same loss, gradients and weights as
+    TRL's GRPOTrainer with top_entropy_quantile=0.2, while only those tokens run the gradient-carrying head."""
+    from slm.trl_trainer import SelectiveGRPOTrainer
+
+    ours, a = _grpo(tmp_path, SelectiveGRPOTrainer, "ours", loss_type=loss_type)
+    theirs, b = _grpo(tmp_path, trl.GRPOTrainer, "trl", loss_type=loss_type)
+    assert len(ours) == len(theirs) == 3
+    for x, y in zip(ours, theirs):
+        assert x["completions/mean_length"] == y["completions/mean_length"]  # the same samples
+        for key in ("loss", "grad_norm", "entropy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+        assert 0.15 < x["selected_frac"] <= 0.3
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")

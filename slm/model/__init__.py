@@ -3,6 +3,7 @@ Imports slm.head and slm.selection.
 
   selective_lm.py  SelectiveLM (the forward: score, select, train the selected rows), SelectiveOutput, saving
   rows.py          which rows a step scores and trains, planned with one device sync; loss_mask/loss_weight checks
+  logprobs.py      per-token log-probs whose gradients pass only through kept tokens (policy-gradient losses)
   architectures.py HF causal LMs: build one from config, find its output head, PEFT and ZeRO-3 details
   losses.py        token_losses: per-token losses (and entropies) of any HF causal LM without B x T x V
   flops.py         the matrix products a step really runs (a data-efficiency x-axis)

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 
 from slm.head import BACKENDS
 from slm.model.architectures import causal_lm, check_no_router_loss, head_support, output_head, zero3_ready
+from slm.model.logprobs import kept_logprobs
 from slm.model.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
 from slm.selection import (
     COMBINATIONS,
@@ -318,6 +319,23 @@ class SelectiveLM(nn.Module):
             entropy=entropy,
             n_nonfinite=n_nonfinite,
         )
+
+    def kept_logprobs(
+        self, input_ids: Tensor, labels: Tensor, keep, attention_mask: Tensor | None = None, **model_kwargs
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(log p, entropy, kept)``, each ``[B, T]`` aligned with ``labels``: every valid token's
+        log-probability and predictive entropy from a no-grad scoring pass, with gradients reaching the
+        model only through the tokens ``keep(logp, entropy, valid) -> [B, T] bool`` keeps (see
+        :mod:`slm.model.logprobs`). For losses that are any function of per-token log-probabilities."""
+        self._check_call(model_kwargs)
+        labels = _check_inputs(input_ids, labels, attention_mask)
+        why = head_support(self.model)
+        if why is not None:
+            raise ValueError(f"SelectiveLM.kept_logprobs needs the selective head: {why}")
+        vocab, n_inputs = self.get_output_embeddings().weight.shape[0], self.get_input_embeddings().weight.shape[0]
+        plan = plan_rows(labels, vocab, None, None, 1.0, "batch", input_ids=input_ids, input_vocab=n_inputs)
+        rows = self._rows(True, input_ids, attention_mask, plan, labels, model_kwargs)
+        return kept_logprobs(rows.head, rows.hidden, rows.targets, plan, keep)
 
     def _exact(self) -> bool:
         """Whether this call can run the selective head (else HF's full logits, warned once)."""

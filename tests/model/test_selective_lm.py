@@ -433,3 +433,29 @@ def test_combined_selectors_train_exactly_the_combined_set(batch, how):
     assert_grads_close(grads(out.loss, model), grads(ref, model))
     with pytest.raises(ValueError, match="combine=\\(a, b\\)"):
         slm.SelectiveLM(model, selector="union")
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi"])
+def test_kept_logprobs_give_a_nonlinear_loss_the_gradients_of_full_logits(batch, arch):
+    """Any function of per-token log-probs (here a clipped-ratio-like one) over the kept tokens: the same value
+    and parameter gradients as HF's full logits, with the kept tokens' rule seeing the scoring pass's numbers."""
+    ids, am, labels = batch
+    model = tiny_model(arch)
+    lm = slm.SelectiveLM(model)
+    w = torch.randn(ids.shape, generator=torch.Generator().manual_seed(2))
+
+    def loss_of(logp, kept):
+        ratio = torch.exp(logp - logp.detach())
+        return -(torch.minimum(ratio * w, ratio.clamp(0.8, 1.2) * w) * kept).sum() + (logp.exp() * kept).sum()
+
+    def keep(logp, entropy, valid):  # the top 30% by entropy, as GRPO's high-entropy mask
+        return slm.select_tokens(entropy, 0.3, valid, "batch")
+
+    logp, entropy, kept = lm.kept_logprobs(ids, labels, keep, attention_mask=am)
+    ours = loss_of(logp, kept)
+    full = -hf_token_ce(model, ids, labels, am)  # [B, T] log-probs from full logits, 0 where invalid
+    assert kept.sum() == slm.select_tokens(entropy, 0.3, shifted_valid(labels), "batch").sum() > 0
+    torch.testing.assert_close(logp.detach(), full.detach() * shifted_valid(labels), atol=1e-5, rtol=1e-5)
+    plain = loss_of(full, kept)
+    torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    assert_grads_close(grads(ours, model), grads(plain, model))
