@@ -106,12 +106,16 @@ class Run:
     def group(self) -> str:
         if self.is_baseline:
             return "baseline (all tokens)"
+        if self.info.get("selector") == "oracle":
+            return "oracle (the clean tokens)"
         return f"{self.info.get('selector', '?')} {self.info.get('ratio', '?')}"
 
     @property
     def is_baseline(self) -> bool:
         """Every token of the training data: no token or block selection, the usual training split."""
         if float(self.info.get("blocks", 1.0)) < 1.0 or self.info.get("train_split", "train") != "train":
+            return False
+        if self.info.get("selector") == "oracle":  # the clean tokens only
             return False
         if self.info.get("selector") == "all":
             return True

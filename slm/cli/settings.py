@@ -46,6 +46,8 @@ def effective_selector(selector: str, ratio, reference_kind: str, blocks=1.0) ->
         schedule = ratio_schedule(ratio)
     except ValueError:
         return selector  # an invalid ratio: validate() names it
+    if selector == "oracle":  # the corpus's own clean tokens, whatever the ratio
+        return selector
     if selector == "all" or (schedule.is_constant and schedule.start >= 1.0):
         return "blocks" if float(blocks) < 1.0 else "all"
     if selector == "excess_loss" and reference_kind == "none":

@@ -31,6 +31,7 @@ from slm.parallel import CheckpointRefused
 from slm.runs import Tracker, checkpoints
 from slm.selection import ratio_schedule
 from slm.train import BlockFilter, OutgrownWatch, RunInterrupted, TrainConfig, Trainer, candidates
+from slm.train.config import ORACLE_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
     outgrown = _outgrown_watch(settings, data, acc, ref)
 
     selector = effective_selector(sel.name, sel.ratio, settings.reference.kind, sel.blocks)
-    schedule = ratio_schedule(1.0 if selector in ("all", "blocks") else sel.ratio)
+    schedule = ratio_schedule(1.0 if selector in ("all", "blocks", "oracle") else sel.ratio)
     lm = SelectiveLM(
         model,
         ratio=schedule.start,
@@ -151,6 +152,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         tokenizer=data.tokenizer,
         blocks=blocks,
         outgrown=outgrown,
+        mask_column=ORACLE_COLUMN if selector == "oracle" else None,
     )
     try:
         result = trainer.fit()

@@ -27,7 +27,7 @@ from slm.data.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 3
+PACK_VERSION = 4  # 4: the real-text corpus's clean_mask
 IGNORE_INDEX = -100
 PIECE_CHARS = 1 << 16  # characters tokenised at once: bounds memory for arbitrarily long documents
 PACK_ROWS = 256  # pieces per packing batch (each batch pads at most its last block)
@@ -49,30 +49,38 @@ def _cut_points(text: str, limit: int) -> list[int]:
     return cuts
 
 
+# Character spans a corpus marks in its documents -> the per-token mask packing keeps: the built-in
+# corpus's answers (answer accuracy), the real-text corpus's clean text (the oracle arm, the selection
+# audit). A token is marked only when all of its characters lie inside one span.
+SPAN_MASKS = {"answer_spans": "answer_mask", "clean_spans": "clean_mask"}
+
+
 def _split_long(batch: dict, limit: int) -> dict:
     """Documents -> pieces of at most ``limit`` characters; ``last`` marks a document's final piece."""
     out = {"text": [], "last": []}
-    spans = batch.get("answer_spans")
-    if spans is not None:
-        out["answer_spans"] = []
+    marked = [k for k in SPAN_MASKS if k in batch]
+    for k in marked:
+        out[k] = []
     for d, text in enumerate(batch["text"]):
         bounds = [0, *_cut_points(text, limit), len(text)]
         for a, b in zip(bounds, bounds[1:]):
             out["text"].append(text[a:b])
             out["last"].append(b == len(text))
-            if spans is not None:  # answer spans move with their piece
-                out["answer_spans"].append([[s - a, e - a] for s, e in spans[d] if a <= s and e <= b])
+            for k in marked:  # spans move with their piece: an answer cut in two is dropped, clean text is cut
+                cut = k == "clean_spans"
+                kept = [[s, e] for s, e in batch[k][d] if (s < b and a < e if cut else a <= s and e <= b)]
+                out[k].append([[max(s, a) - a, min(e, b) - a] for s, e in kept])
     return out
 
 
 def _tokenize(batch: dict, tokenizer) -> dict:
-    spans = batch.get("answer_spans")
-    enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=spans is not None)
+    marked = [k for k in SPAN_MASKS if k in batch]
+    enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=bool(marked))
     out = {"ids": enc["input_ids"], "last": batch["last"]}
-    if spans is not None:
-        out["answer"] = [
+    for k in marked:
+        out[SPAN_MASKS[k]] = [
             [any(s <= a and b <= e for s, e in doc_spans) for a, b in offsets]
-            for offsets, doc_spans in zip(enc["offset_mapping"], spans)
+            for offsets, doc_spans in zip(enc["offset_mapping"], batch[k])
         ]
     return out
 
@@ -80,21 +88,21 @@ def _tokenize(batch: dict, tokenizer) -> dict:
 def _pack(batch: dict, block_size: int, eos_id: int, pad_id: int) -> dict:
     """Concatenate pieces (``eos`` after each document's last one), cut into blocks, pad the last one."""
     ids = [t for doc, last in zip(batch["ids"], batch["last"]) for t in (*doc, *([eos_id] if last else []))]
-    answer = None
-    if "answer" in batch:
-        answer = [a for doc, last in zip(batch["answer"], batch["last"]) for a in (*doc, *([False] if last else []))]
+    masks = {
+        k: [m for doc, last in zip(batch[k], batch["last"]) for m in (*doc, *([False] if last else []))]
+        for k in SPAN_MASKS.values()
+        if k in batch
+    }
     n = len(ids)
-    out = {"input_ids": [], "labels": [], "attention_mask": []}
-    if answer is not None:
-        out["answer_mask"] = []
+    out = {"input_ids": [], "labels": [], "attention_mask": [], **{k: [] for k in masks}}
     for i in range(0, n, block_size):
         block = ids[i : i + block_size]
         pad = block_size - len(block)
         out["input_ids"].append(block + [pad_id] * pad)
         out["labels"].append(block + [IGNORE_INDEX] * pad)
         out["attention_mask"].append([1] * len(block) + [0] * pad)
-        if answer is not None:
-            out["answer_mask"].append(answer[i : i + block_size] + [False] * pad)
+        for k, m in masks.items():
+            out[k].append(m[i : i + block_size] + [False] * pad)
     return out
 
 

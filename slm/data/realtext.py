@@ -159,6 +159,15 @@ def generate(cfg: RealTextConfig, split: str) -> list[dict]:
             while owed >= 20:
                 pieces.append(junk_segment(rng, int(min(owed, rng.randint(60, 400))), words))
                 owed -= len(pieces[-1])
-            segments += [para, *pieces] if rng.random() < 0.5 else [*pieces, para]  # junk before or after it
-        out.append({"text": "\n\n".join(segments)})
+            junk = [(p, False) for p in pieces]
+            segments += [(para, True), *junk] if rng.random() < 0.5 else [*junk, (para, True)]  # junk before or after
+        text, spans, at = [], [], 0
+        for i, (seg, is_clean) in enumerate(segments):
+            if i:
+                at += 2  # the paragraph break: neither clean text nor junk
+            if is_clean:
+                spans.append([at, at + len(seg)])
+            text.append(seg)
+            at += len(seg)
+        out.append({"text": "\n\n".join(text), "clean_spans": spans})
     return out

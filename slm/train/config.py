@@ -10,7 +10,9 @@ from slm.model import SCORES, SELECTORS
 from slm.selection import BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
 from slm.train.watches import check_outgrown
 
-SELECTOR_NAMES = (*SELECTORS, "all")  # "all": every token (selection off)
+# "all": every token (selection off); "oracle": exactly the tokens the corpus marks clean (its clean_mask)
+SELECTOR_NAMES = (*SELECTORS, "all", "oracle")
+ORACLE_COLUMN = "clean_mask"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class SelectorConfig:
         object.__setattr__(self, "outgrown_margin", float(self.outgrown_margin))
         check_ratio(self.blocks, "selector.blocks")
         object.__setattr__(self, "blocks", float(self.blocks))
+        if self.name == "oracle" and self.blocks < 1.0:
+            raise ValueError("selector=oracle trains the clean tokens of every block it reads: use selector.blocks=1.0")
         if self.block_score not in BLOCK_SCORES:
             raise ValueError(f"selector.block_score must be one of {BLOCK_SCORES}, got {self.block_score!r}")
 
@@ -54,7 +58,7 @@ class SelectorConfig:
     def selects(self) -> bool:
         """Whether tokens are selected at all (not every token at a constant ratio 1.0)."""
         schedule = ratio_schedule(self.ratio)
-        return self.name != "all" and not (schedule.is_constant and schedule.start >= 1.0)
+        return self.name == "oracle" or (self.name != "all" and not (schedule.is_constant and schedule.start >= 1.0))
 
     def needs(self) -> dict:
         """Which reference values the scores need: ``{"loss": bool, "entropy": bool}``."""

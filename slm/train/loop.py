@@ -89,6 +89,7 @@ class Trainer:
         early_stop: EarlyStop | None = None,
         on_best=None,
         outgrown: OutgrownWatch | None = None,
+        mask_column: str | None = None,
     ):
         """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
         also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
@@ -96,7 +97,8 @@ class Trainer:
         ``tokenizer``). ``blocks``: sequence-level selection (each micro-batch keeps the best of
         more candidate blocks, see :mod:`slm.train.block_filter`). ``early_stop``: end the run once a
         held-out loss stops improving, calling ``on_best()`` at each new best eval (to keep its weights).
-        ``outgrown``: watch for the model reaching its reference's eval loss (see :mod:`slm.train.watches`)."""
+        ``outgrown``: watch for the model reaching its reference's eval loss (see :mod:`slm.train.watches`).
+        ``mask_column``: train exactly the tokens a column of the training data marks (the oracle arm)."""
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
         if not isinstance(eval_sets, dict):
@@ -142,7 +144,16 @@ class Trainer:
                 "reference.evolve_every copies the training model into the reference, which needs the "
                 "whole model on every process: run it on one process or with DDP"
             )
-        self.train_ds = train_ds.select_columns(["input_ids", "labels", "attention_mask"]).with_format("torch")
+        columns = ["input_ids", "labels", "attention_mask"]
+        if mask_column is not None:
+            if mask_column not in train_ds.column_names:
+                raise ValueError(
+                    f"the training data has no {mask_column} column: selector=oracle needs a corpus that marks its "
+                    "clean tokens (data=realtext)"
+                )
+            columns.append(mask_column)
+        self.mask_column = mask_column
+        self.train_ds = train_ds.select_columns(columns).with_format("torch")
         self.blocks = blocks
         self.early_stop, self.on_best, self.outgrown = early_stop, on_best, outgrown
         per_micro_batch = blocks.candidates if blocks is not None else cfg.batch_size
@@ -255,7 +266,10 @@ class Trainer:
         labels (one all-reduce); the first is None for a selector whose count depends on the scores."""
         lm = self.selective
         valid = [shifted_valid(b["labels"]) for b in batches]
-        local = [num_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
+        if self.mask_column is not None:  # exactly the marked tokens
+            local = [int((b[self.mask_column] & v).sum()) for b, v in zip(batches, valid)]
+        else:
+            local = [num_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
         n_valid = [int(v.sum()) for v in valid]
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         store_error = float(self.ref.error is not None)  # a damaged store shard read on some process
@@ -267,6 +281,8 @@ class Trainer:
             raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
         k = len(batches)
         tokens, candidates, valid = int(tokens), int(candidates), int(sum(counts[k : 2 * k]))
+        if self.mask_column is not None:
+            return int(sum(counts[:k])), tokens, valid, candidates
         if not lm.fixed_count:
             return None, tokens, valid, candidates
         if lm.scope == "global" and ratio < 1.0:  # top-k over each global micro-batch
@@ -297,6 +313,7 @@ class Trainer:
                             attention_mask=batch["attention_mask"],
                             ratio=ratio,
                             num_items_in_batch=1 if n_step is None else n_step,
+                            loss_mask=batch[self.mask_column] if self.mask_column else None,
                             **ref,
                         )
                     except NonFiniteScores as e:

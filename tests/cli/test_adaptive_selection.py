@@ -84,3 +84,33 @@ def test_a_resume_that_would_read_other_candidate_blocks_is_refused(tmp_path, mo
             tmp_path / "run",
             overrides=["trainer.batch_size=10", "trainer.grad_accum=1", "trainer.resume=true"],
         )
+
+
+@pytest.mark.slow  # packs the whole real-text corpus (about a minute)
+def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
+    """selector=oracle on the real-text corpus: each step trains exactly the clean_mask tokens of the rows it
+    reads (counted independently from the packed split and the batch stream), and slm-curves never takes it
+    for the baseline."""
+    from slm.analysis import load_runs
+    from slm.cli.settings import validate
+    from slm.data import build
+    from slm.model import shifted_valid
+    from slm.runs import read_metrics
+    from slm.train import BatchStream
+
+    common = ("data=realtext", "data.block_size=64", "reference=none", "trainer.max_steps=3", "selector=oracle")
+    cfg = compose_train(tmp_path / "c", *common)
+    train(cfg, tmp_path / "run")
+    packed = build(validate(cfg).data)["train"].with_format("torch")
+    stream = BatchStream(len(packed), 4, 1, 0, seed=0)
+    expected, total = [], 0
+    for step in range(3):
+        rows = packed[stream.indices(step)]
+        total += int((rows["clean_mask"] & shifted_valid(rows["labels"])).sum())
+        expected.append(total)
+    got = [e["tokens_selected"] for e in read_metrics(tmp_path / "run") if "train/loss" in e]
+    assert got == expected and 0 < expected[-1]
+    (run,) = load_runs([str(tmp_path / "run")])
+    assert not run.is_baseline and run.group == "oracle (the clean tokens)"
+    with pytest.raises(ValueError, match="no clean_mask column: selector=oracle needs a corpus"):
+        train(compose_train(tmp_path / "c", "reference=none", "trainer.max_steps=1", "selector=oracle"), tmp_path / "x")

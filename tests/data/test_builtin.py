@@ -44,3 +44,30 @@ def _prose_paragraphs(cfg):
     from slm.data import prose_documents
 
     return {p.strip("\n") for d in prose_documents(cfg.min_chars) for p in re.split(r"\n\s*\n", d) if p.strip()}
+
+
+def test_the_realtext_clean_mask_marks_exactly_the_prose_characters():
+    """Packed with the built-in character tokenizer (one token per character), the clean_mask tokens of the
+    training split spell the prose paragraphs in order, and no junk character is marked (issue 28 item 1)."""
+    import re
+
+    from datasets import Dataset
+
+    from slm.data import builtin_tokenizer
+    from slm.data.packing import pack
+    from slm.data.realtext import RealTextConfig, generate
+
+    docs = generate(RealTextConfig(), "train")[:40]
+    packed = pack(Dataset.from_list(docs), builtin_tokenizer(), 256)
+    tok = builtin_tokenizer()
+    marked, text = [], []
+    for row in packed:
+        ids = [i for i, a in zip(row["input_ids"], row["attention_mask"]) if a]
+        chars = [tok.convert_ids_to_tokens(i) for i in ids]
+        marked += [c for c, m in zip(chars, row["clean_mask"]) if m]
+        text += chars
+    paragraphs = _prose_paragraphs(RealTextConfig())
+    expected = "".join(p for d in docs for p in d["text"].split("\n\n") if p in paragraphs)
+    assert "".join(marked) == expected
+    assert 0.4 < len(marked) / len(text) < 0.6
+    assert not re.search(r"[A-Za-z0-9+/]{40,}", "".join(marked))  # no base64 / hex blob
