@@ -113,7 +113,21 @@ def savings_table(
                 "notes": note,
             }
         )
+    _against_oracle(cs, rows)
     return rows, None
+
+
+def _against_oracle(cs: list[Curve], rows: list[dict]) -> None:
+    """With an oracle group among the inputs (the corpus's clean tokens, selector=oracle): each group's
+    fraction of the baseline's tokens over the oracle's, the distance from what selection could do."""
+    oracle = [row for c, row in zip(cs, rows) if all(r.info.get("selector") == "oracle" for r in c.runs)]
+    if len(oracle) != 1:
+        return
+    best = oracle[0]["fraction_of_baseline_tokens"]
+    for row in rows:
+        f = row["fraction_of_baseline_tokens"]
+        row["fraction_vs_oracle"] = None if f is None or not best else round(f / best, 3)
+        row["notes"] = row.pop("notes")  # notes stay the last column
 
 
 def write_table(rows: list[dict], out: Path) -> str:

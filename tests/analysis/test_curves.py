@@ -220,3 +220,19 @@ def test_a_fraction_resting_on_too_few_eval_points_is_marked(tmp_path):
     _fake_run(dense, "half", 0.5, 0, [5, 3, 2.5, 1.8, 1.5], max_steps=4)
     rows, _ = savings_table(curves(load_runs([str(dense)])))
     assert all("eval points" not in r["notes"] for r in rows)
+
+
+def test_with_an_oracle_every_group_gets_its_distance_from_it(tmp_path):
+    from slm.analysis import curves, savings_table
+
+    root = tmp_path / "runs"
+    _fake_run(root, "base", 1.0, 0, [5, 4, 3, 2, 1.0])
+    _fake_run(root, "slm", 0.5, 0, [5, 3, 2, 1.0, 0.8])  # reaches 1.0 at step 3: 0.75 of the baseline's tokens
+    _fake_run(root, "oracle", 1.0, 0, [5, 2, 1.0, 0.7, 0.6], selector="oracle")  # at step 2: 0.5
+    rows, note = savings_table(curves(load_runs([str(root)])))
+    by = {r["run"].split(" ")[0]: r for r in rows}
+    assert note is None and by["oracle"]["fraction_of_baseline_tokens"] == 0.5
+    assert by["excess_loss"]["fraction_vs_oracle"] == 1.5 and by["oracle"]["fraction_vs_oracle"] == 1.0
+    assert list(by["baseline"])[-1] == "notes"
+    rows, _ = savings_table(curves(load_runs([str(root / "base"), str(root / "slm")])))
+    assert all("fraction_vs_oracle" not in r for r in rows)  # no oracle, no column
