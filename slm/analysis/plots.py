@@ -8,9 +8,12 @@ from pathlib import Path
 from slm.analysis.efficiency import AXES, AXIS_LABELS, Curve
 
 
-def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "eval/loss") -> list[Path]:
+def plot(
+    cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "eval/loss", audit: dict | None = None
+) -> list[Path]:
     """Write curves.png/.svg: the metric against every x-axis the runs logged (tokens seen and
-    selected, training time, FLOPs). A ``Figure`` of its own: the caller's pyplot backend is left alone."""
+    selected, training time, FLOPs); ``audit`` (label -> curves) adds a panel each against tokens seen
+    (the selection audit). A ``Figure`` of its own: the caller's pyplot backend is left alone."""
     from matplotlib import rcParams
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -19,6 +22,7 @@ def plot(cs_loss: list[Curve], cs_acc: list[Curve], out: Path, metric: str = "ev
     panels = [(cs_loss, loss_label)] + ([(cs_acc, "answer accuracy")] if cs_acc else [])
     axes_used = [ax for ax in AXES if any(ax in c.x for c in cs_loss)]
     plots = [(cs, ylabel, axis) for cs, ylabel in panels for axis in axes_used]
+    plots += [(cs, label, "tokens_seen") for label, cs in (audit or {}).items() if cs]
     ncols = min(2, len(plots))
     nrows = math.ceil(len(plots) / ncols)
     fig = Figure(figsize=(6.5 * ncols, 3.8 * nrows + 0.35 * (len(cs_loss) + 1)))

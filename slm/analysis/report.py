@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> None:
             )
     first = Path(args.paths[0])
     out = Path(args.out) if args.out else (first if first.is_dir() else Path("curves"))
-    for path in plot(cs_loss, cs_acc, out, args.metric):
+    audit = {  # where the corpus marks its clean tokens: what each selection kept and dropped
+        "clean tokens kept (since the last eval)": curves(runs, "audit/clean_kept"),
+        "junk tokens dropped (since the last eval)": curves(runs, "audit/junk_dropped"),
+    }
+    for path in plot(cs_loss, cs_acc, out, args.metric, audit):
         print(f"slm-curves: wrote {path}")
     rows, note = savings_table(cs_loss, args.baseline, args.metric)
     if note:

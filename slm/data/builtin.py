@@ -72,8 +72,8 @@ def _corrupt(rng: random.Random, text: str, answer_at: int, cfg: CorpusConfig) -
 
 
 def document(rng: random.Random, cfg: CorpusConfig, noise: float) -> dict:
-    """``{"text", "answer_spans", "noise_spans"}``: character spans of clean answers and of the
-    corrupted parts (a wrong answer, or a whole junk problem)."""
+    """``{"text", "answer_spans", "noise_spans", "clean_spans"}``: character spans of clean answers, of the
+    corrupted parts (a wrong answer, or a whole junk problem), and of everything else (the selection audit)."""
     parts, spans, noisy, pos = [], [], [], 0
     for _ in range(rng.randint(cfg.min_problems, cfg.max_problems)):
         text, answer_at = _problem(rng, cfg)
@@ -85,7 +85,14 @@ def document(rng: random.Random, cfg: CorpusConfig, noise: float) -> dict:
             spans.append([pos + answer_at, pos + len(text)])
         parts.append(text)
         pos += len(text)
-    return {"text": "".join(parts), "answer_spans": spans, "noise_spans": noisy}
+    clean, at = [], 0
+    for start, end in noisy:
+        if start > at:
+            clean.append([at, start])
+        at = end
+    if at < pos:
+        clean.append([at, pos])
+    return {"text": "".join(parts), "answer_spans": spans, "noise_spans": noisy, "clean_spans": clean}
 
 
 def generate(cfg: CorpusConfig, split: str) -> list[dict]:

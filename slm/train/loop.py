@@ -28,7 +28,7 @@ from slm.runs import MIN_EVAL_POINTS, Tracker, checkpoints, read_metrics
 from slm.selection import NonFiniteScores, RatioSchedule, num_selected, num_to_keep, ratio_schedule
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter
-from slm.train.config import TrainConfig, lr_lambda
+from slm.train.config import AUDIT_COLUMN, TrainConfig, lr_lambda
 from slm.train.downstream import DownstreamConfig, evaluate_tasks
 from slm.train.evaluation import evaluate
 from slm.train.signals import StopSignals
@@ -153,6 +153,12 @@ class Trainer:
                 )
             columns.append(mask_column)
         self.mask_column = mask_column
+        # Where the corpus marks its clean tokens, every step counts what its selection kept of them (the audit)
+        self.audited = AUDIT_COLUMN in train_ds.column_names
+        if self.audited and AUDIT_COLUMN not in columns:
+            columns.append(AUDIT_COLUMN)
+        # kept clean, clean, kept junk, junk (valid tokens, since the last eval point)
+        self.audit = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
         self.train_ds = train_ds.select_columns(columns).with_format("torch")
         self.blocks = blocks
         self.early_stop, self.on_best, self.outgrown = early_stop, on_best, outgrown
@@ -179,6 +185,7 @@ class Trainer:
             "selector_rng": self.selective.generator.get_state().tolist(),
             "early_stop": self.early_stop.state() if self.early_stop else None,
             "outgrown_step": self.outgrown.step if self.outgrown else None,
+            "audit": self.acc.reduce(self.audit.clone(), "sum").tolist() if self.audited else None,
             **self.engine.checkpoint_info,
         }
         return checkpoints.save(
@@ -253,6 +260,8 @@ class Trainer:
             self.early_stop.load(state["early_stop"])
         if self.outgrown:
             self.outgrown.step = state.get("outgrown_step")
+        if self.audited and state.get("audit") and self.acc.is_main_process:  # the sum over processes, once
+            self.audit = torch.tensor(state["audit"], dtype=torch.float64, device=self.acc.device)
         if (path / "selection.pt").exists():
             self.selective.load_selection_state(torch.load(path / "selection.pt", weights_only=True))
         if self.ref.evolve_every and (path / "reference.pt").exists():
@@ -294,6 +303,11 @@ class Trainer:
         rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
         batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
         candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
+        if self.audited:  # every token read, the dropped blocks' included
+            for b in batches:
+                valid, clean = shifted_valid(b["labels"]), b[AUDIT_COLUMN].bool()
+                self.audit[1] += int((clean & valid).sum())
+                self.audit[3] += int((~clean & valid).sum())
         selecting = not (self.outgrown and self.outgrown.ratio(0.0) == 1.0)  # off once the reference is outgrown
         if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
             batches = [self.blocks.keep(b, engine, self.ref) if selecting else self.blocks.first(b) for b in batches]
@@ -325,6 +339,10 @@ class Trainer:
                     loss = loss / self.acc.reduce(counted.reshape(1), "sum")[0].clamp(min=1)
                 engine.backward(loss)
             loss_sum += loss.detach().double()
+            if self.audited:
+                clean = batch[AUDIT_COLUMN].bool()
+                self.audit[0] += (out.mask & clean).sum()
+                self.audit[2] += (out.mask & ~clean).sum()
             if out.n_nonfinite is not None:
                 nonfinite += out.n_nonfinite
         stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
@@ -408,6 +426,8 @@ class Trainer:
             res.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in one.items()})
             if i == 0:
                 res.update(one)
+        if sets and self.audited and self.step > 0:
+            res.update(self._audit_since_last())
         if self.downstream.due(self.step, self.cfg.eval_every) if tasks is None else tasks:
             if self.acc.is_main_process:  # the others wait: the harness runs in one process
                 res.update(evaluate_tasks(causal_lm(self.selective.model), self.tokenizer, self.downstream))
@@ -415,6 +435,14 @@ class Trainer:
         if res:
             self.tracker.log(self._event(**res))
         return res
+
+    def _audit_since_last(self) -> dict:
+        """What selection kept of the clean tokens, and dropped of the junk, since the last eval point (every
+        process's counts)."""
+        kept_clean, clean, kept_junk, junk = self.acc.reduce(self.audit.clone(), "sum").tolist()
+        self.audit.zero_()
+        shares = {"audit/clean_kept": (kept_clean, clean), "audit/junk_dropped": (junk - kept_junk, junk)}
+        return {k: part / whole for k, (part, whole) in shares.items() if whole}
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:

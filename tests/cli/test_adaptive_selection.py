@@ -114,3 +114,47 @@ def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
     assert not run.is_baseline and run.group == "oracle (the clean tokens)"
     with pytest.raises(ValueError, match="no clean_mask column: selector=oracle needs a corpus"):
         train(compose_train(tmp_path / "c", "reference=none", "trainer.max_steps=1", "selector=oracle"), tmp_path / "x")
+
+
+def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_the_junk(tmp_path):
+    """Every eval point logs the share of the clean tokens kept and of the junk dropped since the last one
+    (issue 28 item 2): 1 and 0 for the baseline, 1 and 1 for the oracle; for a selection, kept clean plus
+    kept junk is what it trained, with the clean and junk counts taken independently from the packed data."""
+    from slm.cli.settings import validate
+    from slm.data import build
+    from slm.model import shifted_valid
+    from slm.runs import read_metrics
+    from slm.train import BatchStream
+
+    def audits(run):
+        return [(e["step"], e["audit/clean_kept"], e["audit/junk_dropped"]) for e in read_metrics(run)
+                if "audit/clean_kept" in e]  # fmt: skip
+
+    for name, extra in (("base", ["selector=all"]), ("oracle", ["selector=oracle"]), ("sel", ["selector.ratio=0.5"])):
+        train(compose_train(tmp_path / "c", *extra), tmp_path / name)
+    assert [a[1:] for a in audits(tmp_path / "base")] == [(1.0, 0.0), (1.0, 0.0)]
+    assert [a[1:] for a in audits(tmp_path / "oracle")] == [(1.0, 1.0), (1.0, 1.0)]
+    packed = build(validate(compose_train(tmp_path / "c")).data)["train"].with_format("torch")
+    stream = BatchStream(len(packed), 4, 1, 0, seed=0)
+    selected = {e["step"]: e["tokens_selected"] for e in read_metrics(tmp_path / "sel") if "train/loss" in e}
+    last = 0
+    for step, clean_kept, junk_dropped in audits(tmp_path / "sel"):
+        rows = [packed[stream.indices(s)] for s in range(last, step)]
+        clean = sum(int((r["clean_mask"] & shifted_valid(r["labels"])).sum()) for r in rows)
+        junk = sum(int((~r["clean_mask"] & shifted_valid(r["labels"])).sum()) for r in rows)
+        kept = selected[step] - selected.get(last, 0)
+        assert clean_kept * clean + (1 - junk_dropped) * junk == pytest.approx(kept)
+        assert 0 < clean_kept < 1 and 0 < junk_dropped < 1
+        last = step
+    # slm-curves draws the audit panels from them
+    from slm.analysis import curves, load_runs
+    from slm.analysis.report import main as slm_curves
+
+    runs = load_runs([str(tmp_path / n) for n in ("base", "oracle", "sel")])
+    assert {c.group: float(c.mean[-1]) for c in curves(runs, "audit/junk_dropped")} == {
+        "baseline (all tokens)": 0.0,
+        "oracle (the clean tokens)": 1.0,
+        "excess_loss 0.5": audits(tmp_path / "sel")[-1][2],
+    }
+    slm_curves([str(tmp_path / n) for n in ("base", "oracle", "sel")] + ["--out", str(tmp_path / "plot")])
+    assert (tmp_path / "plot" / "curves.png").stat().st_size > 0
