@@ -13,7 +13,7 @@ import pytest
 import slm
 
 PACKAGES = sorted(p.parent.name for p in Path(slm.__file__).parent.glob("*/__init__.py"))
-SCRIPTS = {"slm-train", "slm-score", "slm-curves", "slm-bench"}
+SCRIPTS = {"slm-train", "slm-score", "slm-curves", "slm-bench", "slm-inspect"}
 
 
 def test_every_name_of_the_top_level_face_resolves():

@@ -5,7 +5,8 @@ slm.data, slm.model, slm.reference, slm.runs and slm.selection; never the traini
   savings.py          the table: baseline's tokens, time and FLOPs each group needs to reach its loss
   plots.py            the figure: loss (and accuracy) against tokens, time and FLOPs
   report.py           main of slm-curves
-  selection_sample.py what the selector keeps in a finished run (notebooks)
+  selection_sample.py what the selector keeps in a finished run (notebooks, slm-inspect)
+  inspect.py          slm-inspect: a page showing, token by token, what a run keeps
 """
 
 from slm.analysis.efficiency import Curve, Run, curves, load_runs, tokens_to_reach

@@ -23,35 +23,50 @@ from slm.selection import excess_loss, select_tokens
 @dataclass
 class SelectionSample:
     tokens: list[list[str]]  # [B][T] token strings
-    excess: np.ndarray  # [B, T] training-model loss minus reference loss
+    excess: np.ndarray  # [B, T] the score selection ranks by: excess loss (the model's own loss without a reference)
     mask: np.ndarray  # [B, T] selected
     valid: np.ndarray  # [B, T]
     ratio: float
+    clean: np.ndarray | None = None  # [B, T] the corpus's clean tokens, where it marks them
+    score: str = "excess_loss"  # what ``excess`` holds
 
 
 def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None = None) -> SelectionSample:
-    """Score the first ``n_blocks`` training blocks with the run's final model and its stored
-    reference losses, and select as the run did (top ``ratio`` by excess loss over the batch)."""
+    """Score the first ``n_blocks`` training blocks with the run's final model (and its stored reference
+    losses), and select as the run did: top ``ratio`` by excess loss over the batch (by the model's own
+    loss without a stored reference); every token for the baseline; the clean tokens for the oracle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / RUN_INFO).read_text())
-    if not info.get("scores_dir"):
-        raise ValueError(f"{run_dir} trained without stored reference losses (reference={info.get('reference')})")
     data_cfg = yaml.safe_load((run_dir / CONFIG).read_text())["data"]
     data = build(_from_launch_dir(data_cfg, info.get("launch_dir")))  # the run's packed data, from its cache
-    ds = data["train"].select(range(n_blocks))
-    ref_loss = load_stored(info["scores_dir"], expected_store(data)).rows(range(n_blocks))
+    ds = data["train"].select(range(min(n_blocks, len(data["train"]))))
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
     ids, labels = torch.tensor(ds["input_ids"]), torch.tensor(ds["labels"])
     tl = token_losses(model, ids, labels, attention_mask=torch.tensor(ds["attention_mask"]))
-    ex = excess_loss(tl, ref_loss)
+    score, scores = "train_loss", tl
+    if info.get("scores_dir"):
+        ref_loss = load_stored(info["scores_dir"], expected_store(data)).rows(range(len(ds)))
+        score, scores = "excess_loss", excess_loss(tl, ref_loss)
     valid = shifted_valid(labels)
-    ratio = float(info["ratio"]) if ratio is None else ratio
-    mask = select_tokens(ex, ratio, valid=valid)
+    clean = torch.tensor(ds["clean_mask"]) & valid if "clean_mask" in ds.column_names else None
+    selector = info.get("selector")
+    try:
+        ratio = float(info["ratio"]) if ratio is None else ratio
+    except (TypeError, ValueError):  # a ratio schedule: show its end
+        ratio = 1.0
+    if selector == "oracle" and clean is not None:
+        mask = clean
+    elif selector == "all" or ratio >= 1.0:
+        mask = valid
+    else:
+        mask = select_tokens(scores, ratio, valid=valid)
     tokens = [tok.convert_ids_to_tokens(row) for row in ds["input_ids"]]
-    return SelectionSample(tokens, ex.numpy(), mask.numpy(), valid.numpy(), ratio)
+    return SelectionSample(
+        tokens, scores.numpy(), mask.numpy(), valid.numpy(), ratio, None if clean is None else clean.numpy(), score
+    )
 
 
 def _from_launch_dir(data_cfg: dict, launch_dir: str | None) -> dict:

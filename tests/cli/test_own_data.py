@@ -185,3 +185,72 @@ def test_what_a_run_on_relative_paths_kept_is_readable_from_any_folder(corpus, t
     monkeypatch.chdir(elsewhere)
     sample = selection_sample(work / "run", n_blocks=2)
     assert sample.mask.shape == (2, 64) and sample.mask.any() and len(sample.tokens) == 2
+
+
+def test_slm_inspect_shows_what_a_run_on_relative_paths_keeps(corpus, tmp_path, monkeypatch):
+    """slm-inspect RUN writes a page of sample blocks, each token marked kept or dropped with its score, for a
+    run whose own data was given by a relative path, read from another folder (issue 28 item 3). Checked by
+    parsing the page, and in a real headless Chromium where one is installed."""
+    import subprocess
+    from html.parser import HTMLParser
+
+    from slm.analysis import selection_sample
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("noisy.jsonl", "clean.jsonl"):
+        (work / name).write_text((corpus / name).read_text())
+    monkeypatch.chdir(work)
+    relative = ("data=files", "data.source=noisy.jsonl", "data.block_size=64", "reference=train",
+                "reference.data.source=clean.jsonl", "reference.trainer.max_steps=2", "reference.trainer.batch_size=4",
+                "reference.trainer.progress=false", "trainer.max_steps=2", "selector.ratio=0.4")  # fmt: skip
+    train(compose_train(tmp_path / "c", *relative), work / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    done = subprocess.run(["slm-inspect", str(work / "run"), "--blocks", "3"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    page = work / "run" / "inspect.html"
+    assert f"wrote {page}" in done.stdout
+
+    class Tokens(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.spans, self.cls = [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "span" and "tok" in dict(attrs).get("class", ""):
+                self.cls = dict(attrs)["class"]
+                self.spans.append([self.cls, dict(attrs).get("data-score"), ""])
+
+        def handle_data(self, data):
+            if self.cls is not None:
+                self.spans[-1][2] += data
+
+        def handle_endtag(self, tag):
+            self.cls = None
+
+    parsed = Tokens()
+    parsed.feed(page.read_text())
+    tokens = [s for s in parsed.spans if s[1] is not None or "pad" in s[0]]
+    sample = selection_sample(work / "run", n_blocks=3)
+    kept = [s for s in tokens if "kept" in s[0].split()]
+    assert len(kept) == int(sample.mask.sum()) > 0
+    assert len([s for s in tokens if "dropped" in s[0].split()]) == int(sample.valid.sum() - sample.mask.sum())
+    assert [float(s[1]) for s in kept] == pytest.approx(sample.excess[sample.mask.astype(bool)].tolist(), abs=1e-3)
+    try:  # a real browser, where one is installed (CI installs playwright's Chromium when it can)
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch()
+            view = browser.new_page()
+            view.goto(page.as_uri())
+            assert view.locator(".tok.kept").count() == len(kept)
+            assert "kept" in view.locator("#summary").inner_text()
+            assert view.locator("#histogram").evaluate("img => img.naturalWidth") > 0
+            browser.close()
+    except ImportError:
+        pass
+    except Exception as e:  # no browser binary on this machine
+        if "Executable doesn't exist" not in str(e):
+            raise
