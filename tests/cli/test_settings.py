@@ -62,7 +62,7 @@ def test_slm_score_settings_refuse_a_reference_it_cannot_score_with(tmp_path):
 def test_selector_names_come_from_one_registry():
     assert SCORES == tuple(SCORERS)
     assert SELECTORS == (*SCORERS, *COMBINATIONS)
-    assert set(SELECTOR_NAMES) == {*SCORERS, *COMBINATIONS, "all"}
+    assert set(SELECTOR_NAMES) == {*SCORERS, *COMBINATIONS, "all", "oracle"}
     shipped = {yaml.safe_load(p.read_text())["name"] for p in (Path(CONF_DIR) / "selector").glob("*.yaml")}
     assert shipped <= set(SELECTOR_NAMES)
 
