@@ -117,9 +117,10 @@ class RunningThreshold:
 
 
 def _quantile(values: Tensor, q: float) -> Tensor:
-    """``torch.quantile(values, q)`` (linear interpolation) without its host-side checks, which wait for the
-    device: the positions come from the host-known length."""
+    """``torch.quantile(values, q)``, to the last bit (its rank and weight in the values' dtype, then lerp),
+    without its host-side checks, which wait for the device."""
     ranked = torch.sort(values).values
-    at = q * (values.numel() - 1)
-    lo, hi = math.floor(at), math.ceil(at)
-    return ranked[lo] + (at - lo) * (ranked[hi] - ranked[lo])
+    rank = torch.full((), q, dtype=values.dtype, device=values.device) * (values.numel() - 1)
+    lo, hi = rank.floor(), rank.ceil()
+    below, above = (ranked.index_select(0, i.long().reshape(1))[0] for i in (lo, hi))
+    return torch.lerp(below, above, rank - lo)

@@ -91,3 +91,15 @@ def test_a_ratio_schedule_is_followed_step_by_step_not_only_over_the_run():
         asked.append(ratio)
     assert sum(kept[-10:]) / 10 == pytest.approx(sum(asked[-10:]) / 10, abs=0.02)
     assert sum(kept) / 40 == pytest.approx(sum(asked) / 40, rel=TOLERANCE)
+
+
+def test_its_quantile_is_torch_quantile_to_the_last_bit():
+    """The threshold's own quantile (no host-side checks) equals torch.quantile exactly: a threshold one ulp off
+    flips the tokens that sit on it, and the run drifts from what torch.quantile would have trained."""
+    from slm.selection.running import _quantile
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        x = torch.randn(int(torch.randint(1, 3000, (1,), generator=g)), generator=g)
+        q = float(torch.rand(1, generator=g))
+        assert torch.equal(_quantile(x, q), torch.quantile(x, q)), (x.numel(), q)
