@@ -62,6 +62,14 @@ if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     if [ "${SLM_GPU_CHECK_TINYLLAMA:-0}" = 1 ]; then
         bench bench_tinyllama-1.1b 200 --shape tinyllama-1.1b --steps 10 --warmup 3
     fi
+    # TRL's SFT and GRPO trainers against slm's, at Qwen2.5-0.5B's head width (needs trl and datasets wheels)
+    if python3 -c "import trl, datasets" 2>/dev/null; then
+        timeout 240 python3 scripts/trl_bench.py --device cuda --vocab 151936 --hidden 896 --layers 4 --batch 4 \
+            --seq 2048 2>&1 | grep -v Warning | tee "$out/trl_bench.md"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    else
+        echo "trl or datasets not installed: the TRL table is left out" | tee "$out/trl_bench.md"
+    fi
 else
     echo "no CUDA device: a tiny CPU table instead of the GPU ones" | tee "$out/no_gpu.txt"
     bench bench_tiny_cpu 300 --shape tiny --steps 2 --warmup 1
