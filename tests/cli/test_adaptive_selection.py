@@ -112,8 +112,11 @@ def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
     assert got == expected and 0 < expected[-1]
     (run,) = load_runs([str(tmp_path / "run")])
     assert not run.is_baseline and run.group == "oracle (the clean tokens)"
+    own = tmp_path / "own.jsonl"  # a corpus that does not mark its clean text
+    own.write_text("".join('{"text": "%s"}\n' % ("some plain text " * 20) for _ in range(40)))
+    plain = ("data=files", f"data.source={own}", "data.block_size=64", "reference=none", "trainer.max_steps=1")
     with pytest.raises(ValueError, match="no clean_mask column: selector=oracle needs a corpus"):
-        train(compose_train(tmp_path / "c", "reference=none", "trainer.max_steps=1", "selector=oracle"), tmp_path / "x")
+        train(compose_train(tmp_path / "c", *plain, "selector=oracle"), tmp_path / "x")
 
 
 def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_the_junk(tmp_path):
