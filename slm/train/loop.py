@@ -308,7 +308,7 @@ class Trainer:
                 valid, clean = shifted_valid(b["labels"]), b[AUDIT_COLUMN].bool()
                 self.audit[1] += int((clean & valid).sum())
                 self.audit[3] += int((~clean & valid).sum())
-        selecting = not (self.outgrown and self.outgrown.ratio(0.0) == 1.0)  # off once the reference is outgrown
+        selecting = not (self.outgrown and self.outgrown.selection_off)
         if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
             batches = [self.blocks.keep(b, engine, self.ref) if selecting else self.blocks.first(b) for b in batches]
         ratio = self.schedule.at(self.step, cfg.max_steps) if selecting else 1.0

@@ -110,5 +110,7 @@ class OutgrownWatch:
         )
         return True
 
-    def ratio(self, scheduled: float) -> float:
-        return 1.0 if self.remedy == "all" and self.step is not None else scheduled
+    @property
+    def selection_off(self) -> bool:
+        """Whether selection is off from now on: the model has reached its reference and the remedy is ``all``."""
+        return self.remedy == "all" and self.step is not None
