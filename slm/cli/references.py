@@ -294,10 +294,10 @@ def reference_eval(settings: Settings, data: PackedData, acc, identity: dict, mo
     at hand (a stored column scored with a model this machine does not have)."""
     if not data.eval_sets:
         return None
-    key = {"reference": identity, "eval": {n: content_hash(ds) for n, ds in data.eval_sets.items()}}
-    path = settings.cache_root / "reference_eval" / f"{config_hash(key)}.json"
     losses = None
-    if acc.is_main_process:
+    if acc.is_main_process:  # the others receive its answer
+        key = {"reference": identity, "eval": {n: content_hash(ds) for n, ds in data.eval_sets.items()}}
+        path = settings.cache_root / "reference_eval" / f"{config_hash(key)}.json"
         if path.exists():
             losses = json.loads(path.read_text())["losses"]
         else:

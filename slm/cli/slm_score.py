@@ -22,7 +22,7 @@ from slm.cli.references import (
 )
 from slm.cli.settings import resolve_block_size, score_settings
 from slm.data import build
-from slm.reference import META_FILE, StoredColumns, load_reference, read_meta, reference_identity
+from slm.reference import META_FILE, StoredColumns, load_reference, read_meta
 
 
 def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
@@ -52,7 +52,7 @@ def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
         entropy=settings.entropy,
         dtype=settings.store_dtype,
     )
-    ref_eval = reference_eval(settings, data, acc, reference_identity(ref, name), ref)
+    ref_eval = reference_eval(settings, data, acc, read_meta(out)["reference"], ref)  # hashed once, by the store
     if acc.is_main_process:
         meta = runs.read_json(out / META_FILE) or {}
         rate = meta.get("tokens_per_s")
