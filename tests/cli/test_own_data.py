@@ -165,11 +165,9 @@ def test_downstream_without_the_harness_is_a_clear_error(tmp_path, monkeypatch):
     assert not (tmp_path / "c").exists()  # refused before any data was packed
 
 
-def test_what_a_run_on_relative_paths_kept_is_readable_from_any_folder(corpus, tmp_path, monkeypatch):
-    """A run launched with data.source=noisy.jsonl (relative) records its launch folder, so the notebook's
-    selection sample (run from notebooks/) reads the run's own data (issue 26, item 13)."""
-    from slm.analysis import selection_sample
-
+def _run_on_relative_paths(corpus, tmp_path, monkeypatch, *extra) -> Path:
+    """A run launched in ``work/`` with its own data given by relative paths (``work/run``); the test then
+    carries on from another folder. Returns ``work``."""
     work = tmp_path / "work"
     work.mkdir()
     for name in ("noisy.jsonl", "clean.jsonl"):
@@ -177,12 +175,21 @@ def test_what_a_run_on_relative_paths_kept_is_readable_from_any_folder(corpus, t
     monkeypatch.chdir(work)
     relative = ("data=files", "data.source=noisy.jsonl", "data.block_size=64", "reference=train",
                 "reference.data.source=clean.jsonl", "reference.trainer.max_steps=2", "reference.trainer.batch_size=4",
-                "reference.trainer.progress=false", "trainer.max_steps=2")  # fmt: skip
+                "reference.trainer.progress=false", "trainer.max_steps=2", *extra)  # fmt: skip
     train(compose_train(tmp_path / "c", *relative), work / "run")
-    assert json.loads((work / "run" / "run_info.json").read_text())["launch_dir"] == str(work)
-    elsewhere = tmp_path / "notebooks"
+    elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
+    return work
+
+
+def test_what_a_run_on_relative_paths_kept_is_readable_from_any_folder(corpus, tmp_path, monkeypatch):
+    """A run launched with data.source=noisy.jsonl (relative) records its launch folder, so the notebook's
+    selection sample (run from notebooks/) reads the run's own data (issue 26, item 13)."""
+    from slm.analysis import selection_sample
+
+    work = _run_on_relative_paths(corpus, tmp_path, monkeypatch)
+    assert json.loads((work / "run" / "run_info.json").read_text())["launch_dir"] == str(work)
     sample = selection_sample(work / "run", n_blocks=2)
     assert sample.mask.shape == (2, 64) and sample.mask.any() and len(sample.tokens) == 2
 
@@ -196,18 +203,7 @@ def test_slm_inspect_shows_what_a_run_on_relative_paths_keeps(corpus, tmp_path, 
 
     from slm.analysis import selection_sample
 
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in ("noisy.jsonl", "clean.jsonl"):
-        (work / name).write_text((corpus / name).read_text())
-    monkeypatch.chdir(work)
-    relative = ("data=files", "data.source=noisy.jsonl", "data.block_size=64", "reference=train",
-                "reference.data.source=clean.jsonl", "reference.trainer.max_steps=2", "reference.trainer.batch_size=4",
-                "reference.trainer.progress=false", "trainer.max_steps=2", "selector.ratio=0.4")  # fmt: skip
-    train(compose_train(tmp_path / "c", *relative), work / "run")
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
+    work = _run_on_relative_paths(corpus, tmp_path, monkeypatch, "selector.ratio=0.4")
     done = subprocess.run(["slm-inspect", str(work / "run"), "--blocks", "3"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     page = work / "run" / "inspect.html"
