@@ -37,15 +37,27 @@ def num_to_keep(ratio: float, n_valid: int) -> int:
     return min(n_valid, max(1, math.floor(ratio * n_valid + 0.5 + 1e-9)))
 
 
-def num_selected(valid: Tensor, ratio: float, scope: str) -> int:
-    """How many tokens :func:`select_tokens` keeps for ``valid`` ([B, T] bool), computed from the
-    mask alone: a trainer knows a step's denominator before any forward. ``scope="global"``
-    counts this batch as if it were the whole global batch (sum the valid counts of all
-    processes and call ``num_to_keep`` on the total instead)."""
+def keep_counts(ratio: float, n_valid: Tensor) -> Tensor:
+    """:func:`num_to_keep` of every count in ``n_valid`` (an integer tensor), on its device: the same
+    float64 arithmetic, so the same integers, without reading the counts to the host."""
+    k = torch.floor(n_valid.double() * ratio + 0.5 + 1e-9).long()
+    return torch.where(n_valid > 0, k.clamp(min=1).minimum(n_valid.long()), 0)
+
+
+def count_selected(valid: Tensor, ratio: float, scope: str) -> Tensor:
+    """How many tokens :func:`select_tokens` keeps for ``valid`` ([B, T] bool), as a 0-d integer tensor on
+    ``valid``'s device, computed from the mask alone: a trainer knows a step's denominator before any
+    forward, and counting kept blocks that stay on a GPU costs no wait. ``scope="global"`` counts this batch
+    as if it were the whole global batch (sum the valid counts of all processes and call ``num_to_keep`` on
+    the total instead)."""
     ratio = check_ratio(ratio)
-    if scope == "sequence":
-        return sum(num_to_keep(ratio, int(n)) for n in valid.sum(dim=1).tolist())
-    return num_to_keep(ratio, int(valid.sum()))
+    counts = valid.sum(dim=1) if scope == "sequence" else valid.sum()
+    return keep_counts(ratio, counts).sum()
+
+
+def num_selected(valid: Tensor, ratio: float, scope: str) -> int:
+    """:func:`count_selected` as a number (read to the host)."""
+    return int(count_selected(valid, ratio, scope))
 
 
 def _valid_mask(scores: Tensor, valid: Tensor | None) -> Tensor:

@@ -67,7 +67,8 @@ class BlockFilter:
 
     @torch.no_grad()
     def keep(self, batch: dict, engine, ref) -> dict:
-        """The ``batch_size`` best blocks of a CPU batch of candidates (still on the CPU)."""
+        """The ``batch_size`` best blocks of a CPU batch of candidates, on the engine's device: which ones
+        is never read to the host (the step counts its tokens there, in its one reduce)."""
         on_device = to_device(batch, engine.device)
         valid = shifted_valid(on_device["labels"])
         token_loss = None
@@ -84,5 +85,5 @@ class BlockFilter:
             token_loss = out.token_loss
         ref_loss = ref.values(on_device).get("ref_loss") if self.score != "train_loss" else None
         scores = block_scores(self.score, valid, token_loss=token_loss, ref_loss=ref_loss)
-        kept = select_blocks(scores, self.batch_size).cpu()
-        return {k: v[kept] for k, v in batch.items()}
+        kept = select_blocks(scores, self.batch_size)
+        return {k: v[kept] for k, v in on_device.items()}

@@ -1,8 +1,9 @@
 """The training loop: exact normalisation, eval, counters, checkpoints, resume and interruptions.
 
-Normalisation before backward: how many tokens an optimizer step trains is known from host-side
+Normalisation before backward: how many tokens an optimizer step trains is known from the
 labels before any forward (``num_to_keep(ratio, n_valid)`` per scope unit, or the loss mask's
-sum). The loop counts it for the whole step on all processes (one all-reduce), every
+sum; block selection's kept blocks are counted on the device, where they stay). The loop counts
+it for the whole step on all processes (one all-reduce, the step's first read), every
 micro-batch's loss is its sum divided by that count, and each engine (DDP, FSDP2, DeepSpeed)
 accumulates and steps its own way (see ``slm.parallel``). The step's loss is the mean over
 every token it trained. Which runs select the same tokens depends on the scope: ``global``
@@ -22,10 +23,18 @@ import torch
 from torch import nn
 
 from slm.model import SelectiveLM, causal_lm, flop_model, shifted_valid
+from slm.model.rows import to_host
 from slm.parallel import CheckpointRefused, Engine, param_dim, resolve_mixed_precision
 from slm.reference import RefSource, StoreError
 from slm.runs import MIN_EVAL_POINTS, Tracker, checkpoints, read_metrics
-from slm.selection import NonFiniteScores, RatioSchedule, num_selected, num_to_keep, ratio_schedule
+from slm.selection import (
+    NonFiniteScores,
+    RatioSchedule,
+    count_selected,
+    num_to_keep,
+    ratio_schedule,
+    to_device_async,
+)
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter
 from slm.train.config import AUDIT_COLUMN, TrainConfig, lr_lambda
@@ -271,25 +280,28 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def _step_count(self, batches: list[dict], ratio: float, candidates: int) -> tuple[int | None, int, int, int]:
         """(tokens this step trains, tokens it trains on (kept blocks), valid tokens, tokens it read
-        (``candidates``: every candidate block's)) over every micro-batch and process, from host-side
-        labels (one all-reduce); the first is None for a selector whose count depends on the scores."""
+        (``candidates``: every candidate block's)) over every micro-batch and process, counted where the
+        batches are (kept blocks stay on the device) and read in one all-reduce; the first is None for a
+        selector whose count depends on the scores."""
         lm = self.selective
         valid = [shifted_valid(b["labels"]) for b in batches]
         if self.mask_column is not None:  # exactly the marked tokens
-            local = [int((b[self.mask_column] & v).sum()) for b, v in zip(batches, valid)]
+            local = [(b[self.mask_column].bool() & v).sum() for b, v in zip(batches, valid)]
         else:
-            local = [num_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
-        n_valid = [int(v.sum()) for v in valid]
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+            local = [count_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
+        n_valid = [v.sum() for v in valid]
+        tokens = [b["attention_mask"].sum() for b in batches]
         store_error = float(self.ref.error is not None)  # a damaged store shard read on some process
-        counts = [*local, *n_valid, tokens, candidates, store_error]
-        *counts, tokens, candidates, store_error = self.acc.reduce(
-            torch.tensor(counts, dtype=torch.float64, device=self.acc.device), "sum"
-        ).tolist()
+        device = self.acc.device
+        counts = torch.cat([
+            to_device_async(torch.stack([*local, *n_valid, *tokens]).double(), device),
+            to_device_async(torch.tensor([candidates, store_error], dtype=torch.float64), device),
+        ])  # fmt: skip
+        *counts, candidates, store_error = to_host(self.acc.reduce(counts, "sum"))
         if store_error:  # every process stops here, before any forward
             raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
         k = len(batches)
-        tokens, candidates, valid = int(tokens), int(candidates), int(sum(counts[k : 2 * k]))
+        tokens, candidates, valid = int(sum(counts[2 * k :])), int(candidates), int(sum(counts[k : 2 * k]))
         if self.mask_column is not None:
             return int(sum(counts[:k])), tokens, valid, candidates
         if not lm.fixed_count:
@@ -299,7 +311,12 @@ class Trainer:
         return int(sum(counts[:k])), tokens, valid, candidates
 
     def train_step(self) -> dict:
-        cfg, engine = self.cfg, self.engine
+        return self.train_on(*self.read_step())
+
+    def read_step(self) -> tuple[list[dict], int]:
+        """The step's micro-batches as read on the host (every candidate block, stored reference columns
+        included) and how many tokens they hold; the audit counts their clean and junk tokens here."""
+        cfg = self.cfg
         rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
         batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
         candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
@@ -308,6 +325,12 @@ class Trainer:
                 valid, clean = shifted_valid(b["labels"]), b[AUDIT_COLUMN].bool()
                 self.audit[1] += int((clean & valid).sum())
                 self.audit[3] += int((~clean & valid).sum())
+        return batches, candidates
+
+    def train_on(self, batches: list[dict], candidates: int) -> dict:
+        """One optimizer step on the host batches of :meth:`read_step`: what it waits for on a GPU is the
+        step's count (one reduce), each forward's own read, and its end-of-step reduce."""
+        cfg, engine = self.cfg, self.engine
         selecting = not (self.outgrown and self.outgrown.selection_off)
         if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
             batches = [self.blocks.keep(b, engine, self.ref) if selecting else self.blocks.first(b) for b in batches]
@@ -349,9 +372,9 @@ class Trainer:
         counted = counted if n_step is None else torch.zeros_like(stop)
         # The step's one sync: its loss, any non-finite selection score, stop requests, and a count known only
         # after the forward, on every process.
-        loss, bad_scores, stop, counted = self.acc.reduce(
-            torch.stack([loss_sum, nonfinite, stop, counted]), "sum"
-        ).tolist()
+        loss, bad_scores, stop, counted = to_host(
+            self.acc.reduce(torch.stack([loss_sum, nonfinite, stop, counted]), "sum")
+        )
         n_step = round(counted) if n_step is None else n_step
         self._stop = stop > 0
         if bad_scores:

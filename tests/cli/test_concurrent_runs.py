@@ -21,8 +21,14 @@ def start_together(command: list[str], runs: int, tmp_path, env: dict, prefix: s
     """``runs`` processes of ``command`` (each with its own hydra.run.dir) started at once; their outputs, after
     asserting that every one succeeded."""
     procs = [
-        subprocess.Popen([*command, f"hydra.run.dir={tmp_path / f'{prefix}{i}'}"], env=env, cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        subprocess.Popen(
+            [*command, f"hydra.run.dir={tmp_path / f'{prefix}{i}'}"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
         for i in range(runs)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in procs]

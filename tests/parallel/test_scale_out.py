@@ -99,6 +99,22 @@ def test_a_threshold_over_the_run_on_two_processes_equals_one_process(tmp_path):
     assert len(fracs) > 1  # the steps trained data-dependent shares
 
 
+@pytest.mark.slow
+def test_block_selection_on_two_processes_equals_one_process_accumulating(tmp_path):
+    """selector.blocks: each process keeps the best of its own candidates on the device and the step counts the
+    kept tokens there; 2 processes x batch 2 = 1 process x 2 accumulated micro-batches of 2 (the same rows)."""
+    how = (
+        "selector=train_loss",
+        "selector.ratio=0.6",
+        "selector.blocks=0.5",
+        "selector.block_score=train_loss",
+        "trainer.batch_size=2",
+    )
+    one = one_process(tmp_path, "one", "trainer.grad_accum=2", *how)
+    two = launched(tmp_path, "ddp", "two", *how)
+    assert_same_run(one, two, atol=1e-5)
+
+
 def dcp_state(folder: Path) -> dict:
     """A sharded checkpoint's model and optimizer state, read back whole (for tests only)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

@@ -147,6 +147,15 @@ def test_global_scope_non_finite_scores_raise_on_every_process():
     assert torch.equal(got, select_tokens(both, 0.3, scope="batch"))
 
 
+def test_keep_counts_on_a_tensor_equal_num_to_keep_for_every_count_and_ratio():
+    """The device-side count (no host read) is the host rule's integer, float edges included."""
+    from slm.selection import keep_counts
+
+    n = torch.arange(0, 5001)
+    for ratio in (0.01, 0.1, 0.15, 0.3, 1 / 3, 0.37, 0.5, 0.6, 0.7, 0.9, 0.999, 1.0):
+        assert keep_counts(ratio, n).tolist() == [num_to_keep(ratio, i) for i in range(5001)], ratio
+
+
 def test_num_selected_counts_what_select_tokens_keeps():
     from slm.selection import num_selected
 

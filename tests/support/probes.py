@@ -38,9 +38,10 @@ def _pageable_to_gpu(packet, args, kwargs) -> bool:
 
 class HostSyncs(TorchDispatchMode):
     """Counts the ops that make the host wait for a GPU: reading a value (``item``, ``int``), a
-    copy to the CPU, a copy to the GPU from pageable memory, data-dependent shapes (``nonzero``,
-    boolean indexing, ``masked_select``), and asking the driver for free memory.
-    On CPU nothing waits, but the same ops run: their count is what a GPU step would wait for."""
+    copy to the CPU (``.cpu()`` included, which on a CPU tensor dispatches nothing), a copy to the
+    GPU from pageable memory, data-dependent shapes (``nonzero``, boolean indexing,
+    ``masked_select``), and asking the driver for free memory. On CPU nothing waits, but the same
+    ops run: their count is what a GPU step would wait for."""
 
     def __init__(self):
         super().__init__()
@@ -48,17 +49,22 @@ class HostSyncs(TorchDispatchMode):
         self._mem_get_info = None
 
     def __enter__(self):
-        self._mem_get_info = torch.cuda.mem_get_info
+        self._mem_get_info, self._cpu = torch.cuda.mem_get_info, torch.Tensor.cpu
 
         def counted(*args, **kwargs):
             self.ops.append("torch.cuda.mem_get_info")
             return self._mem_get_info(*args, **kwargs)
 
-        torch.cuda.mem_get_info = counted
+        def cpu(t, *args, **kwargs):
+            if t.device.type == "cpu":  # a no-op that dispatches nothing here; on a GPU, the copy below
+                self.ops.append("copy to cpu")
+            return self._cpu(t, *args, **kwargs)
+
+        torch.cuda.mem_get_info, torch.Tensor.cpu = counted, cpu
         return super().__enter__()
 
     def __exit__(self, *exc):
-        torch.cuda.mem_get_info = self._mem_get_info
+        torch.cuda.mem_get_info, torch.Tensor.cpu = self._mem_get_info, self._cpu
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
