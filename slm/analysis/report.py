@@ -1,13 +1,14 @@
 """slm-curves: data-efficiency plots and the "tokens, time and FLOPs to reach the baseline" table.
 
-Reads runs (:mod:`slm.analysis.efficiency`), writes the plot (:mod:`slm.analysis.plots`) and the
-savings table (:mod:`slm.analysis.savings`) beside them."""
+Reads runs (:mod:`slm.analysis.efficiency`), writes the plot (:mod:`slm.analysis.plots`), the
+savings table (:mod:`slm.analysis.savings`) and the selection audit (:mod:`slm.analysis.audit`) beside them."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from slm.analysis.audit import audit_table, write_audit
 from slm.analysis.efficiency import curves, load_runs
 from slm.analysis.plots import plot
 from slm.analysis.savings import savings_table, write_table
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     for path in plot(cs_loss, cs_acc, out, args.metric, audit):
         print(f"slm-curves: wrote {path}")
+    audited = audit_table(runs)
+    if audited:
+        print(write_audit(audited, out))
+        print(
+            f"slm-curves: wrote {out / 'audit.csv'} and {out / 'audit.md'} (the selection audit, mean over eval points)"
+        )
     rows, note = savings_table(cs_loss, args.baseline, args.metric)
     if note:
         print(f"slm-curves: {note}")

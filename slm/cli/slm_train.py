@@ -153,6 +153,7 @@ def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) ->
         blocks=blocks,
         outgrown=outgrown,
         mask_column=ORACLE_COLUMN if selector == "oracle" else None,
+        labels=data.labels,
     )
     try:
         result = trainer.fit()
@@ -318,10 +319,13 @@ def _print_summary(run_dir: Path, result: dict) -> None:
         parts = key.split("/")
         return len(parts) == 3 and parts[0] == "eval" and result.get(f"eval/{parts[2]}") == result[key]
 
+    def breakdown(key: str) -> bool:  # audit/junk_dropped/<kind> and the like: in metrics.jsonl and slm-curves
+        return key.startswith("audit/") and key.count("/") > 1
+
     numbers = ", ".join(
         f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
         for k, v in result.items()
-        if k != "status" and not repeats_first_set(k)
+        if k != "status" and not repeats_first_set(k) and not breakdown(k)
     )
     print(
         f"\nslm-train finished: {numbers}\n  run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}"

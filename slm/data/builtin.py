@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 VERSION = 1
 OPS = "+-*"
 JUNK = "abcdefghijklmnopqrstuvwxyz"
+JUNK_KINDS = ("wrong_answer", "junk_problem")  # what a corrupted problem holds (the selection audit's kinds)
 ALPHABET = "0123456789" + OPS + "=; \n" + JUNK  # every character the corpus can contain
 
 
@@ -72,27 +73,29 @@ def _corrupt(rng: random.Random, text: str, answer_at: int, cfg: CorpusConfig) -
 
 
 def document(rng: random.Random, cfg: CorpusConfig, noise: float) -> dict:
-    """``{"text", "answer_spans", "noise_spans", "clean_spans"}``: character spans of clean answers, of the
-    corrupted parts (a wrong answer, or a whole junk problem), and of everything else (the selection audit)."""
+    """``{"text", "answer_spans", "junk_spans", "clean_spans"}``: character spans of clean answers, of the
+    corrupted parts (``[start, end, kind]``: 1 + the index of a wrong answer or a whole junk problem in
+    ``JUNK_KINDS``), and of everything else (the selection audit)."""
     parts, spans, noisy, pos = [], [], [], 0
     for _ in range(rng.randint(cfg.min_problems, cfg.max_problems)):
         text, answer_at = _problem(rng, cfg)
         if noise and rng.random() < noise:
             text = _corrupt(rng, text, answer_at, cfg)
-            start = answer_at if text[answer_at - 1 : answer_at] == "=" else 0
-            noisy.append([pos + start, pos + len(text)])
+            wrong = text[answer_at - 1 : answer_at] == "="
+            kind = 1 + JUNK_KINDS.index("wrong_answer" if wrong else "junk_problem")
+            noisy.append([pos + (answer_at if wrong else 0), pos + len(text), kind])
         else:
             spans.append([pos + answer_at, pos + len(text)])
         parts.append(text)
         pos += len(text)
     clean, at = [], 0
-    for start, end in noisy:
+    for start, end, _ in noisy:
         if start > at:
             clean.append([at, start])
         at = end
     if at < pos:
         clean.append([at, pos])
-    return {"text": "".join(parts), "answer_spans": spans, "noise_spans": noisy, "clean_spans": clean}
+    return {"text": "".join(parts), "answer_spans": spans, "junk_spans": noisy, "clean_spans": clean}
 
 
 def generate(cfg: CorpusConfig, split: str) -> list[dict]:

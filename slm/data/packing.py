@@ -21,13 +21,21 @@ from pathlib import Path
 import numpy as np
 
 from slm.data.locks import CacheLock
-from slm.data.sources import BUILTIN, document_hashes, raw_documents, source_documents, warn_overlap
+from slm.data.sources import (
+    BUILTIN,
+    SOURCE_COLUMN,
+    document_hashes,
+    label_names,
+    raw_documents,
+    source_documents,
+    warn_overlap,
+)
 from slm.data.spec import PackedData, SourceSpec, data_config, source_identity
 from slm.data.tokenizer import load_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 
-PACK_VERSION = 4  # 4: the real-text corpus's clean_mask
+PACK_VERSION = 5  # 4: the real-text corpus's clean_mask; 5: junk_kind, source_id
 IGNORE_INDEX = -100
 PIECE_CHARS = 1 << 16  # characters tokenised at once: bounds memory for arbitrarily long documents
 PACK_ROWS = 256  # pieces per packing batch (each batch pads at most its last block)
@@ -53,44 +61,72 @@ def _cut_points(text: str, limit: int) -> list[int]:
 # corpus's answers (answer accuracy), the real-text corpus's clean text (the oracle arm, the selection
 # audit). A token is marked only when all of its characters lie inside one span.
 SPAN_MASKS = {"answer_spans": "answer_mask", "clean_spans": "clean_mask"}
+# Labelled spans ``[start, end, label]`` -> a per-token label (0 outside them): what kind of junk a token
+# belongs to (the audit's per-kind shares). A token takes the label of the first span any of its
+# characters lies in, so a token mixing clean text and junk counts as junk.
+SPAN_LABELS = {"junk_spans": "junk_kind"}
+# A document's own label (an integer column of the documents) -> every token of the document, its
+# end-of-document token included: which file it came from (the audit's per-source shares).
+DOC_LABELS = (SOURCE_COLUMN,)
+LABEL_COLUMNS = (*SPAN_LABELS.values(), *DOC_LABELS)  # stored as int16
 
 
 def _split_long(batch: dict, limit: int) -> dict:
     """Documents -> pieces of at most ``limit`` characters; ``last`` marks a document's final piece."""
     out = {"text": [], "last": []}
-    marked = [k for k in SPAN_MASKS if k in batch]
-    for k in marked:
+    spans = [k for k in (*SPAN_MASKS, *SPAN_LABELS) if k in batch]
+    labels = [k for k in DOC_LABELS if k in batch]
+    for k in (*spans, *labels):
         out[k] = []
     for d, text in enumerate(batch["text"]):
         bounds = [0, *_cut_points(text, limit), len(text)]
         for a, b in zip(bounds, bounds[1:]):
             out["text"].append(text[a:b])
             out["last"].append(b == len(text))
-            for k in marked:  # spans move with their piece: an answer cut in two is dropped, clean text is cut
-                cut = k == "clean_spans"
-                kept = [[s, e] for s, e in batch[k][d] if (s < b and a < e if cut else a <= s and e <= b)]
-                out[k].append([[max(s, a) - a, min(e, b) - a] for s, e in kept])
+            for k in spans:  # spans move with their piece: an answer cut in two is dropped, the others are cut
+                cut = k != "answer_spans"
+                kept = [
+                    span
+                    for span in batch[k][d]
+                    if (span[0] < b and a < span[1] if cut else a <= span[0] and span[1] <= b)
+                ]
+                out[k].append([[max(span[0], a) - a, min(span[1], b) - a, *span[2:]] for span in kept])
+            for k in labels:
+                out[k].append(batch[k][d])
     return out
 
 
+def _span_label(a: int, b: int, spans: list) -> int:
+    return next((label for s, e, label in spans if s < b and a < e), 0)
+
+
 def _tokenize(batch: dict, tokenizer) -> dict:
-    marked = [k for k in SPAN_MASKS if k in batch]
+    marked = [k for k in (*SPAN_MASKS, *SPAN_LABELS) if k in batch]
     enc = tokenizer(batch["text"], add_special_tokens=False, return_offsets_mapping=bool(marked))
     out = {"ids": enc["input_ids"], "last": batch["last"]}
     for k in marked:
-        out[SPAN_MASKS[k]] = [
-            [any(s <= a and b <= e for s, e in doc_spans) for a, b in offsets]
-            for offsets, doc_spans in zip(enc["offset_mapping"], batch[k])
-        ]
+        if k in SPAN_MASKS:
+            out[SPAN_MASKS[k]] = [
+                [any(s <= a and b <= e for s, e in doc_spans) for a, b in offsets]
+                for offsets, doc_spans in zip(enc["offset_mapping"], batch[k])
+            ]
+        else:
+            out[SPAN_LABELS[k]] = [
+                [_span_label(a, b, doc_spans) for a, b in offsets]
+                for offsets, doc_spans in zip(enc["offset_mapping"], batch[k])
+            ]
+    for k in DOC_LABELS:
+        if k in batch:
+            out[k] = [[label] * len(ids) for ids, label in zip(enc["input_ids"], batch[k])]
     return out
 
 
 def _pack(batch: dict, block_size: int, eos_id: int, pad_id: int) -> dict:
     """Concatenate pieces (``eos`` after each document's last one), cut into blocks, pad the last one."""
     ids = [t for doc, last in zip(batch["ids"], batch["last"]) for t in (*doc, *([eos_id] if last else []))]
-    masks = {
-        k: [m for doc, last in zip(batch[k], batch["last"]) for m in (*doc, *([False] if last else []))]
-        for k in SPAN_MASKS.values()
+    masks = {  # the end-of-document token: unmarked, outside every span, but of its document's source
+        k: [m for doc, last in zip(batch[k], batch["last"]) for m in (*doc, *([_eos_value(k, doc)] if last else []))]
+        for k in (*SPAN_MASKS.values(), *LABEL_COLUMNS)
         if k in batch
     }
     n = len(ids)
@@ -102,12 +138,20 @@ def _pack(batch: dict, block_size: int, eos_id: int, pad_id: int) -> dict:
         out["labels"].append(block + [IGNORE_INDEX] * pad)
         out["attention_mask"].append([1] * len(block) + [0] * pad)
         for k, m in masks.items():
-            out[k].append(m[i : i + block_size] + [False] * pad)
+            out[k].append(m[i : i + block_size] + [False if k in SPAN_MASKS.values() else 0] * pad)
     return out
+
+
+def _eos_value(column: str, doc: list):
+    if column in DOC_LABELS:
+        return doc[0] if doc else 0
+    return 0 if column in LABEL_COLUMNS else False
 
 
 def pack(docs, tokenizer, block_size: int, num_proc: int | None = None, desc: str = ""):
     """Tokenise a dataset of documents and pack it into ``block_size`` blocks, in bounded pieces."""
+    import datasets
+
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     pieces = docs.map(
@@ -128,7 +172,7 @@ def pack(docs, tokenizer, block_size: int, num_proc: int | None = None, desc: st
         num_proc=num_proc,
         desc=f"tokenising {desc}",
     )
-    return tok.map(
+    packed = tok.map(
         _pack,
         batched=True,
         batch_size=PACK_ROWS,
@@ -137,6 +181,10 @@ def pack(docs, tokenizer, block_size: int, num_proc: int | None = None, desc: st
         fn_kwargs={"block_size": block_size, "eos_id": eos, "pad_id": pad},
         desc=f"packing {desc}",
     )
+    for k in LABEL_COLUMNS:
+        if k in packed.column_names:
+            packed = packed.cast_column(k, datasets.Sequence(datasets.Value("int16")))
+    return packed
 
 
 def column_hash(ds, column: str, dtype=np.int64) -> str:
@@ -302,7 +350,7 @@ def build(cfg) -> PackedData:
         evals[name], docs = build_split(spec, tokenizer, cfg.block_size, cfg.cache_dir, with_docs=True)
         warn_overlap(name, spec, docs, train_docs)
     evals["validation"] = splits["validation"]
-    return PackedData(splits, tokenizer, meta["identity"], evals)
+    return PackedData(splits, tokenizer, meta["identity"], evals, label_names(cfg))
 
 
 def check_block_size(model_config, block_size: int) -> None:

@@ -155,19 +155,21 @@ def generate(cfg: RealTextConfig, split: str) -> list[dict]:
         segments, owed = [], 0.0  # junk characters still to place to keep the mix at cfg.junk
         for para in _paragraphs(doc):
             owed += len(para) * cfg.junk / (1 - cfg.junk)
-            pieces = []
+            junk = []
             while owed >= 20:
-                pieces.append(junk_segment(rng, int(min(owed, rng.randint(60, 400))), words))
-                owed -= len(pieces[-1])
-            junk = [(p, False) for p in pieces]
-            segments += [(para, True), *junk] if rng.random() < 0.5 else [*junk, (para, True)]  # junk before or after
-        text, spans, at = [], [], 0
-        for i, (seg, is_clean) in enumerate(segments):
+                length, kind = int(min(owed, rng.randint(60, 400))), rng.choice(JUNK_KINDS)
+                junk.append((junk_segment(rng, length, words, kind), kind))
+                owed -= len(junk[-1][0])
+            segments += [(para, None), *junk] if rng.random() < 0.5 else [*junk, (para, None)]  # junk before or after
+        text, spans, junk_spans, at = [], [], [], 0
+        for i, (seg, kind) in enumerate(segments):
             if i:
                 at += 2  # the paragraph break: neither clean text nor junk
-            if is_clean:
+            if kind is None:
                 spans.append([at, at + len(seg)])
+            else:
+                junk_spans.append([at, at + len(seg), 1 + JUNK_KINDS.index(kind)])
             text.append(seg)
             at += len(seg)
-        out.append({"text": "\n\n".join(text), "clean_spans": spans})
+        out.append({"text": "\n\n".join(text), "clean_spans": spans, "junk_spans": junk_spans})
     return out

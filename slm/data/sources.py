@@ -45,6 +45,28 @@ def generated_documents(spec, split: str):
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
+# Up to this many files, each document of a local source records which file it came from (``source_id``),
+# and a run's selection audit reports the share kept of each (``label_names``).
+PER_SOURCE_FILES = 64
+SOURCE_COLUMN = "source_id"
+
+
+def label_names(cfg) -> dict:
+    """What the per-token label columns packing keeps mean (column -> a name per label): the built-in corpora's
+    kinds of junk (label 0: not junk), a local source's files."""
+    if cfg.source in GENERATED:
+        kinds = corpus.JUNK_KINDS if cfg.source == BUILTIN else realtext.JUNK_KINDS
+        return {"junk_kind": ["not junk", *kinds]}
+    if is_local(cfg.source):
+        files = data_files(cfg.source)
+        if 1 < len(files) <= PER_SOURCE_FILES:
+            names = [Path(f).name for f in files]
+            if len(set(names)) < len(names):
+                names = [os.path.relpath(f, os.path.commonpath(files)) for f in files]
+            return {SOURCE_COLUMN: names}
+    return {}
+
+
 def data_files(source: str) -> list[str]:
     p = Path(source).expanduser()
     if p.is_dir():
@@ -160,10 +182,17 @@ def _load_files(cfg) -> dict:
     # Read afresh: datasets' own cache knows a file by its path and modification time, and would hand back
     # the old rows of a file replaced with the same time (slm's packed cache, keyed by content, is the cache).
     kwargs["download_mode"] = datasets.DownloadMode.FORCE_REDOWNLOAD
+
+    def load(some: list[str]):
+        return datasets.load_dataset(builder, data_files=some, split="train", cache_dir=_raw_cache(), **kwargs)
+
     try:
-        return {
-            "train": datasets.load_dataset(builder, data_files=files, split="train", cache_dir=_raw_cache(), **kwargs)
-        }
+        if not 1 < len(files) <= PER_SOURCE_FILES:
+            return {"train": load(files)}
+        # file by file, in the same order as all at once: each document records the file it came from
+        parts = [load([f]) for f in files]
+        parts = [d.add_column(SOURCE_COLUMN, [i] * len(d)) for i, d in enumerate(parts)]
+        return {"train": datasets.concatenate_datasets(parts)}
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
         raise ValueError(f"data.source={cfg.source!r}: could not read the {builder} files: {e.__cause__ or e}") from e
 
@@ -217,11 +246,9 @@ def raw_documents(cfg) -> dict:
         if len(d) == 0:
             raise ValueError(f"data.source={cfg.source!r}: the {name} split has no documents")
         _check_text(d, cfg.source, name, cfg.text_field)
-        ds[name] = (
-            d.select_columns([cfg.text_field]).rename_column(cfg.text_field, "text")
-            if cfg.text_field != "text"
-            else d.select_columns(["text"])
-        )
+        own = [SOURCE_COLUMN] if SOURCE_COLUMN in d.column_names else []
+        d = d.select_columns([cfg.text_field, *own])
+        ds[name] = d.rename_column(cfg.text_field, "text") if cfg.text_field != "text" else d
     if "validation" not in ds:
         if len(ds["train"]) < 2:
             raise ValueError(

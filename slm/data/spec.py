@@ -97,6 +97,7 @@ class PackedData:
     tokenizer: object
     identity: dict  # what a stored reference column must agree with
     eval_sets: dict = field(default_factory=dict)  # name -> packed eval set (data.eval, then validation)
+    labels: dict = field(default_factory=dict)  # label column -> a name per label (slm.data.sources.label_names)
 
     def __getitem__(self, split: str):
         return self.splits[split]

@@ -12,7 +12,7 @@ from slm.train.watches import check_outgrown
 
 # "all": every token (selection off); "oracle": exactly the tokens the corpus marks clean (its clean_mask)
 SELECTOR_NAMES = (*SELECTORS, "all", "oracle")
-ORACLE_COLUMN = AUDIT_COLUMN = "clean_mask"  # the corpus's clean tokens (data=realtext, the built-in corpus)
+ORACLE_COLUMN = "clean_mask"  # the corpus's clean tokens (data=realtext, the built-in corpus)
 
 
 @dataclass(frozen=True)

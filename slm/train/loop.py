@@ -35,9 +35,10 @@ from slm.selection import (
     ratio_schedule,
     to_device_async,
 )
+from slm.train.audit import SelectionAudit, groupings
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter
-from slm.train.config import AUDIT_COLUMN, TrainConfig, lr_lambda
+from slm.train.config import TrainConfig, lr_lambda
 from slm.train.downstream import DownstreamConfig, evaluate_tasks
 from slm.train.evaluation import evaluate
 from slm.train.signals import StopSignals
@@ -99,6 +100,7 @@ class Trainer:
         on_best=None,
         outgrown: OutgrownWatch | None = None,
         mask_column: str | None = None,
+        labels: dict | None = None,
     ):
         """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
         also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
@@ -107,7 +109,8 @@ class Trainer:
         more candidate blocks, see :mod:`slm.train.block_filter`). ``early_stop``: end the run once a
         held-out loss stops improving, calling ``on_best()`` at each new best eval (to keep its weights).
         ``outgrown``: watch for the model reaching its reference's eval loss (see :mod:`slm.train.watches`).
-        ``mask_column``: train exactly the tokens a column of the training data marks (the oracle arm)."""
+        ``mask_column``: train exactly the tokens a column of the training data marks (the oracle arm).
+        ``labels``: what the training data's label columns mean (``PackedData.labels``), for the audit."""
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
         self.ref = ref or RefSource()
         if not isinstance(eval_sets, dict):
@@ -162,12 +165,9 @@ class Trainer:
                 )
             columns.append(mask_column)
         self.mask_column = mask_column
-        # Where the corpus marks its clean tokens, every step counts what its selection kept of them (the audit)
-        self.audited = AUDIT_COLUMN in train_ds.column_names
-        if self.audited and AUDIT_COLUMN not in columns:
-            columns.append(AUDIT_COLUMN)
-        # kept clean, clean, kept junk, junk (valid tokens, since the last eval point)
-        self.audit = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
+        # every step counts what its selection kept, by what the data says about its tokens
+        self.audit = SelectionAudit(groupings(train_ds.column_names, labels or {}), accelerator.device)
+        columns += [c for c in self.audit.columns if c not in columns]
         self.train_ds = train_ds.select_columns(columns).with_format("torch")
         self.blocks = blocks
         self.early_stop, self.on_best, self.outgrown = early_stop, on_best, outgrown
@@ -194,7 +194,7 @@ class Trainer:
             "selector_rng": self.selective.generator.get_state().tolist(),
             "early_stop": self.early_stop.state() if self.early_stop else None,
             "outgrown_step": self.outgrown.step if self.outgrown else None,
-            "audit": self.acc.reduce(self.audit.clone(), "sum").tolist() if self.audited else None,
+            "audit": self.audit.state(self.acc),
             **self.engine.checkpoint_info,
         }
         return checkpoints.save(
@@ -269,8 +269,7 @@ class Trainer:
             self.early_stop.load(state["early_stop"])
         if self.outgrown:
             self.outgrown.step = state.get("outgrown_step")
-        if self.audited and state.get("audit") and self.acc.is_main_process:  # the sum over processes, once
-            self.audit = torch.tensor(state["audit"], dtype=torch.float64, device=self.acc.device)
+        self.audit.load(state.get("audit"), self.acc.is_main_process)  # the sum over processes, held once
         if (path / "selection.pt").exists():
             self.selective.load_selection_state(torch.load(path / "selection.pt", weights_only=True))
         if self.ref.evolve_every and (path / "reference.pt").exists():
@@ -315,16 +314,13 @@ class Trainer:
 
     def read_step(self) -> tuple[list[dict], int]:
         """The step's micro-batches as read on the host (every candidate block, stored reference columns
-        included) and how many tokens they hold; the audit counts their clean and junk tokens here."""
+        included) and how many tokens they hold; the audit counts what they hold here."""
         cfg = self.cfg
         rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
         batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
         candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
-        if self.audited:  # every token read, the dropped blocks' included
-            for b in batches:
-                valid, clean = shifted_valid(b["labels"]), b[AUDIT_COLUMN].bool()
-                self.audit[1] += int((clean & valid).sum())
-                self.audit[3] += int((~clean & valid).sum())
+        for b in batches:  # every token read, the dropped blocks' included
+            self.audit.read(b)
         return batches, candidates
 
     def train_on(self, batches: list[dict], candidates: int) -> dict:
@@ -362,10 +358,7 @@ class Trainer:
                     loss = loss / self.acc.reduce(counted.reshape(1), "sum")[0].clamp(min=1)
                 engine.backward(loss)
             loss_sum += loss.detach().double()
-            if self.audited:
-                clean = batch[AUDIT_COLUMN].bool()
-                self.audit[0] += (out.mask & clean).sum()
-                self.audit[2] += (out.mask & ~clean).sum()
+            self.audit.trained(batch, out.mask)
             if out.n_nonfinite is not None:
                 nonfinite += out.n_nonfinite
         stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
@@ -449,8 +442,8 @@ class Trainer:
             res.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in one.items()})
             if i == 0:
                 res.update(one)
-        if sets and self.audited and self.step > 0:
-            res.update(self._audit_since_last())
+        if sets and self.step > 0:
+            res.update(self.audit.shares(self.acc))
         if self.downstream.due(self.step, self.cfg.eval_every) if tasks is None else tasks:
             if self.acc.is_main_process:  # the others wait: the harness runs in one process
                 res.update(evaluate_tasks(causal_lm(self.selective.model), self.tokenizer, self.downstream))
@@ -458,14 +451,6 @@ class Trainer:
         if res:
             self.tracker.log(self._event(**res))
         return res
-
-    def _audit_since_last(self) -> dict:
-        """What selection kept of the clean tokens, and dropped of the junk, since the last eval point (every
-        process's counts)."""
-        kept_clean, clean, kept_junk, junk = self.acc.reduce(self.audit.clone(), "sum").tolist()
-        self.audit.zero_()
-        shares = {"audit/clean_kept": (kept_clean, clean), "audit/junk_dropped": (junk - kept_junk, junk)}
-        return {k: part / whole for k, (part, whole) in shares.items() if whole}
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> dict:

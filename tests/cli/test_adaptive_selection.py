@@ -161,3 +161,60 @@ def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_t
     }
     slm_curves([str(tmp_path / n) for n in ("base", "oracle", "sel")] + ["--out", str(tmp_path / "plot")])
     assert (tmp_path / "plot" / "curves.png").stat().st_size > 0
+
+
+def test_the_audit_reports_each_kind_of_junk_and_each_part_of_the_block(tmp_path):
+    """Per kind of junk and per quarter of the block (issue 28 item 2), checked against counts taken from the
+    packed data and the batch stream: the oracle drops every kind and keeps, of each quarter, exactly its clean
+    share; a selection's quarters add up to what it trained and its kinds to the junk it kept; slm-curves
+    tabulates them."""
+    from slm.cli.settings import validate
+    from slm.data import build
+    from slm.data.builtin import JUNK_KINDS
+    from slm.model import shifted_valid
+    from slm.runs import read_metrics
+    from slm.train import BatchStream
+
+    for name, extra in (("oracle", ["selector=oracle"]), ("sel", ["selector.ratio=0.5"])):
+        train(compose_train(tmp_path / "c", *extra), tmp_path / name)
+    packed = build(validate(compose_train(tmp_path / "c")).data)["train"].with_format("torch")
+    stream = BatchStream(len(packed), 4, 1, 0, seed=0)
+    quarters = [f"audit/kept/position/{q * 25}-{q * 25 + 25}%" for q in range(4)]
+    kinds = [f"audit/junk_dropped/{k}" for k in JUNK_KINDS]
+
+    def counts(first: int, last: int):
+        rows = [packed[stream.indices(s)] for s in range(first, last)]
+        valid = [shifted_valid(r["labels"]) for r in rows]
+        part = torch.arange(32) * 4 // 32  # block_size 32
+        per = {"clean": [0] * 4, "all": [0] * 4, "kind": [0] * (len(JUNK_KINDS) + 1), "junk": 0}
+        for r, v in zip(rows, valid):
+            for q in range(4):
+                per["clean"][q] += int((r["clean_mask"] & v & (part == q)).sum())
+                per["all"][q] += int((v & (part == q)).sum())
+            for k in range(len(JUNK_KINDS) + 1):
+                per["kind"][k] += int((v & (r["junk_kind"] == k) & ~r["clean_mask"]).sum())
+            per["junk"] += int((v & ~r["clean_mask"]).sum())
+        return per
+
+    for name in ("oracle", "sel"):
+        selected = {e["step"]: e["tokens_selected"] for e in read_metrics(tmp_path / name) if "train/loss" in e}
+        last = 0
+        for e in [e for e in read_metrics(tmp_path / name) if "audit/clean_kept" in e]:
+            per = counts(last, e["step"])
+            kept = selected[e["step"]] - selected.get(last, 0)
+            if name == "oracle":
+                assert [e[k] for k in kinds] == [1.0] * len(kinds)
+                assert [e[q] for q in quarters] == pytest.approx([c / a for c, a in zip(per["clean"], per["all"])])
+            else:
+                assert sum(e[q] * a for q, a in zip(quarters, per["all"])) == pytest.approx(kept)
+                kept_junk = (1 - e["audit/junk_dropped"]) * per["junk"]
+                kept_by_kind = sum((1 - e[k]) * n for k, n in zip(kinds, per["kind"][1:]))
+                assert kept_by_kind - 1e-6 <= kept_junk <= kept_by_kind + per["kind"][0] + 1e-6  # + end tokens
+                assert all(0 < e[k] < 1 for k in kinds)
+            last = e["step"]
+    from slm.analysis.report import main as slm_curves
+
+    slm_curves([str(tmp_path / n) for n in ("oracle", "sel")] + ["--out", str(tmp_path / "plot")])
+    table = (tmp_path / "plot" / "audit.md").read_text()
+    for row in ("junk dropped: wrong_answer", "junk dropped: junk_problem", "kept of block part 0-25%"):
+        assert row in table

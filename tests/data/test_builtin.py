@@ -1,6 +1,8 @@
 """The built-in corpora: the arithmetic corpus's answers follow from its prompts; the real-text corpus is
 prose and junk half and half, with clean splits."""
 
+import pytest
+
 from slm.data import CorpusConfig
 from slm.data.builtin import generate, solve
 
@@ -14,7 +16,7 @@ def test_corpus_answers_follow_from_prompts():
             a, b = expr.split(op)
             assert d["text"][start:end] == f"{solve(int(a), op, int(b))};"
     train = generate(CorpusConfig(n_train_docs=200, noise=0.5), "train")
-    n_noise = sum(len(d["noise_spans"]) for d in train)
+    n_noise = sum(len(d["junk_spans"]) for d in train)
     n_clean = sum(len(d["answer_spans"]) for d in train)
     assert 0.4 < n_noise / (n_noise + n_clean) < 0.6
 
@@ -71,3 +73,38 @@ def test_the_realtext_clean_mask_marks_exactly_the_prose_characters():
     assert "".join(marked) == expected
     assert 0.4 < len(marked) / len(text) < 0.6
     assert not re.search(r"[A-Za-z0-9+/]{40,}", "".join(marked))  # no base64 / hex blob
+
+
+@pytest.mark.parametrize("corpus", ["builtin", "realtext"])
+def test_every_junk_token_is_labelled_with_its_kind(corpus):
+    """Packed with the character tokenizer (one token per character), each token's junk_kind is the kind of the
+    junk span its character lies in, 0 outside junk and on the end-of-document token; the built-in corpus's
+    wrong answers follow their '=' and its junk problems are letters."""
+    from datasets import Dataset
+
+    from slm.data import builtin_tokenizer
+    from slm.data.packing import pack
+
+    if corpus == "builtin":
+        from slm.data.builtin import JUNK_KINDS
+
+        docs = generate(CorpusConfig(n_train_docs=30, noise=0.5), "train")
+    else:
+        from slm.data.realtext import JUNK_KINDS, RealTextConfig
+        from slm.data.realtext import generate as generate_realtext
+
+        docs = generate_realtext(RealTextConfig(), "train")[:30]
+    expected = []
+    for d in docs:
+        kinds = [0] * len(d["text"])
+        for s, e, k in d["junk_spans"]:
+            kinds[s:e] = [k] * (e - s)
+            if JUNK_KINDS[k - 1] == "wrong_answer":
+                assert d["text"][s - 1] == "=" and d["text"][s : e - 1].isdigit()
+            if JUNK_KINDS[k - 1] == "junk_problem":
+                assert d["text"][s : e - 1].isalpha()
+        expected += [*kinds, 0]
+    packed = pack(Dataset.from_list(docs), builtin_tokenizer(), 64)
+    got = [k for row in packed for k, m in zip(row["junk_kind"], row["attention_mask"]) if m]
+    assert got == expected
+    assert set(got) == set(range(len(JUNK_KINDS) + 1))  # every kind occurs

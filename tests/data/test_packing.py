@@ -150,3 +150,50 @@ def test_a_pinned_hub_revision_is_part_of_the_packed_cache_key():
 
     a, b = (source_identity(DataConfig(source="org/corpus", hub_revision=r)) for r in (None, "v2"))
     assert a != b and b["revision"] == "v2"
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_a_source_of_several_files_labels_every_token_with_its_file(tmp_path, fmt):
+    """Each file's documents are written in letters no other file uses, so a letter tells which file its token
+    came from; every token (its document's end token too) carries that file's index, the documents come in the
+    order of reading all files at once, and the run's label names are the file names."""
+    import datasets
+
+    from slm.data.sources import _load_files, data_files
+
+    letters = ["abc", "def", "ghi"]
+    for i, ls in enumerate(letters):
+        docs = [" ".join(ls[j % 3] * (j + 2) for j in range(k + 3)) for k in range(4)]
+        path = tmp_path / "f" / f"part{i}.{fmt}"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("\n\n".join(docs) if fmt == "txt" else "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(source=str(tmp_path / "f"), block_size=16, val_fraction=0.25, cache_dir=str(tmp_path / "c"))
+    data = build(cfg)
+    assert data.labels == {"source_id": [f"part{i}.{fmt}" for i in range(3)]}
+    tok = data.tokenizer
+    owner = {c: i for i, ls in enumerate(letters) for c in ls}
+    n = 0
+    for split in ("train", "validation"):
+        for row in data[split]:
+            chars = tok.convert_ids_to_tokens(row["input_ids"])
+            for c, src, real in zip(chars, row["source_id"], row["attention_mask"]):
+                if real and c in owner:
+                    assert src == owner[c], (c, src)
+                    n += 1
+    assert n > 100
+    kwargs = {"sample_by": "paragraph"} if fmt == "txt" else {}
+    builder = "text" if fmt == "txt" else "json"
+    together = datasets.load_dataset(builder, data_files=data_files(cfg.source), split="train", **kwargs)
+    assert _load_files(cfg)["train"]["text"] == together["text"]
+
+
+def test_documents_end_tokens_take_their_documents_source():
+    import datasets
+
+    from slm.data import pack
+
+    tok = builtin_tokenizer()
+    docs = datasets.Dataset.from_dict({"text": DOCS, "source_id": [0, 1, 1, 2]})
+    ds = pack(docs, tok, block_size=5)
+    labels = [s for r in ds for s, m in zip(r["source_id"], r["attention_mask"]) if m]
+    assert labels == [s for d, s in zip(DOCS, [0, 1, 1, 2]) for _ in range(len(d) + 1)]

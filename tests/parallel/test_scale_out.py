@@ -56,7 +56,8 @@ def assert_same_run(a: Path, b: Path, atol: float, rel: float = 1e-5, processes:
     ea, eb = read_metrics(a), read_metrics(b)
     assert [e["step"] for e in ea] == [e["step"] for e in eb] and len(ea) >= 5
     for x, y in zip(ea, eb):
-        for k in ("train/loss", "train/grad_norm", "train/lr", "eval/loss", "tokens_seen", "tokens_selected"):
+        audit = [k for k in x if k.startswith("audit/")]  # what selection kept, counted over every process
+        for k in ("train/loss", "train/grad_norm", "train/lr", "eval/loss", "tokens_seen", "tokens_selected", *audit):
             if k in x:
                 assert y[k] == pytest.approx(x[k], rel=rel), (x["step"], k)
     wa, wb = load_file(str(a / "model" / "model.safetensors")), load_file(str(b / "model" / "model.safetensors"))

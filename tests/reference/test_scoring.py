@@ -59,7 +59,7 @@ def test_reference_trained_on_clean_split_separates_answers_from_noise(tmp_path)
         enc = tok(d["text"], add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor([enc["input_ids"]])
         tl = slm.token_losses(model.eval(), ids, ids)[0]
-        for spans, out in ((d["answer_spans"], clean), (d["noise_spans"], noise)):
+        for spans, out in ((d["answer_spans"], clean), ([j[:2] for j in d["junk_spans"]], noise)):
             for s, e in spans:
                 out += [tl[i].item() for i, (a, b) in enumerate(enc["offset_mapping"]) if s <= a and b <= e and i]
     assert np.mean(noise) > np.mean(clean) + 1.5, (np.mean(clean), np.mean(noise))

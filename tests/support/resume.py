@@ -20,7 +20,7 @@ def resumed_equals_whole(tmp_path, monkeypatch, *overrides):
     """Ctrl-C at step 3 of 6, resume: the same metrics and weights as a run never interrupted."""
     from safetensors.torch import load_file
 
-    common = ("trainer.checkpoint_every=100", *overrides)
+    common = ("trainer.checkpoint_every=100", "trainer.eval_every=2", *overrides)  # cut mid-way between evals
     train(compose_train(tmp_path / "c", *common), tmp_path / "whole")
     real = Trainer.train_step
 
@@ -36,6 +36,12 @@ def resumed_equals_whole(tmp_path, monkeypatch, *overrides):
     train(compose_train(tmp_path / "c", *common, "trainer.resume=true"), tmp_path / "cut")
     for key in ("train/loss", "tokens_seen", "tokens_selected", "flops"):
         assert step_values(tmp_path / "cut", key) == pytest.approx(step_values(tmp_path / "whole", key), rel=1e-6), key
+    audits = [[{k: v for k, v in e.items() if k.startswith("audit/")} for e in read_metrics(tmp_path / d)] for d in
+              ("whole", "cut")]  # fmt: skip
+    audits = [[a for a in run if a] for run in audits]  # the interrupted interval's counts carried in the checkpoint
+    assert len(audits[1]) == len(audits[0]) >= 2
+    for cut, whole in zip(*audits[::-1]):
+        assert cut == pytest.approx(whole, rel=1e-9)
     a, b = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("whole", "cut"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-5)

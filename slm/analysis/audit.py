@@ -1,0 +1,52 @@
+"""The selection audit over whole runs: each group's share of clean tokens kept, of junk dropped (all of
+it and by kind), of each source file and each quarter of the block kept, averaged over its eval points
+and seeds (the runs log them per interval between eval points, see :mod:`slm.train.audit`)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from slm.analysis.efficiency import Run, curves
+
+LABELS = {  # metric prefix -> how the table names it
+    "audit/clean_kept": "clean tokens kept",
+    "audit/junk_dropped/": "junk dropped: ",
+    "audit/junk_dropped": "junk tokens dropped",
+    "audit/kept/source/": "kept of source ",
+    "audit/kept/position/": "kept of block part ",
+}
+
+
+def describe(key: str) -> str:
+    prefix = next(p for p in LABELS if key.startswith(p))
+    return LABELS[prefix] + key[len(prefix) :]
+
+
+def _order(key: str) -> tuple:
+    prefix = next(i for i, p in enumerate(LABELS) if key.startswith(p))
+    return (prefix, key)
+
+
+def audit_table(runs: list[Run]) -> list[dict]:
+    """One row per audit metric the runs logged, one column per group: its mean over eval points and seeds."""
+    keys = sorted({k for r in runs for e in r.events for k in e if k.startswith("audit/")}, key=_order)
+    by_key = {k: {c.group: float(np.mean(c.mean)) for c in curves(runs, k)} for k in keys}
+    groups = list(dict.fromkeys(g for k in keys for g in by_key[k]))
+    return [{"audit": describe(k), **{g: by_key[k].get(g) for g in groups}} for k in keys]
+
+
+def write_audit(rows: list[dict], out: Path) -> str:
+    """``audit.csv`` and ``audit.md`` in ``out``; the Markdown."""
+    cols = list(rows[0])
+    with (out / "audit.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    md += "".join("| " + " | ".join(fmt(r[c]) for c in cols) + " |\n" for r in rows)
+    (out / "audit.md").write_text(md)
+    return md
