@@ -136,7 +136,8 @@ def test_the_reference_eval_loss_is_cached_and_read_for_a_stored_column(tmp_path
 def test_the_remedy_resumes_exactly(tmp_path, monkeypatch):
     """Interrupted after the model passed its reference: the resumed run still trains every token."""
     resumed_equals_whole(tmp_path, monkeypatch, *WEAK)
-    assert json.loads((tmp_path / "cut" / "result.json").read_text())["outgrown_step"] == 2  # the cut (step 3) comes after it
+    outgrown = json.loads((tmp_path / "cut" / "result.json").read_text())["outgrown_step"]
+    assert outgrown == 2  # the cut, in step 3, comes after it
 
 
 def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_the_best(tmp_path):
