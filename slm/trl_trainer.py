@@ -27,7 +27,14 @@ from trl import GRPOTrainer, SFTTrainer
 from slm.hf_trainer import StepScoreCheck
 from slm.model import SelectiveLM, shifted_valid, token_losses
 from slm.reference import freeze, load_reference
-from slm.selection import check_ratio, num_selected
+from slm.selection import (
+    RunningThreshold,
+    check_ratio,
+    excess_loss,
+    num_selected,
+    random_scores,
+    select_tokens,
+)
 
 SFT_SELECTORS = ("excess_loss", "train_loss", "reference_loss", "random")
 _NOT_FOR_THE_DECODER = ("labels", "use_cache", "ref_loss")
@@ -184,21 +191,42 @@ def _frozen(reference, device) -> torch.nn.Module:
 
 
 GRPO_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
+GRPO_SELECTORS = ("entropy", "train_loss", "excess_loss", "random")
 
 
 class SelectiveGRPOTrainer(GRPOTrainer):
-    """``trl.GRPOTrainer`` whose ``top_entropy_quantile`` runs through slm's selective head.
+    """``trl.GRPOTrainer`` whose token selection (``top_entropy_quantile``) runs through slm's selective head.
 
     TRL scores every completion token with gradients and then multiplies the policy loss of all but the
     highest-entropy share by zero. Here one no-grad scoring pass gives every completion token's
-    log-probability and entropy (what the importance ratio, clipping and the mask need), TRL's own rule
-    picks the same tokens, and the gradient-carrying head runs on those tokens only. The loss and its
-    gradients are TRL's (tested equal). Settings whose gradient reaches every token are refused: a KL
-    term (``beta``), sequence-level importance sampling, the entropy bonus, and the losses that mix
-    tokens in their weights (``vespo``, ``luspo``).
+    log-probability and entropy (what the importance ratio, clipping and the mask need), the tokens are
+    picked, and the gradient-carrying head runs on those tokens only. With the default ``selector="entropy"``
+    TRL's own rule picks them (the same tokens, loss and gradients as TRL: tested equal). Settings whose
+    gradient reaches every token are refused: a KL term (``beta``), sequence-level importance sampling, the
+    entropy bonus, and the losses that mix tokens in their weights (``vespo``, ``luspo``).
+
+    Args (beyond ``GRPOTrainer``'s; the share kept is ``args.top_entropy_quantile``):
+        selector: what ranks the completion tokens: ``entropy`` (TRL's rule), ``train_loss`` (the policy's
+            own -log p: the tokens it finds least likely), ``excess_loss`` (that minus a ``reference`` model's
+            loss on the same token), ``random``.
+        scope: ``batch`` (the top share of each micro-batch's completion tokens), ``sequence`` (of each
+            completion) or ``dataset`` (a threshold over the run, :class:`slm.selection.RunningThreshold`);
+            ``entropy`` takes TRL's own scope.
+        reference: a causal LM (a model, or a path / hub name) sharing the tokenizer, for ``excess_loss``.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, selector: str = "entropy", scope: str = "batch", reference=None, **kwargs):
+        if selector not in GRPO_SELECTORS:
+            raise ValueError(f"SelectiveGRPOTrainer: selector must be one of {GRPO_SELECTORS}, got {selector!r}")
+        if scope not in ("batch", "sequence", "dataset"):
+            raise ValueError(f"SelectiveGRPOTrainer: scope must be 'batch', 'sequence' or 'dataset', got {scope!r}")
+        if selector == "entropy" and scope != "batch":
+            raise ValueError("SelectiveGRPOTrainer: selector='entropy' is TRL's rule, with TRL's scope (scope='batch')")
+        if (selector == "excess_loss") != (reference is not None):
+            raise ValueError(
+                "SelectiveGRPOTrainer: selector='excess_loss' ranks tokens against a reference: pass reference=<a "
+                "model or path sharing the tokenizer> with it (and only with it)"
+            )
         super().__init__(*args, **kwargs)
         if not self.top_entropy_quantile < 1.0:
             raise ValueError("SelectiveGRPOTrainer: set top_entropy_quantile < 1 (the share of tokens it trains)")
@@ -217,7 +245,32 @@ class SelectiveGRPOTrainer(GRPOTrainer):
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         self.selective = SelectiveLM(inner, ratio=1.0)
         add_selective_head(inner, self.selective)
+        self.selector, self.scope = selector, scope
+        self.reference = _frozen(reference, self.args.device) if reference is not None else None
+        self.threshold = RunningThreshold() if scope == "dataset" else None
         self._completion_mask = None
+        self._kept = None  # the completion tokens an slm rule kept, for TRL's loss to mask with
+
+    def get_high_entropy_mask(self, entropies, mask, threshold):
+        """TRL's mask of the trained tokens: an slm rule's choice where one ran, else TRL's entropy rule."""
+        if self._kept is not None:
+            return self._kept.to(entropies.dtype)
+        return super().get_high_entropy_mask(entropies, mask, threshold)
+
+    def _rank(self, logp, valid, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The kept tokens by an slm score over ``valid`` (the completion tokens, aligned with ``labels``)."""
+        share = self.top_entropy_quantile
+        if self.selector == "random":
+            scores = random_scores(logp, self.selective.generator)
+        elif self.selector == "train_loss":
+            scores = -logp
+        else:
+            with torch.no_grad():
+                ref_loss = token_losses(self.reference, input_ids, labels, attention_mask)
+            scores = excess_loss(-logp, ref_loss.to(logp.device))
+        if self.threshold is not None:
+            return self.threshold.select(scores, valid, share)
+        return select_tokens(scores, share, valid, self.scope)
 
     def _compute_loss(self, model, inputs):
         mask = inputs["completion_mask"]
@@ -225,7 +278,7 @@ class SelectiveGRPOTrainer(GRPOTrainer):
         try:
             return super()._compute_loss(model, inputs)
         finally:
-            self._completion_mask = None
+            self._completion_mask, self._kept = None, None
 
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False,
@@ -247,7 +300,11 @@ class SelectiveGRPOTrainer(GRPOTrainer):
         labels[:, :-logits_to_keep] = -100
         completion = self._completion_mask
 
-        def keep(logp, entropy, valid):  # TRL's own rule, on the scoring pass's entropies
+        def keep(logp, entropy, valid):  # on the scoring pass's log-probs and entropies
+            if self.selector != "entropy":
+                on = torch.zeros_like(valid)
+                on[:, -logits_to_keep:] = completion.bool()
+                return self._rank(logp, on & valid, input_ids, attention_mask, labels)
             top = self.get_high_entropy_mask(entropy[:, -logits_to_keep:], completion, 1 - self.top_entropy_quantile)
             kept = torch.zeros_like(valid)
             kept[:, -logits_to_keep:] = top
@@ -257,6 +314,8 @@ class SelectiveGRPOTrainer(GRPOTrainer):
             logp, entropy, kept = model(
                 input_ids=input_ids, attention_mask=attention_mask, labels=labels, slm_keep=keep
             )
+        if self.selector != "entropy":
+            self._kept = kept[:, -logits_to_keep:]
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["selected_frac"].append(float(kept.sum() / completion.sum().clamp(min=1)))
         return logp[:, -logits_to_keep:], entropy[:, -logits_to_keep:], None

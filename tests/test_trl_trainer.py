@@ -136,7 +136,8 @@ def test_the_readme_example_runs_as_written(tmp_path):
     assert logged and all(0.28 <= f <= 0.32 for f in logged)  # the share it was asked to keep
 
 
-def _grpo(tmp_path, cls, name: str, **config):
+def _grpo(tmp_path, cls, name: str, loss_type: str = "dapo", **extra):
+    """A 3-step GRPO run on CPU; ``extra`` goes to the trainer."""
     tok = builtin_tokenizer()
     tok.padding_side = "left"
     model = tiny_model("llama", seed=3, vocab=len(tok))
@@ -148,9 +149,9 @@ def _grpo(tmp_path, cls, name: str, **config):
     args = trl.GRPOConfig(
         output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, num_generations=4,
         max_completion_length=16, gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, report_to=[],
-        use_cpu=True, bf16=False, seed=0, save_strategy="no", top_entropy_quantile=0.2, **config,
+        use_cpu=True, bf16=False, seed=0, save_strategy="no", top_entropy_quantile=0.2, loss_type=loss_type,
     )  # fmt: skip
-    trainer = cls(model=model, args=args, reward_funcs=reward, train_dataset=prompts, processing_class=tok)
+    trainer = cls(model=model, args=args, reward_funcs=reward, train_dataset=prompts, processing_class=tok, **extra)
     trainer.train()
     return [e for e in trainer.state.log_history if "loss" in e], model
 
@@ -171,3 +172,71 @@ def test_grpo_top_entropy_tokens_equal_trl(tmp_path, loss_type):
         assert 0.15 < x["selected_frac"] <= 0.3
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+class _PlainSelectedGRPO(trl.GRPOTrainer):
+    """TRL's GRPOTrainer (full logits for every completion token) whose loss mask is an slm rule applied to TRL's
+    own per-token log-probs: the reference for SelectiveGRPOTrainer's other selectors."""
+
+    def __init__(self, *args, selector, scope, reference=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from slm.selection import RunningThreshold
+
+        self.rule, self.rule_scope, self.ref_model = selector, scope, reference
+        self.threshold = RunningThreshold() if scope == "dataset" else None
+        self._stash = None
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *a, **k):
+        logps, entropies, aux = super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *a, **k
+        )
+        if torch.is_grad_enabled():
+            self._stash = (logps.detach(), input_ids, attention_mask, logits_to_keep)
+        return logps, entropies, aux
+
+    def get_high_entropy_mask(self, entropies, mask, threshold):
+        logps, input_ids, attention_mask, n = self._stash
+        scores = -logps
+        if self.rule == "excess_loss":  # the reference's loss on each completion token, from its full logits
+            with torch.no_grad():
+                logits = self.ref_model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -n - 1 : -1]
+            ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), input_ids[:, -n:], reduction="none")
+            scores = scores - ref
+        valid = mask.bool()
+        if self.threshold is not None:
+            return self.threshold.select(scores, valid, self.top_entropy_quantile).to(entropies.dtype)
+        return slm.select_tokens(scores, self.top_entropy_quantile, valid, self.rule_scope).to(entropies.dtype)
+
+
+@pytest.mark.parametrize(
+    "selector,scope", [("train_loss", "batch"), ("excess_loss", "sequence"), ("train_loss", "dataset")]
+)
+def test_grpo_tokens_ranked_by_an_slm_score_equal_trl_with_that_mask(tmp_path, selector, scope):
+    """Any slm score at any scope: the same completions, the same tokens kept, the same loss, gradients and
+    weights as TRL's own GRPO with full logits whose loss mask is that rule applied to TRL's own log-probs."""
+    from slm.trl_trainer import SelectiveGRPOTrainer
+
+    extra = {}
+    if selector == "excess_loss":
+        extra["reference"] = tiny_model("llama", seed=7, vocab=len(builtin_tokenizer()))
+    ours, a = _grpo(tmp_path, SelectiveGRPOTrainer, "ours", selector=selector, scope=scope, **extra)
+    theirs, b = _grpo(tmp_path, _PlainSelectedGRPO, "plain", selector=selector, scope=scope, **extra)
+    assert len(ours) == len(theirs) == 3
+    for x, y in zip(ours, theirs):
+        assert x["completions/mean_length"] == y["completions/mean_length"]
+        for key in ("loss", "grad_norm", "entropy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+        assert 0.1 < x["selected_frac"] <= 0.3
+    for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_grpo_selector_settings_are_checked():
+    from slm.trl_trainer import SelectiveGRPOTrainer
+
+    with pytest.raises(ValueError, match="selector must be one of"):
+        SelectiveGRPOTrainer(model=None, selector="union")
+    with pytest.raises(ValueError, match="pass reference="):
+        SelectiveGRPOTrainer(model=None, selector="excess_loss")
+    with pytest.raises(ValueError, match="TRL's rule, with TRL's scope"):
+        SelectiveGRPOTrainer(model=None, scope="dataset")
