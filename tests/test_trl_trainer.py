@@ -240,3 +240,39 @@ def test_grpo_selector_settings_are_checked():
         SelectiveGRPOTrainer(model=None, selector="excess_loss")
     with pytest.raises(ValueError, match="TRL's rule, with TRL's scope"):
         SelectiveGRPOTrainer(model=None, scope="dataset")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_sft_on_two_processes_equals_one_process(tmp_path, ratio):
+    """DDP on 2 CPU processes (torchrun, gloo) x 2 rows = 1 process x 4 rows: the same losses and weights, the
+    selective loss reaching DDP's gradient hooks through the patched forward; at ratio 1.0 also TRL's own
+    SFTTrainer on 2 processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent / "support" / "launch" / "trl_sft_ddp_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script]
+    runs = {"one": [sys.executable, script, str(tmp_path / "one"), "4", str(ratio)],
+            "two": [*two, str(tmp_path / "two"), "2", str(ratio)]}  # fmt: skip
+    if ratio == 1.0:
+        runs["trl"] = [*two, str(tmp_path / "trl"), "2", "1.0", "trl"]
+    for cmd in runs.values():
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    weights = {name: torch.load(tmp_path / name / "weights.pt") for name in runs}
+    logs = {name: json.loads((tmp_path / name / "log.json").read_text()) for name in runs}
+    start = tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).state_dict()
+    assert any((weights["one"][k] - start[k]).abs().max() > 1e-3 for k in start)  # the runs moved the weights
+    for name in runs:
+        if name == "one":
+            continue
+        assert [e["loss"] for e in logs[name]] == pytest.approx([e["loss"] for e in logs["one"]], rel=1e-5)
+        for k in start:
+            torch.testing.assert_close(weights[name][k], weights["one"][k], atol=1e-5, rtol=1e-5)
+    if ratio < 1.0:
+        assert all(0.45 <= e["selected_frac"] <= 0.55 for e in logs["two"])

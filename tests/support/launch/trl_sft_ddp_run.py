@@ -1,0 +1,43 @@
+"""Run by test_trl_trainer.py, alone or under torchrun: a few SGD steps of SelectiveSFTTrainer (or TRL's own
+SFTTrainer) on completion-only data.
+
+``run.py OUT BATCH RATIO [trl]``: train with ``BATCH`` rows per process and save the weights and the logged
+losses (process 0)."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support and test_trl_trainer
+import trl  # noqa: E402
+from support.archs import tiny_model  # noqa: E402
+from test_trl_trainer import _data  # noqa: E402
+
+from slm.data import builtin_tokenizer  # noqa: E402
+from slm.trl_trainer import SelectiveSFTTrainer  # noqa: E402
+
+out, per_device_batch, ratio = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+theirs = sys.argv[4:] == ["trl"]
+tok = builtin_tokenizer()
+model = tiny_model("llama", seed=3, vocab=len(tok))
+args = trl.SFTConfig(
+    output_dir=str(out), max_steps=4, per_device_train_batch_size=per_device_batch, optim="sgd", learning_rate=0.5,
+    max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
+)  # fmt: skip
+selection = {} if theirs else dict(selection_ratio=ratio, selector="train_loss", scope="sequence")
+cls = trl.SFTTrainer if theirs else SelectiveSFTTrainer
+trainer = cls(model=model, args=args, train_dataset=_data("completion"), processing_class=tok, **selection)
+trainer.train()
+if trainer.args.process_index == 0:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights.pt")
+    (out / "log.json").write_text(json.dumps([e for e in trainer.state.log_history if "loss" in e]))
+if torch.distributed.is_initialized():  # a clean exit: gloo can abort at interpreter shutdown otherwise
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown (see trainer_ddp_run.py)
