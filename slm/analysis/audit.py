@@ -30,12 +30,19 @@ def _order(key: str) -> tuple:
     return (prefix, key)
 
 
-def audit_table(runs: list[Run]) -> list[dict]:
-    """One row per audit metric the runs logged, one column per group: its mean over eval points and seeds."""
+def audit_table(runs: list[Run], metric: str = "eval/loss") -> list[dict]:
+    """One row per audit metric the runs logged, one column per group (labelled as in the savings table):
+    the metric's mean over each run's eval points, then over the group's runs."""
     keys = sorted({k for r in runs for e in r.events for k in e if k.startswith("audit/")}, key=_order)
-    by_key = {k: {c.group: float(np.mean(c.mean)) for c in curves(runs, k)} for k in keys}
-    groups = list(dict.fromkeys(g for k in keys for g in by_key[k]))
-    return [{"audit": describe(k), **{g: by_key[k].get(g) for g in groups}} for k in keys]
+    groups = curves(runs, metric)
+    rows = []
+    for k in keys:
+        row = {"audit": describe(k)}
+        for c in groups:
+            per_run = [np.mean(v) for r in c.runs if (v := [e[k] for e in r.events if k in e])]
+            row[c.group] = float(np.mean(per_run)) if per_run else None
+        rows.append(row)
+    return rows
 
 
 def write_audit(rows: list[dict], out: Path) -> str:

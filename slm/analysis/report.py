@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for path in plot(cs_loss, cs_acc, out, args.metric, audit):
         print(f"slm-curves: wrote {path}")
-    audited = audit_table(runs)
+    audited = audit_table(runs, args.metric)
     if audited:
         print(write_audit(audited, out))
         print(

@@ -8,8 +8,10 @@ evaluation.py   eval loss (and answer accuracy) on a packed split
 downstream.py   lm-evaluation-harness tasks at eval points
 signals.py      stop requests honoured at the next step boundary
 watches.py      what eval points watch: an early stop on held-out loss, the model outgrowing its reference
+audit.py        what selection kept, by what the data says of its tokens (clean, kind of junk, source, position)
 """
 
+from slm.train.audit import SelectionAudit, groupings
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter, candidates, check_blocks
 from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lambda
@@ -28,6 +30,7 @@ __all__ = [
     "NonFiniteLoss",
     "OutgrownWatch",
     "RunInterrupted",
+    "SelectionAudit",
     "SELECTOR_NAMES",
     "SelectorConfig",
     "TrainConfig",
@@ -36,6 +39,7 @@ __all__ = [
     "answer_accuracy",
     "evaluate",
     "fetch",
+    "groupings",
     "harness",
     "lr_lambda",
     "master_weights",
