@@ -54,6 +54,8 @@ CASES = {
     "excess sequence": ("selector.scope=sequence",),
     "train_loss": ("selector=train_loss",),
     "random": ("selector=random",),
+    "reference_loss": ("selector=reference_loss",),
+    "ratio schedule": ("selector.ratio={schedule: linear, start: 1.0, end: 0.4}",),
     "oracle": ("selector=oracle",),
     "accumulated": ("selector.scope=sequence", "trainer.grad_accum=2", "trainer.batch_size=2"),
 }
@@ -68,7 +70,9 @@ def test_a_selecting_step_waits_as_often_as_a_step_on_every_token(tmp_path, monk
     assert ops == every, (case, ops, every)
 
 
-@pytest.mark.parametrize("case", ["selector.scope=dataset", "selector.scope=global", "selector=union"])
+@pytest.mark.parametrize(
+    "case", ["selector.scope=dataset", "selector.scope=global", "selector=union", "selector=intersection"]
+)
 def test_a_count_known_after_the_scores_costs_one_more_wait_per_forward(tmp_path, monkeypatch, case):
     """A threshold over the run reads its count with its bound in one copy; a top-k over the global batch
     keeps a share on each process that only the scores decide, and a union's size depends on how its two
