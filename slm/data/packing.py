@@ -115,20 +115,16 @@ def _tokenize(batch: dict, tokenizer) -> dict:
                 [_span_label(a, b, doc_spans) for a, b in offsets]
                 for offsets, doc_spans in zip(enc["offset_mapping"], batch[k])
             ]
-    for k in DOC_LABELS:
+    for k in DOC_LABELS:  # one value per piece, spread over its tokens when packed
         if k in batch:
-            out[k] = [[label] * len(ids) for ids, label in zip(enc["input_ids"], batch[k])]
+            out[k] = batch[k]
     return out
 
 
 def _pack(batch: dict, block_size: int, eos_id: int, pad_id: int) -> dict:
     """Concatenate pieces (``eos`` after each document's last one), cut into blocks, pad the last one."""
     ids = [t for doc, last in zip(batch["ids"], batch["last"]) for t in (*doc, *([eos_id] if last else []))]
-    masks = {  # the end-of-document token: unmarked, outside every span, but of its document's source
-        k: [m for doc, last in zip(batch[k], batch["last"]) for m in (*doc, *([_eos_value(k, doc)] if last else []))]
-        for k in (*SPAN_MASKS.values(), *LABEL_COLUMNS)
-        if k in batch
-    }
+    masks = {k: _per_token(batch, k) for k in (*SPAN_MASKS.values(), *LABEL_COLUMNS) if k in batch}
     n = len(ids)
     out = {"input_ids": [], "labels": [], "attention_mask": [], **{k: [] for k in masks}}
     for i in range(0, n, block_size):
@@ -142,10 +138,13 @@ def _pack(batch: dict, block_size: int, eos_id: int, pad_id: int) -> dict:
     return out
 
 
-def _eos_value(column: str, doc: list):
+def _per_token(batch: dict, column: str) -> list:
+    """A column's value for every token of the packing batch, each document's end token included: a
+    document's label on all of its tokens; unmarked and outside every span (0) for the others."""
     if column in DOC_LABELS:
-        return doc[0] if doc else 0
-    return 0 if column in LABEL_COLUMNS else False
+        return [v for ids, last, v in zip(batch["ids"], batch["last"], batch[column]) for _ in range(len(ids) + last)]
+    end = 0 if column in LABEL_COLUMNS else False
+    return [m for doc, last in zip(batch[column], batch["last"]) for m in (*doc, *([end] if last else []))]
 
 
 def pack(docs, tokenizer, block_size: int, num_proc: int | None = None, desc: str = ""):

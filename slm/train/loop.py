@@ -363,8 +363,8 @@ class Trainer:
                 nonfinite += out.n_nonfinite
         stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
         counted = counted if n_step is None else torch.zeros_like(stop)
-        # The step's one sync: its loss, any non-finite selection score, stop requests, and a count known only
-        # after the forward, on every process.
+        # The step's closing read: its loss, any non-finite selection score, stop requests, and a count known
+        # only after the forward, on every process.
         loss, bad_scores, stop, counted = to_host(
             self.acc.reduce(torch.stack([loss_sum, nonfinite, stop, counted]), "sum")
         )

@@ -193,7 +193,7 @@ def test_documents_end_tokens_take_their_documents_source():
     from slm.data import pack
 
     tok = builtin_tokenizer()
-    docs = datasets.Dataset.from_dict({"text": DOCS, "source_id": [0, 1, 1, 2]})
-    ds = pack(docs, tok, block_size=5)
+    texts, sources = [*DOCS, ""], [0, 1, 1, 2, 3]  # an empty document is its end token alone
+    ds = pack(datasets.Dataset.from_dict({"text": texts, "source_id": sources}), tok, block_size=5)
     labels = [s for r in ds for s, m in zip(r["source_id"], r["attention_mask"]) if m]
-    assert labels == [s for d, s in zip(DOCS, [0, 1, 1, 2]) for _ in range(len(d) + 1)]
+    assert labels == [s for d, s in zip(texts, sources) for _ in range(len(d) + 1)]
