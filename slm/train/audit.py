@@ -44,7 +44,7 @@ def groupings(columns: list[str], names: dict) -> list[Grouping]:
     (:func:`slm.data.sources.label_names`)."""
     out = []
     if "clean_mask" in columns:
-        out.append(Grouping("clean_mask", 2, {0: ("audit/junk_dropped", True), 1: ("audit/clean_kept", False)}))
+        out.append(Grouping("clean_mask", 2, {1: ("audit/clean_kept", False), 0: ("audit/junk_dropped", True)}))
     kinds = names.get("junk_kind") or []
     if "junk_kind" in columns and len(kinds) > 1:  # label 0: not junk
         out.append(
