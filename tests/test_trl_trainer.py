@@ -136,7 +136,7 @@ def test_the_readme_example_runs_as_written(tmp_path):
     assert logged and all(0.28 <= f <= 0.32 for f in logged)  # the share it was asked to keep
 
 
-def _grpo(tmp_path, cls, name: str, loss_type: str = "dapo", **extra):
+def _grpo(tmp_path, cls, name: str, loss_type: str = "dapo", per_device_train_batch_size: int = 4, **extra):
     """A 3-step GRPO run on CPU; ``extra`` goes to the trainer."""
     tok = builtin_tokenizer()
     tok.padding_side = "left"
@@ -147,7 +147,8 @@ def _grpo(tmp_path, cls, name: str, loss_type: str = "dapo", **extra):
         return [len(c) / 10 + sum(ch.isdigit() for ch in c) for c in completions]
 
     args = trl.GRPOConfig(
-        output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4, num_generations=4,
+        output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=per_device_train_batch_size,
+        num_generations=4,
         max_completion_length=16, gradient_accumulation_steps=2, learning_rate=3e-3, logging_steps=1, report_to=[],
         use_cpu=True, bf16=False, seed=0, save_strategy="no", top_entropy_quantile=0.2, loss_type=loss_type,
     )  # fmt: skip
@@ -276,3 +277,31 @@ def test_sft_on_two_processes_equals_one_process(tmp_path, ratio):
             torch.testing.assert_close(weights[name][k], weights["one"][k], atol=1e-5, rtol=1e-5)
     if ratio < 1.0:
         assert all(0.45 <= e["selected_frac"] <= 0.55 for e in logs["two"])
+
+
+@pytest.mark.slow
+def test_grpo_on_two_processes_equals_trl_on_two_processes(tmp_path):
+    """DDP on 2 CPU processes (torchrun, gloo), each generating its own completions: the same samples, loss,
+    gradient norm and weights as TRL's GRPOTrainer launched the same way (the selective head reached through
+    DDP's wrapper, its gradients all-reduced)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parent / "support" / "launch" / "trl_grpo_ddp_run.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("ours", []), ("trl", ["trl"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, str(tmp_path / name)]
+        run = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+    ours, theirs = (json.loads((tmp_path / n / "log.json").read_text()) for n in ("ours", "trl"))
+    assert len(ours) == len(theirs) == 3
+    for x, y in zip(ours, theirs):
+        assert x["completions/mean_length"] == y["completions/mean_length"]
+        for key in ("loss", "grad_norm", "entropy"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), (x["step"], key)
+    a, b = (torch.load(tmp_path / n / "weights.pt") for n in ("ours", "trl"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
