@@ -163,18 +163,25 @@ class Engine:
         else:
             (loss * self.world).backward()
 
-    def clip_and_step(self, max_norm: float | None) -> float | None:
-        """Clip to ``max_norm`` (None: no clipping), step the optimizer and the schedule; the norm."""
-        if self.mode == "deepspeed":  # clipped and stepped inside the last backward
-            norm = self.model.get_global_grad_norm()
-            self.sched.step()
-            return None if norm is None else float(norm)
+    def clip(self, max_norm: float | None) -> torch.Tensor | None:
+        """Unscale (fp16) and clip the gradients to ``max_norm`` (None: no clipping); their global norm, on the
+        device (the caller reads it with its own reduce: no wait here). None for DeepSpeed, which clips inside
+        its last backward."""
+        if self.mode == "deepspeed":
+            return None
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         params = [p for p in self.lm.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
-        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor of the global norm
-            norm = norm.full_tensor()
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor of the global norm
+
+    def step(self) -> float | None:
+        """Step the optimizer and the schedule after :meth:`clip`; DeepSpeed's gradient norm (it stepped inside
+        the last backward), else None."""
+        if self.mode == "deepspeed":
+            norm = self.model.get_global_grad_norm()
+            self.sched.step()
+            return None if norm is None else float(norm)
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -182,7 +189,7 @@ class Engine:
             self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(norm)
+        return None
 
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]

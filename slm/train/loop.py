@@ -363,10 +363,12 @@ class Trainer:
                 nonfinite += out.n_nonfinite
         stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
         counted = counted if n_step is None else torch.zeros_like(stop)
-        # The step's closing read: its loss, any non-finite selection score, stop requests, and a count known
-        # only after the forward, on every process.
-        loss, bad_scores, stop, counted = to_host(
-            self.acc.reduce(torch.stack([loss_sum, nonfinite, stop, counted]), "sum")
+        norm = engine.clip(cfg.grad_clip or None)  # the same on every process: summed below, so shared out first
+        norm = torch.zeros_like(stop) if norm is None else norm.double() / self.acc.num_processes
+        # The step's closing read: its loss, any non-finite selection score, stop requests, a count known only
+        # after the forward, and the gradient norm, on every process (nothing is updated before it).
+        loss, bad_scores, stop, counted, grad_norm = to_host(
+            self.acc.reduce(torch.stack([loss_sum, nonfinite, stop, counted, norm.to(loss_sum.device)]), "sum")
         )
         n_step = round(counted) if n_step is None else n_step
         self._stop = stop > 0
@@ -377,7 +379,8 @@ class Trainer:
             )
         if not math.isfinite(loss):
             raise self._non_finite("the training loss is NaN or inf")
-        grad_norm = engine.clip_and_step(cfg.grad_clip or None)
+        stepped = engine.step()
+        grad_norm = stepped if engine.mode == "deepspeed" else grad_norm
         self.step += 1
         self.tokens_seen += n_tok
         self.tokens_selected += n_step

@@ -97,3 +97,42 @@ def test_block_selection_waits_only_for_its_scoring_forwards(tmp_path, monkeypat
     for kept, scoring in keeps:
         assert kept == scoring and scoring["copy to cpu"] >= 1, (kept, scoring)
     assert ops == every + sum((kept for kept, _ in keeps), Counter()), (ops, every, keeps)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_beyond_its_forwards_a_step_waits_twice_its_count_and_its_closing_read(tmp_path, monkeypatch, accum):
+    """Outside the forwards (each waits once for its plan) and the optimizer's own step (on CPU, AdamW reads its
+    step counters, host tensors on a GPU too), a step reads the device twice: its count reduce before the
+    forwards and one closing reduce that also carries the gradient norm it logs."""
+    from slm.parallel import Engine
+
+    forwards, stepped, last = [], [], {}
+    forward, step, train_on = SelectiveLM.forward, Engine.step, Trainer.train_on
+
+    def probed_forward(self, *args, **kwargs):
+        with HostSyncs() as probe:
+            out = forward(self, *args, **kwargs)
+        forwards.append(Counter(probe.ops))
+        return out
+
+    def probed_step(self):
+        with HostSyncs() as probe:
+            out = step(self)
+        stepped.append(Counter(probe.ops))
+        return out
+
+    def probed_train_on(self, *args):  # this step's forwards and optimizer step (evals run forwards too)
+        forwards.clear()
+        stepped.clear()
+        out = train_on(self, *args)
+        last.update(forwards=sum(forwards, Counter()), step=sum(stepped, Counter()), n=len(forwards))
+        return out
+
+    monkeypatch.setattr(SelectiveLM, "forward", probed_forward)
+    monkeypatch.setattr(Engine, "step", probed_step)
+    monkeypatch.setattr(Trainer, "train_on", probed_train_on)
+    shape = (f"trainer.grad_accum={accum}", "trainer.batch_size=2")
+    ops, _ = step_ops(monkeypatch, tmp_path, "run", "selector.scope=sequence", *shape)
+    assert last["n"] == accum
+    own = ops - last["forwards"] - last["step"]
+    assert own == Counter({"copy to cpu": 2}), own

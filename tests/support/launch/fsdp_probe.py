@@ -71,7 +71,8 @@ for arch in ("qwen2", "llama"):  # tied, then untied output layer
         expected = slm.select_tokens(-ref, 0.5, valid=valid, scope="sequence")
         assert torch.equal(out.mask, expected), f"selection ranked rounded reference losses:\n{out.mask}\n{expected}"
         engine.backward(out.loss / out.n_selected)
-        engine.clip_and_step(1.0)
+        engine.clip(1.0)
+        engine.step()
         # Between steps each rank holds only its shard of the embedding and of the head.
         for name, p in (("head", head.weight), ("embedding", emb.weight)):
             assert type(p).__name__ == "DTensor", f"{name} is whole between steps"
