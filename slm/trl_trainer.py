@@ -12,6 +12,10 @@ Cleaning does; the model's own loss; random), and runs the gradient-carrying hea
 are computed over every token TRL would train, from the scoring pass (``token_metrics=False``
 skips that pass at ratio 1.0, where nothing else needs it).
 
+SelectiveGRPOTrainer: TRL's ``GRPOTrainer`` whose ``top_entropy_quantile`` share of completion tokens
+(chosen by TRL's entropy rule, or by an slm score) is the only part of the batch the gradient-carrying
+head runs on.
+
 Needs ``pip install -e ".[trl]"``.
 """
 
