@@ -184,7 +184,9 @@ def _load_files(cfg) -> dict:
     kwargs["download_mode"] = datasets.DownloadMode.FORCE_REDOWNLOAD
 
     def load(some: list[str]):
-        return datasets.load_dataset(builder, data_files=some, split="train", cache_dir=_raw_cache(), **kwargs)
+        d = datasets.load_dataset(builder, data_files=some, split="train", cache_dir=_raw_cache(), **kwargs)
+        theirs = SOURCE_COLUMN in d.column_names and cfg.text_field != SOURCE_COLUMN
+        return d.remove_columns(SOURCE_COLUMN) if theirs else d  # a field of the files' own, not slm's label
 
     try:
         if not 1 < len(files) <= PER_SOURCE_FILES:
@@ -246,7 +248,7 @@ def raw_documents(cfg) -> dict:
         if len(d) == 0:
             raise ValueError(f"data.source={cfg.source!r}: the {name} split has no documents")
         _check_text(d, cfg.source, name, cfg.text_field)
-        own = [SOURCE_COLUMN] if SOURCE_COLUMN in d.column_names else []
+        own = [SOURCE_COLUMN] if is_local(cfg.source) and SOURCE_COLUMN in d.column_names else []  # not a hub's
         d = d.select_columns([cfg.text_field, *own])
         ds[name] = d.rename_column(cfg.text_field, "text") if cfg.text_field != "text" else d
     if "validation" not in ds:

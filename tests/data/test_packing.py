@@ -197,3 +197,12 @@ def test_documents_end_tokens_take_their_documents_source():
     ds = pack(datasets.Dataset.from_dict({"text": texts, "source_id": sources}), tok, block_size=5)
     labels = [s for r in ds for s, m in zip(r["source_id"], r["attention_mask"]) if m]
     assert labels == [s for d, s in zip(texts, sources) for _ in range(len(d) + 1)]
+
+
+def test_a_field_of_the_files_named_like_slms_source_label_is_not_taken_for_it(tmp_path):
+    """A jsonl field called source_id (text, here) is the files' own: it neither breaks packing nor becomes the
+    audit's per-file label (one file: no label at all)."""
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d, "source_id": "web"}) + "\n" for d in DOCS))
+    data = build(DataConfig(source=str(tmp_path / "d.jsonl"), block_size=8, val_fraction=0.25,
+                            cache_dir=str(tmp_path / "c")))  # fmt: skip
+    assert "source_id" not in data["train"].column_names and data.labels == {}
