@@ -50,6 +50,10 @@ def render(sample: SelectionSample, title: str, info: dict) -> str:
             facts.append(f"clean tokens kept {(mask & clean).sum() / clean.sum():.0%}")
         if junk.any():
             facts.append(f"junk tokens dropped {1 - (mask & junk).sum() / junk.sum():.0%}")
+    for label, name in enumerate(sample.kind_names or []):
+        of_kind = sample.valid.astype(bool) & (sample.kind == label) if label else None
+        if of_kind is not None and of_kind.any():
+            facts.append(f"{name} dropped {1 - (sample.mask.astype(bool) & of_kind).sum() / of_kind.sum():.0%}")
     blocks = "\n".join(_block(sample, b) for b in range(len(sample.tokens)))
     legend = (
         "<span class='tok kept'>kept</span><span class='tok dropped'>dropped</span>"
@@ -79,7 +83,13 @@ def _block(sample: SelectionSample, b: int) -> str:
         if sample.clean is not None and not sample.clean[b, t]:
             cls += " junk"
         score = f"{sample.excess[b, t]:.3f}"
-        spans.append(f"<span class='tok {cls}' data-score='{score}' title='{sample.score} {score}'>{text}</span>")
+        kind = sample.kind_names[sample.kind[b, t]] if sample.kind is not None and sample.kind[b, t] else None
+        about = (
+            f" data-kind='{kind}' title='{sample.score} {score}; junk: {kind}'"
+            if kind
+            else f" title='{sample.score} {score}'"
+        )
+        spans.append(f"<span class='tok {cls}' data-score='{score}'{about}>{text}</span>")
     kept, valid = int(sample.mask[b].sum()), int(sample.valid[b].sum())
     return (
         f"<section class='block' data-kept='{kept}' data-valid='{valid}'><h3>block {b}: kept {kept} of {valid}</h3>"

@@ -29,6 +29,8 @@ class SelectionSample:
     ratio: float
     clean: np.ndarray | None = None  # [B, T] the corpus's clean tokens, where it marks them
     score: str = "excess_loss"  # what ``excess`` holds
+    kind: np.ndarray | None = None  # [B, T] each token's kind of junk (0: none), where the corpus names them
+    kind_names: list[str] | None = None  # label -> name
 
 
 def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None = None) -> SelectionSample:
@@ -64,9 +66,12 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
     else:
         mask = select_tokens(scores, ratio, valid=valid)
     tokens = [tok.convert_ids_to_tokens(row) for row in ds["input_ids"]]
+    names = data.labels.get("junk_kind")
+    kind = np.asarray(ds["junk_kind"]) if names and "junk_kind" in ds.column_names else None
     return SelectionSample(
-        tokens, scores.numpy(), mask.numpy(), valid.numpy(), ratio, None if clean is None else clean.numpy(), score
-    )
+        tokens, scores.numpy(), mask.numpy(), valid.numpy(), ratio, None if clean is None else clean.numpy(), score,
+        kind, names if kind is not None else None,
+    )  # fmt: skip
 
 
 def _from_launch_dir(data_cfg: dict, launch_dir: str | None) -> dict:

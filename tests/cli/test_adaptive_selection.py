@@ -218,3 +218,45 @@ def test_the_audit_reports_each_kind_of_junk_and_each_part_of_the_block(tmp_path
     table = (tmp_path / "plot" / "audit.md").read_text()
     for row in ("junk dropped: wrong_answer", "junk dropped: junk_problem", "kept of block part 0-25%"):
         assert row in table
+
+
+def test_slm_inspect_names_each_junk_tokens_kind_and_what_was_dropped_of_each(tmp_path):
+    """On a corpus that names its kinds of junk, the page marks every junk token with its kind (as packed) and
+    says what share of each kind the sample dropped."""
+    import re
+    from html.parser import HTMLParser
+
+    from slm.analysis import selection_sample
+    from slm.analysis.inspect import write_page
+    from slm.cli.settings import validate
+    from slm.data import build
+    from slm.model import shifted_valid
+
+    cfg = compose_train(tmp_path / "c", "selector.ratio=0.5")
+    train(cfg, tmp_path / "run")
+    page = write_page(tmp_path / "run", n_blocks=3).read_text()
+
+    class Kinds(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.kinds = []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "span" and "data-score" in a:  # a valid token (not padding, not the legend)
+                self.kinds.append(a.get("data-kind"))
+
+    parsed = Kinds()
+    parsed.feed(page)
+    packed = build(validate(cfg).data)["train"].select(range(3))
+    names = ["not junk", "wrong_answer", "junk_problem"]
+    valid = shifted_valid(torch.tensor(packed["labels"])).tolist()
+    expected = [names[k] if k else None for kinds, ok in zip(packed["junk_kind"], valid)
+                for k, v in zip(kinds, ok) if v]  # fmt: skip
+    assert parsed.kinds == expected and {"wrong_answer", "junk_problem"} & set(expected)
+    sample = selection_sample(tmp_path / "run", n_blocks=3)
+    for label, name in enumerate(names[1:], 1):
+        of_kind = sample.valid.astype(bool) & (sample.kind == label)
+        if of_kind.any():
+            share = 1 - (sample.mask.astype(bool) & of_kind).sum() / of_kind.sum()
+            assert re.search(rf"{name} dropped {share:.0%}", page), name
