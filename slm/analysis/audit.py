@@ -4,12 +4,12 @@ and seeds (the runs log them per interval between eval points, see :mod:`slm.tra
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from slm.analysis.efficiency import Run, curves
+from slm.analysis.tables import write_rows
 
 LABELS = {  # metric prefix -> how the table names it
     "audit/clean_kept": "clean tokens kept",
@@ -47,13 +47,8 @@ def audit_table(runs: list[Run], metric: str = "eval/loss") -> list[dict]:
 
 def write_audit(rows: list[dict], out: Path) -> str:
     """``audit.csv`` and ``audit.md`` in ``out``; the Markdown."""
-    cols = list(rows[0])
-    with (out / "audit.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    md += "".join("| " + " | ".join(fmt(r[c]) for c in cols) + " |\n" for r in rows)
-    (out / "audit.md").write_text(md)
-    return md
+
+    def cell(col: str, v) -> str:
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+    return write_rows(rows, out, "audit", cell)

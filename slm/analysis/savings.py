@@ -8,12 +8,12 @@ since seeds of one setting spread as much as some effects.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
 
 from slm.analysis.efficiency import Curve, Run, curves, tokens_to_reach
+from slm.analysis.tables import write_rows
 from slm.runs import MIN_EVAL_POINTS
 
 
@@ -131,13 +131,11 @@ def _against_oracle(cs: list[Curve], rows: list[dict]) -> None:
 
 
 def write_table(rows: list[dict], out: Path) -> str:
-    cols = list(rows[0])
-    with (out / "tokens_to_baseline.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    fmt = lambda v: "not reached" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
-    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    md += "".join("| " + " | ".join(fmt(r[c]) if c != "notes" else r[c] for c in cols) + " |\n" for r in rows)
-    (out / "tokens_to_baseline.md").write_text(md)
-    return md
+    """``tokens_to_baseline.csv`` and ``.md`` in ``out``; the Markdown."""
+
+    def cell(col: str, v) -> str:
+        if col == "notes":
+            return v
+        return "not reached" if v is None else (f"{v:,}" if isinstance(v, int) else str(v))
+
+    return write_rows(rows, out, "tokens_to_baseline", cell)

@@ -1,0 +1,21 @@
+"""A table of rows (dicts sharing their keys) written beside a run's plots as CSV and Markdown."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+
+def write_rows(rows: list[dict], out: Path, stem: str, cell: Callable[[str, object], str]) -> str:
+    """``<stem>.csv`` and ``<stem>.md`` in ``out`` (columns in the first row's order; ``cell(column, value)``
+    writes a Markdown cell); the Markdown."""
+    cols = list(rows[0])
+    with (out / f"{stem}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    md = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    md += "".join("| " + " | ".join(cell(c, r[c]) for c in cols) + " |\n" for r in rows)
+    (out / f"{stem}.md").write_text(md)
+    return md
