@@ -7,10 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support and test_hf_trainer
 from support.archs import tiny_model  # noqa: E402
+from support.launch_exit import save_and_exit  # noqa: E402
 from test_hf_trainer import args, collator, dataset  # noqa: E402
 
 from slm import SelectiveTrainer  # noqa: E402
@@ -33,13 +32,4 @@ try:
 except NonFiniteScores as e:
     print(f"rank {trainer.args.process_index} raised: {e}", flush=True)
     os._exit(3)
-if trainer.args.process_index == 0:
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights.pt")
-if torch.distributed.is_initialized():  # a clean exit: gloo can abort at interpreter shutdown otherwise
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-# Skip interpreter teardown: a background thread of the distributed stack can abort there
-# ("terminate called without an active exception") after all the work is done and saved.
-os._exit(0)
+save_and_exit(out, model)

@@ -4,16 +4,13 @@ SFTTrainer) on completion-only data.
 ``run.py OUT BATCH RATIO [trl]``: train with ``BATCH`` rows per process and save the weights and the logged
 losses (process 0)."""
 
-import json
-import os
 import sys
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/: support and test_trl_trainer
 import trl  # noqa: E402
 from support.archs import tiny_model  # noqa: E402
+from support.launch_exit import save_and_exit  # noqa: E402
 from test_trl_trainer import _data  # noqa: E402
 
 from slm.data import builtin_tokenizer  # noqa: E402
@@ -31,13 +28,4 @@ selection = {} if theirs else dict(selection_ratio=ratio, selector="train_loss",
 cls = trl.SFTTrainer if theirs else SelectiveSFTTrainer
 trainer = cls(model=model, args=args, train_dataset=_data("completion"), processing_class=tok, **selection)
 trainer.train()
-if trainer.args.process_index == 0:
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "weights.pt")
-    (out / "log.json").write_text(json.dumps([e for e in trainer.state.log_history if "loss" in e]))
-if torch.distributed.is_initialized():  # a clean exit: gloo can abort at interpreter shutdown otherwise
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown (see trainer_ddp_run.py)
+save_and_exit(out, model, [e for e in trainer.state.log_history if "loss" in e])
