@@ -50,9 +50,9 @@ def render(sample: SelectionSample, title: str, info: dict) -> str:
             facts.append(f"clean tokens kept {(mask & clean).sum() / clean.sum():.0%}")
         if junk.any():
             facts.append(f"junk tokens dropped {1 - (mask & junk).sum() / junk.sum():.0%}")
-    for label, name in enumerate(sample.kind_names or []):
-        of_kind = sample.valid.astype(bool) & (sample.kind == label) if label else None
-        if of_kind is not None and of_kind.any():
+    for label, name in enumerate((sample.kind_names or [])[1:], 1):  # label 0: not junk
+        of_kind = sample.valid.astype(bool) & (sample.kind == label)
+        if of_kind.any():
             facts.append(f"{name} dropped {1 - (sample.mask.astype(bool) & of_kind).sum() / of_kind.sum():.0%}")
     blocks = "\n".join(_block(sample, b) for b in range(len(sample.tokens)))
     legend = (

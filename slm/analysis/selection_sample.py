@@ -17,7 +17,7 @@ from slm.data import build, is_local
 from slm.model import shifted_valid, token_losses
 from slm.reference import expected_store, load_stored
 from slm.runs import CONFIG, RUN_INFO
-from slm.selection import excess_loss, select_tokens
+from slm.selection import excess_loss, ratio_schedule, select_tokens
 
 
 @dataclass
@@ -41,8 +41,8 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
 
     run_dir = Path(run_dir)
     info = json.loads((run_dir / RUN_INFO).read_text())
-    data_cfg = yaml.safe_load((run_dir / CONFIG).read_text())["data"]
-    data = build(_from_launch_dir(data_cfg, info.get("launch_dir")))  # the run's packed data, from its cache
+    saved = yaml.safe_load((run_dir / CONFIG).read_text())
+    data = build(_from_launch_dir(saved["data"], info.get("launch_dir")))  # the run's packed data, from its cache
     ds = data["train"].select(range(min(n_blocks, len(data["train"]))))
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
     tok = AutoTokenizer.from_pretrained(run_dir / "model")
@@ -55,10 +55,11 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
     valid = shifted_valid(labels)
     clean = torch.tensor(ds["clean_mask"]) & valid if "clean_mask" in ds.column_names else None
     selector = info.get("selector")
-    try:
-        ratio = float(info["ratio"]) if ratio is None else ratio
-    except (TypeError, ValueError):  # a ratio schedule: show its end
-        ratio = 1.0
+    if ratio is None:  # the run's ratio; of a schedule (run_info holds its label), the one it ends at
+        schedule = ratio_schedule(
+            info["ratio"] if isinstance(info["ratio"], (int, float)) else saved["selector"]["ratio"]
+        )
+        ratio = schedule.start if schedule.kind == "constant" else schedule.end
     if selector == "oracle" and clean is not None:
         mask = clean
     elif selector == "all" or ratio >= 1.0:

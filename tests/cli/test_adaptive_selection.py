@@ -260,3 +260,16 @@ def test_slm_inspect_names_each_junk_tokens_kind_and_what_was_dropped_of_each(tm
         if of_kind.any():
             share = 1 - (sample.mask.astype(bool) & of_kind).sum() / of_kind.sum()
             assert re.search(rf"{name} dropped {share:.0%}", page), name
+
+
+def test_the_selection_sample_of_a_ratio_schedule_selects_at_the_ratio_it_ends_at(tmp_path):
+    """run_info holds a schedule's label, not a number: the sample (slm-inspect, the notebook) selects at the
+    schedule's last ratio, as the run's final steps did (before, it showed every token as kept)."""
+    from slm.analysis import selection_sample
+    from slm.selection import num_selected
+
+    schedule = "selector.ratio={schedule: linear, start: 1.0, end: 0.4}"
+    train(compose_train(tmp_path / "c", schedule), tmp_path / "run")
+    sample = selection_sample(tmp_path / "run", n_blocks=3)
+    valid = torch.from_numpy(sample.valid)
+    assert sample.ratio == 0.4 and int(sample.mask.sum()) == num_selected(valid, 0.4, "batch") < int(valid.sum())
