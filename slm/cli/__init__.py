@@ -1,11 +1,11 @@
-"""The Hydra application: the only package that reads a DictConfig or imports hydra/omegaconf.
+"""The Hydra application: the only package that reads a DictConfig or imports hydra/omegaconf. It parses,
+validates, calls a recipe (:mod:`slm.recipes`) and prints.
 
-slm_train.py    slm-train: train(cfg, run_dir) builds settings -> data -> model -> reference -> trainer; records
-slm_score.py    slm-score: store a reference's losses once; --verify a store
-settings.py     validate(cfg): every setting checked before anything slow; run names; resolvers
-references.py   a run's reference: none | live | stored | train | demo (trained once, cached)
+slm_train.py    slm-train: train(cfg, run_dir): the config a resume continues, settings, the run recipe, a summary
+slm_score.py    slm-score: store a reference's losses once (the store_losses recipe); --verify a store
+validation.py   validate(cfg): every setting checked before anything slow, as frozen settings; run-name resolvers
 preflight.py    fail fast on sources and stores that cannot be reached
-common.py       CONF_DIR (slm/conf), logging, one-line errors and exit codes
+common.py       CONF_DIR (slm/conf), one-line errors and exit codes
 """
 
 from slm.cli.common import CONF_DIR, one_line_errors

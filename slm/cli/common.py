@@ -18,31 +18,6 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # slm/conf, shipped as package data
 
 
-def setup_logging(acc) -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    for name in ("accelerate", "datasets"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    if not acc.is_main_process:  # one process speaks; the slm.* loggers inherit from "slm"
-        import datasets
-
-        datasets.disable_progress_bars()
-        logging.getLogger().setLevel(logging.WARNING)
-        logging.getLogger("slm").setLevel(logging.WARNING)
-
-
-def export_slurm_distributed_env() -> None:
-    """Under a multi-task submitit/SLURM job, set RANK, WORLD_SIZE, MASTER_ADDR, ... for Accelerate."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
-        try:
-            from submitit.helpers import TorchDistributedEnvironment
-
-            TorchDistributedEnvironment().export()
-        except (ImportError, RuntimeError) as e:  # not inside a submitit job: leave the environment alone
-            log.warning("SLURM_NTASKS>1 but the distributed environment could not be set from submitit: %s", e)
-
-
 def run_dir_from_hydra() -> Path:
     from hydra.core.hydra_config import HydraConfig
 

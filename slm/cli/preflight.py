@@ -62,18 +62,19 @@ def check_fetchable(name: str | None, setting: str, kind: str) -> None:
     )
 
 
-def check_run_sources(cfg) -> None:
-    """Every hub name a composed slm-train / slm-score config needs, before anything slow."""
-    check_fetchable(cfg.model.get("pretrained"), "model.pretrained", "model")
-    check_fetchable(cfg.data.get("tokenizer"), "data.tokenizer", "tokenizer")
-    if cfg.reference.get("kind") == "live":
-        check_fetchable(cfg.reference.get("path"), "reference.path", "model")
+def check_run_sources(settings) -> None:
+    """Every hub name a run's or a store's settings need (:class:`slm.recipes.RunSettings`,
+    :class:`slm.recipes.ScoreSettings`), before anything slow."""
+    data, ref = settings.data, settings.reference
+    check_fetchable(settings.model.get("pretrained"), "model.pretrained", "model")
+    check_fetchable(data.tokenizer, "data.tokenizer", "tokenizer")
+    if ref.kind == "live":
+        check_fetchable(ref.path, "reference.path", "model")
 
-    sources = [("data.source", cfg.data.get("source"))]
-    for name, spec in (cfg.data.get("eval") or {}).items():
-        sources.append((f"data.eval.{name}", spec if isinstance(spec, str) else (spec or {}).get("source")))
-    if cfg.reference.get("kind") == "train":
-        sources.append(("reference.data.source", (cfg.reference.get("data") or {}).get("source")))
+    sources = [("data.source", data.source)]
+    sources += [(f"data.eval.{name}", spec.source) for name, spec in data.eval.items()]
+    if ref.kind == "train":
+        sources.append(("reference.data.source", ref.data.get("source")))
     for setting, source in sources:
         if not source or source in ("builtin", "realtext"):
             continue
@@ -84,5 +85,5 @@ def check_run_sources(cfg) -> None:
             data_files(str(source))
         except (FileNotFoundError, ValueError) as e:  # named by the setting that points at it
             raise type(e)(str(e).replace("data.source=", f"{setting}=", 1)) from None
-    if cfg.reference.get("kind") == "stored" and cfg.reference.get("scores_dir"):
-        read_meta(Path(os.path.expanduser(str(cfg.reference.scores_dir))))  # missing or unreadable: said now
+    if ref.kind == "stored" and ref.scores_dir:
+        read_meta(Path(os.path.expanduser(str(ref.scores_dir))))  # missing or unreadable: said now

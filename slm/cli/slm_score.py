@@ -8,69 +8,35 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from slm import parallel, runs
-from slm.cli.common import CONF_DIR, check_output_dirs, one_line_errors, setup_logging, task_overrides
+from slm.cli.common import CONF_DIR, check_output_dirs, one_line_errors, task_overrides
 from slm.cli.preflight import check_run_sources
-from slm.cli.references import (
-    check_reference_tokenizer,
-    check_score_vocab,
-    describe_quality,
-    reference_eval,
-    stored_scores,
-    trained_quality,
-    trained_reference,
-)
-from slm.cli.settings import resolve_block_size, score_settings
-from slm.data import build
-from slm.reference import META_FILE, StoredColumns, load_reference, read_meta
+from slm.cli.validation import score_settings
+from slm.recipes import describe_quality, store_losses
+from slm.reference import StoredColumns, read_meta
 
 
 def score(cfg: DictConfig, overrides: list[str] | None = None) -> Path:
     """``slm-score``: store reference losses of the training split (``overrides``: the launch's own,
     to print the ``slm-train`` command that uses the store)."""
     settings = score_settings(cfg)
-    check_run_sources(cfg)
-    settings = resolve_block_size(cfg, settings)
-    acc = parallel.make_accelerator("no")
-    setup_logging(acc)
-    with acc.main_process_first():
-        data = build(settings.data)
-    rcfg = settings.reference
-    if rcfg.trained:
-        name, ref = trained_reference(settings, data, acc)
-    else:  # live
-        check_reference_tokenizer(rcfg, data)
-        name, ref = rcfg.path, load_reference(rcfg.path, device=acc.device, dtype=rcfg.dtype)
-    check_score_vocab(settings, data, ref)
-    out, reused = stored_scores(
-        settings,
-        data,
-        ref,
-        name,
-        acc,
-        out_dir=settings.out_dir,
-        entropy=settings.entropy,
-        dtype=settings.store_dtype,
-    )
-    ref_eval = reference_eval(settings, data, acc, read_meta(out)["reference"], ref)  # hashed once, by the store
-    if acc.is_main_process:
-        meta = runs.read_json(out / META_FILE) or {}
-        rate = meta.get("tokens_per_s")
+    check_run_sources(settings)
+    stored = store_losses(settings)
+    if stored.meta:  # the main process
+        rate = stored.meta.get("tokens_per_s")
         how = (
             "reused: an earlier slm-score run had stored these exact losses"
-            if reused or not rate
-            else f"scored at {rate:,} tokens/s over {meta.get('processes')} process(es)"
+            if stored.reused or not rate
+            else f"scored at {rate:,} tokens/s over {stored.meta.get('processes')} process(es)"
         )
-        quality = trained_quality(name) if rcfg.trained else None
         print(
-            f"\nslm-score: stored ref_loss for {len(data['train'])} blocks in {out} ({how})"
-            + (f"\n  reference quality: {describe_quality(quality)}" if quality else "")
-            + (f"\n  reference eval loss: {_losses(ref_eval)}" if ref_eval else "")
+            f"\nslm-score: stored ref_loss for {stored.rows} blocks in {stored.path} ({how})"
+            + (f"\n  reference quality: {describe_quality(stored.quality)}" if stored.quality else "")
+            + (f"\n  reference eval loss: {_losses(stored.eval_losses)}" if stored.eval_losses else "")
             + f"\n  train with: slm-train {' '.join(_data_overrides(overrides))} reference=stored "
-            f"reference.scores_dir={out}",
+            f"reference.scores_dir={stored.path}",
             flush=True,
         )
-    return out
+    return stored.path
 
 
 def _losses(by_set: dict) -> str:

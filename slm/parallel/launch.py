@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
 
 import torch
 
+log = logging.getLogger(__name__)
 MODES = ("single", "ddp", "fsdp2", "deepspeed")
 
 
@@ -89,3 +91,30 @@ def model_init(trained: bool = True):
 def param_dim(p: torch.Tensor) -> int:
     """A parameter's number of dimensions, also when ZeRO-3 has partitioned it to a flat shard."""
     return len(getattr(p, "ds_shape", p.shape))
+
+
+def quiet_other_processes(acc) -> None:
+    """transformers, accelerate and datasets say only what matters; on every process but the main one, slm and
+    the rest say only warnings."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    for name in ("accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if not acc.is_main_process:  # one process speaks; the slm.* loggers inherit from "slm"
+        import datasets
+
+        datasets.disable_progress_bars()
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("slm").setLevel(logging.WARNING)
+
+
+def export_slurm_distributed_env() -> None:
+    """Under a multi-task submitit/SLURM job, set RANK, WORLD_SIZE, MASTER_ADDR, ... for Accelerate."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "RANK" not in os.environ:
+        try:
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export()
+        except (ImportError, RuntimeError) as e:  # not inside a submitit job: leave the environment alone
+            log.warning("SLURM_NTASKS>1 but the distributed environment could not be set from submitit: %s", e)

@@ -64,7 +64,8 @@ class Tracker:
         resume_step: int | None = None,
     ):
         self.enabled = enabled
-        self.path = Path(run_dir) / METRICS_FILE
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
         self.wandb = None
         if not enabled:
             return

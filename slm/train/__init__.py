@@ -5,20 +5,23 @@ config.py       TrainConfig (trainer.*) and the learning-rate schedule
 batches.py      BatchStream (the same rows at any process count, resumable); rows to the device
 block_filter.py sequence-level selection inside a step (selector.blocks)
 evaluation.py   eval loss (and answer accuracy) on a packed split
-downstream.py   lm-evaluation-harness tasks at eval points
+step_selection.py  what each step trains and by what: ratio over the run, reference values, blocks, mask column
 signals.py      stop requests honoured at the next step boundary
-watches.py      what eval points watch: an early stop on held-out loss, the model outgrowing its reference
-audit.py        what selection kept, by what the data says of its tokens (clean, kind of junk, source, position)
+watchers.py     the Watcher protocol (per-step and per-eval hooks with checkpoint state); early stop on held-out
+                loss, the model outgrowing its reference
+audit.py        a watcher: what selection kept, by what the data says of its tokens (clean, junk kind, source, position)
+downstream.py   lm-evaluation-harness tasks at eval points (a watcher)
 """
 
 from slm.train.audit import SelectionAudit, groupings
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter, candidates, check_blocks
-from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lambda
-from slm.train.downstream import DownstreamConfig, harness
+from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lambda, selects_by
+from slm.train.downstream import DownstreamConfig, DownstreamTasks, harness
 from slm.train.evaluation import answer_accuracy, evaluate
 from slm.train.loop import NonFiniteLoss, RunInterrupted, Trainer, master_weights
-from slm.train.watches import WHEN_OUTGROWN, EarlyStop, OutgrownWatch
+from slm.train.step_selection import StepSelection
+from slm.train.watchers import WHEN_OUTGROWN, EarlyStop, OutgrownWatch, Watcher
 
 __all__ = [
     "candidates",
@@ -26,6 +29,7 @@ __all__ = [
     "BatchStream",
     "BlockFilter",
     "DownstreamConfig",
+    "DownstreamTasks",
     "EarlyStop",
     "NonFiniteLoss",
     "OutgrownWatch",
@@ -33,9 +37,11 @@ __all__ = [
     "SelectionAudit",
     "SELECTOR_NAMES",
     "SelectorConfig",
+    "StepSelection",
     "TrainConfig",
     "Trainer",
     "WHEN_OUTGROWN",
+    "Watcher",
     "answer_accuracy",
     "evaluate",
     "fetch",
@@ -43,5 +49,6 @@ __all__ = [
     "harness",
     "lr_lambda",
     "master_weights",
+    "selects_by",
     "to_device",
 ]

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from slm.model import shifted_valid
 from slm.selection import to_device_async
+from slm.train.watchers import Watcher
 
 POSITION_PARTS = 4  # the block's quarters
 
@@ -61,9 +62,12 @@ def groupings(columns: list[str], names: dict) -> list[Grouping]:
     return out
 
 
-class SelectionAudit:
+class SelectionAudit(Watcher):
     """Counts, per grouping and label, the valid tokens read (host) and trained (device) since the last
-    eval point; :meth:`shares` turns them into the reported shares and starts the next interval."""
+    eval point; :meth:`shares` turns them into the reported shares and starts the next interval. A watcher:
+    its shares are logged with each eval after step 0, its counts ride the checkpoint."""
+
+    key = "audit"
 
     def __init__(self, groups: list[Grouping], device):
         self.groups, self.device = groups, device
@@ -73,8 +77,8 @@ class SelectionAudit:
         self.kept_counts = torch.zeros(n, dtype=torch.float64, device=device)  # device: what they trained
 
     @property
-    def columns(self) -> list[str]:
-        return [g.column for g in self.groups if g.column is not None]
+    def columns(self) -> tuple[str, ...]:
+        return tuple(g.column for g in self.groups if g.column is not None)
 
     def read(self, batch: dict) -> None:
         """A host batch as read, before any selection (dropped candidate blocks included)."""
@@ -110,14 +114,17 @@ class SelectionAudit:
         self.read_counts.zero_()
         self.kept_counts.zero_()
 
-    def state(self, acc) -> list[float]:
-        return self.totals(acc)
+    def at_eval(self, run, metrics: dict) -> dict:
+        return self.shares(run.acc) if run.step > 0 else {}
 
-    def load(self, state: list[float] | None, main_process: bool) -> None:
+    def state(self, run) -> list[float]:
+        return self.totals(run.acc)
+
+    def load(self, state: list[float] | None, run) -> None:
         """Counts of an interrupted interval, held by the main process (the others start at zero); counts
         of another layout (an older checkpoint) are dropped: only that interval's audit is lost."""
         n = len(self.read_counts)
-        if not state or len(state) != 2 * n or not main_process:
+        if not state or len(state) != 2 * n or not run.acc.is_main_process:
             return
         self.read_counts.copy_(torch.tensor(state[:n], dtype=torch.float64))
         self.kept_counts.copy_(torch.tensor(state[n:], dtype=torch.float64))

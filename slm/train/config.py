@@ -8,11 +8,28 @@ from dataclasses import dataclass
 
 from slm.model import SCORES, SELECTORS
 from slm.selection import BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
-from slm.train.watches import check_outgrown
+from slm.train.watchers import check_outgrown
 
 # "all": every token (selection off); "oracle": exactly the tokens the corpus marks clean (its clean_mask)
 SELECTOR_NAMES = (*SELECTORS, "all", "oracle")
 ORACLE_COLUMN = "clean_mask"  # the corpus's clean tokens (data=realtext, the built-in corpus)
+
+
+def selects_by(name: str, ratio, blocks: float, reference_kind: str) -> str:
+    """``all`` (every token at a constant ratio 1.0), ``blocks`` (whole blocks only, every token of a kept block),
+    ``oracle``, ``train_loss`` where excess loss has no reference, else the selector's ``name``. Also for
+    settings not yet validated (a run name is composed before): an invalid ratio leaves ``name``."""
+    if name == "oracle":  # the corpus's own clean tokens, whatever the ratio
+        return name
+    try:
+        schedule = ratio_schedule(ratio)
+    except ValueError:
+        return name
+    if name == "all" or (schedule.is_constant and schedule.start >= 1.0):
+        return "blocks" if float(blocks) < 1.0 else "all"
+    if name == "excess_loss" and reference_kind == "none":
+        return "train_loss"
+    return name
 
 
 @dataclass(frozen=True)
@@ -53,6 +70,16 @@ class SelectorConfig:
     @property
     def combines(self) -> bool:
         return self.name in COMBINATIONS
+
+    def selects_by(self, reference_kind: str) -> str:
+        """What a run with this selector and a reference of ``reference_kind`` really selects by (see
+        :func:`selects_by`). Run names, run_info.json, curve legends and the model's scorer all ask this."""
+        return selects_by(self.name, self.ratio, self.blocks, reference_kind)
+
+    def token_ratio(self, reference_kind: str):
+        """The token ratio (or schedule) the model selects with: 1.0 where the run trains every token of what
+        it keeps (all, blocks, oracle)."""
+        return 1.0 if self.selects_by(reference_kind) in ("all", "blocks", "oracle") else self.ratio
 
     @property
     def selects(self) -> bool:

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from slm.model import causal_lm
+from slm.train.watchers import Watcher
+
 log = logging.getLogger(__name__)
 
 
@@ -101,3 +104,30 @@ def evaluate_tasks(model: nn.Module, tokenizer, cfg: DownstreamConfig) -> dict[s
             results[f"downstream/{task}/{metric}" + (f"/{filt}" if filt not in ("", "none") else "")] = float(value)
     log.info("downstream: %s", ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
     return results
+
+
+class DownstreamTasks(Watcher):
+    """The harness tasks as a watch: run at the eval points their schedule names (``downstream.every``:
+    also between eval points), on the main process's whole model (the others wait)."""
+
+    def __init__(self, cfg: DownstreamConfig, tokenizer, eval_every: int):
+        self.cfg, self.tokenizer, self.eval_every = cfg, tokenizer, eval_every
+
+    def start(self, run) -> None:
+        if run.engine.mode in ("fsdp2", "deepspeed"):
+            raise ValueError(
+                "downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
+                "shard: evaluate the saved model/ afterwards with lm_eval instead"
+            )
+
+    def due(self, step: int) -> bool:
+        return self.cfg.due(step, self.eval_every)
+
+    def at_eval(self, run, metrics: dict) -> dict:
+        if not self.due(run.step):
+            return {}
+        res = {}
+        if run.acc.is_main_process:  # the others wait: the harness runs in one process
+            res = evaluate_tasks(causal_lm(run.selective.model), self.tokenizer, self.cfg)
+        run.acc.wait_for_everyone()
+        return res

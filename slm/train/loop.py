@@ -17,32 +17,24 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from slm.model import SelectiveLM, causal_lm, flop_model, shifted_valid
+from slm.model import SelectiveLM, flop_model, shifted_valid
 from slm.model.rows import to_host
 from slm.parallel import CheckpointRefused, Engine, param_dim, resolve_mixed_precision
-from slm.reference import RefSource, StoreError
+from slm.reference import StoreError
 from slm.runs import MIN_EVAL_POINTS, Tracker, checkpoints, read_metrics
-from slm.selection import (
-    NonFiniteScores,
-    RatioSchedule,
-    count_selected,
-    num_to_keep,
-    ratio_schedule,
-    to_device_async,
-)
-from slm.train.audit import SelectionAudit, groupings
+from slm.selection import NonFiniteScores, count_selected, num_to_keep, ratio_schedule, to_device_async
 from slm.train.batches import BatchStream, fetch, to_device
-from slm.train.block_filter import BlockFilter
 from slm.train.config import TrainConfig, lr_lambda
-from slm.train.downstream import DownstreamConfig, evaluate_tasks
 from slm.train.evaluation import evaluate
 from slm.train.signals import StopSignals
-from slm.train.watches import EarlyStop, OutgrownWatch
+from slm.train.step_selection import StepSelection
+from slm.train.watchers import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -87,42 +79,32 @@ class Trainer:
         train_ds,
         eval_sets,
         cfg: TrainConfig,
-        run_dir,
-        ref: RefSource | None = None,
-        tracker: Tracker | None = None,
+        tracker: Tracker | str | Path,
         name: str = "train",
+        selection: StepSelection | None = None,
+        watchers: Sequence[Watcher] = (),
         mode: str | None = None,
-        ratio: RatioSchedule | float | None = None,
-        downstream: DownstreamConfig | None = None,
-        tokenizer=None,
-        blocks: BlockFilter | None = None,
-        early_stop: EarlyStop | None = None,
-        on_best=None,
-        outgrown: OutgrownWatch | None = None,
-        mask_column: str | None = None,
-        labels: dict | None = None,
     ):
         """``eval_sets``: name -> packed split (or one split, named ``validation``); the first is
-        also logged as ``eval/loss``. ``ratio``: the selection ratio over the run (default: the
-        model's own). ``downstream``: lm-evaluation-harness tasks run at eval points (needs the
-        ``tokenizer``). ``blocks``: sequence-level selection (each micro-batch keeps the best of
-        more candidate blocks, see :mod:`slm.train.block_filter`). ``early_stop``: end the run once a
-        held-out loss stops improving, calling ``on_best()`` at each new best eval (to keep its weights).
-        ``outgrown``: watch for the model reaching its reference's eval loss (see :mod:`slm.train.watches`).
-        ``mask_column``: train exactly the tokens a column of the training data marks (the oracle arm).
-        ``labels``: what the training data's label columns mean (``PackedData.labels``), for the audit."""
-        self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, Path(run_dir), name
-        self.ref = ref or RefSource()
+        also logged as ``eval/loss``. ``tracker``: the run's records (a :class:`Tracker`, or the run's folder
+        when nothing is to be logged). ``selection``: what each step trains and by what (default: the model's
+        own ratio, no reference). ``watchers``: what the run watches at steps and eval points (an early stop,
+        the reference being outgrown, the selection audit, downstream tasks: see :mod:`slm.train.watchers`).
+        ``mode``: the launch mode (default: the launcher's)."""
+        self.tracker = tracker if isinstance(tracker, Tracker) else Tracker(tracker, enabled=False)
+        self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, self.tracker.run_dir, name
+        sel = self.selection = selection or StepSelection()
+        self.ref, self.blocks, self.mask_column = sel.ref, sel.blocks, sel.mask_column
+        self.watchers = list(watchers)
         if not isinstance(eval_sets, dict):
             eval_sets = {"validation": eval_sets}
         self.eval_sets = {k: v.with_format("torch") for k, v in eval_sets.items()}
-        self.schedule = ratio_schedule(lm.ratio if ratio is None else ratio)
+        self.schedule = ratio_schedule(lm.ratio if sel.ratio is None else sel.ratio)
         if not lm.fixed_count and cfg.grad_accum != 1:
             raise ValueError(
                 f"selector={lm.selector} keeps a data-dependent number of tokens, so a step can be normalised "
                 "exactly only when it is one micro-batch: use trainer.grad_accum=1 (and a larger trainer.batch_size)"
             )
-        self.tracker = tracker or Tracker(run_dir, enabled=False)
         master_weights(lm, cfg.master_dtype)
         # Counted before sharding (FSDP2 and ZeRO-3 hide whole shapes); live references add their forward.
         self.flop_model = flop_model(lm.model, len(train_ds[0]["input_ids"]), self.ref.model)
@@ -145,33 +127,17 @@ class Trainer:
             grad_clip=cfg.grad_clip,
         )
         self.selective = lm
-        self.downstream, self.tokenizer = downstream or DownstreamConfig(), tokenizer
-        if self.downstream.tasks and self.engine.mode in ("fsdp2", "deepspeed"):
-            raise ValueError(
-                "downstream.tasks runs on the main process's whole model, which FSDP and DeepSpeed "
-                "shard: evaluate the saved model/ afterwards with lm_eval instead"
-            )
         if self.ref.evolve_every and self.engine.mode in ("fsdp2", "deepspeed"):
             raise ValueError(
                 "reference.evolve_every copies the training model into the reference, which needs the "
                 "whole model on every process: run it on one process or with DDP"
             )
-        columns = ["input_ids", "labels", "attention_mask"]
-        if mask_column is not None:
-            if mask_column not in train_ds.column_names:
-                raise ValueError(
-                    f"the training data has no {mask_column} column: selector=oracle needs a corpus that marks its "
-                    "clean tokens (data=realtext)"
-                )
-            columns.append(mask_column)
-        self.mask_column = mask_column
-        # every step counts what its selection kept, by what the data says about its tokens
-        self.audit = SelectionAudit(groupings(train_ds.column_names, labels or {}), accelerator.device)
-        columns += [c for c in self.audit.columns if c not in columns]
+        for w in self.watchers:
+            w.start(self)
+        columns = ["input_ids", "labels", "attention_mask", *sel.columns(train_ds.column_names)]
+        columns += [c for w in self.watchers for c in w.columns if c not in columns]
         self.train_ds = train_ds.select_columns(columns).with_format("torch")
-        self.blocks = blocks
-        self.early_stop, self.on_best, self.outgrown = early_stop, on_best, outgrown
-        per_micro_batch = blocks.candidates if blocks is not None else cfg.batch_size
+        per_micro_batch = self.blocks.candidates if self.blocks is not None else cfg.batch_size
         self.stream = BatchStream(
             len(train_ds), per_micro_batch, accelerator.num_processes, accelerator.process_index, cfg.seed
         )
@@ -192,9 +158,7 @@ class Trainer:
             "train_time_s": self.train_time,
             "flops": self.flops,
             "selector_rng": self.selective.generator.get_state().tolist(),
-            "early_stop": self.early_stop.state() if self.early_stop else None,
-            "outgrown_step": self.outgrown.step if self.outgrown else None,
-            "audit": self.audit.state(self.acc),
+            **{w.key: w.state(self) for w in self.watchers if w.key},
             **self.engine.checkpoint_info,
         }
         return checkpoints.save(
@@ -265,11 +229,9 @@ class Trainer:
         self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
         self.train_time, self.flops = state.get("train_time_s", 0.0), state.get("flops", 0.0)
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
-        if self.early_stop and state.get("early_stop"):
-            self.early_stop.load(state["early_stop"])
-        if self.outgrown:
-            self.outgrown.step = state.get("outgrown_step")
-        self.audit.load(state.get("audit"), self.acc.is_main_process)  # the sum over processes, held once
+        for w in self.watchers:
+            if w.key:
+                w.load(state.get(w.key), self)
         if (path / "selection.pt").exists():
             self.selective.load_selection_state(torch.load(path / "selection.pt", weights_only=True))
         if self.ref.evolve_every and (path / "reference.pt").exists():
@@ -320,14 +282,15 @@ class Trainer:
         batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
         candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
         for b in batches:  # every token read, the dropped blocks' included
-            self.audit.read(b)
+            for w in self.watchers:
+                w.read(b)
         return batches, candidates
 
     def train_on(self, batches: list[dict], candidates: int) -> dict:
         """One optimizer step on the host batches of :meth:`read_step`: what it waits for on a GPU is the
         step's count (one reduce), each forward's own read, and its end-of-step reduce."""
         cfg, engine = self.cfg, self.engine
-        selecting = not (self.outgrown and self.outgrown.selection_off)
+        selecting = not self.selection_off
         if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
             batches = [self.blocks.keep(b, engine, self.ref) if selecting else self.blocks.first(b) for b in batches]
         ratio = self.schedule.at(self.step, cfg.max_steps) if selecting else 1.0
@@ -358,7 +321,8 @@ class Trainer:
                     loss = loss / self.acc.reduce(counted.reshape(1), "sum")[0].clamp(min=1)
                 engine.backward(loss)
             loss_sum += loss.detach().double()
-            self.audit.trained(batch, out.mask)
+            for w in self.watchers:
+                w.trained(batch, out.mask)
             if out.n_nonfinite is not None:
                 nonfinite += out.n_nonfinite
         stop = torch.tensor(float(self.signals.requested), dtype=torch.float64, device=loss_sum.device)
@@ -413,17 +377,14 @@ class Trainer:
         evals = [e for e in read_metrics(self.run_dir) if "eval/loss" in e and e["step"] <= step]
         return {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
 
-    def _watch(self, metrics: dict) -> None:
-        """What the run watches at an eval point: an early stop (keeping the best weights) and the reference."""
-        if self.early_stop and self.early_stop.update(self.step, metrics) and self.step > 0 and self.on_best:
-            self.on_best()
-        if self.outgrown and self.outgrown.update(self.step, metrics):
-            mark = {"reference/outgrown": 1.0, "reference/eval_loss": self.outgrown.reference_loss}
-            self.tracker.log(self._event(**mark))
+    @property
+    def selection_off(self) -> bool:
+        """Whether a watcher has turned selection off for good (every token trains from now on)."""
+        return any(w.selection_off for w in self.watchers)
 
     @property
     def _stopped_early(self) -> bool:
-        return bool(self.early_stop and self.early_stop.done)
+        return any(w.stop for w in self.watchers)
 
     def _event(self, **metrics) -> dict:
         return {
@@ -435,22 +396,19 @@ class Trainer:
             **metrics,
         }
 
-    def eval(self, sets: bool = True, tasks: bool | None = None) -> dict:
+    def eval(self, sets: bool = True) -> dict:
         """Every eval set (``sets``): ``eval/<name>/loss`` (``/tokens``, ``/answer_acc``), the first
-        set's numbers also as ``eval/loss`` (``/tokens``, ``/answer_acc``); and the downstream tasks
-        (``tasks``; default: when their schedule says so), logged as one event."""
+        set's numbers also as ``eval/loss`` (``/tokens``, ``/answer_acc``); then what the watchers add (all
+        of them at an eval point; without ``sets``, those due at this step), logged as one event."""
         res = {}
         for i, (name, ds) in enumerate(self.eval_sets.items() if sets else ()):
             one = evaluate(self.engine, ds, self.cfg.eval_batch_size)
             res.update({k.replace("eval/", f"eval/{name}/", 1): v for k, v in one.items()})
             if i == 0:
                 res.update(one)
-        if sets and self.step > 0:
-            res.update(self.audit.shares(self.acc))
-        if self.downstream.due(self.step, self.cfg.eval_every) if tasks is None else tasks:
-            if self.acc.is_main_process:  # the others wait: the harness runs in one process
-                res.update(evaluate_tasks(causal_lm(self.selective.model), self.tokenizer, self.downstream))
-            self.acc.wait_for_everyone()
+        for w in self.watchers:
+            if sets or w.due(self.step):
+                res.update(w.at_eval(self, dict(res)))
         if res:
             self.tracker.log(self._event(**res))
         return res
@@ -467,7 +425,6 @@ class Trainer:
             log.warning("trainer.resume=true but %s has no complete checkpoint; starting from scratch", self.run_dir)
         if self.step == 0:
             last_eval = self.eval()
-            self._watch(last_eval)
         else:
             last_eval = self._logged_eval(self.step)
         bar = tqdm(
@@ -497,8 +454,7 @@ class Trainer:
                     self.tracker.log(self._event(**metrics, **{"train/tokens_per_s": tok_s}))
                 if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
                     last_eval = self.eval()
-                    self._watch(last_eval)
-                elif self.downstream.due(self.step, cfg.eval_every):  # tasks on their own schedule
+                elif any(w.due(self.step) for w in self.watchers):  # a watch on its own schedule
                     self.eval(sets=False)
                 if self._stop:
                     path = self.save_checkpoint()
@@ -507,20 +463,8 @@ class Trainer:
                     self.save_checkpoint()
         self.save_checkpoint()
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected}
-        if self.early_stop:  # the weights kept are the best eval's: report its numbers
-            stop = self.early_stop
-            if stop.done:
-                log.info(
-                    "%s: stopped at step %d, %s not better than %.4f (step %d) for %d evals",
-                    self.name,
-                    self.step,
-                    stop.key,
-                    stop.best,
-                    stop.best_step,
-                    stop.patience,
-                )
-            result.update(best_step=stop.best_step, stopped_early=stop.done)
-            last_eval = self._logged_eval(stop.best_step) or last_eval
-        if self.outgrown and self.outgrown.step is not None:
-            result["outgrown_step"] = self.outgrown.step
+        for w in self.watchers:
+            result.update(w.result())
+        if "best_step" in result:  # the weights kept are the best eval's: report its numbers
+            last_eval = self._logged_eval(result["best_step"]) or last_eval
         return {**result, **last_eval}

@@ -60,7 +60,7 @@ def test_an_evolving_reference_is_refreshed_on_schedule_scored_live_and_resumes_
 def test_a_block_share_that_keeps_every_candidate_is_refused_with_the_settings_that_work(tmp_path):
     """trainer.batch_size=1 with selector.blocks=0.7 reads round(1 / 0.7) = 1 candidate and keeps it: no block
     selection happens, so the setting is refused naming the nearest ones that select (issue 26, item 6)."""
-    from slm.cli.settings import validate
+    from slm.cli.validation import validate
 
     with pytest.raises(ValueError, match=r"selector\.blocks<=0\.667 .*trainer\.batch_size>=2"):
         validate(compose_train(tmp_path / "c", "selector.blocks=0.7", "trainer.batch_size=1"))
@@ -92,7 +92,7 @@ def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
     reads (counted independently from the packed split and the batch stream), and slm-curves never takes it
     for the baseline."""
     from slm.analysis import load_runs
-    from slm.cli.settings import validate
+    from slm.cli.validation import validate
     from slm.data import build
     from slm.model import shifted_valid
     from slm.runs import read_metrics
@@ -123,7 +123,7 @@ def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_t
     """Every eval point logs the share of the clean tokens kept and of the junk dropped since the last one
     (issue 28 item 2): 1 and 0 for the baseline, 1 and 1 for the oracle; for a selection, kept clean plus
     kept junk is what it trained, with the clean and junk counts taken independently from the packed data."""
-    from slm.cli.settings import validate
+    from slm.cli.validation import validate
     from slm.data import build
     from slm.model import shifted_valid
     from slm.runs import read_metrics
@@ -168,7 +168,7 @@ def test_the_audit_reports_each_kind_of_junk_and_each_part_of_the_block(tmp_path
     packed data and the batch stream: the oracle drops every kind and keeps, of each quarter, exactly its clean
     share; a selection's quarters add up to what it trained and its kinds to the junk it kept; slm-curves
     tabulates them."""
-    from slm.cli.settings import validate
+    from slm.cli.validation import validate
     from slm.data import build
     from slm.data.builtin import JUNK_KINDS
     from slm.model import shifted_valid
@@ -228,7 +228,7 @@ def test_slm_inspect_names_each_junk_tokens_kind_and_what_was_dropped_of_each(tm
 
     from slm.analysis import selection_sample
     from slm.analysis.inspect import write_page
-    from slm.cli.settings import validate
+    from slm.cli.validation import validate
     from slm.data import build
     from slm.model import shifted_valid
 

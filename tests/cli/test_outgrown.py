@@ -14,9 +14,9 @@ from support.compose import compose_train
 from support.resume import resumed_equals_whole
 
 from slm.cli import CONF_DIR, train
-from slm.cli.references import hold_out
-from slm.cli.settings import validate
+from slm.cli.validation import validate
 from slm.data import build
+from slm.recipes import hold_out
 from slm.runs import read_metrics
 from slm.train import SelectorConfig
 

@@ -9,9 +9,10 @@ import yaml
 from support.compose import compose_train
 
 from slm.cli import CONF_DIR
-from slm.cli.settings import ReferenceConfig, RunSettings, score_settings, validate
+from slm.cli.validation import score_settings, validate
 from slm.data import DataConfig
 from slm.model import SCORES, SELECTORS
+from slm.recipes import ReferenceConfig, RunSettings
 from slm.selection import COMBINATIONS, SCORERS
 from slm.train import SELECTOR_NAMES, DownstreamConfig, SelectorConfig, TrainConfig
 

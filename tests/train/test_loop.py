@@ -368,7 +368,7 @@ def test_a_run_that_reads_its_text_more_than_once_says_so(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         train(compose_train(tmp_path / "c", "trainer.max_steps=80"), tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    from slm.cli.settings import validate
+    from slm.cli.validation import validate
     from slm.data import build
 
     rows = len(build(validate(compose_train(tmp_path / "c")).data)["train"])

@@ -1,0 +1,174 @@
+"""The reference's own training recipe (``reference=train``; the built-in ``demo`` trains on the corpus's clean
+split): trained once on its own text, cached by a hash of everything that decides its weights, and reused by
+every run and sweep job. Caches become visible only when complete (a ``DONE`` marker written last), so an
+interrupted run never leaves a cache that breaks the next one; one job of a sweep trains it while the others
+wait on its lock."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+from accelerate.utils import broadcast_object_list
+
+from slm import parallel
+from slm.data import GENERATED, CacheLock, PackedData, SourceSpec, build_split
+from slm.model import SelectiveLM, build_model
+from slm.recipes.settings import RunSettings, ScoreSettings, config_hash
+from slm.reference import load_reference
+from slm.runs import Tracker, checkpoints
+from slm.train import EarlyStop, RunInterrupted, TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
+DONE = "DONE"
+Settings = RunSettings | ScoreSettings  # what slm-train and slm-score share: model, data, reference, cache
+
+
+def agreed(value: bool) -> bool:
+    box = [value]
+    broadcast_object_list(box)  # the main process's view decides for everyone
+    return box[0]
+
+
+def _reference_data(settings: Settings, data: PackedData, seed: int) -> tuple:
+    """(packed training text of a trained reference, its identity). The built-in corpus's own
+    splits come from the run's packed data; any other source is packed with the run's tokenizer
+    and block size and cached."""
+    spec, own = settings.reference.data, settings.data.source
+    if spec.get("source") in GENERATED and spec.get("source") == own:  # a split of the run's own corpus
+        split = spec.get("split") or "clean"
+        if split not in data.splits:
+            raise ValueError(f"reference.data.split={split!r}: the {own} corpus has {sorted(data.splits)}")
+        return data[split], {own: data.identity["data_hash"][split]}
+    source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
+    packed = build_split(
+        source,
+        data.tokenizer,
+        data.identity["block_size"],
+        settings.data.cache_dir,
+        shuffle_seed=seed,
+    )
+    return packed, {
+        "source": source.identity(settings.data.cache_dir),
+        "tokenizer": data.identity["tokenizer"],
+        "block_size": data.identity["block_size"],
+    }
+
+
+def _reference_model(settings: Settings, data: PackedData, seed: int):
+    fresh = settings.reference.init == "scratch"
+    return build_model(settings.model, len(data.tokenizer), seed + 1, data.tokenizer, fresh=fresh)
+
+
+def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
+    """``reference=train`` (and the built-in ``demo``): a reference trained once on its own text
+    (``reference.data``) from scratch or from ``model.pretrained`` (``reference.init``), cached by
+    a hash of everything that decides its weights and reused by every run and sweep job."""
+    rcfg = settings.reference
+    seed = int(rcfg.seed)  # not the run's seed: every seed of a sweep shares one reference
+    tcfg = TrainConfig(**rcfg.trainer, seed=seed)
+    ref_data, data_identity = _reference_data(settings, data, seed)
+    # Everything that changes the reference's weights: the global batch depends on the process count.
+    identity = {
+        "model": settings.model,
+        "init": rcfg.init,
+        "trainer": rcfg.trainer,
+        "data": data_identity,
+        "seed": seed,
+        "processes": acc.num_processes,
+        "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision),
+    }
+    converge = rcfg.converge or {}
+    if converge.get("holdout"):
+        identity["converge"] = converge
+    where = settings.cache_root / "reference" / config_hash(identity)
+    what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
+    # one job of a sweep trains it; the others wait on its lock (saying so), then reuse it
+    with CacheLock(where, f"the reference {where}") if acc.is_main_process else nullcontext():
+        if agreed((where / DONE).exists()):
+            log.info(
+                "reference: reusing the cached reference %s (trained once on %s, shared by every run and "
+                "sweep job with these settings)",
+                where,
+                what,
+            )
+        else:
+            resume_from = checkpoints.latest(where / "run", warn=False) if where.exists() else None
+            if agreed(resume_from is not None):  # an interrupted first run: carry on from its checkpoint
+                log.warning("reference: resuming the interrupted reference from %s", resume_from)
+                tcfg = replace(tcfg, resume=True)
+            elif acc.is_main_process and where.exists():
+                log.warning("reference: %s holds a partial reference (an interrupted run); rebuilding it", where)
+                shutil.rmtree(where)
+            acc.wait_for_everyone()
+            log.info("reference: training the reference on %s (first run only) -> %s", what, where)
+            with parallel.model_init(trained=False):  # trained with DDP under DeepSpeed, see below
+                model = _reference_model(settings, data, seed)
+            lm = SelectiveLM(model, ratio=1.0)
+            # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
+            mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
+            step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
+            train_text, eval_sets, early = ref_data, data.eval_sets, None
+            if converge.get("holdout"):
+                train_text, heldout = hold_out(ref_data, converge["holdout"])
+                eval_sets = {**data.eval_sets, HELDOUT: heldout}
+                best = lambda: t.engine.save_pretrained(where / "model", data.tokenizer)  # noqa: E731 (the best weights)
+                early = EarlyStop(HELDOUT, converge["patience"], converge["min_delta"], on_best=best)
+                log.info(
+                    "reference: trains until its loss on %d held-out blocks of its text stops improving "
+                    "(patience %d evals of %d steps, at most %d steps)",
+                    len(heldout),
+                    early.patience,
+                    tcfg.eval_every,
+                    tcfg.max_steps,
+                )
+            t = Trainer(
+                acc,
+                lm,
+                train_text,
+                eval_sets,
+                tcfg,
+                Tracker(where / "run", enabled=acc.is_main_process, resume_step=step),
+                name="reference",
+                watchers=[early] if early else [],
+                mode=mode,
+            )
+            try:
+                res = t.fit()
+            except RunInterrupted as e:  # say how to continue the user's run, not how to resume the cache's
+                raise RunInterrupted(
+                    e.signum,
+                    e.step,
+                    e.checkpoint,
+                    hint=(
+                        f"interrupted while training the reference model (step {e.step} of {tcfg.max_steps}, "
+                        f"checkpointed in its cache {where}); the next run resumes it by itself: run the same command "
+                        "again to continue"
+                    ),
+                ) from e
+            if early is None or early.best_step == 0:  # else model/ holds the best eval's weights already
+                t.engine.save_pretrained(where / "model", data.tokenizer)
+            if acc.is_main_process:
+                (where / "result.json").write_text(json.dumps(res, indent=1))
+                (where / DONE).write_text("")  # last: the cache is complete
+            acc.wait_for_everyone()
+            t.engine.release()
+            del t, lm, model
+    return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
+
+
+HELDOUT = "reference_heldout"  # the eval set a converging reference is judged on
+
+
+def hold_out(packed, share: float) -> tuple:
+    """(training blocks, held-out blocks): the last ``share`` of a packed split (at least one block, whole
+    documents but one at the seam), so the held-out loss measures text the reference never trained on."""
+    n = len(packed)
+    k = max(1, round(share * n))
+    if n - k < 1:
+        raise ValueError(f"reference.converge.holdout={share}: the reference's text has only {n} block(s)")
+    return packed.select(range(n - k)), packed.select(range(n - k, n))

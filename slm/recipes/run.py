@@ -1,0 +1,303 @@
+"""One training run from its settings, without Hydra: :func:`build_run` assembles data, model, reference,
+selection, watchers and the trainer into a :class:`Run`; :meth:`Run.train` trains it, writes its records and
+the final model. :func:`train` does both.
+
+A run folder holds ``config.yaml`` (what it was started with: the config a resume starts from), ``run_info.json``
+(what ran), ``result.json``, ``metrics.jsonl``, its checkpoints and the final ``model/`` (see :mod:`slm.runs`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from slm import parallel, runs
+from slm.data import PackedData, build, check_block_size
+from slm.model import SELECTORS, SelectiveLM, build_model
+from slm.parallel import CheckpointRefused
+from slm.recipes.references import describe_quality, reference_quality, reference_source, run_reference_eval
+from slm.recipes.settings import RunSettings, resolve_block_size
+from slm.reference import RefSource
+from slm.runs import Tracker, checkpoints
+from slm.selection import ratio_schedule
+from slm.train import (
+    BlockFilter,
+    DownstreamTasks,
+    OutgrownWatch,
+    RunInterrupted,
+    SelectionAudit,
+    StepSelection,
+    Trainer,
+    Watcher,
+    candidates,
+    groupings,
+)
+from slm.train.config import ORACLE_COLUMN
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """A training run, built and ready to train: its settings, folder, accelerator, data and trainer, and the
+    records it started with."""
+
+    settings: RunSettings
+    run_dir: Path
+    acc: object
+    data: PackedData
+    trainer: Trainer
+    info: dict  # run_info.json as the run started
+    before: dict | None  # the earlier record on a resume (what a refused resume puts back)
+
+    def train(self) -> dict:
+        """Train to the end (or resume to it); write result.json, the final ``model/`` and the run's records.
+        Returns the final counters and eval numbers."""
+        acc, run_dir, trainer = self.acc, self.run_dir, self.trainer
+        try:
+            result = trainer.fit()
+            _save_model(trainer, run_dir, self.data.tokenizer)
+        except RunInterrupted as e:
+            self._finish({"status": "interrupted", "step": e.step, "checkpoint": str(e.checkpoint), "signal": e.signum})
+            raise
+        except KeyboardInterrupt as e:  # a second Ctrl-C, or one after training (while model/ is written)
+            ckpt = checkpoints.latest(run_dir, warn=False)
+            self._finish(
+                {"status": "interrupted", "step": trainer.step, "checkpoint": str(ckpt), "signal": signal.SIGINT}
+            )
+            raise RunInterrupted(signal.SIGINT, trainer.step, ckpt) from e
+        except CheckpointRefused:  # said before anything was read or trained: the run's records stay as they were
+            if self.before is not None:
+                runs.write_json(run_dir / runs.RUN_INFO, self.before)
+            raise
+        except checkpoints.FAILURES as e:
+            self._finish({"status": "failed", "step": trainer.step, "error": checkpoints.describe(e)})
+            raise
+        finally:
+            trainer.tracker.finish()
+        self._finish({"status": "finished", **result})
+        if acc.is_main_process:
+            trainer.tracker.summary(result)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return result
+
+    def _finish(self, result: dict) -> None:
+        if self.acc.is_main_process:
+            runs.write_json(self.run_dir / runs.RESULT, result)
+            runs.write_json(self.run_dir / runs.RUN_INFO, {**self.info, "status": result["status"]})
+
+
+def train(settings: RunSettings, run_dir, config: dict | None = None, changed: dict | None = None) -> dict:
+    """Build the run and train it (see :func:`build_run`)."""
+    return build_run(settings, run_dir, config, changed).train()
+
+
+def build_run(settings: RunSettings, run_dir, config: dict | None = None, changed: dict | None = None) -> Run:
+    """Everything a run needs, in order: accelerator, run folder, data, model, reference, selection,
+    watchers, records, trainer. ``config``: the plain config to save as config.yaml and hand to W&B (default:
+    the settings themselves); ``changed``: on a resume, the settings this launch changed (recorded)."""
+    run_dir = Path(run_dir)
+    settings = resolve_block_size(settings)
+    tcfg, sel = settings.trainer, settings.selector
+    acc = _accelerator(settings)
+    runs.claim(run_dir, tcfg.resume, tcfg.overwrite, acc.is_main_process)
+    acc.wait_for_everyone()
+
+    log.info("data: %s (blocks of %d tokens)", settings.data.source, settings.data.block_size)
+    with acc.main_process_first():  # one process packs and caches; the others then load the cache
+        data = build(settings.data)
+    log.info("model: %s", settings.model.get("name"))
+    with parallel.model_init():
+        model = build_model(settings.model, len(data.tokenizer), settings.seed, data.tokenizer)
+    check_block_size(model.config, settings.data.block_size)
+    log.info("reference: %s", settings.reference.kind)
+    train_ds, ref = reference_source(settings, data, acc, model)
+    quality = reference_quality(ref)
+    if quality:
+        log.info("reference quality: %s", describe_quality(quality))
+    outgrown = _outgrown_watch(settings, data, acc, ref)
+
+    selector = sel.selects_by(settings.reference.kind)
+    schedule = ratio_schedule(sel.token_ratio(settings.reference.kind))
+    lm = SelectiveLM(
+        model,
+        ratio=schedule.start,
+        selector=selector if selector in SELECTORS else "train_loss",
+        combine=sel.scores if sel.combines else None,
+        scope=sel.scope,
+        seed=settings.seed,
+        head_backend=tcfg.head_backend,
+        check_scores="deferred",  # the loop checks them with its end-of-step reduce
+    )
+    started = dict(
+        selector=selector,
+        ratio=schedule.start if schedule.is_constant else schedule.label(),
+        scores_dir=ref.scores_dir,
+        reference_quality=quality,  # a reference slm trained: its eval losses and steps (None otherwise)
+        # the loss the model is watched against (None: not watched)
+        reference_eval_loss={outgrown.eval_set: outgrown.reference_loss} if outgrown else None,
+        passes=_passes(settings, acc, len(train_ds)),  # how many times the run reads its training text
+    )
+    record = _saved_config(settings, config)
+    info, before = _record_start(settings, run_dir, acc, changed or {}, started, record)
+    tracker = Tracker(
+        run_dir,
+        enabled=acc.is_main_process,
+        wandb_cfg=settings.logger,
+        config=record,
+        resume_step=_resume_step(run_dir) if tcfg.resume else None,
+    )
+    watchers: list[Watcher] = [SelectionAudit(groupings(train_ds.column_names, data.labels), acc.device)]
+    if outgrown is not None:
+        watchers.append(outgrown)
+    if settings.downstream.tasks:
+        watchers.append(DownstreamTasks(settings.downstream, data.tokenizer, tcfg.eval_every))
+    trainer = Trainer(
+        acc,
+        lm,
+        train_ds,
+        data.eval_sets,
+        tcfg,
+        tracker,
+        name=settings.name,
+        selection=StepSelection(
+            ratio=schedule,
+            ref=ref,
+            blocks=BlockFilter(sel.blocks, sel.block_score, tcfg.batch_size) if sel.blocks < 1.0 else None,
+            mask_column=ORACLE_COLUMN if selector == "oracle" else None,
+        ),
+        watchers=watchers,
+    )
+    return Run(settings, run_dir, acc, data, trainer, info, before)
+
+
+def _accelerator(settings: RunSettings):
+    from accelerate.utils import set_seed
+
+    tcfg = settings.trainer
+    parallel.export_slurm_distributed_env()
+    acc = parallel.make_accelerator(parallel.resolve_mixed_precision(tcfg.mixed_precision), tcfg.grad_accum)
+    set_seed(tcfg.seed)
+    parallel.quiet_other_processes(acc)
+    return acc
+
+
+def _passes(settings: RunSettings, acc, n_rows: int) -> float:
+    """How many times the run reads its training text (rows read over rows there); said when above one:
+    a saving measured over repeated text is not one over fresh text (the second pass's clean tokens are
+    known ones)."""
+    t, blocks = settings.trainer, settings.selector.blocks
+    per_step = acc.num_processes * t.grad_accum * (candidates(t.batch_size, blocks) if blocks < 1.0 else t.batch_size)
+    passes = round(per_step * t.max_steps / max(n_rows, 1), 3)
+    if passes > 1:
+        log.warning(
+            "the run reads its training text %.2f times (%d steps x %d blocks of %d): selection's saving over "
+            "repeated text is not its saving over one pass of fresh text",
+            passes,
+            t.max_steps,
+            per_step,
+            n_rows,
+        )
+    return passes
+
+
+def _outgrown_watch(settings: RunSettings, data, acc, ref: RefSource) -> OutgrownWatch | None:
+    """Watch the model's eval loss against its reference's on the first eval set, for a run whose selection
+    ranks by the reference (None otherwise, or when the reference's eval loss cannot be had)."""
+    sel = settings.selector
+    needs = sel.needs()
+    if not (sel.selects and (needs["loss"] or needs["entropy"])) or ref.kind == "none":
+        return None
+    losses = run_reference_eval(settings, data, acc, ref)
+    if not losses:
+        why = "an evolving reference" if ref.evolve_every else "its weights are not on this machine"
+        log.info("reference: its eval loss is unknown (%s): the run cannot tell when the model outgrows it", why)
+        return None
+    name = next(iter(data.eval_sets))
+    log.info(
+        "reference: its loss on %s is %.4f; once the model's reaches it, selector.when_outgrown=%s",
+        name,
+        losses[name],
+        sel.when_outgrown,
+    )
+    return OutgrownWatch(name, losses[name], margin=sel.outgrown_margin, remedy=sel.when_outgrown)
+
+
+def _saved_config(settings: RunSettings, config: dict | None) -> dict:
+    """The config a run records (config.yaml, W&B): the composed one when there is one, else the settings;
+    with the block size the run trains with."""
+    record = dict(config) if config is not None else json.loads(json.dumps(asdict(settings), default=str))
+    if isinstance(record.get("data"), dict):
+        record["data"] = {**record["data"], "block_size": settings.data.block_size}
+    return record
+
+
+def _record_start(
+    settings: RunSettings, run_dir: Path, acc, changed: dict, started: dict, config: dict
+) -> tuple[dict, dict | None]:
+    """run_info.json as the run starts (a resume adds to the earlier record); config.yaml on the first start.
+    Returns (the record, the earlier one on a resume: what a refused resume puts back)."""
+    sel = settings.selector
+    info = dict(
+        name=settings.name,
+        experiment=settings.experiment_name,
+        selector=started["selector"],
+        ratio=started["ratio"],
+        scope=sel.scope,
+        blocks=sel.blocks,
+        train_split=settings.data.train_split,
+        reference=settings.reference.kind,
+        seed=settings.seed,
+        scores_dir=started["scores_dir"],
+        status="running",
+        processes=acc.num_processes,
+        mode=parallel.requested_mode(),
+        launch_dir=os.getcwd(),  # where relative data paths of its config start from
+        reference_quality=started["reference_quality"],
+        reference_eval_loss=started["reference_eval_loss"],
+        passes=started["passes"],
+    )
+    old = None
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        old = runs.read_json(run_dir / runs.RUN_INFO) if settings.trainer.resume else None
+        if old is not None:
+            record = {k: list(v) for k, v in changed.items()}
+            if old.get("processes") != acc.num_processes:
+                record["processes"] = [old.get("processes"), acc.num_processes]
+            info = {
+                **old,
+                "status": "running",
+                "processes": acc.num_processes,
+                "mode": info["mode"],
+                "resumes": [*old.get("resumes", []), record],
+            }
+        else:
+            (run_dir / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+        runs.write_json(run_dir / runs.RUN_INFO, info)
+    return info, old
+
+
+def _save_model(trainer: Trainer, run_dir: Path, tokenizer) -> None:
+    """The final ``model/`` (written aside, then renamed into place: complete or absent)."""
+    try:
+        trainer.engine.save_pretrained(run_dir / "model", tokenizer)
+    except Exception as e:  # a full disk arrives as OSError, RuntimeError or safetensors' own error
+        ckpt = checkpoints.latest(run_dir, warn=False)
+        raise checkpoints.CheckpointError(
+            f"could not write {run_dir / 'model'} ({type(e).__name__}: {e}). Training reached step "
+            f"{trainer.step} and its checkpoint {ckpt} is complete: free disk space and run again with "
+            f"trainer.resume=true hydra.run.dir={run_dir} to write model/"
+        ) from e
+
+
+def _resume_step(run_dir: Path) -> int | None:
+    ckpt = checkpoints.latest(run_dir, warn=False)
+    return checkpoints.read_state(ckpt)["step"] if ckpt else None

@@ -1,0 +1,167 @@
+"""The typed settings a recipe runs with: :class:`RunSettings` (a training run) and :class:`ScoreSettings` (a
+store of reference losses), with :class:`ReferenceConfig` (``reference.*``). Plain frozen dataclasses: Hydra
+composes and validates them in :mod:`slm.cli`, Python builds them directly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from slm.data import DataConfig
+from slm.reference import check_evolution
+from slm.train import DownstreamConfig, SelectorConfig, TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+REFERENCE_KINDS = ("none", "live", "stored", "train", "demo")
+MAX_DEFAULT_BLOCK = 2048
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """``reference.*``: where a run's reference values come from."""
+
+    kind: str = "none"  # none | live | stored | train | demo
+    path: str | None = None  # live: a model folder or hub name; stored: the reference the store must come from
+    scores_dir: str | None = None  # stored: the folder slm-score printed
+    dtype: str = "auto"  # live: auto = bfloat16 on CUDA, float32 on CPU
+    check_tokenizer: bool = True  # live: refuse a reference whose tokenizer is not the training one
+    data: dict = field(default_factory=dict)  # train/demo: its training text (SourceSpec fields)
+    init: str = "scratch"  # train/demo: scratch | pretrained (from model.pretrained)
+    trainer: dict = field(default_factory=dict)  # train/demo: its TrainConfig fields (max_steps: the cap)
+    converge: dict = field(default_factory=dict)  # train/demo: holdout, patience, min_delta (early stop)
+    seed: int = 0  # train/demo: its own seed, shared by every seed of a sweep
+    evolve_every: int | None = None  # refresh from the training model every N steps (scored live)
+    evolve_ema: float = 0.0
+
+    def __post_init__(self):
+        kind = self.kind
+        if kind not in REFERENCE_KINDS:
+            raise ValueError(f"reference.kind must be one of {REFERENCE_KINDS}, got {kind!r}")
+        if kind == "stored" and not self.scores_dir:
+            raise ValueError(
+                "reference=stored needs reference.scores_dir=<folder>: run slm-score first (with the same "
+                "model and data options); it prints the folder and the slm-train command to use"
+            )
+        if kind == "live" and not self.path:
+            raise ValueError(
+                "reference=live needs reference.path=<a model folder or hub name> sharing the training model's "
+                "tokenizer"
+            )
+        if kind == "train" and not (self.data or {}).get("source"):
+            raise ValueError(
+                "reference=train needs reference.data.source=<the reference's training text: a file, glob, "
+                "folder, hub dataset or builtin>"
+            )
+        if self.init not in ("scratch", "pretrained"):
+            raise ValueError(f"reference.init must be scratch or pretrained, got {self.init!r}")
+        if self.evolve_every is not None:
+            if kind not in ("train", "demo", "live"):
+                raise ValueError(
+                    f"reference.evolve_every refreshes a reference model from the training model; "
+                    f"reference={kind} has none (use reference=train, demo or live)"
+                )
+            check_evolution(self.evolve_every, self.evolve_ema)
+        if self.trained:
+            typed(TrainConfig, self.trainer, "reference.trainer", seed=self.seed)
+            object.__setattr__(self, "converge", check_converge(self.converge))
+
+    @property
+    def trained(self) -> bool:
+        """A reference trained once by slm itself (reference=train, or the built-in demo)."""
+        return self.kind in ("train", "demo")
+
+
+CONVERGE_KEYS = {"holdout": 0.0, "patience": 3, "min_delta": 0.0}
+
+
+def check_converge(converge: dict | None) -> dict:
+    """``reference.converge``: ``holdout`` (the share of the reference's text held out to judge it; 0: train
+    ``reference.trainer.max_steps`` steps, no early stop), ``patience`` (evals without improvement before it
+    stops), ``min_delta`` (the least fall in held-out loss that counts as one)."""
+    converge = dict(converge or {})
+    unknown = sorted(set(converge) - set(CONVERGE_KEYS))
+    if unknown:
+        raise ValueError(f"reference.converge has no {', '.join(unknown)}: it takes {', '.join(CONVERGE_KEYS)}")
+    out = {**CONVERGE_KEYS, **{k: v for k, v in converge.items() if v is not None}}
+    if not 0.0 <= float(out["holdout"]) < 0.5:
+        raise ValueError(f"reference.converge.holdout must be in [0, 0.5), got {out['holdout']}")
+    if int(out["patience"]) < 1:
+        raise ValueError(f"reference.converge.patience must be >= 1, got {out['patience']}")
+    if not float(out["min_delta"]) >= 0:
+        raise ValueError(f"reference.converge.min_delta must be >= 0, got {out['min_delta']}")
+    return {"holdout": float(out["holdout"]), "patience": int(out["patience"]), "min_delta": float(out["min_delta"])}
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """What ``slm-score`` runs with (``score.yaml``)."""
+
+    model: dict  # the model.* settings, plain (slm.model.build_model reads them)
+    data: DataConfig
+    reference: ReferenceConfig
+    seed: int = 0
+    score_batch_size: int = 32
+    entropy: bool = False
+    store_dtype: str = "float32"
+    out_dir: str | None = None
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.data.cache_dir).expanduser()
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What ``slm-train`` runs with (``train.yaml``)."""
+
+    model: dict
+    data: DataConfig
+    reference: ReferenceConfig
+    selector: SelectorConfig
+    trainer: TrainConfig
+    downstream: DownstreamConfig
+    logger: dict | None  # None: logger=none (metrics.jsonl only)
+    name: str
+    experiment_name: str = "default"
+    seed: int = 0
+    score_batch_size: int = 32
+
+    @property
+    def cache_root(self) -> Path:
+        return Path(self.data.cache_dir).expanduser()
+
+
+def typed(cls, values: dict | None, group: str, **extra):
+    """``cls(**values)`` with an unknown key named by its full setting."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values or {}) - known)
+    if unknown:
+        raise ValueError(f"{group}.{unknown[0]} is not a setting of {group}; it has {sorted(known - set(extra))}")
+    return cls(**(values or {}), **extra)
+
+
+def resolve_block_size(settings: RunSettings | ScoreSettings):
+    """``data.block_size: null`` becomes the model's context length (at most 2048): the settings a run trains
+    with, block size known (the config a run saves records it)."""
+    if settings.data.block_size is not None:
+        return settings
+    model = settings.model
+    if model.get("pretrained"):
+        from transformers import AutoConfig
+
+        mc = AutoConfig.from_pretrained(model["pretrained"])
+        limit = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    else:
+        limit = model["config"].get("max_position_embeddings") or model["config"].get("n_positions")
+    size = min(int(limit or MAX_DEFAULT_BLOCK), MAX_DEFAULT_BLOCK)
+    log.info("data.block_size=null: using %d (the model's context length, at most %d)", size, MAX_DEFAULT_BLOCK)
+    return replace(settings, data=replace(settings.data, block_size=size))
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
