@@ -18,7 +18,7 @@ status=0
 python3 - <<'EOF' 2>&1 | tee "$out/setup.txt"
 import torch
 
-from slm.head import OutputHead, fused
+from slm.head import OutputHead, fused, resolve_backend
 from slm.head.matmul import fast_path
 
 cuda = torch.cuda.is_available()
@@ -31,7 +31,7 @@ try:
 except ImportError:
     print("triton: not installed")
 device = torch.device("cuda" if cuda else "cpu")
-print("head backend (auto):", OutputHead(torch.zeros(8, 8, device=device)).resolved_backend(),
+print("head backend (auto):", resolve_backend(OutputHead(torch.zeros(8, 8, device=device))),
       "| triton backend:", fused.unavailable(device) or "available")
 if cuda:
     a = torch.zeros(4, 4, device=device, dtype=torch.bfloat16)

@@ -1,6 +1,7 @@
 """The package layers hold: each package of slm imports only the packages below it (read with ``ast``
 from every module, at module and function level), hydra/omegaconf only inside ``slm/cli``, no circle
-between packages, and function-level imports of slm only where they load an optional dependency."""
+between packages nor between modules (inside a package included, on the real imports), no two modules
+with one name, and function-level imports of slm only where they load an optional dependency."""
 
 import ast
 from pathlib import Path
@@ -119,3 +120,68 @@ def test_an_added_upward_import_is_caught(tmp_path, added):
     (fake / "data").mkdir(parents=True)
     (fake / "data" / "leak.py").write_text(f"{added}\n")
     assert upward(edges(fake)), "an import of a higher layer from slm.data must be reported"
+
+
+def module_of(path: Path, root: Path = SLM) -> str:
+    """``slm.head.output`` for slm/head/output.py, ``slm.head`` for slm/head/__init__.py."""
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_graph(root: Path = SLM) -> dict[str, set[str]]:
+    """module -> the slm modules it imports, at module and function level. ``from pkg import name`` is an
+    import of ``pkg.name`` where that is a module, else of ``pkg`` (its face)."""
+    modules = {module_of(p, root): p for p in sorted(root.rglob("*.py"))}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        out = set()
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.module and not n.level and n.module.split(".")[0] == root.name:
+                for a in n.names:
+                    out.add(f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in modules else n.module)
+            elif isinstance(n, ast.Import):
+                out.update(a.name for a in n.names if a.name in modules)
+        graph[name] = {m for m in out if m in modules and m != name}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[str]:
+    found, done = [], set()
+
+    def visit(node, path):
+        if node in path:
+            found.append(" -> ".join([*path[path.index(node) :], node]))
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, [*path, node])
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [])
+    return found
+
+
+def test_no_circle_between_modules_on_the_real_imports():
+    assert circles(module_graph()) == []
+
+
+def test_no_two_modules_share_a_name():
+    names: dict[str, list[str]] = {}
+    for path in SLM.rglob("*.py"):
+        if path.stem not in ("__init__", "__main__"):
+            names.setdefault(path.stem, []).append(str(path.relative_to(SLM.parent)))
+    assert {k: v for k, v in names.items() if len(v) > 1} == {}
+
+
+def test_an_injected_circle_inside_a_package_is_caught(tmp_path):
+    fake = tmp_path / "slm"
+    (fake / "head").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "head" / "__init__.py").write_text("from slm.head.output import OutputHead\n")
+    (fake / "head" / "output.py").write_text("def f():\n    from slm.head import fused\n")  # function level
+    (fake / "head" / "fused.py").write_text("from slm.head.output import OutputHead\n")
+    assert circles(module_graph(fake)) == ["slm.head.output -> slm.head.fused -> slm.head.output"]
+    (fake / "head" / "output.py").write_text("X = 1\n")
+    assert circles(module_graph(fake)) == []

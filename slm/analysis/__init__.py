@@ -5,7 +5,7 @@ slm.data, slm.model, slm.reference, slm.runs and slm.selection; never the traini
   savings.py          the table: baseline's tokens, time and FLOPs each group needs to reach its loss
   plots.py            the figure: loss (and accuracy) against tokens, time and FLOPs
   tables.py           a table of rows written as CSV and Markdown (the savings table, the audit)
-  audit.py            the selection audit per group: clean kept, junk dropped (by kind), per source and block part
+  audit_report.py     the selection audit per group: clean kept, junk dropped (by kind), per source and block part
   report.py           main of slm-curves
   selection_sample.py what the selector keeps in a finished run (notebooks, slm-inspect)
   inspect.py          slm-inspect: a page showing, token by token, what a run keeps

@@ -1,14 +1,14 @@
 """slm-curves: data-efficiency plots and the "tokens, time and FLOPs to reach the baseline" table.
 
 Reads runs (:mod:`slm.analysis.efficiency`), writes the plot (:mod:`slm.analysis.plots`), the
-savings table (:mod:`slm.analysis.savings`) and the selection audit (:mod:`slm.analysis.audit`) beside them."""
+savings table (:mod:`slm.analysis.savings`) and the selection audit (:mod:`slm.analysis.audit_report`) beside them."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from slm.analysis.audit import audit_table, write_audit
+from slm.analysis.audit_report import audit_table, write_audit
 from slm.analysis.efficiency import curves, load_runs
 from slm.analysis.plots import plot
 from slm.analysis.savings import savings_table, write_table

@@ -17,14 +17,15 @@ per pass, run as is (``backend="torch"``) or fused by ``torch.compile`` (``"comp
 default on CUDA, where those passes over float32 logits dominate). No step inside the head waits
 for the device: chunk boundaries come from shapes.
 
-Layout: :mod:`~slm.head.output` (:class:`OutputHead`: the architecture's logits, chunk sizes and
-the backend, chosen in one place), :mod:`~slm.head.passes` (the scoring and training passes),
+Layout: :mod:`~slm.head.output` (:class:`OutputHead`: the architecture's logits and chunk sizes),
+:mod:`~slm.head.backend` (which backend a head runs, chosen in one place), :mod:`~slm.head.passes` (the scoring and training passes),
 :mod:`~slm.head.chunks` (the element-wise chunk math, the ``torch`` backend),
 :mod:`~slm.head.compiled` (the same math through ``torch.compile``), :mod:`~slm.head.matmul`
 (float32-output matrix products), :mod:`~slm.head.fused` (``backend="triton"``: launches and the autograd
 op) over :mod:`~slm.head.kernels` (the Triton scoring and gradient kernels; loaded on first use).
 """
 
+from slm.head.backend import chunk_kernels, resolve_backend
 from slm.head.chunks import grad_chunk, score_chunk
 from slm.head.output import BACKENDS, CHUNK_ELEMENTS, OutputHead
 from slm.head.passes import full_logits_rows_loss, score_rows, selected_rows_loss
@@ -33,8 +34,10 @@ __all__ = [
     "BACKENDS",
     "CHUNK_ELEMENTS",
     "OutputHead",
+    "chunk_kernels",
     "full_logits_rows_loss",
     "grad_chunk",
+    "resolve_backend",
     "score_chunk",
     "score_rows",
     "selected_rows_loss",

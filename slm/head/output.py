@@ -7,8 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from slm.head.chunks import grad_chunk, score_chunk
-from slm.head.compiled import compiled_kernels
 from slm.head.matmul import mm_f32
 
 # Float32 logits per chunk, by device and pass. CPU: 2**22 elements = 16 MiB (131 rows of a 32k
@@ -33,7 +31,7 @@ class OutputHead:
     scale: float = 1.0
     softcap: float | None = None
     chunk_elements: int | None = None  # None: by device and pass, see CHUNK_ELEMENTS
-    backend: str = "auto"  # auto (triton on CUDA when installed, else compiled; torch elsewhere) | torch | ...
+    backend: str = "auto"  # auto | torch | compiled | triton: see slm.head.backend
 
     @property
     def vocab_size(self) -> int:
@@ -67,25 +65,3 @@ class OutputHead:
         if bias is not None:
             z += bias.float()
         return z * self.scale if self.scale != 1.0 else z
-
-    def resolved_backend(self) -> str:
-        """The backend this head runs: ``auto`` is triton on CUDA where Triton is installed and its kernels
-        pass their first-use check (:func:`slm.head.fused.self_check`), else compiled on CUDA (with a warning
-        when the check failed), torch elsewhere; an explicit ``triton`` it cannot run or trust is an error."""
-        from slm.head import fused
-
-        if self.backend not in BACKENDS:
-            raise ValueError(f"head backend must be one of {BACKENDS}, got {self.backend!r}")
-        device = self.weight.device
-        if self.backend == "auto":
-            if device.type == "cuda":
-                return fused.auto_backend(self) if fused.unavailable(device) is None else "compiled"
-            return "torch"
-        if self.backend == "triton":
-            if why := fused.unavailable(device) or fused.self_check(self):
-                raise ValueError(f"head_backend=triton: {why}")
-        return self.backend
-
-    def kernels(self):
-        """The element-wise chunk functions of the torch or compiled backend."""
-        return compiled_kernels() if self.resolved_backend() == "compiled" else (score_chunk, grad_chunk)

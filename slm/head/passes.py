@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from slm.head import fused
+from slm.head.backend import chunk_kernels, resolve_backend
 from slm.head.matmul import addmm_f32_, mm_f32, no_autocast
 from slm.head.output import OutputHead
 
@@ -19,7 +20,7 @@ def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = F
     With ``hits=True`` also returns whether each row's target is the arg-max prediction, and with
     ``entropy=True`` (after it) the entropy of each row's predictive distribution.
     """
-    if head.resolved_backend() == "triton":
+    if resolve_backend(head) == "triton":
         loss, lse, hit, ent = fused.scoring_pass(head, hidden, targets, hits, entropy)
         return (loss, lse) + ((hit,) if hits else ()) + ((ent,) if entropy else ())
     n = hidden.shape[0]
@@ -28,7 +29,7 @@ def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = F
     hit = torch.empty(n, dtype=torch.bool, device=hidden.device) if hits else None
     ent = torch.empty_like(loss) if entropy else None
     dtype = head.compute_dtype()
-    score, _ = head.kernels()
+    score, _ = chunk_kernels(head)
     with no_autocast(hidden.device.type):
         weight = head.weight.to(dtype)
         for i, j in spans(n, head.chunk_rows("score")):
@@ -69,7 +70,7 @@ class _SelectedRowsCE(torch.autograd.Function):
         ctx.head, ctx.defer, ctx.dtype = head, defer, dtype
         ctx.hidden_dtype = hidden.dtype
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        score, grad = head.kernels()
+        score, grad = chunk_kernels(head)
         with no_autocast(hidden.device.type):
             w = weight.to(dtype)
             if defer:
@@ -149,7 +150,7 @@ def _deferred_grads(ctx, grad_sum: Tensor):
     scale = grad_sum.float().expand(hidden.shape[0])
     if row_weight is not None:
         scale = scale * row_weight
-    _, grad = head.kernels()
+    _, grad = chunk_kernels(head)
     with no_autocast(hidden.device.type):
         w = weight.to(dtype)
         for i, j in spans(hidden.shape[0], head.chunk_rows("train")):
@@ -179,7 +180,7 @@ def selected_rows_loss(
         loss = score_rows(head, hidden, targets)[0]
         return (loss.sum() if row_weight is None else (loss * row_weight).sum()), loss
     rw = None if row_weight is None else row_weight.float()
-    if head.resolved_backend() == "triton":
+    if resolve_backend(head) == "triton":
         return fused.FusedRowsCE.apply(hidden, head.weight, head.bias, targets, lse, loss, rw, head)
     defer = head.compute_dtype() == torch.float16
     return _SelectedRowsCE.apply(hidden, head.weight, head.bias, targets, lse, rw, head, defer)

@@ -9,11 +9,11 @@ step_selection.py  what each step trains and by what: ratio over the run, refere
 signals.py      stop requests honoured at the next step boundary
 watchers.py     the Watcher protocol (per-step and per-eval hooks with checkpoint state); early stop on held-out
                 loss, the model outgrowing its reference
-audit.py        a watcher: what selection kept, by what the data says of its tokens (clean, junk kind, source, position)
+selection_audit.py  a watcher: what selection kept, by what the data says of its tokens (clean, junk kind, source, position)
 downstream.py   lm-evaluation-harness tasks at eval points (a watcher)
 """
 
-from slm.train.audit import SelectionAudit, groupings
+from slm.train.selection_audit import SelectionAudit, groupings
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter, candidates, check_blocks
 from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lambda, selects_by

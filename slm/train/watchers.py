@@ -18,7 +18,7 @@ What a watcher sees and what it may change (everything is a no-op by default):
 Here: :class:`EarlyStop` (the held-out loss that ends a run once it stops improving: how ``reference=train``
 trains as far as its text supports) and :class:`OutgrownWatch` (the reference's loss that the training model
 may come to match: excess loss ranks learnable tokens first only while the reference predicts them better
-than the model does). The selection audit (:mod:`slm.train.audit`) and downstream tasks
+than the model does). The selection audit (:mod:`slm.train.selection_audit`) and downstream tasks
 (:mod:`slm.train.downstream`) are watchers too.
 """
 

@@ -42,11 +42,11 @@ def test_bf16_autocast_matches_hf_full_logits(arch, backend):
 def test_the_default_cuda_backend_and_the_float32_output_matmuls_are_the_fast_ones():
     """What the GPU check must not pass by accident: Triton where installed, and both float32-output
     products of bf16 inputs on the device (never float32 GEMMs)."""
-    from slm.head import OutputHead, fused
+    from slm.head import OutputHead, fused, resolve_backend
     from slm.head.matmul import fast_path
 
     head = OutputHead(torch.zeros(8, 8, device="cuda"))
-    assert head.resolved_backend() == ("triton" if fused.unavailable(torch.device("cuda")) is None else "compiled")
+    assert resolve_backend(head) == ("triton" if fused.unavailable(torch.device("cuda")) is None else "compiled")
     a = torch.zeros(4, 4, device="cuda", dtype=torch.bfloat16)
     assert fast_path("mm", a) and fast_path("addmm", a), f"torch {torch.__version__} lacks out_dtype=float32 matmuls"
 

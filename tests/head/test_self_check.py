@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from slm.head import fused
+from slm.head import fused, resolve_backend
 from slm.head.output import OutputHead
 
 pytestmark = pytest.mark.skipif(fused.unavailable(torch.device("cpu")) is not None, reason="Triton is not installed")
@@ -30,7 +30,7 @@ def _head(dtype=torch.float32, bias=False, softcap=None, backend="triton"):
 def test_the_real_kernels_pass_their_first_use_check(dtype, bias, softcap):
     head = _head(dtype, bias, softcap)
     assert fused.self_check(head) is None
-    assert fused.auto_backend(head) == "triton" and head.resolved_backend() == "triton"
+    assert fused.auto_backend(head) == "triton" and resolve_backend(head) == "triton"
 
 
 def _broken_scoring(*args, **kwargs):
@@ -60,7 +60,7 @@ def test_a_failing_check_makes_auto_fall_back_with_one_warning_and_explicit_trit
         warnings.simplefilter("error")  # said once per process, not at every forward
         assert fused.auto_backend(head) == "compiled"
     with pytest.raises(ValueError, match=f"head_backend=triton: .*{said}"):
-        head.resolved_backend()
+        resolve_backend(head)
 
 
 def test_the_check_is_made_once_per_combination(monkeypatch):

@@ -1,6 +1,6 @@
 """The selection audit over whole runs: each group's share of clean tokens kept, of junk dropped (all of
 it and by kind), of each source file and each quarter of the block kept, averaged over its eval points
-and seeds (the runs log them per interval between eval points, see :mod:`slm.train.audit`)."""
+and seeds (the runs log them per interval between eval points, see :mod:`slm.train.selection_audit`)."""
 
 from __future__ import annotations
 
