@@ -18,7 +18,8 @@ default on CUDA, where those passes over float32 logits dominate). No step insid
 for the device: chunk boundaries come from shapes.
 
 Layout: :mod:`~slm.head.output` (:class:`OutputHead`: the architecture's logits and chunk sizes),
-:mod:`~slm.head.backend` (which backend a head runs, chosen in one place), :mod:`~slm.head.passes` (the scoring and training passes),
+:mod:`~slm.head.backend` (which backend a head runs, chosen in one place), :mod:`~slm.head.passes`
+(the scoring and training passes),
 :mod:`~slm.head.chunks` (the element-wise chunk math, the ``torch`` backend),
 :mod:`~slm.head.compiled` (the same math through ``torch.compile``), :mod:`~slm.head.matmul`
 (float32-output matrix products), :mod:`~slm.head.fused` (``backend="triton"``: launches and the autograd

@@ -9,17 +9,18 @@ step_selection.py  what each step trains and by what: ratio over the run, refere
 signals.py      stop requests honoured at the next step boundary
 watchers.py     the Watcher protocol (per-step and per-eval hooks with checkpoint state); early stop on held-out
                 loss, the model outgrowing its reference
-selection_audit.py  a watcher: what selection kept, by what the data says of its tokens (clean, junk kind, source, position)
+selection_audit.py  a watcher: what selection kept, by what the data says of its tokens (clean, junk kind,
+                source, position)
 downstream.py   lm-evaluation-harness tasks at eval points (a watcher)
 """
 
-from slm.train.selection_audit import SelectionAudit, groupings
 from slm.train.batches import BatchStream, fetch, to_device
 from slm.train.block_filter import BlockFilter, candidates, check_blocks
 from slm.train.config import SELECTOR_NAMES, SelectorConfig, TrainConfig, lr_lambda, selects_by
 from slm.train.downstream import DownstreamConfig, DownstreamTasks, harness
 from slm.train.evaluation import answer_accuracy, evaluate
 from slm.train.loop import NonFiniteLoss, RunInterrupted, Trainer, master_weights
+from slm.train.selection_audit import SelectionAudit, groupings
 from slm.train.step_selection import StepSelection
 from slm.train.watchers import WHEN_OUTGROWN, EarlyStop, OutgrownWatch, Watcher
 
