@@ -122,7 +122,8 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     quality = reference_quality(ref)
     if quality:
         log.info("reference quality: %s", describe_quality(quality))
-    outgrown = _outgrown_watch(settings, data, acc, ref)
+    earlier = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None  # every process reads it
+    outgrown = _outgrown_watch(settings, data, acc, ref, (earlier or {}).get("reference_eval_loss"))
 
     selector = sel.selects_by(settings.reference.kind)
     schedule = ratio_schedule(sel.token_ratio(settings.reference.kind))
@@ -208,19 +209,23 @@ def _passes(settings: RunSettings, acc, n_rows: int) -> float:
     return passes
 
 
-def _outgrown_watch(settings: RunSettings, data, acc, ref: RefSource) -> OutgrownWatch | None:
+def _outgrown_watch(
+    settings: RunSettings, data, acc, ref: RefSource, recorded: dict | None = None
+) -> OutgrownWatch | None:
     """Watch the model's eval loss against its reference's on the first eval set, for a run whose selection
-    ranks by the reference (None otherwise, or when the reference's eval loss cannot be had)."""
+    ranks by the reference (None otherwise, or when the reference's eval loss cannot be had). ``recorded``: on a
+    resume, the loss the run recorded at its start (run_info.json): the watch goes on against that level,
+    whether or not the reference's weights and cache are still at hand."""
     sel = settings.selector
     needs = sel.needs()
     if not (sel.selects and (needs["loss"] or needs["entropy"])) or ref.kind == "none":
         return None
-    losses = run_reference_eval(settings, data, acc, ref)
+    losses = recorded or run_reference_eval(settings, data, acc, ref)
     if not losses:
         why = "an evolving reference" if ref.evolve_every else "its weights are not on this machine"
         log.info("reference: its eval loss is unknown (%s): the run cannot tell when the model outgrows it", why)
         return None
-    name = next(iter(data.eval_sets))
+    name = next(iter(losses)) if recorded else next(iter(data.eval_sets))
     log.info(
         "reference: its loss on %s is %.4f; once the model's reaches it, selector.when_outgrown=%s",
         name,

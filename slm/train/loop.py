@@ -142,6 +142,7 @@ class Trainer:
             len(train_ds), per_micro_batch, accelerator.num_processes, accelerator.process_index, cfg.seed
         )
         self.step, self.tokens_seen, self.tokens_selected = 0, 0, 0
+        self.selection_off_step: int | None = None  # the eval step from which every token trains (a watcher's call)
         self.train_time, self.flops = 0.0, 0.0  # seconds inside training steps; estimated FLOPs (slm.flops)
         self.signals = StopSignals()
 
@@ -158,6 +159,7 @@ class Trainer:
             "train_time_s": self.train_time,
             "flops": self.flops,
             "selector_rng": self.selective.generator.get_state().tolist(),
+            "selection_off_step": self.selection_off_step,
             **{w.key: w.state(self) for w in self.watchers if w.key},
             **self.engine.checkpoint_info,
         }
@@ -229,6 +231,7 @@ class Trainer:
         self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
         self.train_time, self.flops = state.get("train_time_s", 0.0), state.get("flops", 0.0)
         self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
+        self.selection_off_step = state.get("selection_off_step")
         for w in self.watchers:
             if w.key:
                 w.load(state.get(w.key), self)
@@ -279,7 +282,10 @@ class Trainer:
         included) and how many tokens they hold; the audit counts what they hold here."""
         cfg = self.cfg
         rows = [self.stream.indices(self.step * cfg.grad_accum + m) for m in range(cfg.grad_accum)]
-        batches = [{**fetch(self.train_ds, idx), **self.ref.stored(idx)} for idx in rows]
+        if self.blocks is not None and self.selection_off:  # the first blocks train unscored: the rest go unread
+            rows = [idx[: self.blocks.batch_size] for idx in rows]
+        selecting = not self.selection_off  # once off, the reference's stored values are not needed either
+        batches = [{**fetch(self.train_ds, idx), **(self.ref.stored(idx) if selecting else {})} for idx in rows]
         candidates = sum(int(b["attention_mask"].sum()) for b in batches)  # every token this step reads
         for b in batches:  # every token read, the dropped blocks' included
             for w in self.watchers:
@@ -291,15 +297,15 @@ class Trainer:
         step's count (one reduce), each forward's own read, and its end-of-step reduce."""
         cfg, engine = self.cfg, self.engine
         selecting = not self.selection_off
-        if self.blocks is not None:  # sequence-level selection: the best blocks of each micro-batch train
-            batches = [self.blocks.keep(b, engine, self.ref) if selecting else self.blocks.first(b) for b in batches]
+        if self.blocks is not None and selecting:  # sequence-level selection: the best blocks of each micro-batch
+            batches = [self.blocks.keep(b, engine, self.ref) for b in batches]
         ratio = self.schedule.at(self.step, cfg.max_steps) if selecting else 1.0
         n_step, n_trained_on, n_valid, n_tok = self._step_count(batches, ratio, candidates)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
         for m, batch in enumerate(batches):
             batch = to_device(batch, self.acc.device)
-            ref = self.ref.values(batch)
+            ref = self.ref.values(batch) if selecting else {}  # selection off for good: the reference rests
             with engine.micro_step(last=m == cfg.grad_accum - 1):
                 with engine.autocast():
                     try:
@@ -348,11 +354,13 @@ class Trainer:
         self.step += 1
         self.tokens_seen += n_tok
         self.tokens_selected += n_step
-        scoring_forward = n_tok if self.blocks is not None and self.blocks.forwards else 0
+        scoring = selecting and self.blocks is not None
+        scoring_forward = n_tok if scoring and self.blocks.forwards else 0
         # a live reference reads the candidates when the block score asks it, then the kept blocks again
-        asked = n_tok if self.blocks is not None and self.blocks.score != "train_loss" else 0
+        asked = n_tok if scoring and self.blocks.score != "train_loss" else 0
+        reference_tokens = n_trained_on + asked if selecting else 0
         self.flops += self.flop_model.step(
-            n_trained_on, n_valid if ratio < 1.0 else 0, n_step, scoring_forward, reference_tokens=n_trained_on + asked
+            n_trained_on, n_valid if ratio < 1.0 else 0, n_step, scoring_forward, reference_tokens=reference_tokens
         )
         if self.ref.maybe_evolve(self.step, self.selective.model):
             log.info("reference: refreshed from the training model at step %d", self.step)
@@ -379,8 +387,9 @@ class Trainer:
 
     @property
     def selection_off(self) -> bool:
-        """Whether a watcher has turned selection off for good (every token trains from now on)."""
-        return any(w.selection_off for w in self.watchers)
+        """Whether selection is off for good (every token trains from now on): a watcher turned it off, in this
+        launch or before a resume (the checkpoint holds the step, whether or not that watcher is here now)."""
+        return self.selection_off_step is not None or any(w.selection_off for w in self.watchers)
 
     @property
     def _stopped_early(self) -> bool:
@@ -409,6 +418,8 @@ class Trainer:
         for w in self.watchers:
             if sets or w.due(self.step):
                 res.update(w.at_eval(self, dict(res)))
+        if self.selection_off and self.selection_off_step is None:
+            self.selection_off_step = self.step
         if res:
             self.tracker.log(self._event(**res))
         return res
@@ -463,8 +474,10 @@ class Trainer:
                     self.save_checkpoint()
         self.save_checkpoint()
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected}
+        if self.selection_off_step is not None:
+            result["selection_off_step"] = self.selection_off_step
         for w in self.watchers:
             result.update(w.result())
-        if "best_step" in result:  # the weights kept are the best eval's: report its numbers
-            last_eval = self._logged_eval(result["best_step"]) or last_eval
+        if result.get("best_step"):  # the weights kept are the best eval's: report its numbers (at step 0, where
+            last_eval = self._logged_eval(result["best_step"]) or last_eval  # nothing beat it, the final ones)
         return {**result, **last_eval}

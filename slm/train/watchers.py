@@ -75,7 +75,8 @@ def check_outgrown(remedy: str, margin: float) -> None:
 class EarlyStop(Watcher):
     """Stop once ``eval/<watch>/loss`` has not fallen by more than ``min_delta`` for ``patience`` evals
     in a row; the run keeps the weights of its best eval (``on_best()`` is called at each new best after
-    step 0, to save them) and reports that eval's numbers."""
+    step 0, to save them) and reports that eval's numbers. Where no eval beats step 0, the run keeps (and
+    reports) its final weights: never its starting ones."""
 
     key = "early_stop"
 

@@ -5,6 +5,8 @@ keeps the best weights."""
 
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,129 @@ def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_
     assert _plain_eval_loss(where / "model", heldout) == pytest.approx(best, rel=1e-5)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_quality"]
     assert (info["steps"], info["trained_steps"]) == (best_step, stopped)
+
+
+def _interrupt_at_step_3(monkeypatch, run):
+    from slm.train import RunInterrupted, Trainer
+
+    real = Trainer.train_step
+
+    def ctrl_c_in_step_3(self):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_3)
+    with pytest.raises(RunInterrupted):
+        run()
+    monkeypatch.setattr(Trainer, "train_step", real)
+
+
+@pytest.mark.parametrize("record", ["kept", "lost"])
+def test_the_switch_holds_on_a_resume_that_cannot_find_the_reference_eval_loss(tmp_path, monkeypatch, record):
+    """Issue 37 item 7: the reference's eval loss cached nowhere and its weights moved before the resume. The
+    resumed run keeps training every token from the switch on and reports it, as the uninterrupted run does;
+    ``lost``: even the run's own record of that loss is gone (no watch can be built on resume)."""
+    from slm.cli import score
+
+    store = score(compose_train(tmp_path / "c", *WEAK[:2], config_name="score"))
+    stored = ("selector.ratio=0.5", "selector.when_outgrown=all", "reference=stored", f"reference.scores_dir={store}",
+              "trainer.checkpoint_every=100", "trainer.eval_every=2")  # fmt: skip
+    whole = train(compose_train(tmp_path / "c", *stored), tmp_path / "whole")
+    assert whole["outgrown_step"] == 2  # before the cut, in step 3
+    _interrupt_at_step_3(monkeypatch, lambda: train(compose_train(tmp_path / "c", *stored), tmp_path / "cut"))
+    for cached in (tmp_path / "c" / "reference_eval").glob("*.json"):
+        cached.unlink()
+    model = _reference_dir(tmp_path / "c") / "model"
+    model.rename(model.with_name("moved"))
+    if record == "lost":
+        info = json.loads((tmp_path / "cut" / "run_info.json").read_text())
+        (tmp_path / "cut" / "run_info.json").write_text(json.dumps({**info, "reference_eval_loss": None}))
+    resumed = train(compose_train(tmp_path / "c", *stored, "trainer.resume=true"), tmp_path / "cut")
+    assert _events(tmp_path / "cut", "train/ratio") == _events(tmp_path / "whole", "train/ratio")
+    assert _events(tmp_path / "cut", "tokens_selected") == _events(tmp_path / "whole", "tokens_selected")
+    assert resumed["tokens_selected"] == whole["tokens_selected"]
+    assert resumed["selection_off_step"] == whole["selection_off_step"] == 2
+    if record == "kept":  # the watch goes on against the level the run recorded at its start
+        assert json.loads((tmp_path / "cut" / "result.json").read_text())["outgrown_step"] == 2
+
+
+def _per_step(run: Path, key: str) -> dict[int, float]:
+    """The increase of a counter over each logged training step."""
+    values = {e["step"]: e[key] for e in read_metrics(run) if "train/loss" in e}
+    return {s: values[s] - values.get(s - 1, 0) for s in sorted(values) if s - 1 in values}
+
+
+def test_after_the_switch_block_selection_charges_and_counts_only_what_runs(tmp_path):
+    """Issue 37 item 5: once selection is off, a block-selection run takes its first blocks unscored: no scoring
+    forward is charged, the candidates it never looks at are neither read (tokens_seen) nor dropped (audit).
+    Its steps then cost and count what a baseline's steps do."""
+    blocks = ("selector.blocks=0.5", "trainer.max_steps=12", "trainer.eval_every=2")
+    run = train(compose_train(tmp_path / "c", *WEAK, *blocks), tmp_path / "blocks")
+    switch = run["outgrown_step"]
+    assert 0 < switch < 10
+    train(compose_train(tmp_path / "c", *WEAK, "selector=all", "trainer.max_steps=12", "trainer.eval_every=2"),
+          tmp_path / "base")  # fmt: skip
+    for key in ("flops", "tokens_seen", "tokens_selected"):
+        mine, base = _per_step(tmp_path / "blocks", key), _per_step(tmp_path / "base", key)
+        after = [s for s in mine if s > switch]
+        assert after and [mine[s] for s in after] == pytest.approx([base[s] for s in after], rel=1e-12), key
+        if key != "tokens_selected":
+            assert mine[switch] > base[switch], key  # before it: candidates read and scored
+    audits = {e["step"]: e for e in read_metrics(tmp_path / "blocks") if "audit/junk_dropped" in e}
+    assert [audits[s]["audit/junk_dropped"] for s in audits if s > switch + 1] == [0.0] * len(
+        [s for s in audits if s > switch + 1]
+    )
+
+
+def test_after_the_switch_a_live_reference_no_longer_runs(tmp_path, monkeypatch):
+    """Issue 37 item 6: once selection is off for good, the live reference's forward is skipped (not run, not
+    charged): its steps cost what a baseline's do."""
+    from slm.reference import RefSource
+    from slm.train import Trainer
+
+    train(compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=1"), tmp_path / "first")  # trains the reference
+    live = ("reference=live", f"reference.path={_reference_dir(tmp_path / 'c') / 'model'}", *WEAK[2:],
+            "trainer.max_steps=10", "trainer.eval_every=2")  # fmt: skip
+    at, calls = [0], []
+    real_values, real_on = RefSource.values, Trainer.train_on
+
+    def values(self, batch):
+        out = real_values(self, batch)
+        calls.append((at[0], bool(out)))
+        return out
+
+    def train_on(self, *a, **k):
+        at[0] = self.step + 1
+        return real_on(self, *a, **k)
+
+    monkeypatch.setattr(RefSource, "values", values)
+    monkeypatch.setattr(Trainer, "train_on", train_on)
+    run = train(compose_train(tmp_path / "c", *live), tmp_path / "live")
+    switch = run["outgrown_step"]
+    assert 0 < switch < 8
+    ran = {step for step, used in calls if used}
+    assert ran == set(range(1, switch + 1))  # every step up to the switch, none after it
+    monkeypatch.undo()
+    train(compose_train(tmp_path / "c", "reference=none", "selector=all", "trainer.max_steps=10",
+                        "trainer.eval_every=2"), tmp_path / "base")  # fmt: skip
+    mine, base = _per_step(tmp_path / "live", "flops"), _per_step(tmp_path / "base", "flops")
+    after = [s for s in mine if s > switch]
+    assert after and [mine[s] for s in after] == pytest.approx([base[s] for s in after], rel=1e-12)
+    assert mine[switch] > base[switch]  # the reference's forward, before
+
+
+def test_a_reference_that_never_beats_step_0_reports_the_weights_it_keeps(tmp_path):
+    """Issue 37 item 8: with reference.converge, when no eval beats step 0 by min_delta, the final weights are
+    kept: the quality every run reports is theirs, not step 0's."""
+    never = ("reference.converge.holdout=0.1", "reference.converge.patience=2", "reference.converge.min_delta=100",
+             "reference.trainer.max_steps=50", "reference.trainer.eval_every=2")  # fmt: skip
+    train(compose_train(tmp_path / "c", *never, "trainer.max_steps=1"), tmp_path / "run")
+    where = _reference_dir(tmp_path / "c")
+    result = json.loads((where / "result.json").read_text())
+    assert (result["best_step"], result["step"], result["stopped_early"]) == (0, 4, True)
+    quality = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_quality"]
+    data = build(validate(compose_train(tmp_path / "c", *never)).data)
+    kept = _plain_eval_loss(where / "model", data.eval_sets["validation"])
+    assert quality["eval/validation/loss"] == pytest.approx(kept, abs=1e-4)  # rounded to 4 decimals
+    assert quality["steps"] == 4 and "trained_steps" not in quality

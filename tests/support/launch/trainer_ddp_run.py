@@ -15,21 +15,27 @@ from test_hf_trainer import args, collator, dataset  # noqa: E402
 from slm import SelectiveTrainer  # noqa: E402
 from slm.selection import NonFiniteScores  # noqa: E402
 
-out, per_device_batch = Path(sys.argv[1]), int(sys.argv[2])
-nan = sys.argv[3:] == ["nan"]
-ds, tok = dataset(n=32, with_mask=not nan)
-kw = {}
-if nan:  # process 1's copy of the data has NaN reference losses: it must not stop alone
-    bad = float("nan") if os.environ.get("RANK") == "1" else 0.0
-    ds = ds.map(lambda row: {"ref_loss": [bad] * len(row["input_ids"])})
-    kw = dict(selection_ratio=0.5)
-model = tiny_model("llama", vocab=len(tok))
-sgd = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
-trainer = SelectiveTrainer(model, args(out, per_device_train_batch_size=per_device_batch, max_steps=4, **sgd),
-                           train_dataset=ds, data_collator=collator(tok), **kw)  # fmt: skip
-try:
-    trainer.train()
-except NonFiniteScores as e:
-    print(f"rank {trainer.args.process_index} raised: {e}", flush=True)
-    os._exit(3)
-save_and_exit(out, model)
+
+def main() -> None:
+    out, per_device_batch = Path(sys.argv[1]), int(sys.argv[2])
+    nan = sys.argv[3:] == ["nan"]
+    ds, tok = dataset(n=32, with_mask=not nan)
+    kw = {}
+    if nan:  # process 1's copy of the data has NaN reference losses: it must not stop alone
+        bad = float("nan") if os.environ.get("RANK") == "1" else 0.0
+        ds = ds.map(lambda row: {"ref_loss": [bad] * len(row["input_ids"])})
+        kw = dict(selection_ratio=0.5)
+    model = tiny_model("llama", vocab=len(tok))
+    sgd = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+    trainer = SelectiveTrainer(model, args(out, per_device_train_batch_size=per_device_batch, max_steps=4, **sgd),
+                               train_dataset=ds, data_collator=collator(tok), **kw)  # fmt: skip
+    try:
+        trainer.train()
+    except NonFiniteScores as e:
+        print(f"rank {trainer.args.process_index} raised: {e}", flush=True)
+        os._exit(3)
+    save_and_exit(out, model)
+
+
+if __name__ == "__main__":  # a launch, not an import (collected or imported by mistake, it would run)
+    main()

@@ -13,7 +13,13 @@ from test_trl_trainer import _grpo  # noqa: E402
 
 from slm.trl_trainer import SelectiveGRPOTrainer  # noqa: E402
 
-out = Path(sys.argv[1])
-cls = trl.GRPOTrainer if sys.argv[2:] == ["trl"] else SelectiveGRPOTrainer
-logged, model = _grpo(out.parent, cls, out.name, per_device_train_batch_size=2)
-save_and_exit(out, model, logged)
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cls = trl.GRPOTrainer if sys.argv[2:] == ["trl"] else SelectiveGRPOTrainer
+    logged, model = _grpo(out.parent, cls, out.name, per_device_train_batch_size=2)
+    save_and_exit(out, model, logged)
+
+
+if __name__ == "__main__":  # a launch, not an import (collected or imported by mistake, it would run)
+    main()

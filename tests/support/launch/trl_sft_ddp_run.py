@@ -16,16 +16,22 @@ from test_trl_trainer import _data  # noqa: E402
 from slm.data import builtin_tokenizer  # noqa: E402
 from slm.trl_trainer import SelectiveSFTTrainer  # noqa: E402
 
-out, per_device_batch, ratio = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-theirs = sys.argv[4:] == ["trl"]
-tok = builtin_tokenizer()
-model = tiny_model("llama", seed=3, vocab=len(tok))
-args = trl.SFTConfig(
-    output_dir=str(out), max_steps=4, per_device_train_batch_size=per_device_batch, optim="sgd", learning_rate=0.5,
-    max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
-)  # fmt: skip
-selection = {} if theirs else dict(selection_ratio=ratio, selector="train_loss", scope="sequence")
-cls = trl.SFTTrainer if theirs else SelectiveSFTTrainer
-trainer = cls(model=model, args=args, train_dataset=_data("completion"), processing_class=tok, **selection)
-trainer.train()
-save_and_exit(out, model, [e for e in trainer.state.log_history if "loss" in e])
+
+def main() -> None:
+    out, per_device_batch, ratio = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+    theirs = sys.argv[4:] == ["trl"]
+    tok = builtin_tokenizer()
+    model = tiny_model("llama", seed=3, vocab=len(tok))
+    args = trl.SFTConfig(
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=per_device_batch, optim="sgd", learning_rate=0.5,
+        max_grad_norm=0.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, bf16=False,
+    )  # fmt: skip
+    selection = {} if theirs else dict(selection_ratio=ratio, selector="train_loss", scope="sequence")
+    cls = trl.SFTTrainer if theirs else SelectiveSFTTrainer
+    trainer = cls(model=model, args=args, train_dataset=_data("completion"), processing_class=tok, **selection)
+    trainer.train()
+    save_and_exit(out, model, [e for e in trainer.state.log_history if "loss" in e])
+
+
+if __name__ == "__main__":  # a launch, not an import (collected or imported by mistake, it would run)
+    main()
