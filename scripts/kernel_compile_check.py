@@ -15,7 +15,7 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)  # interpreted kernels cannot be compiled
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's own default, said explicitly (no warning)
 
-from slm.bench.kernel_resources import ARCHS, cases, compile_case, supported_archs, table  # noqa: E402
+from slm.bench.kernel_resources import ARCHS, compile_case, kernel_cases, resources_table, supported_archs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,24 +23,26 @@ def main(argv=None) -> int:
     p.add_argument("--full", action="store_true", help="every flag set, every dtype, every target this Triton has")
     p.add_argument("--arch", type=int, action="append", help="compute capability: 80, 90, 100 (repeatable)")
     p.add_argument("--dtype", action="append", choices=("bf16", "fp16", "fp32"), help="compute dtypes (repeatable)")
-    p.add_argument("--out", help="also write the table (Markdown) here")
+    p.add_argument("--out", help="also write the resources_table (Markdown) here")
     args = p.parse_args(argv)
     archs = args.arch or (supported_archs() if args.full else [80, 90])
     dtypes = tuple(args.dtype or (("bf16", "fp16", "fp32") if args.full else ("bf16",)))
-    todo = cases(tuple(archs), dtypes, full=args.full)
-    print(f"kernel compile check: {len(todo)} cases ({', '.join(ARCHS[a] for a in archs)})", flush=True)
+    todo = kernel_cases(tuple(archs), dtypes, full=args.full)
+    print(f"kernel compile check: {len(todo)} kernel_cases ({', '.join(ARCHS[a] for a in archs)})", flush=True)
     results = []
     for i, case in enumerate(todo, 1):
         results.append(compile_case(case))
         if results[-1].problem:
             print(f"  [{i}/{len(todo)}] {case.label}: {results[-1].problem}", flush=True)
-    text = table(results)
+    text = resources_table(results)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     failed = [r for r in results if r.problem]
-    print(f"\n{len(results) - len(failed)} of {len(results)} cases compile within shared memory and spill nothing")
+    print(
+        f"\n{len(results) - len(failed)} of {len(results)} kernel_cases compile within shared memory and spill nothing"
+    )
     return 1 if failed else 0
 
 

@@ -12,8 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DataCollatorForLangua
 
 from slm import SelectiveTrainer
 from slm.data import CorpusConfig, builtin_tokenizer
-from slm.data.builtin import generate
-from slm.hf_trainer import SelectiveDataCollator
+from slm.data.builtin import arithmetic_documents
+from slm.trainers import SelectiveDataCollator
 
 out = sys.argv[1] if len(sys.argv) > 1 else "outputs/trainer_example"
 tok = builtin_tokenizer()  # on a real setup: AutoTokenizer.from_pretrained("microsoft/phi-2")
@@ -30,7 +30,7 @@ def with_loss_mask(doc):
     return {"input_ids": enc["input_ids"], "loss_mask": loss_mask}
 
 
-docs = Dataset.from_list(generate(CorpusConfig(n_val_docs=400), "validation"))
+docs = Dataset.from_list(arithmetic_documents(CorpusConfig(n_val_docs=400), "validation"))
 ds = docs.map(with_loss_mask, remove_columns=docs.column_names).train_test_split(test_size=0.1, seed=0)
 
 trainer = SelectiveTrainer(

@@ -33,7 +33,7 @@ def _case(args) -> dict:
     from datasets import Dataset
 
     from slm.data import builtin_tokenizer
-    from slm.trl_trainer import SelectiveSFTTrainer
+    from slm.trainers import SelectiveSFTTrainer
 
     which, ratio = CASES[args.case]
     if which.endswith("grpo"):
@@ -88,7 +88,7 @@ def _grpo_case(args, which: str, quantile: float) -> dict:
     from datasets import Dataset
 
     from slm.data import builtin_tokenizer
-    from slm.trl_trainer import SelectiveGRPOTrainer
+    from slm.trainers import SelectiveGRPOTrainer
 
     model = _model(args)
     cls = SelectiveGRPOTrainer if which == "slm-grpo" else trl.GRPOTrainer

@@ -13,8 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from trl import SFTConfig
 
 from slm.data import CorpusConfig, builtin_tokenizer
-from slm.data.builtin import generate
-from slm.trl_trainer import SelectiveSFTTrainer
+from slm.data.builtin import arithmetic_documents
+from slm.trainers import SelectiveSFTTrainer
 
 out = sys.argv[1] if len(sys.argv) > 1 else "outputs/trl_sft_example"
 tok = builtin_tokenizer()  # on a real setup: AutoTokenizer.from_pretrained("Qwen/Qwen2.5-0.5B-Instruct")
@@ -30,7 +30,7 @@ def prompt_completion(doc):
     return {"prompt": doc["text"][:start], "completion": doc["text"][start:]}
 
 
-docs = Dataset.from_list(generate(CorpusConfig(n_val_docs=400), "validation"))
+docs = Dataset.from_list(arithmetic_documents(CorpusConfig(n_val_docs=400), "validation"))
 ds = docs.map(prompt_completion, remove_columns=docs.column_names).train_test_split(test_size=0.1, seed=0)
 
 trainer = SelectiveSFTTrainer(

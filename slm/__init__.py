@@ -21,7 +21,7 @@ _LAZY = {
     "SelectiveLM": "slm.model",
     "SelectiveOutput": "slm.model",
     "token_losses": "slm.model",
-    "SelectiveTrainer": "slm.hf_trainer",
+    "SelectiveTrainer": "slm.trainers",
 }
 
 __all__ = [

@@ -12,7 +12,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 import slm
 from slm import SelectiveTrainer
 from slm.data import builtin_tokenizer
-from slm.hf_trainer import SelectiveDataCollator
+from slm.trainers import SelectiveDataCollator
 
 
 class MaskedLossTrainer(Trainer):

@@ -18,8 +18,9 @@ ALLOWED = {
     "runs": set(),
     "model": {"head", "selection"},
     "parallel": {"model"},
-    "hf_trainer": {"model", "selection"},
-    "trl_trainer": {"hf_trainer", "model", "selection", "reference"},
+    "trainers": {"model", "selection", "reference"},
+    "hf_trainer": {"trainers"},  # deprecated paths, re-exporting slm.trainers for one release
+    "trl_trainer": {"trainers"},
     "bench": {"head", "model", "selection"},
     "reference": {"data", "model", "parallel"},
     "train": {"model", "parallel", "reference", "runs", "selection"},
@@ -30,8 +31,9 @@ ALLOWED = {
 }
 HYDRA = {"hydra", "omegaconf"}
 # Imported inside functions on purpose: optional dependencies, each loaded only where it is used.
-# The head's Triton kernels (slm.head.fused and slm.head.kernels bring in triton) load on first use.
-OPTIONAL_SLM = {"slm.head.fused", "slm.head.kernels"}
+# The head's Triton kernels (slm.head.fused and slm.head.kernels bring in triton) load on first use; TRL on
+# first use of the TRL trainers.
+OPTIONAL_SLM = {"slm.head.fused", "slm.head.kernels", "slm.trainers.trl_integration"}
 
 
 def package_of(path: Path, root: Path = SLM) -> str:
@@ -185,3 +187,13 @@ def test_an_injected_circle_inside_a_package_is_caught(tmp_path):
     assert circles(module_graph(fake)) == ["slm.head.output -> slm.head.fused -> slm.head.output"]
     (fake / "head" / "output.py").write_text("X = 1\n")
     assert circles(module_graph(fake)) == []
+
+
+def test_no_two_public_functions_or_classes_share_a_name():
+    """A name says one thing across slm (``main``, each command's entry point, excepted)."""
+    names: dict[str, list[str]] = {}
+    for path in SLM.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                names.setdefault(node.name, []).append(str(path.relative_to(SLM.parent)))
+    assert {k: v for k, v in names.items() if len(v) > 1 and k != "main"} == {}

@@ -54,3 +54,17 @@ def test_python_dash_m_runs_the_command(module, expect):
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert expect in done.stdout
+
+
+@pytest.mark.parametrize(
+    "old, names",
+    [("slm.hf_trainer", ["SelectiveTrainer", "SelectiveDataCollator"]),
+     ("slm.trl_trainer", ["SelectiveSFTTrainer", "SelectiveGRPOTrainer"])],
+)  # fmt: skip
+def test_the_old_trainer_paths_import_the_same_classes_with_a_deprecation_warning(old, names):
+    """The integrations moved to slm.trainers; their documented paths keep working for one release."""
+    same = f"import {old} as old, slm.trainers as new; assert all(getattr(old, n) is getattr(new, n) for n in {names})"
+    assert subprocess.run([sys.executable, "-c", same], capture_output=True, text=True).returncode == 0
+    strict = f"import warnings; warnings.simplefilter('error', DeprecationWarning); import {old}"
+    done = subprocess.run([sys.executable, "-c", strict], capture_output=True, text=True)
+    assert done.returncode != 0 and f"{old} moved to slm.trainers" in done.stderr

@@ -15,7 +15,7 @@ from slm.data import builtin_tokenizer
 from slm.model import shifted_valid
 
 trl = pytest.importorskip("trl")
-from slm.trl_trainer import SelectiveSFTTrainer  # noqa: E402
+from slm.trainers import SelectiveSFTTrainer  # noqa: E402
 
 CHAT = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<eos>"
@@ -169,7 +169,7 @@ def _grpo(tmp_path, cls, name: str, loss_type: str = "dapo", per_device_train_ba
 def test_grpo_top_entropy_tokens_equal_trl(tmp_path, loss_type):
     """The same completions (sampled on CPU), the same tokens kept, the same loss, gradients and weights as
     TRL's GRPOTrainer with top_entropy_quantile=0.2, while only those tokens run the gradient-carrying head."""
-    from slm.trl_trainer import SelectiveGRPOTrainer
+    from slm.trainers import SelectiveGRPOTrainer
 
     ours, a = _grpo(tmp_path, SelectiveGRPOTrainer, "ours", loss_type=loss_type)
     theirs, b = _grpo(tmp_path, trl.GRPOTrainer, "trl", loss_type=loss_type)
@@ -223,7 +223,7 @@ class _PlainSelectedGRPO(trl.GRPOTrainer):
 def test_grpo_tokens_ranked_by_an_slm_score_equal_trl_with_that_mask(tmp_path, selector, scope):
     """Any slm score at any scope: the same completions, the same tokens kept, the same loss, gradients and
     weights as TRL's own GRPO with full logits whose loss mask is that rule applied to TRL's own log-probs."""
-    from slm.trl_trainer import SelectiveGRPOTrainer
+    from slm.trainers import SelectiveGRPOTrainer
 
     extra = {}
     if selector == "excess_loss":
@@ -241,7 +241,7 @@ def test_grpo_tokens_ranked_by_an_slm_score_equal_trl_with_that_mask(tmp_path, s
 
 
 def test_grpo_selector_settings_are_checked():
-    from slm.trl_trainer import SelectiveGRPOTrainer
+    from slm.trainers import SelectiveGRPOTrainer
 
     with pytest.raises(ValueError, match="selector must be one of"):
         SelectiveGRPOTrainer(model=None, selector="union")

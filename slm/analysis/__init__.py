@@ -1,7 +1,7 @@
 """Reading runs: data-efficiency curves, savings against the baseline, plots, what a run kept. Imports
 slm.data, slm.model, slm.reference, slm.runs and slm.selection; never the training loop, so slm-curves stays light.
 
-  efficiency.py       Run, Curve, load_runs, curves (grouped by settings, paired by seed), tokens_to_reach
+  efficiency.py       RunRecord, Curve, load_runs, curves (grouped by settings, paired by seed), tokens_to_reach
   savings.py          the table: baseline's tokens, time and FLOPs each group needs to reach its loss
   plots.py            the figure: loss (and accuracy) against tokens, time and FLOPs
   tables.py           a table of rows written as CSV and Markdown (the savings table, the audit)
@@ -11,7 +11,7 @@ slm.data, slm.model, slm.reference, slm.runs and slm.selection; never the traini
   inspect.py          slm-inspect: a page showing, token by token, what a run keeps
 """
 
-from slm.analysis.efficiency import Curve, Run, curves, load_runs, tokens_to_reach
+from slm.analysis.efficiency import Curve, RunRecord, curves, load_runs, tokens_to_reach
 from slm.analysis.plots import plot
 from slm.analysis.report import main
 from slm.analysis.savings import savings_table, write_table
@@ -19,7 +19,7 @@ from slm.analysis.selection_sample import SelectionSample, highlight_html, selec
 
 __all__ = [
     "Curve",
-    "Run",
+    "RunRecord",
     "SelectionSample",
     "curves",
     "highlight_html",

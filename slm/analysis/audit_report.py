@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slm.analysis.efficiency import Run, curves
+from slm.analysis.efficiency import RunRecord, curves
 from slm.analysis.tables import write_rows
 
 LABELS = {  # metric prefix -> how the table names it
@@ -20,7 +20,7 @@ LABELS = {  # metric prefix -> how the table names it
 }
 
 
-def describe(key: str) -> str:
+def audit_label(key: str) -> str:
     prefix = next(p for p in LABELS if key.startswith(p))
     return LABELS[prefix] + key[len(prefix) :]
 
@@ -30,14 +30,14 @@ def _order(key: str) -> tuple:
     return (prefix, key)
 
 
-def audit_table(runs: list[Run], metric: str = "eval/loss") -> list[dict]:
+def audit_table(runs: list[RunRecord], metric: str = "eval/loss") -> list[dict]:
     """One row per audit metric the runs logged, one column per group (labelled as in the savings table):
     the metric's mean over each run's eval points, then over the group's runs."""
     keys = sorted({k for r in runs for e in r.events for k in e if k.startswith("audit/")}, key=_order)
     groups = curves(runs, metric)
     rows = []
     for k in keys:
-        row = {"audit": describe(k)}
+        row = {"audit": audit_label(k)}
         for c in groups:
             per_run = [np.mean(v) for r in c.runs if (v := [e[k] for e in r.events if k in e])]
             row[c.group] = float(np.mean(per_run)) if per_run else None

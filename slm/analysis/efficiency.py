@@ -59,7 +59,7 @@ def _experiment_key(key: str) -> bool:
 
 
 @dataclass
-class Run:
+class RunRecord:
     path: str
     info: dict  # selector, ratio, reference, seed, experiment, status
     events: list[dict]
@@ -134,7 +134,7 @@ class Curve:
 
     group: str
     is_baseline: bool
-    runs: list[Run] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
     x: dict = field(default_factory=dict)  # axis -> array
     mean: np.ndarray | None = None
     lo: np.ndarray | None = None
@@ -191,7 +191,7 @@ def newest_sweep(files: list[Path], root: Path) -> tuple[list[Path], list[Path]]
     return [f for f in files if sweep_of(f.parent, root) in (newest, None)], sweeps[:-1]
 
 
-def load_runs(paths: list[str], skipped: list | None = None) -> list[Run]:
+def load_runs(paths: list[str], skipped: list | None = None) -> list[RunRecord]:
     """Every run under ``paths`` (run folders, sweep folders, folders of sweeps: the newest sweep of each;
     ``skipped`` collects the sweep folders passed over), or a W&B project (``wandb:ENTITY/PROJECT[/GROUP]``)."""
     runs = []
@@ -218,7 +218,7 @@ def load_runs(paths: list[str], skipped: list | None = None) -> list[Run]:
             max_steps = config.get("trainer.max_steps")
             sweep = sweep_of(run_dir, root)
             runs.append(
-                Run(
+                RunRecord(
                     str(run_dir),
                     info,
                     read_metrics(f),
@@ -245,7 +245,7 @@ def _config(run_dir: Path) -> dict:
         return {}
 
 
-def _wandb_runs(spec: str) -> list[Run]:
+def _wandb_runs(spec: str) -> list[RunRecord]:
     import wandb
 
     parts = spec.split("/")
@@ -259,15 +259,15 @@ def _wandb_runs(spec: str) -> list[Run]:
             "reference": cfg.get("reference.kind"),
             "seed": cfg.get("seed"),
         }
-        out.append(Run(f"wandb:{r.path}", info, [dict(row) for row in r.scan_history()], config=cfg))
+        out.append(RunRecord(f"wandb:{r.path}", info, [dict(row) for row in r.scan_history()], config=cfg))
     return out
 
 
-def _groups(runs: list[Run]) -> dict[str, list[Run]]:
+def _groups(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
     """Runs grouped by their settings, each group named by its selector and ratio plus whichever
     settings tell it apart from the other groups (a differing reference kind stands for all of its
     reference.* settings)."""
-    by_settings: dict[str, list[Run]] = defaultdict(list)
+    by_settings: dict[str, list[RunRecord]] = defaultdict(list)
     for r in runs:
         by_settings[repr(sorted(r.settings.items(), key=lambda kv: kv[0]))].append(r)
     members = list(by_settings.values())
@@ -284,7 +284,7 @@ def _groups(runs: list[Run]) -> dict[str, list[Run]]:
     for k in differing:
         (top, n), *rest = Counter(repr(m[0].settings[k]) for m in members if k in m[0].settings).most_common()
         usual[k] = top if not rest or n > rest[0][1] else None
-    out: dict[str, list[Run]] = {}
+    out: dict[str, list[RunRecord]] = {}
     for m in members:
         extra = ", ".join(
             f"{'reference' if k == 'reference.kind' else k}={m[0].settings.get(k)}"
@@ -298,7 +298,7 @@ def _groups(runs: list[Run]) -> dict[str, list[Run]]:
     return out
 
 
-def curves(runs: list[Run], metric: str = "eval/loss", by_seed: bool = False) -> list[Curve]:
+def curves(runs: list[RunRecord], metric: str = "eval/loss", by_seed: bool = False) -> list[Curve]:
     """Group runs by their settings (:func:`_groups`); average seeds over the eval steps they all
     reached. ``by_seed=True`` keeps every run its own curve."""
     with_points = [r for r in runs if r.evals(metric)]

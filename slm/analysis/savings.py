@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slm.analysis.efficiency import Curve, Run, curves, tokens_to_reach
+from slm.analysis.efficiency import Curve, RunRecord, curves, tokens_to_reach
 from slm.analysis.tables import write_rows
 from slm.runs import MIN_EVAL_POINTS
 
@@ -42,7 +42,7 @@ def pick_baseline(cs: list[Curve], name: str | None = None) -> tuple[Curve | Non
     return bases[0], None
 
 
-def _run_curve(run: Run, metric: str) -> Curve:
+def _run_curve(run: RunRecord, metric: str) -> Curve:
     return curves([run], metric, by_seed=True)[0]
 
 

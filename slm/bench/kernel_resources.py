@@ -71,7 +71,7 @@ def flag_sets(kernel: str, dtype: str, full: bool) -> list[tuple]:
     return [tuple(sorted({**fixed, **dict(zip(names, v))}.items())) for v in values]
 
 
-def cases(archs=(90,), dtypes=("bf16",), full: bool = False) -> list[Case]:
+def kernel_cases(archs=(90,), dtypes=("bf16",), full: bool = False) -> list[Case]:
     """Every (target, kernel, dtype, flag set, config) to compile: the configs of each dtype's family."""
     family = {"bf16": "16-bit", "fp16": "16-bit", "fp32": "float32"}
     return [
@@ -147,10 +147,10 @@ def compile_case(case: Case) -> Result:
 
 def supported_archs() -> list[int]:
     """sm_80 and sm_90a always; sm_100a where this Triton compiles for it."""
-    return [80, 90, 100] if compile_case(cases((100,))[0]).error is None else [80, 90]
+    return [80, 90, 100] if compile_case(kernel_cases((100,))[0]).error is None else [80, 90]
 
 
-def table(results: list[Result]) -> str:
+def resources_table(results: list[Result]) -> str:
     rows = [
         "| case | shared (KiB) | registers | spill stores (B) | spill loads (B) | result |",
         "|---|---|---|---|---|---|",

@@ -74,7 +74,7 @@ def head_kernels(
     ]
 
 
-def table(gpu: str = "H200", decoder_ms: float = ANCHORS_H200_MS["decoder alone"], shape: dict = QWEN) -> str:
+def perf_table(gpu: str = "H200", decoder_ms: float = ANCHORS_H200_MS["decoder alone"], shape: dict = QWEN) -> str:
     """Expected head milliseconds per kernel and per step at ratios 0.3 / 0.6 and a loss_mask of 0.3, beside the
     decoder floor and the measured anchors (measured on an H200: on another GPU they are for orientation)."""
     n, h, v, sms = shape["tokens"], shape["hidden"], shape["vocab"], GPUS[gpu][2]

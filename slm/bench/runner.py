@@ -198,7 +198,7 @@ def available_backends(device: str) -> list[str]:
     return ["torch", "compiled"] + (["triton"] if fused.unavailable(torch.device("cuda")) is None else [])
 
 
-def describe(args) -> str:
+def describe_setup(args) -> str:
     """What this run really uses: device, versions, the head backends and CUDA's matmul paths."""
     lines = [
         f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""),
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accumulating", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.model:  # arithmetic only: no model is built
-        print("\n\n".join(perf_model.table(gpu) for gpu in perf_model.GPUS), flush=True)
+        print("\n\n".join(perf_model.perf_table(gpu) for gpu in perf_model.GPUS), flush=True)
         return
     args.shape = args.shape or ("phi2-1layer" if args.sparse_mask else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         args.batches, args.steps, args.warmup = [b for b in args.batches if b <= 2] or [1], 3, 1
     dtype = getattr(torch, args.dtype)
     if args.sparse_mask and not args.memory_case:
-        out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe(args)}
+        out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe_setup(args)}
         print(f"slm-bench: {out['setup']}", flush=True)
         return _sparse(args, dtype, out)
     model, ids, ref_loss, mask = build_workload(args.shape, args.device, dtype, args.batch, args.seq)
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         return _memory_child(args, fns, model)
 
     b, t = ids.shape
-    out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe(args), "cases": {}}
+    out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe_setup(args), "cases": {}}
     print(f"slm-bench: {out['setup']}", flush=True)
     mem_kind = "max_memory_allocated" if args.device == "cuda" else "peak RSS growth"
     head = (

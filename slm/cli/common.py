@@ -61,7 +61,7 @@ def one_line_errors():
         FileNotFoundError,
         ImportError,
     ) as e:
-        fail(checkpoints.describe(e) if isinstance(e, checkpoints.CheckpointException) else str(e), 1, e)
+        fail(checkpoints.describe_error(e) if isinstance(e, checkpoints.CheckpointException) else str(e), 1, e)
 
 
 def fail(message: str, code: int, error: BaseException):

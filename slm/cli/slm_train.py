@@ -20,7 +20,7 @@ from slm.train import candidates
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+def train_composed(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     """One run of ``slm-train`` (usable without Hydra's decorator, e.g. from tests).
 
     ``overrides``: the launch's explicit ``key=value`` settings; on resume only they may differ
@@ -97,7 +97,7 @@ def _print_summary(run_dir: Path, result: dict) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def train_app(cfg: DictConfig) -> float | None:
     with one_line_errors():  # inside the app: Hydra reports any exception that reaches it as a traceback
-        result = train(cfg, run_dir_from_hydra(), task_overrides())
+        result = train_composed(cfg, run_dir_from_hydra(), task_overrides())
     return result.get("eval/loss")
 
 

@@ -98,7 +98,7 @@ def document(rng: random.Random, cfg: CorpusConfig, noise: float) -> dict:
     return {"text": "".join(parts), "answer_spans": spans, "junk_spans": noisy, "clean_spans": clean}
 
 
-def generate(cfg: CorpusConfig, split: str) -> list[dict]:
+def arithmetic_documents(cfg: CorpusConfig, split: str) -> list[dict]:
     """The documents of one split, reproducible from ``cfg.seed``."""
     sizes = {"train": cfg.n_train_docs, "clean": cfg.n_clean_docs, "validation": cfg.n_val_docs}
     if split not in sizes:

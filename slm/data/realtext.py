@@ -137,7 +137,7 @@ def junk_segment(rng: random.Random, length: int, words: list[str], kind: str | 
     return "\n".join(lines)
 
 
-def generate(cfg: RealTextConfig, split: str) -> list[dict]:
+def realtext_documents(cfg: RealTextConfig, split: str) -> list[dict]:
     """The documents of one split as ``{"text": ...}`` rows (deterministic for ``cfg``)."""
     if split not in SPLITS:
         raise ValueError(f"the realtext corpus has splits {SPLITS}, not {split!r}")

@@ -38,8 +38,8 @@ def generated_config(spec):
 def generated_documents(spec, split: str):
     import datasets
 
-    generate = corpus.generate if spec.source == BUILTIN else realtext.generate
-    return datasets.Dataset.from_list(generate(generated_config(spec), split))
+    documents = corpus.arithmetic_documents if spec.source == BUILTIN else realtext.realtext_documents
+    return datasets.Dataset.from_list(documents(generated_config(spec), split))
 
 
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}

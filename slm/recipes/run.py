@@ -77,7 +77,7 @@ class Run:
                 runs.write_json(run_dir / runs.RUN_INFO, self.before)
             raise
         except checkpoints.FAILURES as e:
-            self._finish({"status": "failed", "step": trainer.step, "error": checkpoints.describe(e)})
+            self._finish({"status": "failed", "step": trainer.step, "error": checkpoints.describe_error(e)})
             raise
         finally:
             trainer.tracker.finish()

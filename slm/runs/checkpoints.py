@@ -46,7 +46,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def describe(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
     """One line for a failed read or write: DCP's CheckpointException carries each rank's own error."""
     if isinstance(error, CheckpointException) and getattr(error, "failures", None):
         rank, (cause, *_) = next(iter(error.failures.items()))
@@ -148,7 +148,7 @@ def save(run_dir: Path, step: int, state: dict, write, is_main: bool, keep: int,
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest(run_dir, warn=False)
-        why = describe(error) if error else "failed on another process"
+        why = describe_error(error) if error else "failed on another process"
         raise CheckpointError(
             f"could not write checkpoint {final} ({why}); nothing was "
             f"overwritten: the last complete checkpoint is {previous or 'none'}. Free disk space and resume "

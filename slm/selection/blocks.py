@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slm.selection.scores import score_tokens
+from slm.selection.scores import loss_scores, score_tokens
 
-BLOCK_SCORES = ("excess_loss", "train_loss", "reference_loss")
+BLOCK_SCORES = loss_scores(random=False)  # a block's mean score; random blocks are what a plain run reads
 
 
 def block_scores(name: str, valid: Tensor, token_loss: Tensor | None = None, ref_loss: Tensor | None = None) -> Tensor:

@@ -58,6 +58,13 @@ SCORERS: dict[str, ScoreFn] = {
 NEEDS = {"excess_loss": "ref_loss", "reference_loss": "ref_loss", "reference_entropy": "ref_entropy"}
 
 
+def loss_scores(random: bool = True) -> tuple[str, ...]:
+    """The registry's scores computable from the training model's per-token loss and a reference's per-token
+    loss alone (not its entropy), in registry order; ``random=False`` leaves out the random score. What a
+    selector that sees no reference entropy offers (block ranking, the TRL trainers) is derived from this."""
+    return tuple(n for n in SCORERS if NEEDS.get(n) in (None, "ref_loss") and (random or n != "random"))
+
+
 def _need(value: Tensor | None, name: str, column: str) -> Tensor:
     if value is None:
         raise ValueError(f"selector {name!r} needs {column} (live or stored reference values)")

@@ -211,7 +211,7 @@ class Trainer:
                 except CheckpointRefused:
                     raise
                 except checkpoints.FAILURES as e:
-                    why = f"it does not load: {checkpoints.describe(e)}"
+                    why = f"it does not load: {checkpoints.describe_error(e)}"
                 if self._all_ok(why is None):
                     self.tracker.rewind(self.step)  # what was logged after this checkpoint is about to be redone
                     return ckpt

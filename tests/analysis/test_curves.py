@@ -7,7 +7,7 @@ import pytest
 from support.compose import compose_train
 
 from slm.analysis import Curve, curves, load_runs, main, savings_table, tokens_to_reach
-from slm.cli import train
+from slm.cli import train_composed
 from slm.runs import read_metrics
 
 
@@ -17,7 +17,7 @@ def sweep(tmp_path_factory):
     for ratio in ("1.0", "0.5"):
         for seed in (0, 1):
             cfg = compose_train(root / "cache", f"selector.ratio={ratio}", f"seed={seed}", "trainer.eval_every=2")
-            train(cfg, root / "sweep" / f"r{ratio}-s{seed}")
+            train_composed(cfg, root / "sweep" / f"r{ratio}-s{seed}")
     return root / "sweep"
 
 

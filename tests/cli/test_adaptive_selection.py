@@ -6,25 +6,25 @@ import torch
 from support.compose import compose_train
 from support.resume import resumed_equals_whole, step_values
 
-from slm.cli import train
+from slm.cli import train_composed
 
 
 def test_a_threshold_over_the_run_trains_data_dependent_counts_and_resumes_exactly(tmp_path, monkeypatch):
-    train(compose_train(tmp_path / "c", "selector.scope=dataset", "selector.ratio=0.4"), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", "selector.scope=dataset", "selector.ratio=0.4"), tmp_path / "run")
     fracs = step_values(tmp_path / "run", "train/selected_frac")
     assert len(set(round(f, 4) for f in fracs)) > 1  # batches train different shares
     seen, sel = step_values(tmp_path / "run", "tokens_seen")[-1], step_values(tmp_path / "run", "tokens_selected")[-1]
     assert 0.25 < sel / seen < 0.5  # the ratio of the valid tokens, paid back within a few steps
     with pytest.raises(ValueError, match="selector.scope=dataset keeps a data-dependent number.*grad_accum must be 1"):
-        train(compose_train(tmp_path / "c", "selector.scope=dataset", "trainer.grad_accum=2"), tmp_path / "x")
+        train_composed(compose_train(tmp_path / "c", "selector.scope=dataset", "trainer.grad_accum=2"), tmp_path / "x")
     resumed_equals_whole(tmp_path / "resume", monkeypatch, "selector.scope=dataset", "selector.ratio=0.4")
 
 
 @pytest.mark.parametrize("score", ["excess_loss", "reference_loss"])
 def test_whole_blocks_are_selected_and_only_the_kept_ones_train(tmp_path, score):
     base = ("selector.ratio=1.0", "trainer.batch_size=4")
-    train(compose_train(tmp_path / "c", *base), tmp_path / "all")
-    train(compose_train(tmp_path / "c", *base, "selector.blocks=0.5", f"selector.block_score={score}"),
+    train_composed(compose_train(tmp_path / "c", *base), tmp_path / "all")
+    train_composed(compose_train(tmp_path / "c", *base, "selector.blocks=0.5", f"selector.block_score={score}"),
           tmp_path / "blocks")  # fmt: skip
     seen_all, seen_blocks = (
         step_values(tmp_path / "all", "tokens_seen"),
@@ -45,15 +45,17 @@ def test_whole_block_selection_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_an_evolving_reference_is_refreshed_on_schedule_scored_live_and_resumes_exactly(tmp_path, monkeypatch):
-    train(compose_train(tmp_path / "c", "reference.evolve_every=2", "reference.evolve_ema=0.5"), tmp_path / "run")
+    train_composed(
+        compose_train(tmp_path / "c", "reference.evolve_every=2", "reference.evolve_ema=0.5"), tmp_path / "run"
+    )
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
     assert torch.load(ckpt / "reference.pt", weights_only=True)["refreshes"] == 3  # steps 2, 4 and 6
     # scored live: every step pays a reference forward, which the FLOPs count
-    train(compose_train(tmp_path / "c"), tmp_path / "fixed")
+    train_composed(compose_train(tmp_path / "c"), tmp_path / "fixed")
     assert step_values(tmp_path / "run", "flops")[-1] > 1.2 * step_values(tmp_path / "fixed", "flops")[-1]
     with pytest.raises(ValueError, match="reference.evolve_every refreshes a reference model.*reference=stored"):
-        train(compose_train(tmp_path / "c", "reference=stored", "reference.scores_dir=/x", "+reference.evolve_every=2"),
-              tmp_path / "x")  # fmt: skip
+        bad = ("reference=stored", "reference.scores_dir=/x", "+reference.evolve_every=2")
+        train_composed(compose_train(tmp_path / "c", *bad), tmp_path / "x")
     resumed_equals_whole(tmp_path / "resume", monkeypatch, "reference.evolve_every=2")
 
 
@@ -75,9 +77,11 @@ def test_a_resume_that_would_read_other_candidate_blocks_is_refused(tmp_path, mo
 
     common = ("reference=none", "selector=train_loss", "selector.blocks=0.3", "selector.block_score=train_loss",
               "trainer.max_steps=2")  # fmt: skip
-    train(compose_train(tmp_path / "c", *common, "trainer.batch_size=5", "trainer.grad_accum=2"), tmp_path / "run")
+    train_composed(
+        compose_train(tmp_path / "c", *common, "trainer.batch_size=5", "trainer.grad_accum=2"), tmp_path / "run"
+    )
     with pytest.raises(ResumeMismatch, match=r"34 candidate blocks.*33"):
-        train(
+        train_composed(
             compose_train(
                 tmp_path / "c", *common, "trainer.batch_size=10", "trainer.grad_accum=1", "trainer.resume=true"
             ),
@@ -100,7 +104,7 @@ def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
 
     common = ("data=realtext", "data.block_size=64", "reference=none", "trainer.max_steps=3", "selector=oracle")
     cfg = compose_train(tmp_path / "c", *common)
-    train(cfg, tmp_path / "run")
+    train_composed(cfg, tmp_path / "run")
     packed = build(validate(cfg).data)["train"].with_format("torch")
     stream = BatchStream(len(packed), 4, 1, 0, seed=0)
     expected, total = [], 0
@@ -116,7 +120,7 @@ def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
     own.write_text("".join('{"text": "%s"}\n' % ("some plain text " * 20) for _ in range(40)))
     plain = ("data=files", f"data.source={own}", "data.block_size=64", "reference=none", "trainer.max_steps=1")
     with pytest.raises(ValueError, match="no clean_mask column: selector=oracle needs a corpus"):
-        train(compose_train(tmp_path / "c", *plain, "selector=oracle"), tmp_path / "x")
+        train_composed(compose_train(tmp_path / "c", *plain, "selector=oracle"), tmp_path / "x")
 
 
 def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_the_junk(tmp_path):
@@ -134,7 +138,7 @@ def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_t
                 if "audit/clean_kept" in e]  # fmt: skip
 
     for name, extra in (("base", ["selector=all"]), ("oracle", ["selector=oracle"]), ("sel", ["selector.ratio=0.5"])):
-        train(compose_train(tmp_path / "c", *extra), tmp_path / name)
+        train_composed(compose_train(tmp_path / "c", *extra), tmp_path / name)
     assert [a[1:] for a in audits(tmp_path / "base")] == [(1.0, 0.0), (1.0, 0.0)]
     assert [a[1:] for a in audits(tmp_path / "oracle")] == [(1.0, 1.0), (1.0, 1.0)]
     packed = build(validate(compose_train(tmp_path / "c")).data)["train"].with_format("torch")
@@ -176,7 +180,7 @@ def test_the_audit_reports_each_kind_of_junk_and_each_part_of_the_block(tmp_path
     from slm.train import BatchStream
 
     for name, extra in (("oracle", ["selector=oracle"]), ("sel", ["selector.ratio=0.5"])):
-        train(compose_train(tmp_path / "c", *extra), tmp_path / name)
+        train_composed(compose_train(tmp_path / "c", *extra), tmp_path / name)
     packed = build(validate(compose_train(tmp_path / "c")).data)["train"].with_format("torch")
     stream = BatchStream(len(packed), 4, 1, 0, seed=0)
     quarters = [f"audit/kept/position/{q * 25}-{q * 25 + 25}%" for q in range(4)]
@@ -233,7 +237,7 @@ def test_slm_inspect_names_each_junk_tokens_kind_and_what_was_dropped_of_each(tm
     from slm.model import shifted_valid
 
     cfg = compose_train(tmp_path / "c", "selector.ratio=0.5")
-    train(cfg, tmp_path / "run")
+    train_composed(cfg, tmp_path / "run")
     page = write_page(tmp_path / "run", n_blocks=3).read_text()
 
     class Kinds(HTMLParser):
@@ -269,7 +273,7 @@ def test_the_selection_sample_of_a_ratio_schedule_selects_at_the_ratio_it_ends_a
     from slm.selection import num_selected
 
     schedule = "selector.ratio={schedule: linear, start: 1.0, end: 0.4}"
-    train(compose_train(tmp_path / "c", schedule), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", schedule), tmp_path / "run")
     sample = selection_sample(tmp_path / "run", n_blocks=3)
     valid = torch.from_numpy(sample.valid)
     assert sample.ratio == 0.4 and int(sample.mask.sum()) == num_selected(valid, 0.4, "batch") < int(valid.sum())

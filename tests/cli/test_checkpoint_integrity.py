@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from support.compose import compose_train
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from slm.cli import one_line_errors, train
+from slm.cli import one_line_errors, train_composed
 from slm.runs import checkpoints, read_metrics
 
 FAST = ("reference=none", "selector.ratio=0.5")  # 6 steps, checkpoints at 3 and 6
@@ -31,7 +31,7 @@ def _assert_same_weights(a, b):
 def finished_run(tmp_path):
     """A finished 6-step run, and its final weights."""
     run = tmp_path / "run"
-    train(compose_train(tmp_path / "c", *FAST), run)
+    train_composed(compose_train(tmp_path / "c", *FAST), run)
     return run, _weights(run)
 
 
@@ -48,7 +48,7 @@ def test_a_shard_damaged_in_place_is_found_and_the_run_resumes_from_the_previous
     size = shard.stat().st_size
     _flip_bytes_in_place(shard)
     assert shard.stat().st_size == size
-    train(compose_train(run.parent / "c", *FAST, "trainer.resume=true"), run)
+    train_composed(compose_train(run.parent / "c", *FAST, "trainer.resume=true"), run)
     assert "step_0000006 is damaged" in caplog.text and "does not match" in caplog.text
     assert (run / "checkpoints" / "step_0000006.damaged").is_dir()  # set aside when step 6 was written again
     _assert_same_weights(_weights(run), whole)  # retrained from step 3: the same weights as the first time
@@ -66,7 +66,7 @@ def test_a_checkpoint_that_fails_to_load_falls_back_to_the_previous_one(finished
         return real(self, plan, planner)
 
     monkeypatch.setattr(FileSystemReader, "read_data", unreadable_step_6)
-    train(compose_train(run.parent / "c", *FAST, "trainer.resume=true"), run)
+    train_composed(compose_train(run.parent / "c", *FAST, "trainer.resume=true"), run)
     assert "step_0000006 is damaged" in caplog.text and "Input/output error" in caplog.text
     _assert_same_weights(_weights(run), whole)
     assert json.loads((run / "run_info.json").read_text())["status"] == "finished"
@@ -85,7 +85,7 @@ def test_a_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint_and_rec
     monkeypatch.setattr(FileSystemWriter, "write_data", full_at_step_6)
     run = tmp_path / "run"
     with pytest.raises(SystemExit) as stop, one_line_errors():
-        train(compose_train(tmp_path / "c", *FAST), run)
+        train_composed(compose_train(tmp_path / "c", *FAST), run)
     assert stop.value.code == 1
     err = capsys.readouterr().err
     assert "could not write checkpoint" in err and "No space left on device" in err and "step_0000003" in err
@@ -106,6 +106,6 @@ def test_a_refused_resume_leaves_the_runs_records_as_they_were(finished_run, cap
     state.write_text(json.dumps(saved))
     shutil.rmtree(run / "checkpoints" / "step_0000003")
     with pytest.raises(SystemExit), one_line_errors():
-        train(compose_train(run.parent / "c", *FAST, "trainer.resume=true"), run)
+        train_composed(compose_train(run.parent / "c", *FAST, "trainer.resume=true"), run)
     assert "earlier version of slm" in capsys.readouterr().err
     assert {name: (run / name).read_text() for name in before} == before

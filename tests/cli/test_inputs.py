@@ -5,7 +5,7 @@ import time
 import pytest
 from support.compose import compose_train
 
-from slm.cli import train
+from slm.cli import train_composed
 
 
 def test_the_documented_files_command_runs_on_a_small_text_file(tmp_path):
@@ -15,7 +15,7 @@ def test_the_documented_files_command_runs_on_a_small_text_file(tmp_path):
     cfg = compose_train(
         tmp_path / "c", "data=files", f"data.source={tmp_path / 'my.txt'}", "reference=none", "data.block_size=null"
     )  # the files option's default (the tests' base config sets 32)
-    result = train(cfg, tmp_path / "run")
+    result = train_composed(cfg, tmp_path / "run")
     assert result["step"] == 6 and result["eval/tokens"] > 0
     from omegaconf import OmegaConf
 
@@ -34,8 +34,8 @@ def test_an_unreachable_hub_name_fails_fast_with_one_message(tmp_path, monkeypat
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match=r"model.pretrained='TinyLlama/TinyLlama_v1.1' is not a local folder .*cannot "
                        r"be reached.*huggingface-cli download"):  # fmt: skip
-        train(compose_train(tmp_path / "c", "model=tinyllama", "reference=none"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "model=tinyllama", "reference=none"), tmp_path / "run")
     assert time.perf_counter() - t0 < 20  # no minute of retries
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE=1 is set"):
-        train(compose_train(tmp_path / "c", "model=tinyllama", "reference=none"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "model=tinyllama", "reference=none"), tmp_path / "run")

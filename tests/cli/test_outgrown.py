@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from support.compose import compose_train
 from support.resume import resumed_equals_whole
 
-from slm.cli import CONF_DIR, train
+from slm.cli import CONF_DIR, train_composed
 from slm.cli.validation import validate
 from slm.data import build
 from slm.recipes import hold_out
@@ -71,7 +71,7 @@ def _reference_dir(cache: Path) -> Path:
 def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(tmp_path, caplog, capsys):
     cfg = compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=12")
     with caplog.at_level(logging.WARNING):
-        result = train(cfg, tmp_path / "run")
+        result = train_composed(cfg, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     ref_loss = info["reference_eval_loss"]["validation"]
     data = build(validate(cfg).data)
@@ -96,7 +96,7 @@ def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(
     assert f"reached its reference's eval loss in 1 of 1 runs (run at step {step}" in capsys.readouterr().out
     assert (tmp_path / "plot" / "curves.png").exists()
     # keep: the same warning, selection goes on
-    result = train(compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=12", "selector.when_outgrown=keep"),
+    result = train_composed(compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=12", "selector.when_outgrown=keep"),
                    tmp_path / "keep")  # fmt: skip
     assert result["outgrown_step"] == step
     assert set(dict(_events(tmp_path / "keep", "train/ratio")).values()) == {0.5}
@@ -104,13 +104,13 @@ def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(
 
 def test_no_warning_while_the_reference_stays_ahead(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        result = train(compose_train(tmp_path / "c", *STRONG), tmp_path / "run")
+        result = train_composed(compose_train(tmp_path / "c", *STRONG), tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert result["eval/loss"] > info["reference_eval_loss"]["validation"]
     assert "outgrown_step" not in result and not _events(tmp_path / "run", "reference/outgrown")
     assert not any("has reached its reference's" in r.message for r in caplog.records)
     # a baseline does not select: nothing is watched
-    train(compose_train(tmp_path / "c", *STRONG, "selector=all"), tmp_path / "base")
+    train_composed(compose_train(tmp_path / "c", *STRONG, "selector=all"), tmp_path / "base")
     assert json.loads((tmp_path / "base" / "run_info.json").read_text())["reference_eval_loss"] is None
 
 
@@ -123,14 +123,14 @@ def test_the_reference_eval_loss_is_cached_and_read_for_a_stored_column(tmp_path
     cached = list((tmp_path / "c" / "reference_eval").glob("*.json"))
     assert len(cached) == 1  # slm-score computed it
     stored = ("selector.ratio=0.5", "selector.when_outgrown=all", "reference=stored", f"reference.scores_dir={store}")
-    train(compose_train(tmp_path / "c", *stored), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *stored), tmp_path / "run")
     got = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_eval_loss"]
     assert got == json.loads(cached[0].read_text())["losses"]
     cached[0].unlink()
     model = _reference_dir(tmp_path / "c") / "model"
     model.rename(model.with_name("moved"))
     with caplog.at_level(logging.INFO):
-        train(compose_train(tmp_path / "c", *stored), tmp_path / "run2")
+        train_composed(compose_train(tmp_path / "c", *stored), tmp_path / "run2")
     assert json.loads((tmp_path / "run2" / "run_info.json").read_text())["reference_eval_loss"] is None
     assert any("cannot tell when the model outgrows it" in r.message for r in caplog.records)
 
@@ -145,7 +145,7 @@ def test_the_remedy_resumes_exactly(tmp_path, monkeypatch):
 def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_the_best(tmp_path):
     converge = ("reference.converge.holdout=0.1", "reference.converge.patience=2", "reference.converge.min_delta=0.3",
                 "reference.trainer.max_steps=200", "reference.trainer.eval_every=5")  # fmt: skip
-    train(compose_train(tmp_path / "c", *converge, "trainer.max_steps=1"), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *converge, "trainer.max_steps=1"), tmp_path / "run")
     where = _reference_dir(tmp_path / "c")
     held = _events(where / "run", "eval/reference_heldout/loss")
     best, best_step = held[0][1], 0
@@ -192,9 +192,9 @@ def test_the_switch_holds_on_a_resume_that_cannot_find_the_reference_eval_loss(t
     store = score(compose_train(tmp_path / "c", *WEAK[:2], config_name="score"))
     stored = ("selector.ratio=0.5", "selector.when_outgrown=all", "reference=stored", f"reference.scores_dir={store}",
               "trainer.checkpoint_every=100", "trainer.eval_every=2")  # fmt: skip
-    whole = train(compose_train(tmp_path / "c", *stored), tmp_path / "whole")
+    whole = train_composed(compose_train(tmp_path / "c", *stored), tmp_path / "whole")
     assert whole["outgrown_step"] == 2  # before the cut, in step 3
-    _interrupt_at_step_3(monkeypatch, lambda: train(compose_train(tmp_path / "c", *stored), tmp_path / "cut"))
+    _interrupt_at_step_3(monkeypatch, lambda: train_composed(compose_train(tmp_path / "c", *stored), tmp_path / "cut"))
     for cached in (tmp_path / "c" / "reference_eval").glob("*.json"):
         cached.unlink()
     model = _reference_dir(tmp_path / "c") / "model"
@@ -202,7 +202,7 @@ def test_the_switch_holds_on_a_resume_that_cannot_find_the_reference_eval_loss(t
     if record == "lost":
         info = json.loads((tmp_path / "cut" / "run_info.json").read_text())
         (tmp_path / "cut" / "run_info.json").write_text(json.dumps({**info, "reference_eval_loss": None}))
-    resumed = train(compose_train(tmp_path / "c", *stored, "trainer.resume=true"), tmp_path / "cut")
+    resumed = train_composed(compose_train(tmp_path / "c", *stored, "trainer.resume=true"), tmp_path / "cut")
     assert _events(tmp_path / "cut", "train/ratio") == _events(tmp_path / "whole", "train/ratio")
     assert _events(tmp_path / "cut", "tokens_selected") == _events(tmp_path / "whole", "tokens_selected")
     assert resumed["tokens_selected"] == whole["tokens_selected"]
@@ -222,10 +222,10 @@ def test_after_the_switch_block_selection_charges_and_counts_only_what_runs(tmp_
     forward is charged, the candidates it never looks at are neither read (tokens_seen) nor dropped (audit).
     Its steps then cost and count what a baseline's steps do."""
     blocks = ("selector.blocks=0.5", "trainer.max_steps=12", "trainer.eval_every=2")
-    run = train(compose_train(tmp_path / "c", *WEAK, *blocks), tmp_path / "blocks")
+    run = train_composed(compose_train(tmp_path / "c", *WEAK, *blocks), tmp_path / "blocks")
     switch = run["outgrown_step"]
     assert 0 < switch < 10
-    train(compose_train(tmp_path / "c", *WEAK, "selector=all", "trainer.max_steps=12", "trainer.eval_every=2"),
+    train_composed(compose_train(tmp_path / "c", *WEAK, "selector=all", "trainer.max_steps=12", "trainer.eval_every=2"),
           tmp_path / "base")  # fmt: skip
     for key in ("flops", "tokens_seen", "tokens_selected"):
         mine, base = _per_step(tmp_path / "blocks", key), _per_step(tmp_path / "base", key)
@@ -245,7 +245,9 @@ def test_after_the_switch_a_live_reference_no_longer_runs(tmp_path, monkeypatch)
     from slm.reference import RefSource
     from slm.train import Trainer
 
-    train(compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=1"), tmp_path / "first")  # trains the reference
+    train_composed(
+        compose_train(tmp_path / "c", *WEAK, "trainer.max_steps=1"), tmp_path / "first"
+    )  # trains the reference
     live = ("reference=live", f"reference.path={_reference_dir(tmp_path / 'c') / 'model'}", *WEAK[2:],
             "trainer.max_steps=10", "trainer.eval_every=2")  # fmt: skip
     at, calls = [0], []
@@ -262,13 +264,13 @@ def test_after_the_switch_a_live_reference_no_longer_runs(tmp_path, monkeypatch)
 
     monkeypatch.setattr(RefSource, "values", values)
     monkeypatch.setattr(Trainer, "train_on", train_on)
-    run = train(compose_train(tmp_path / "c", *live), tmp_path / "live")
+    run = train_composed(compose_train(tmp_path / "c", *live), tmp_path / "live")
     switch = run["outgrown_step"]
     assert 0 < switch < 8
     ran = {step for step, used in calls if used}
     assert ran == set(range(1, switch + 1))  # every step up to the switch, none after it
     monkeypatch.undo()
-    train(compose_train(tmp_path / "c", "reference=none", "selector=all", "trainer.max_steps=10",
+    train_composed(compose_train(tmp_path / "c", "reference=none", "selector=all", "trainer.max_steps=10",
                         "trainer.eval_every=2"), tmp_path / "base")  # fmt: skip
     mine, base = _per_step(tmp_path / "live", "flops"), _per_step(tmp_path / "base", "flops")
     after = [s for s in mine if s > switch]
@@ -281,7 +283,7 @@ def test_a_reference_that_never_beats_step_0_reports_the_weights_it_keeps(tmp_pa
     kept: the quality every run reports is theirs, not step 0's."""
     never = ("reference.converge.holdout=0.1", "reference.converge.patience=2", "reference.converge.min_delta=100",
              "reference.trainer.max_steps=50", "reference.trainer.eval_every=2")  # fmt: skip
-    train(compose_train(tmp_path / "c", *never, "trainer.max_steps=1"), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *never, "trainer.max_steps=1"), tmp_path / "run")
     where = _reference_dir(tmp_path / "c")
     result = json.loads((where / "result.json").read_text())
     assert (result["best_step"], result["step"], result["stopped_early"]) == (0, 4, True)

@@ -13,7 +13,7 @@ import torch
 from support.compose import TINY, compose_train
 
 from slm.analysis import main as curves
-from slm.cli import train
+from slm.cli import train_composed
 from slm.runs import read_metrics
 
 WORDS = "the a cat dog sat ran on under near big small red blue house tree river quickly slowly".split()
@@ -48,8 +48,10 @@ def _own(corpus, *extra):
 def test_baseline_and_slm_on_files_are_judged_on_a_clean_eval_set(corpus, tmp_path):
     ref = ("reference=train", f"reference.data.source={corpus / 'clean.jsonl'}", "reference.trainer.max_steps=4",
            "reference.trainer.batch_size=4", "reference.trainer.progress=false")  # fmt: skip
-    train(compose_train(tmp_path / "c", *_own(corpus, "selector=all", "reference=none")), tmp_path / "runs" / "base")
-    train(compose_train(tmp_path / "c", *_own(corpus, *ref)), tmp_path / "runs" / "slm")
+    train_composed(
+        compose_train(tmp_path / "c", *_own(corpus, "selector=all", "reference=none")), tmp_path / "runs" / "base"
+    )
+    train_composed(compose_train(tmp_path / "c", *_own(corpus, *ref)), tmp_path / "runs" / "slm")
     for run in ("base", "slm"):
         evals = [e for e in read_metrics(tmp_path / "runs" / run) if "eval/clean/loss" in e]
         assert [e["step"] for e in evals] == [0, 3, 6]
@@ -97,7 +99,7 @@ def test_a_ratio_schedule_sets_each_steps_ratio(tmp_path):
     sched = "selector.ratio={schedule:linear,start:1.0,end:0.5}"
     cfg = compose_train(tmp_path / "c", "reference=none", sched, "trainer.max_steps=6")
     assert cfg.name == "train_loss-linear-1.0-0.5-none-s0"
-    train(cfg, tmp_path / "run")
+    train_composed(cfg, tmp_path / "run")
     steps = [e for e in read_metrics(tmp_path / "run") if "train/ratio" in e]
     assert [round(e["train/ratio"], 6) for e in steps] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5]
     for e in steps:  # each step keeps round(ratio * valid) tokens of every micro-batch
@@ -124,15 +126,17 @@ def test_slm_score_stores_the_references_entropy_and_the_self_reference_selector
     torch.testing.assert_close(columns.rows(range(8), "ref_entropy"), ent, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(columns.rows(range(8), "ref_loss"), loss, atol=1e-5, rtol=1e-5)
     stored = ("reference=stored", f"reference.scores_dir={store}")
-    train(compose_train(tmp_path / "c", *stored, "selector=reference_entropy", "trainer.max_steps=2"), tmp_path / "e")
-    train(compose_train(tmp_path / "c", *stored, "selector=union", "trainer.max_steps=2"), tmp_path / "u")
+    train_composed(
+        compose_train(tmp_path / "c", *stored, "selector=reference_entropy", "trainer.max_steps=2"), tmp_path / "e"
+    )
+    train_composed(compose_train(tmp_path / "c", *stored, "selector=union", "trainer.max_steps=2"), tmp_path / "u")
     fracs = [e["train/selected_frac"] for e in read_metrics(tmp_path / "u") if "train/selected_frac" in e]
     assert all(0.6 <= f <= 1.0 for f in fracs)  # a union of two 60% sets
     with pytest.raises(ValueError, match="trainer.grad_accum must be 1"):
-        train(compose_train(tmp_path / "c", *stored, "selector=union", "trainer.grad_accum=2"), tmp_path / "x")
+        train_composed(compose_train(tmp_path / "c", *stored, "selector=union", "trainer.grad_accum=2"), tmp_path / "x")
     no_entropy = score(compose_train(tmp_path / "c", "out_dir=" + str(tmp_path / "plain"), config_name="score"))
     with pytest.raises(ValueError, match="needs the reference's per-token entropy.*entropy=true"):
-        train(compose_train(tmp_path / "c", "reference=stored", f"reference.scores_dir={no_entropy}",
+        train_composed(compose_train(tmp_path / "c", "reference=stored", f"reference.scores_dir={no_entropy}",
                             "selector=reference_entropy"), tmp_path / "y")  # fmt: skip
     assert torch.isfinite(columns.rows(range(len(ds)), "ref_entropy")).all()
 
@@ -147,12 +151,12 @@ def test_downstream_tasks_run_on_their_schedule_and_leave_training_unchanged(tmp
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the task YAML's data path is relative to the repo
     common = ("reference=none", "selector=random", "+model.config.attention_dropout=0.2", "trainer.eval_every=2")
     task = ("downstream.tasks=[slm_arith]", "downstream.include_path=tests/assets/lm_eval", "downstream.every=3")
-    train(compose_train(tmp_path / "c", *common, *task), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *common, *task), tmp_path / "run")
     logged = [e for e in read_metrics(tmp_path / "run") if "downstream/slm_arith/acc" in e]
     assert [e["step"] for e in logged] == [0, 3, 6]
     assert all(0.0 <= e["downstream/slm_arith/acc"] <= 1.0 and e["tokens_seen"] >= 0 for e in logged)
     assert [e["step"] for e in read_metrics(tmp_path / "run") if "eval/loss" in e] == [0, 2, 4, 6]
-    train(compose_train(tmp_path / "c", *common), tmp_path / "plain")
+    train_composed(compose_train(tmp_path / "c", *common), tmp_path / "plain")
     with_tasks, plain = (load_file(str(tmp_path / d / "model" / "model.safetensors")) for d in ("run", "plain"))
     for k in plain:
         assert torch.equal(with_tasks[k], plain[k]), k
@@ -161,7 +165,7 @@ def test_downstream_tasks_run_on_their_schedule_and_leave_training_unchanged(tmp
 def test_downstream_without_the_harness_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install -e '.\[eval\]'"):
-        train(compose_train(tmp_path / "c", "reference=none", "downstream.tasks=[gsm8k]"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "reference=none", "downstream.tasks=[gsm8k]"), tmp_path / "run")
     assert not (tmp_path / "c").exists()  # refused before any data was packed
 
 
@@ -176,7 +180,7 @@ def _run_on_relative_paths(corpus, tmp_path, monkeypatch, *extra) -> Path:
     relative = ("data=files", "data.source=noisy.jsonl", "data.block_size=64", "reference=train",
                 "reference.data.source=clean.jsonl", "reference.trainer.max_steps=2", "reference.trainer.batch_size=4",
                 "reference.trainer.progress=false", "trainer.max_steps=2", *extra)  # fmt: skip
-    train(compose_train(tmp_path / "c", *relative), work / "run")
+    train_composed(compose_train(tmp_path / "c", *relative), work / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from support.compose import TINY, compose_train
 
-from slm.cli import one_line_errors, train
+from slm.cli import one_line_errors, train_composed
 from slm.runs import ResumeMismatch, RunDirExists, checkpoints, read_metrics
 from slm.train import RunInterrupted, Trainer
 
@@ -31,12 +31,14 @@ def interrupt_at(monkeypatch, step: int, signum=signal.SIGINT):
 
 
 def test_relaunching_into_a_run_without_resume_is_refused(tmp_path):
-    train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     before = read_metrics(tmp_path / "run")
     with pytest.raises(RunDirExists, match=r"trainer.resume=true.*hydra.run.dir=.*trainer.overwrite=true"):
-        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     assert read_metrics(tmp_path / "run") == before and (tmp_path / "run" / "model").is_dir()
-    train(compose_train(tmp_path / "c", *FAST, "trainer.overwrite=true", "trainer.max_steps=3"), tmp_path / "run")
+    train_composed(
+        compose_train(tmp_path / "c", *FAST, "trainer.overwrite=true", "trainer.max_steps=3"), tmp_path / "run"
+    )
     assert read_metrics(tmp_path / "run")[-1]["step"] == 3
 
 
@@ -52,14 +54,14 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one_and_resume_falls_back(
 
     monkeypatch.setattr(torch, "save", disk_full_at_step_6)
     with pytest.raises(checkpoints.CheckpointError, match=r"could not write checkpoint .*step_0000006.*step_0000003"):
-        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     root = tmp_path / "run" / "checkpoints"
     assert (root / "latest").read_text() == "step_0000003"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003"]  # no half-written folder
     monkeypatch.setattr(torch, "save", real_save)
 
     # A damaged newest checkpoint: resume warns and takes the newest complete one.
-    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true", "trainer.max_steps=9"), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *FAST, "trainer.resume=true", "trainer.max_steps=9"), tmp_path / "run")
     newest = checkpoints.latest(tmp_path / "run")
     assert newest.name == "step_0000009"
     with open(newest / "dcp" / "__0_0.distcp", "r+b") as f:
@@ -72,35 +74,35 @@ def test_a_torn_last_metrics_line_is_tolerated_by_resume_and_curves(tmp_path, mo
 
     interrupt_at(monkeypatch, 4)
     with pytest.raises(RunInterrupted):
-        train(compose_train(tmp_path / "c", *FAST, "trainer.checkpoint_every=2"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", *FAST, "trainer.checkpoint_every=2"), tmp_path / "run")
     with (tmp_path / "run" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "tokens_se')  # a crash mid-write
     assert read_metrics(tmp_path / "run")[-1]["step"] == 4 and "last line is incomplete" in caplog.text
     curves([str(tmp_path / "run"), "--out", str(tmp_path / "plots")])
     monkeypatch.undo()
-    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")
     assert [e["step"] for e in read_metrics(tmp_path / "run") if "train/loss" in e] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_partial_demo_reference_cache_is_resumed_or_rebuilt(tmp_path, caplog):
     import shutil
 
-    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "a")
+    train_composed(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "a")
     (cached,) = (tmp_path / "c" / "reference").glob("*/DONE")
     cached.unlink()  # as if the run that trained it had been killed before the end
     (cached.parent / "model" / "model.safetensors").unlink()
-    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "b")
+    train_composed(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "b")
     assert "resuming the interrupted reference" in caplog.text and cached.exists()  # from its checkpoint
     cached.unlink()
     shutil.rmtree(cached.parent / "run" / "checkpoints")  # killed before its first checkpoint
-    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "d")
+    train_composed(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "d")
     assert "partial reference" in caplog.text and cached.exists()
 
 
 def test_sigterm_checkpoints_and_stops_with_a_requeue_status(tmp_path, monkeypatch, capsys):
     interrupt_at(monkeypatch, 2, signal.SIGTERM)
     with pytest.raises(SystemExit) as stopped, one_line_errors():
-        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     assert stopped.value.code == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -118,14 +120,14 @@ def test_ctrl_c_outside_training_is_one_line(capsys):
 def test_resume_reuses_the_runs_own_config_and_refuses_changes_to_what_is_trained(tmp_path, monkeypatch):
     interrupt_at(monkeypatch, 3)
     with pytest.raises(RunInterrupted):
-        train(compose_train(tmp_path / "c", "reference=none", "selector.ratio=0.3"), tmp_path / "run",
+        train_composed(compose_train(tmp_path / "c", "reference=none", "selector.ratio=0.3"), tmp_path / "run",
               overrides=["reference=none", "selector.ratio=0.3"])  # fmt: skip
     monkeypatch.undo()
     with pytest.raises(ResumeMismatch, match=r"selector.ratio: the run has 0.3, this launch asks for 0.6"):
-        train(compose_train(tmp_path / "c", "reference=none", "selector.ratio=0.6", "trainer.resume=true"),
+        train_composed(compose_train(tmp_path / "c", "reference=none", "selector.ratio=0.6", "trainer.resume=true"),
               tmp_path / "run", overrides=["selector.ratio=0.6", "trainer.resume=true"])  # fmt: skip
     # Without repeating the override, the saved config (ratio 0.3) is what continues; a longer run is allowed.
-    train(compose_train(tmp_path / "c", "trainer.resume=true", "trainer.max_steps=8"), tmp_path / "run",
+    train_composed(compose_train(tmp_path / "c", "trainer.resume=true", "trainer.max_steps=8"), tmp_path / "run",
           overrides=["trainer.resume=true", "trainer.max_steps=8"])  # fmt: skip
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["ratio"] == 0.3 and info["reference"] == "none" and info["status"] == "finished"
@@ -136,19 +138,19 @@ def test_resume_reuses_the_runs_own_config_and_refuses_changes_to_what_is_traine
 
 def test_bad_settings_are_refused_before_anything_slow_with_the_full_key(tmp_path):
     with pytest.raises(ValueError, match=r"selector.ratio must be in \(0, 1\]"):
-        train(compose_train(tmp_path / "c", "selector.ratio=1.5"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "selector.ratio=1.5"), tmp_path / "run")
     assert not (tmp_path / "c").exists()  # no data was packed
     with pytest.raises(ValueError, match="reference=stored needs reference.scores_dir=.*run slm-score first"):
-        train(compose_train(tmp_path / "c", "reference=stored"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "reference=stored"), tmp_path / "run")
     with pytest.raises(ValueError, match="reference=live needs reference.path="):
-        train(compose_train(tmp_path / "c", "reference=live"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "reference=live"), tmp_path / "run")
     with pytest.raises(ValueError, match="reference=none .* reference=live .* reference=stored"):
-        train(compose_train(tmp_path / "c", "data=files", f"data.source={tmp_path}/x.txt"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "data=files", f"data.source={tmp_path}/x.txt"), tmp_path / "run")
     # missing files, named by the setting that points at them, before any data is packed
     with pytest.raises(FileNotFoundError, match=r"data.eval.clean='.*nope.jsonl': no data files found"):
-        train(compose_train(tmp_path / "c", f"+data.eval.clean={tmp_path}/nope.jsonl"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", f"+data.eval.clean={tmp_path}/nope.jsonl"), tmp_path / "run")
     with pytest.raises(FileNotFoundError, match=r"reference.scores_dir='.*gone'.*run slm-score first"):
-        train(compose_train(tmp_path / "c", "reference=stored", f"reference.scores_dir={tmp_path}/gone"),
+        train_composed(compose_train(tmp_path / "c", "reference=stored", f"reference.scores_dir={tmp_path}/gone"),
               tmp_path / "run")  # fmt: skip
     assert not (tmp_path / "c").exists()
 
@@ -171,7 +173,7 @@ def test_output_folders_and_curves_inputs_that_do_not_exist_are_one_line_errors(
 def test_runs_are_named_and_recorded_by_what_they_select(tmp_path):
     cfg = compose_train(tmp_path / "c", "reference=none", "trainer.max_steps=1")
     assert cfg.name == "train_loss-0.6-none-s0"
-    train(cfg, tmp_path / "run")
+    train_composed(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "run_info.json").read_text())["selector"] == "train_loss"
     assert compose_train(tmp_path / "c", "selector.ratio=1.0").name.startswith("all-1.0-demo")
     # the scope is part of the name where it decides what is kept (issue 26, item 12)
@@ -186,7 +188,7 @@ def test_saved_model_carries_the_tokenizers_special_ids_and_generation_stops_at_
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 
-    train(compose_train(tmp_path / "c", *FAST, "trainer.max_steps=1"), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *FAST, "trainer.max_steps=1"), tmp_path / "run")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     tok = AutoTokenizer.from_pretrained(tmp_path / "run" / "model")
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
@@ -253,21 +255,23 @@ def test_resume_at_another_process_count_keeps_the_rows_per_step():
 def test_resume_with_nothing_to_resume_from_is_refused_and_keeps_the_run(tmp_path):
     import shutil
 
-    train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+    train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     before = (read_metrics(tmp_path / "run"), (tmp_path / "run" / "result.json").read_text())
     shutil.rmtree(tmp_path / "run" / "checkpoints")
     with pytest.raises(RunDirExists, match=r"no complete checkpoint .*nothing to resume from.*trainer.overwrite=true"):
-        train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")
     assert (read_metrics(tmp_path / "run"), (tmp_path / "run" / "result.json").read_text()) == before
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
 
 
 def test_resume_past_a_damaged_latest_checkpoint_rewrites_that_step(tmp_path, caplog):
-    train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")  # checkpoints at steps 3 and 6
+    train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")  # checkpoints at steps 3 and 6
     root = tmp_path / "run" / "checkpoints"
     with open(root / "step_0000006" / "dcp" / "__0_0.distcp", "r+b") as f:
         f.truncate(100)
-    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")  # falls back to step 3
+    train_composed(
+        compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run"
+    )  # falls back to step 3
     assert "moved it to" in caplog.text and checkpoints.latest(tmp_path / "run").name == "step_0000006"
     assert (root / "step_0000006.damaged").is_dir()
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "finished"
@@ -290,7 +294,7 @@ def test_any_checkpoint_write_error_keeps_the_previous_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(state, "save_model_and_optimizer", full_at_6)
     with pytest.raises(checkpoints.CheckpointError, match=r"No space left.*last complete checkpoint is .*step_0000003"):
-        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["latest", "step_0000003"]
 
 
@@ -307,7 +311,7 @@ def test_a_failed_or_interrupted_final_save_is_recorded_and_resumes(tmp_path, mo
 
     monkeypatch.setattr(parallel, "save_inner_pretrained", breaks)
     with pytest.raises(SystemExit) as stopped, one_line_errors():
-        train(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", *FAST), tmp_path / "run")
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"trainer.resume=true hydra.run.dir={tmp_path / 'run'}" in err
     assert stopped.value.code == (130 if what == "ctrl-c" else 1)
@@ -316,7 +320,7 @@ def test_a_failed_or_interrupted_final_save_is_recorded_and_resumes(tmp_path, mo
     assert json.loads((tmp_path / "run" / "run_info.json").read_text())["status"] == result["status"]
     assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "model.tmp").exists()
     monkeypatch.setattr(parallel, "save_inner_pretrained", real)
-    train(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")  # the command it gave
+    train_composed(compose_train(tmp_path / "c", *FAST, "trainer.resume=true"), tmp_path / "run")  # the command it gave
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "finished"
 
@@ -333,15 +337,15 @@ def test_interrupting_the_reference_says_to_rerun_and_the_rerun_resumes_it(tmp_p
 
     monkeypatch.setattr(Trainer, "train_step", sigterm_in_reference_step_2)
     with pytest.raises(SystemExit) as stopped, one_line_errors():
-        train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "run")
     assert stopped.value.code == 128 + signal.SIGTERM
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "while training the reference model (step 2 of 4" in err and "run the same command again" in err
     assert "hydra.run.dir" not in err and "trainer.resume" not in err
     monkeypatch.setattr(Trainer, "train_step", real)
-    train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "run")  # the same command
+    train_composed(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "run")  # the same command
     assert "resuming the interrupted reference" in caplog.text
-    train(compose_train(tmp_path / "c2", "trainer.max_steps=2"), tmp_path / "whole")  # never interrupted
+    train_composed(compose_train(tmp_path / "c2", "trainer.max_steps=2"), tmp_path / "whole")  # never interrupted
     (resumed,), (whole,) = ((tmp_path / c / "reference").glob("*/DONE") for c in ("c", "c2"))
     a, b = read_metrics(resumed.parent / "run"), read_metrics(whole.parent / "run")
     assert [e["step"] for e in a] == [e["step"] for e in b]  # nothing logged twice

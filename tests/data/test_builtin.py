@@ -4,29 +4,29 @@ prose and junk half and half, with clean splits."""
 import pytest
 
 from slm.data import CorpusConfig
-from slm.data.builtin import generate, solve
+from slm.data.builtin import arithmetic_documents, solve
 
 
 def test_corpus_answers_follow_from_prompts():
-    docs = generate(CorpusConfig(n_val_docs=20), "validation")
+    docs = arithmetic_documents(CorpusConfig(n_val_docs=20), "validation")
     for d in docs:
         for start, end in d["answer_spans"]:
             expr = d["text"][:start].rsplit(";", 1)[-1].rstrip("=")  # e.g. "7*8"
             op = next(o for o in "+-*" if o in expr)
             a, b = expr.split(op)
             assert d["text"][start:end] == f"{solve(int(a), op, int(b))};"
-    train = generate(CorpusConfig(n_train_docs=200, noise=0.5), "train")
+    train = arithmetic_documents(CorpusConfig(n_train_docs=200, noise=0.5), "train")
     n_noise = sum(len(d["junk_spans"]) for d in train)
     n_clean = sum(len(d["answer_spans"]) for d in train)
     assert 0.4 < n_noise / (n_noise + n_clean) < 0.6
 
 
 def test_the_realtext_corpus_is_prose_and_junk_half_and_half_with_clean_splits():
-    from slm.data.realtext import RealTextConfig, generate
+    from slm.data.realtext import RealTextConfig, realtext_documents
 
     cfg = RealTextConfig()
-    splits = {s: [d["text"] for d in generate(cfg, s)] for s in ("train", "clean", "validation")}
-    assert splits == {s: [d["text"] for d in generate(cfg, s)] for s in splits}  # deterministic
+    splits = {s: [d["text"] for d in realtext_documents(cfg, s)] for s in ("train", "clean", "validation")}
+    assert splits == {s: [d["text"] for d in realtext_documents(cfg, s)] for s in splits}  # deterministic
     assert min(len(v) for v in splits.values()) > 50
     printable = set(__import__("string").printable) - {"\x0b", "\x0c", "\r"}
     assert all(set(t) <= printable for v in splits.values() for t in v)  # the built-in tokenizer covers it
@@ -57,9 +57,9 @@ def test_the_realtext_clean_mask_marks_exactly_the_prose_characters():
 
     from slm.data import builtin_tokenizer
     from slm.data.packing import pack
-    from slm.data.realtext import RealTextConfig, generate
+    from slm.data.realtext import RealTextConfig, realtext_documents
 
-    docs = generate(RealTextConfig(), "train")[:40]
+    docs = realtext_documents(RealTextConfig(), "train")[:40]
     packed = pack(Dataset.from_list(docs), builtin_tokenizer(), 256)
     tok = builtin_tokenizer()
     marked, text = [], []
@@ -88,10 +88,10 @@ def test_every_junk_token_is_labelled_with_its_kind(corpus):
     if corpus == "builtin":
         from slm.data.builtin import JUNK_KINDS
 
-        docs = generate(CorpusConfig(n_train_docs=30, noise=0.5), "train")
+        docs = arithmetic_documents(CorpusConfig(n_train_docs=30, noise=0.5), "train")
     else:
         from slm.data.realtext import JUNK_KINDS, RealTextConfig
-        from slm.data.realtext import generate as generate_realtext
+        from slm.data.realtext import realtext_documents as generate_realtext
 
         docs = generate_realtext(RealTextConfig(), "train")[:30]
     expected = []

@@ -15,7 +15,7 @@ import pytest
 import torch
 from support.compose import TINY, compose_train
 
-from slm.cli import train
+from slm.cli import train_composed
 from slm.runs import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -213,7 +213,7 @@ def test_a_model_loaded_in_bf16_trains_fp32_master_weights(tmp_path):
     base = ("model.dtype=bfloat16", "reference=none", "selector=all", "trainer.lr=1e-6", "trainer.max_steps=1",
             "trainer.warmup_steps=1", "trainer.weight_decay=0")  # fmt: skip
     cfg = compose_train(tmp_path / "cache", *base)
-    train(cfg, tmp_path / "fp32")
+    train_composed(cfg, tmp_path / "fp32")
     data = build(cfg.data)
     start = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer).state_dict()
     after = load_file(str(tmp_path / "fp32" / "model" / "model.safetensors"))
@@ -223,15 +223,15 @@ def test_a_model_loaded_in_bf16_trains_fp32_master_weights(tmp_path):
         return moved / sum(t.numel() for t in start.values())
 
     assert all(t.dtype == torch.float32 for t in after.values()) and changed(after) > 0.9
-    train(compose_train(tmp_path / "cache", *base, "trainer.master_dtype=null"), tmp_path / "bf16")
+    train_composed(compose_train(tmp_path / "cache", *base, "trainer.master_dtype=null"), tmp_path / "bf16")
     pure = load_file(str(tmp_path / "bf16" / "model" / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in pure.values()) and changed(pure) < 0.1  # rounded away
 
 
 def test_fp16_mixed_precision_with_a_loss_scaler_trains_like_fp32(tmp_path):
     base = ("reference=none", "selector.ratio=0.5", "trainer.max_steps=4")
-    train(compose_train(tmp_path / "cache", *base), tmp_path / "fp32")
-    train(compose_train(tmp_path / "cache", *base, "trainer.mixed_precision=fp16"), tmp_path / "fp16")
+    train_composed(compose_train(tmp_path / "cache", *base), tmp_path / "fp32")
+    train_composed(compose_train(tmp_path / "cache", *base, "trainer.mixed_precision=fp16"), tmp_path / "fp16")
     a = [e["train/loss"] for e in read_metrics(tmp_path / "fp32") if "train/loss" in e]
     b = [e["train/loss"] for e in read_metrics(tmp_path / "fp16") if "train/loss" in e]
     assert len(a) == 4 and b == pytest.approx(a, rel=5e-3)

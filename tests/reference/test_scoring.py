@@ -11,7 +11,7 @@ from support.compose import compose_train
 
 import slm
 from slm.data import CorpusConfig, DataConfig, build, builtin_tokenizer
-from slm.data.builtin import generate
+from slm.data.builtin import arithmetic_documents
 from slm.reference import check_vocab, load_stored, score_dataset
 
 
@@ -55,7 +55,7 @@ def test_reference_trained_on_clean_split_separates_answers_from_noise(tmp_path)
     ).fit()
     tok = data.tokenizer
     clean, noise = [], []
-    for d in generate(CorpusConfig(n_train_docs=40), "train"):
+    for d in arithmetic_documents(CorpusConfig(n_train_docs=40), "train"):
         enc = tok(d["text"], add_special_tokens=False, return_offsets_mapping=True)
         ids = torch.tensor([enc["input_ids"]])
         tl = slm.token_losses(model.eval(), ids, ids)[0]
@@ -135,12 +135,12 @@ def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
 def test_vocabulary_mismatch_refused(tmp_path):
     with pytest.raises(ValueError, match="vocabulary"):
         check_vocab(tiny_model("llama", vocab=100), tiny_model("llama", vocab=120))
-    from slm.cli import train
+    from slm.cli import train_composed
 
     ref = tiny_model("llama", vocab=50)
     save_reference(ref, tmp_path / "ref")
     with pytest.raises(ValueError, match="vocabulary"):
-        train(
+        train_composed(
             compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / 'ref'}"), tmp_path / "run"
         )
 
@@ -200,7 +200,7 @@ def test_a_live_reference_with_another_tokenizer_of_the_same_size_is_refused(tmp
     """Same vocabulary size, other ids for other tokens (as Llama-2 vs Mistral-7B v0.1): refused."""
     from transformers import PreTrainedTokenizerFast
 
-    from slm.cli import train
+    from slm.cli import train_composed
 
     tok = builtin_tokenizer()
     vocab = tok.get_vocab()
@@ -211,13 +211,13 @@ def test_a_live_reference_with_another_tokenizer_of_the_same_size_is_refused(tmp
     save_reference(tiny_model("llama", vocab=len(tok)), tmp_path / "other", tokenizer=other)
     live = ("reference=live", f"reference.path={tmp_path / 'other'}")
     with pytest.raises(ValueError, match=r"reference's tokenizer .*is not the training tokenizer \(builtin"):
-        train(compose_train(tmp_path / "cache", *live), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "cache", *live), tmp_path / "run")
     tiny_model("llama", vocab=len(tok)).save_pretrained(tmp_path / "bare")  # no tokenizer to compare with
     with pytest.raises(ValueError, match="has no tokenizer that loads.*reference.check_tokenizer=false"):
-        train(compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / 'bare'}"),
+        train_composed(compose_train(tmp_path / "cache", "reference=live", f"reference.path={tmp_path / 'bare'}"),
               tmp_path / "run2")  # fmt: skip
     # the explicit override trains with it
-    train(compose_train(tmp_path / "cache", *live, "reference.check_tokenizer=false", "trainer.max_steps=1"),
+    train_composed(compose_train(tmp_path / "cache", *live, "reference.check_tokenizer=false", "trainer.max_steps=1"),
           tmp_path / "run3")  # fmt: skip
 
 
@@ -244,15 +244,17 @@ def test_slm_score_into_a_folder_holding_other_columns_names_the_way_out(tmp_pat
 def test_the_quality_of_a_reference_slm_trained_is_reported_and_recorded(tmp_path, capsys):
     """reference=train / demo: the reference's eval losses from its own training (its cache's result.json) are
     printed by slm-score and slm-train and recorded in every run's run_info (issues 28 item 6, 30 item 1)."""
-    from slm.cli import score, train
+    from slm.cli import score, train_composed
 
     store = score(compose_train(tmp_path / "cache", config_name="score"))
     printed = capsys.readouterr().out
     result = json.loads((next((tmp_path / "cache" / "reference").glob("*/DONE")).parent / "result.json").read_text())
     assert f"reference quality: eval/validation/loss={round(result['eval/validation/loss'], 4)}" in printed
     assert f"after {result['step']} steps of its own training" in printed
-    train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "run")
+    train_composed(
+        compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "run"
+    )
     quality = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_quality"]
     assert quality["eval/loss"] == round(result["eval/loss"], 4) and quality["steps"] == result["step"]
-    train(compose_train(tmp_path / "cache", "reference=none"), tmp_path / "plain")
+    train_composed(compose_train(tmp_path / "cache", "reference=none"), tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "run_info.json").read_text())["reference_quality"] is None

@@ -6,7 +6,7 @@ import signal
 import pytest
 import torch
 
-from slm.cli import train
+from slm.cli import train_composed
 from slm.runs import read_metrics
 from slm.train import RunInterrupted, Trainer
 from support.compose import compose_train
@@ -21,7 +21,7 @@ def resumed_equals_whole(tmp_path, monkeypatch, *overrides):
     from safetensors.torch import load_file
 
     common = ("trainer.checkpoint_every=100", "trainer.eval_every=2", *overrides)  # cut mid-way between evals
-    train(compose_train(tmp_path / "c", *common), tmp_path / "whole")
+    train_composed(compose_train(tmp_path / "c", *common), tmp_path / "whole")
     real = Trainer.train_step
 
     def ctrl_c_in_step_3(self):
@@ -31,9 +31,9 @@ def resumed_equals_whole(tmp_path, monkeypatch, *overrides):
 
     monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_3)
     with pytest.raises(RunInterrupted):
-        train(compose_train(tmp_path / "c", *common), tmp_path / "cut")
+        train_composed(compose_train(tmp_path / "c", *common), tmp_path / "cut")
     monkeypatch.setattr(Trainer, "train_step", real)
-    train(compose_train(tmp_path / "c", *common, "trainer.resume=true"), tmp_path / "cut")
+    train_composed(compose_train(tmp_path / "c", *common, "trainer.resume=true"), tmp_path / "cut")
     for key in ("train/loss", "tokens_seen", "tokens_selected", "flops"):
         assert step_values(tmp_path / "cut", key) == pytest.approx(step_values(tmp_path / "whole", key), rel=1e-6), key
     audits = [[{k: v for k, v in e.items() if k.startswith("audit/")} for e in read_metrics(tmp_path / d)] for d in

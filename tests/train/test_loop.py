@@ -10,7 +10,7 @@ import pytest
 import torch
 from support.compose import TINY, compose_train
 
-from slm.cli import train
+from slm.cli import train_composed
 from slm.runs import read_metrics
 from slm.train import BatchStream, NonFiniteLoss, RunInterrupted, Trainer, answer_accuracy
 
@@ -55,8 +55,8 @@ def test_accumulation_equals_double_batch(tmp_path):
     common = ("selector.scope=sequence", "selector.ratio=0.6", "trainer.eval_every=100")
     cfg_a = compose_train(tmp_path / "cache", "trainer.batch_size=2", "trainer.grad_accum=2", *common)
     cfg_b = compose_train(tmp_path / "cache", "trainer.batch_size=4", "trainer.grad_accum=1", *common)
-    train(cfg_a, tmp_path / "a")
-    train(cfg_b, tmp_path / "b")
+    train_composed(cfg_a, tmp_path / "a")
+    train_composed(cfg_b, tmp_path / "b")
     for key in ("train/loss", "train/grad_norm"):  # the norm catches a mis-scaled gradient that Adam would hide
         la, lb = losses(tmp_path / "a", key), losses(tmp_path / "b", key)
         assert len(la) == 6 and [s for s, _ in la] == [s for s, _ in lb]
@@ -78,7 +78,7 @@ def test_ratio_one_is_plain_causal_lm_training(tmp_path):
     cfg = compose_train(
         tmp_path / "cache", "selector=all", "reference=none", "trainer.grad_clip=1e9", "trainer.max_steps=4"
     )
-    train(cfg, tmp_path / "run")
+    train_composed(cfg, tmp_path / "run")
     data = build(cfg.data)
     model = build_model(cfg.model, len(data.tokenizer), cfg.seed, data.tokenizer)
     tcfg = TrainConfig(**{k: v for k, v in cfg.trainer.items()}, seed=cfg.seed)
@@ -109,7 +109,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
     import signal
 
     overrides = ("trainer.max_steps=8", "trainer.checkpoint_every=100", "selector=random", "selector.ratio=0.5")
-    train(compose_train(tmp_path / "cache", *overrides), tmp_path / "full")
+    train_composed(compose_train(tmp_path / "cache", *overrides), tmp_path / "full")
 
     real_step = Trainer.train_step
 
@@ -120,14 +120,14 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
 
     monkeypatch.setattr(Trainer, "train_step", ctrl_c_during_step_5)
     with pytest.raises(RunInterrupted) as stopped:
-        train(compose_train(tmp_path / "cache", *overrides), tmp_path / "cut")
+        train_composed(compose_train(tmp_path / "cache", *overrides), tmp_path / "cut")
     assert stopped.value.step == 5 and stopped.value.checkpoint.name == "step_0000005"
     result = json.loads((tmp_path / "cut" / "result.json").read_text())
     assert result["status"] == "interrupted" and result["step"] == 5
     assert json.loads((tmp_path / "cut" / "run_info.json").read_text())["status"] == "interrupted"
     assert not (tmp_path / "cut" / "model").exists()  # not written as if finished
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    train(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
+    train_composed(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
 
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [e["step"] for e in full] == [e["step"] for e in cut]  # same file, no duplicated events
@@ -141,7 +141,7 @@ def test_resume_after_interrupt_matches_uninterrupted_run(tmp_path, monkeypatch)
     # resuming a finished run does nothing, rewrites no checkpoint and reports the final eval numbers
     ckpt = tmp_path / "cut" / "checkpoints" / "step_0000008"
     stamp = (ckpt / "dcp" / ".metadata").stat().st_mtime_ns
-    again = train(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
+    again = train_composed(compose_train(tmp_path / "cache", *overrides, "trainer.resume=true"), tmp_path / "cut")
     assert again["step"] == 8 and again["eval/loss"] == pytest.approx(full[-1]["eval/loss"])
     assert read_metrics(tmp_path / "cut") == cut
     assert (ckpt / "dcp" / ".metadata").stat().st_mtime_ns == stamp
@@ -159,7 +159,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path, monkeypatc
 
     monkeypatch.setattr(Trainer, "train_step", poison_at_4)
     with pytest.raises(NonFiniteLoss, match=r"step 4 .*step_0000003"):
-        train(compose_train(tmp_path / "cache", "reference=none", "trainer.max_steps=6"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "cache", "reference=none", "trainer.max_steps=6"), tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000003"
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
 
@@ -170,7 +170,7 @@ def test_metrics_and_offline_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no stored W&B login
     cfg = compose_train(tmp_path / "cache", "logger=wandb", "experiment_name=unit")
-    train(cfg, tmp_path / "run")
+    train_composed(cfg, tmp_path / "run")
     events = read_metrics(tmp_path / "run")
     train_ev = [e for e in events if "train/loss" in e]
     eval_ev = [e for e in events if "eval/loss" in e]
@@ -193,14 +193,16 @@ def test_stored_reference_refuses_other_data_settings(tmp_path, capsys):
     # the command it prints carries the data options the store was made with, and it works as printed
     assert f"train with: slm-train data.block_size=24 reference=stored reference.scores_dir={out}" in printed
     assert "scored at" in printed
-    train(compose_train(tmp_path / "cache", "data.block_size=24", "reference=stored", f"reference.scores_dir={out}",
-                        "trainer.max_steps=1"), tmp_path / "ok")  # fmt: skip
+    ok = ("data.block_size=24", "reference=stored", f"reference.scores_dir={out}", "trainer.max_steps=1")
+    train_composed(compose_train(tmp_path / "cache", *ok), tmp_path / "ok")
     with pytest.raises(
         ValueError,
         match=r"made for other data: the store has block_size=24, this run's data has "
         r"block_size=32\. Pass the same data options .*re-scoring is needed only",
     ):
-        train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}"), tmp_path / "run")
+        train_composed(
+            compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={out}"), tmp_path / "run"
+        )
     score(cfg, overrides=["data.block_size=24"])  # a second time: nothing to score, and it says so
     assert "reused: an earlier slm-score run had stored these exact losses" in capsys.readouterr().out
 
@@ -224,7 +226,9 @@ def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypa
         values[0, 1] += 1.0
         np.save(shard, values)
     with pytest.raises(ValueError, match=r"ref_loss/\d+\.npy is not what slm-score wrote"):
-        train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "run")
+        train_composed(
+            compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "run"
+        )
     assert json.loads((tmp_path / "run" / "result.json").read_text())["status"] == "failed"
 
 
@@ -287,8 +291,10 @@ def test_live_reference_trains_exactly_like_its_stored_column(tmp_path):
     save_reference(tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())), tmp_path / "ref")
     live = ("reference=live", f"reference.path={tmp_path / 'ref'}")
     store = score(compose_train(tmp_path / "cache", *live, config_name="score"))
-    train(compose_train(tmp_path / "cache", *live), tmp_path / "live")
-    train(compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "stored")
+    train_composed(compose_train(tmp_path / "cache", *live), tmp_path / "live")
+    train_composed(
+        compose_train(tmp_path / "cache", "reference=stored", f"reference.scores_dir={store}"), tmp_path / "stored"
+    )
     a, b = losses(tmp_path / "live"), losses(tmp_path / "stored")
     assert len(a) == 6 and [s for s, _ in a] == [s for s, _ in b]
     assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-6)
@@ -321,10 +327,10 @@ def test_flops_estimate_the_matrix_products_a_selective_step_runs():
 def test_a_run_with_too_few_eval_points_for_a_curve_says_so_at_start(tmp_path, caplog):
     """trainer.max_steps shorter than a few trainer.eval_every: warned once, with the setting that fixes it."""
     short = ("reference=none", "trainer.max_steps=4")
-    train(compose_train(tmp_path / "c", *short, "trainer.eval_every=3"), tmp_path / "a")
+    train_composed(compose_train(tmp_path / "c", *short, "trainer.eval_every=3"), tmp_path / "a")
     assert "3 eval points" in caplog.text and "trainer.eval_every=1" in caplog.text
     caplog.clear()
-    train(compose_train(tmp_path / "c", *short, "trainer.eval_every=1"), tmp_path / "b")
+    train_composed(compose_train(tmp_path / "c", *short, "trainer.eval_every=1"), tmp_path / "b")
     assert "eval points" not in caplog.text
 
 
@@ -353,10 +359,10 @@ def test_a_live_reference_is_counted_on_every_block_it_scores(tmp_path, monkeypa
         return real(self, batch)
 
     monkeypatch.setattr(RefSource, "values", counting)
-    train(compose_train(tmp_path / "cache", *live, *blocks), tmp_path / "live")
+    train_composed(compose_train(tmp_path / "cache", *live, *blocks), tmp_path / "live")
     monkeypatch.setattr(RefSource, "values", real)
     stored = ("reference=stored", f"reference.scores_dir={store}")
-    train(compose_train(tmp_path / "cache", *stored, *blocks), tmp_path / "s")
+    train_composed(compose_train(tmp_path / "cache", *stored, *blocks), tmp_path / "s")
     flops = [read_metrics(tmp_path / d)[-1]["flops"] for d in ("live", "s")]
     params = sum(p.numel() for p in ref.parameters())
     assert flops[0] - flops[1] == pytest.approx(2 * params * sum(forwarded), rel=1e-9)
@@ -366,7 +372,7 @@ def test_a_run_that_reads_its_text_more_than_once_says_so(tmp_path, caplog):
     import logging
 
     with caplog.at_level(logging.WARNING):
-        train(compose_train(tmp_path / "c", "trainer.max_steps=80"), tmp_path / "run")
+        train_composed(compose_train(tmp_path / "c", "trainer.max_steps=80"), tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     from slm.cli.validation import validate
     from slm.data import build
@@ -376,6 +382,6 @@ def test_a_run_that_reads_its_text_more_than_once_says_so(tmp_path, caplog):
     assert any("reads its training text" in r.message for r in caplog.records)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        train(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "once")
+        train_composed(compose_train(tmp_path / "c", "trainer.max_steps=2"), tmp_path / "once")
     assert json.loads((tmp_path / "once" / "run_info.json").read_text())["passes"] < 1
     assert not any("reads its training text" in r.message for r in caplog.records)

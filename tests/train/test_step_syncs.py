@@ -12,7 +12,7 @@ import pytest
 from support.compose import compose_train
 from support.probes import HostSyncs
 
-from slm.cli import train
+from slm.cli import train_composed
 from slm.model import SelectiveLM
 from slm.train import BlockFilter, Trainer
 
@@ -45,7 +45,9 @@ def step_ops(monkeypatch, tmp_path, name: str, *overrides: str) -> tuple[Counter
     monkeypatch.setattr(Trainer, "train_on", probed_step)
     monkeypatch.setattr(BlockFilter, "keep", probed_keep)
     monkeypatch.setattr(SelectiveLM, "forward", probed_forward)
-    train(compose_train(tmp_path / "cache", "trainer.max_steps=2", "trainer.eval_every=2", *overrides), tmp_path / name)
+    train_composed(
+        compose_train(tmp_path / "cache", "trainer.max_steps=2", "trainer.eval_every=2", *overrides), tmp_path / name
+    )
     monkeypatch.undo()
     accum = int(next((o.split("=")[1] for o in overrides if o.startswith("trainer.grad_accum=")), 1))
     return steps[-1], keeps[len(keeps) - accum :]

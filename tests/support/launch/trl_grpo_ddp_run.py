@@ -11,7 +11,7 @@ import trl  # noqa: E402
 from support.launch_exit import save_and_exit  # noqa: E402
 from test_trl_trainer import _grpo  # noqa: E402
 
-from slm.trl_trainer import SelectiveGRPOTrainer  # noqa: E402
+from slm.trainers import SelectiveGRPOTrainer  # noqa: E402
 
 
 def main() -> None:

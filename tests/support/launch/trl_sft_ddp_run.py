@@ -14,7 +14,7 @@ from support.launch_exit import save_and_exit  # noqa: E402
 from test_trl_trainer import _data  # noqa: E402
 
 from slm.data import builtin_tokenizer  # noqa: E402
-from slm.trl_trainer import SelectiveSFTTrainer  # noqa: E402
+from slm.trainers import SelectiveSFTTrainer  # noqa: E402
 
 
 def main() -> None:
