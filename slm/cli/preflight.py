@@ -66,7 +66,7 @@ def check_run_sources(settings) -> None:
     """Every hub name a run's or a store's settings need (:class:`slm.recipes.RunSettings`,
     :class:`slm.recipes.ScoreSettings`), before anything slow."""
     data, ref = settings.data, settings.reference
-    check_fetchable(settings.model.get("pretrained"), "model.pretrained", "model")
+    check_fetchable(settings.model.pretrained, "model.pretrained", "model")
     check_fetchable(data.tokenizer, "data.tokenizer", "tokenizer")
     if ref.kind == "live":
         check_fetchable(ref.path, "reference.path", "model")
@@ -74,7 +74,7 @@ def check_run_sources(settings) -> None:
     sources = [("data.source", data.source)]
     sources += [(f"data.eval.{name}", spec.source) for name, spec in data.eval.items()]
     if ref.kind == "train":
-        sources.append(("reference.data.source", ref.data.get("source")))
+        sources.append(("reference.data.source", ref.data.source))
     for setting, source in sources:
         if not source or source in ("builtin", "realtext"):
             continue

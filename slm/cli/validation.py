@@ -15,6 +15,7 @@ import time
 from omegaconf import DictConfig, OmegaConf
 
 from slm.data import DataConfig
+from slm.model import ModelConfig
 from slm.recipes import ReferenceConfig, RunSettings, ScoreSettings, typed
 from slm.selection import ratio_schedule
 from slm.train import DownstreamConfig, SelectorConfig, TrainConfig, check_blocks, harness, selects_by
@@ -97,7 +98,8 @@ def validate(cfg: DictConfig) -> RunSettings:
             f"selector.block_score={selector.block_score} ranks blocks with a reference, and reference=none has "
             "none: use selector.block_score=train_loss (or a reference)"
         )
-    if reference.init == "pretrained" and not plain["model"].get("pretrained"):
+    model = typed(ModelConfig, plain["model"], "model")
+    if reference.init == "pretrained" and not model.pretrained:
         raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
     downstream = typed(DownstreamConfig, plain.get("downstream"), "downstream")
     if downstream.tasks:
@@ -112,7 +114,7 @@ def validate(cfg: DictConfig) -> RunSettings:
         )
     logger = None if plain["logger"]["kind"] == "none" else plain["logger"]
     return RunSettings(
-        model=plain["model"],
+        model=model,
         data=data,
         reference=reference,
         selector=selector,
@@ -135,7 +137,7 @@ def score_settings(cfg: DictConfig) -> ScoreSettings:
     if plain.get("store_dtype", "float32") not in ("float32", "bfloat16"):
         raise ValueError(f"store_dtype must be float32 or bfloat16, got {plain['store_dtype']!r}")
     return ScoreSettings(
-        model=plain["model"],
+        model=typed(ModelConfig, plain["model"], "model"),
         data=_data(plain),
         reference=reference,
         seed=plain.get("seed", 0),

@@ -13,7 +13,7 @@ def default_cache_dir() -> str:
     return os.environ.get("SLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "slm"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "builtin"  # builtin | realtext | a file, glob or folder | an HF hub dataset name
     tokenizer: str = BUILTIN  # builtin | an HF tokenizer name or local path
@@ -39,9 +39,11 @@ class DataConfig:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.sample_by not in ("line", "paragraph", "document"):
             raise ValueError(f"data.sample_by must be line, paragraph or document, got {self.sample_by!r}")
-        self.builtin, self.realtext = dict(self.builtin), dict(self.realtext or {})
-        self.cache_dir = self.cache_dir or default_cache_dir()
-        self.eval = {str(k): eval_spec(k, v) for k, v in dict(self.eval or {}).items()}
+        set_ = object.__setattr__  # frozen: the normalised values, set once here
+        set_(self, "builtin", dict(self.builtin))
+        set_(self, "realtext", dict(self.realtext or {}))
+        set_(self, "cache_dir", self.cache_dir or default_cache_dir())
+        set_(self, "eval", {str(k): eval_spec(k, v) for k, v in dict(self.eval or {}).items()})
         if "validation" in self.eval:
             raise ValueError("data.eval.validation: that name is the training source's own validation split")
 
@@ -64,7 +66,7 @@ def eval_spec(name, value) -> SourceSpec:
     return SourceSpec(**fields)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceSpec:
     """One source read as a single split: an eval set (``data.eval.<name>``) or a reference's text."""
 

@@ -9,13 +9,14 @@ Imports slm.head and slm.selection.
   flops.py         the matrix products a step really runs (a data-efficiency x-axis)
 """
 
-from slm.model.architectures import build_model, causal_lm, register_zero3_head
+from slm.model.architectures import ModelConfig, build_model, causal_lm, register_zero3_head
 from slm.model.flops import FlopModel, flop_model
 from slm.model.losses import token_losses
 from slm.model.rows import check_loss_mask, check_loss_weight, shifted_valid
 from slm.model.selective_lm import SCORES, SELECTORS, SelectiveLM, SelectiveOutput, save_inner_pretrained
 
 __all__ = [
+    "ModelConfig",
     "FlopModel",
     "SCORES",
     "SELECTORS",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -221,22 +222,60 @@ def output_head(
     return OutputHead(out.weight, out.bias, scale, softcap, chunk_elements, backend), ""
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``model.*``: the training model (and the architecture of a reference trained from scratch): a pretrained
+    one (``pretrained``: a hub name or folder), else one built from ``config`` (the HF config's fields, with
+    ``model_type``). ``tokenizer`` is the one the data uses by default; ``dtype`` the dtype it loads in."""
+
+    name: str = "model"
+    pretrained: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    config: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"model.dtype must be one of {MODEL_DTYPES}, got {self.dtype!r}")
+        if not self.pretrained and not (self.config or {}).get("model_type"):
+            raise ValueError(
+                "model: set model.pretrained=<hub name or folder>, or model.config with a model_type (and its sizes) "
+                "for a model built from config"
+            )
+        object.__setattr__(self, "config", dict(self.config or {}))
+
+    @classmethod
+    def of(cls, settings) -> ModelConfig:
+        """A :class:`ModelConfig` from itself or from a mapping of ``model.*`` settings (unknown keys named)."""
+        if isinstance(settings, cls):
+            return settings
+        given = dict(settings)
+        unknown = sorted(set(given) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"model.{unknown[0]} is not a setting of model; it has {sorted(cls.__dataclass_fields__)}")
+        return cls(**given)
+
+
 def build_model(mcfg, vocab_size: int, seed: int, tokenizer=None, fresh: bool = False):
-    """An HF causal LM from ``mcfg``, a mapping of the ``model.*`` settings: ``pretrained`` (hub name or
-    path), else built from ``config`` (the HF config's fields). A model built
+    """An HF causal LM from ``mcfg`` (a :class:`ModelConfig`, or a mapping of its fields): ``pretrained`` (hub
+    name or path), else built from ``config`` (the HF config's fields). A model built
     from config carries ``tokenizer``'s special token ids (generation stops at its end token).
     ``fresh=True``: a pretrained model's architecture, freshly initialised (a reference trained
     from scratch)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, mcfg.get("dtype", "float32"))
-    if mcfg.get("pretrained") and not fresh:
-        return _from_pretrained(mcfg["pretrained"], dtype)
-    if mcfg.get("pretrained"):
-        config = AutoConfig.from_pretrained(mcfg["pretrained"])
+    mcfg = ModelConfig.of(mcfg)
+    dtype = getattr(torch, mcfg.dtype)
+    if mcfg.pretrained and not fresh:
+        return _from_pretrained(mcfg.pretrained, dtype)
+    if mcfg.pretrained:
+        config = AutoConfig.from_pretrained(mcfg.pretrained)
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
-    kwargs = dict(mcfg["config"])
+    kwargs = dict(mcfg.config)
     model_type = kwargs.pop("model_type")
     if tokenizer is not None:
         kwargs.update(

@@ -18,10 +18,10 @@ from slm.recipes.references import describe_quality, reference_quality, referenc
 from slm.recipes.run import Run, build_run, train
 from slm.recipes.settings import (
     REFERENCE_KINDS,
+    ConvergeConfig,
     ReferenceConfig,
     RunSettings,
     ScoreSettings,
-    check_converge,
     config_hash,
     resolve_block_size,
     typed,
@@ -31,13 +31,13 @@ from slm.recipes.store_losses import StoredLosses, store_losses
 __all__ = [
     "HELDOUT",
     "REFERENCE_KINDS",
+    "ConvergeConfig",
     "ReferenceConfig",
     "Run",
     "RunSettings",
     "ScoreSettings",
     "StoredLosses",
     "build_run",
-    "check_converge",
     "config_hash",
     "describe_quality",
     "hold_out",

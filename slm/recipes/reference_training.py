@@ -10,21 +10,22 @@ import json
 import logging
 import shutil
 from contextlib import nullcontext
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 from accelerate.utils import broadcast_object_list
 
 from slm import parallel
-from slm.data import GENERATED, CacheLock, PackedData, SourceSpec, build_split
+from slm.data import GENERATED, CacheLock, PackedData, build_split
 from slm.model import SelectiveLM, build_model
 from slm.recipes.settings import RunSettings, ScoreSettings, config_hash
 from slm.reference import load_reference
 from slm.runs import Tracker, checkpoints
-from slm.train import EarlyStop, RunInterrupted, TrainConfig, Trainer
+from slm.train import EarlyStop, RunInterrupted, Trainer
 
 log = logging.getLogger(__name__)
 DONE = "DONE"
+NOT_IN_THE_WEIGHTS = ("progress", "resume", "overwrite", "keep_checkpoints", "log_every")  # not in its cache key
 Settings = RunSettings | ScoreSettings  # what slm-train and slm-score share: model, data, reference, cache
 
 
@@ -38,13 +39,12 @@ def _reference_data(settings: Settings, data: PackedData, seed: int) -> tuple:
     """(packed training text of a trained reference, its identity). The built-in corpus's own
     splits come from the run's packed data; any other source is packed with the run's tokenizer
     and block size and cached."""
-    spec, own = settings.reference.data, settings.data.source
-    if spec.get("source") in GENERATED and spec.get("source") == own:  # a split of the run's own corpus
-        split = spec.get("split") or "clean"
+    source, own = settings.reference.data, settings.data.source
+    if source.source in GENERATED and source.source == own:  # a split of the run's own corpus
+        split = source.split or "clean"
         if split not in data.splits:
             raise ValueError(f"reference.data.split={split!r}: the {own} corpus has {sorted(data.splits)}")
         return data[split], {own: data.identity["data_hash"][split]}
-    source = SourceSpec(**{k: v for k, v in spec.items() if v is not None or k == "split"})
     packed = build_split(
         source,
         data.tokenizer,
@@ -70,23 +70,23 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
     a hash of everything that decides its weights and reused by every run and sweep job."""
     rcfg = settings.reference
     seed = int(rcfg.seed)  # not the run's seed: every seed of a sweep shares one reference
-    tcfg = TrainConfig(**rcfg.trainer, seed=seed)
+    tcfg = replace(rcfg.trainer, seed=seed)
     ref_data, data_identity = _reference_data(settings, data, seed)
     # Everything that changes the reference's weights: the global batch depends on the process count.
     identity = {
-        "model": settings.model,
+        "model": asdict(settings.model),
         "init": rcfg.init,
-        "trainer": rcfg.trainer,
+        "trainer": {k: v for k, v in asdict(tcfg).items() if k not in NOT_IN_THE_WEIGHTS},
         "data": data_identity,
         "seed": seed,
         "processes": acc.num_processes,
         "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision),
     }
-    converge = rcfg.converge or {}
-    if converge.get("holdout"):
-        identity["converge"] = converge
+    converge = rcfg.converge
+    if converge.holdout:
+        identity["converge"] = asdict(converge)
     where = settings.cache_root / "reference" / config_hash(identity)
-    what = f"{rcfg.data.get('source')} ({rcfg.data.get('split') or 'all'})"
+    what = f"{rcfg.data.source} ({rcfg.data.split or 'all'})"
     # one job of a sweep trains it; the others wait on its lock (saying so), then reuse it
     with CacheLock(where, f"the reference {where}") if acc.is_main_process else nullcontext():
         if agreed((where / DONE).exists()):
@@ -113,11 +113,11 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
             step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
             train_text, eval_sets, early = ref_data, data.eval_sets, None
-            if converge.get("holdout"):
-                train_text, heldout = hold_out(ref_data, converge["holdout"])
+            if converge.holdout:
+                train_text, heldout = hold_out(ref_data, converge.holdout)
                 eval_sets = {**data.eval_sets, HELDOUT: heldout}
                 best = lambda: t.engine.save_pretrained(where / "model", data.tokenizer)  # noqa: E731 (the best weights)
-                early = EarlyStop(HELDOUT, converge["patience"], converge["min_delta"], on_best=best)
+                early = EarlyStop(HELDOUT, converge.patience, converge.min_delta, on_best=best)
                 log.info(
                     "reference: trains until its loss on %d held-out blocks of its text stops improving "
                     "(patience %d evals of %d steps, at most %d steps)",

@@ -204,11 +204,11 @@ def check_score_vocab(settings: Settings, data: PackedData, ref) -> None:
     """Refuse, before scoring, a reference whose vocabulary is not the training model's."""
     from transformers import AutoConfig
 
-    pretrained = settings.model.get("pretrained")
+    pretrained = settings.model.pretrained
     vocab = AutoConfig.from_pretrained(pretrained).vocab_size if pretrained else len(data.tokenizer)
     v_ref = ref.get_output_embeddings().weight.shape[0]
     if v_ref != vocab:
         raise ValueError(
             f"the reference's vocabulary ({v_ref} tokens) differs from the training model's ({vocab}, "
-            f"model={settings.model.get('name')}); a reference must share the training model's tokenizer"
+            f"model={settings.model.name}); a reference must share the training model's tokenizer"
         )

@@ -113,7 +113,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     log.info("data: %s (blocks of %d tokens)", settings.data.source, settings.data.block_size)
     with acc.main_process_first():  # one process packs and caches; the others then load the cache
         data = build(settings.data)
-    log.info("model: %s", settings.model.get("name"))
+    log.info("model: %s", settings.model.name)
     with parallel.model_init():
         model = build_model(settings.model, len(data.tokenizer), settings.seed, data.tokenizer)
     check_block_size(model.config, settings.data.block_size)

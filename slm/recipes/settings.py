@@ -10,7 +10,8 @@ import logging
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from slm.data import DataConfig
+from slm.data import DataConfig, SourceSpec
+from slm.model import ModelConfig
 from slm.reference import check_evolution
 from slm.train import DownstreamConfig, SelectorConfig, TrainConfig
 
@@ -22,6 +23,38 @@ MAX_DEFAULT_BLOCK = 2048
 
 
 @dataclass(frozen=True)
+class ConvergeConfig:
+    """``reference.converge``: ``holdout`` (the share of the reference's text held out to judge it; 0: train
+    ``reference.trainer.max_steps`` steps, no early stop), ``patience`` (evals without improvement before it
+    stops), ``min_delta`` (the least fall in held-out loss that counts as one)."""
+
+    holdout: float = 0.0
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.holdout) < 0.5:
+            raise ValueError(f"reference.converge.holdout must be in [0, 0.5), got {self.holdout}")
+        if int(self.patience) < 1:
+            raise ValueError(f"reference.converge.patience must be >= 1, got {self.patience}")
+        if not float(self.min_delta) >= 0:
+            raise ValueError(f"reference.converge.min_delta must be >= 0, got {self.min_delta}")
+        for name, kind in (("holdout", float), ("patience", int), ("min_delta", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+
+    @classmethod
+    def of(cls, given: dict | None) -> ConvergeConfig:
+        """From the ``reference.converge`` mapping (null values keep the defaults; unknown keys named)."""
+        given = dict(given or {})
+        unknown = sorted(set(given) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"reference.converge has no {', '.join(unknown)}: it takes {', '.join(cls.__dataclass_fields__)}"
+            )
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
+
+@dataclass(frozen=True)
 class ReferenceConfig:
     """``reference.*``: where a run's reference values come from."""
 
@@ -30,10 +63,10 @@ class ReferenceConfig:
     scores_dir: str | None = None  # stored: the folder slm-score printed
     dtype: str = "auto"  # live: auto = bfloat16 on CUDA, float32 on CPU
     check_tokenizer: bool = True  # live: refuse a reference whose tokenizer is not the training one
-    data: dict = field(default_factory=dict)  # train/demo: its training text (SourceSpec fields)
+    data: SourceSpec | None = None  # train/demo: its training text (given as SourceSpec fields)
     init: str = "scratch"  # train/demo: scratch | pretrained (from model.pretrained)
-    trainer: dict = field(default_factory=dict)  # train/demo: its TrainConfig fields (max_steps: the cap)
-    converge: dict = field(default_factory=dict)  # train/demo: holdout, patience, min_delta (early stop)
+    trainer: TrainConfig = field(default_factory=TrainConfig)  # train/demo: how it trains (max_steps: the cap)
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)  # train/demo: its early stop
     seed: int = 0  # train/demo: its own seed, shared by every seed of a sweep
     evolve_every: int | None = None  # refresh from the training model every N steps (scored live)
     evolve_ema: float = 0.0
@@ -52,7 +85,8 @@ class ReferenceConfig:
                 "reference=live needs reference.path=<a model folder or hub name> sharing the training model's "
                 "tokenizer"
             )
-        if kind == "train" and not (self.data or {}).get("source"):
+        data = self.data if isinstance(self.data, SourceSpec) or self.data is None else dict(self.data)
+        if kind == "train" and not (data.source if isinstance(data, SourceSpec) else (data or {}).get("source")):
             raise ValueError(
                 "reference=train needs reference.data.source=<the reference's training text: a file, glob, "
                 "folder, hub dataset or builtin>"
@@ -66,9 +100,14 @@ class ReferenceConfig:
                     f"reference={kind} has none (use reference=train, demo or live)"
                 )
             check_evolution(self.evolve_every, self.evolve_ema)
-        if self.trained:
-            typed(TrainConfig, self.trainer, "reference.trainer", seed=self.seed)
-            object.__setattr__(self, "converge", check_converge(self.converge))
+        if isinstance(data, dict):  # unset fields (null) keep SourceSpec's defaults
+            given = {k: v for k, v in data.items() if v is not None or k == "split"}
+            data = typed(SourceSpec, given, "reference.data") if data else None
+        object.__setattr__(self, "data", data)
+        if not isinstance(self.trainer, TrainConfig):
+            object.__setattr__(self, "trainer", typed(TrainConfig, self.trainer, "reference.trainer", seed=self.seed))
+        if not isinstance(self.converge, ConvergeConfig):
+            object.__setattr__(self, "converge", ConvergeConfig.of(self.converge))
 
     @property
     def trained(self) -> bool:
@@ -76,32 +115,11 @@ class ReferenceConfig:
         return self.kind in ("train", "demo")
 
 
-CONVERGE_KEYS = {"holdout": 0.0, "patience": 3, "min_delta": 0.0}
-
-
-def check_converge(converge: dict | None) -> dict:
-    """``reference.converge``: ``holdout`` (the share of the reference's text held out to judge it; 0: train
-    ``reference.trainer.max_steps`` steps, no early stop), ``patience`` (evals without improvement before it
-    stops), ``min_delta`` (the least fall in held-out loss that counts as one)."""
-    converge = dict(converge or {})
-    unknown = sorted(set(converge) - set(CONVERGE_KEYS))
-    if unknown:
-        raise ValueError(f"reference.converge has no {', '.join(unknown)}: it takes {', '.join(CONVERGE_KEYS)}")
-    out = {**CONVERGE_KEYS, **{k: v for k, v in converge.items() if v is not None}}
-    if not 0.0 <= float(out["holdout"]) < 0.5:
-        raise ValueError(f"reference.converge.holdout must be in [0, 0.5), got {out['holdout']}")
-    if int(out["patience"]) < 1:
-        raise ValueError(f"reference.converge.patience must be >= 1, got {out['patience']}")
-    if not float(out["min_delta"]) >= 0:
-        raise ValueError(f"reference.converge.min_delta must be >= 0, got {out['min_delta']}")
-    return {"holdout": float(out["holdout"]), "patience": int(out["patience"]), "min_delta": float(out["min_delta"])}
-
-
 @dataclass(frozen=True)
 class ScoreSettings:
     """What ``slm-score`` runs with (``score.yaml``)."""
 
-    model: dict  # the model.* settings, plain (slm.model.build_model reads them)
+    model: ModelConfig
     data: DataConfig
     reference: ReferenceConfig
     seed: int = 0
@@ -119,7 +137,7 @@ class ScoreSettings:
 class RunSettings:
     """What ``slm-train`` runs with (``train.yaml``)."""
 
-    model: dict
+    model: ModelConfig
     data: DataConfig
     reference: ReferenceConfig
     selector: SelectorConfig
@@ -151,13 +169,13 @@ def resolve_block_size(settings: RunSettings | ScoreSettings):
     if settings.data.block_size is not None:
         return settings
     model = settings.model
-    if model.get("pretrained"):
+    if model.pretrained:
         from transformers import AutoConfig
 
-        mc = AutoConfig.from_pretrained(model["pretrained"])
+        mc = AutoConfig.from_pretrained(model.pretrained)
         limit = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
     else:
-        limit = model["config"].get("max_position_embeddings") or model["config"].get("n_positions")
+        limit = model.config.get("max_position_embeddings") or model.config.get("n_positions")
     size = min(int(limit or MAX_DEFAULT_BLOCK), MAX_DEFAULT_BLOCK)
     log.info("data.block_size=null: using %d (the model's context length, at most %d)", size, MAX_DEFAULT_BLOCK)
     return replace(settings, data=replace(settings.data, block_size=size))

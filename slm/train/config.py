@@ -96,8 +96,10 @@ class SelectorConfig:
         return {"loss": "ref_loss" in columns, "entropy": "ref_entropy" in columns}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """``trainer.*`` (and ``reference.trainer.*``): how a run trains; frozen once validated."""
+
     seed: int = 0
     max_steps: int = 500
     batch_size: int = 16  # per process, per micro-batch

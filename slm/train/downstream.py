@@ -20,7 +20,7 @@ from slm.train.watchers import Watcher
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DownstreamConfig:
     tasks: list = field(default_factory=list)  # harness task names; empty: no downstream evaluation
     every: int | None = None  # steps between runs; None: at every eval point
@@ -30,7 +30,7 @@ class DownstreamConfig:
     batch_size: int = 8
 
     def __post_init__(self):
-        self.tasks = list(self.tasks or [])
+        object.__setattr__(self, "tasks", list(self.tasks or []))
         if self.every is not None and int(self.every) < 1:
             raise ValueError(f"downstream.every must be >= 1 (or null: every eval point), got {self.every}")
 

@@ -10,9 +10,9 @@ from support.compose import compose_train
 
 from slm.cli import CONF_DIR
 from slm.cli.validation import score_settings, validate
-from slm.data import DataConfig
-from slm.model import SCORES, SELECTORS
-from slm.recipes import ReferenceConfig, RunSettings
+from slm.data import DataConfig, SourceSpec
+from slm.model import SCORES, SELECTORS, ModelConfig
+from slm.recipes import ConvergeConfig, ReferenceConfig, RunSettings
 from slm.selection import COMBINATIONS, SCORERS
 from slm.train import SELECTOR_NAMES, DownstreamConfig, SelectorConfig, TrainConfig
 
@@ -24,9 +24,28 @@ def test_validate_returns_frozen_typed_settings(tmp_path):
     assert isinstance(s.selector, SelectorConfig) and isinstance(s.reference, ReferenceConfig)
     assert isinstance(s.downstream, DownstreamConfig) and s.logger is None  # logger=none
     assert (s.selector.ratio, s.selector.blocks, s.reference.kind) == (0.3, 0.5, "demo")
-    assert isinstance(s.model, dict) and s.model["config"]["model_type"] == "llama"
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        s.selector.ratio = 0.9
+    assert isinstance(s.model, ModelConfig) and s.model.config["model_type"] == "llama"
+    ref = s.reference  # the reference's own settings are typed too
+    assert isinstance(ref.data, SourceSpec) and (ref.data.source, ref.data.split) == ("builtin", "clean")
+    assert isinstance(ref.trainer, TrainConfig) and isinstance(ref.converge, ConvergeConfig)
+    assert ref.trainer.max_steps == 4 and ref.converge.holdout == 0.0
+    for frozen, field in ((s.selector, "ratio"), (s.trainer, "resume"), (s.model, "dtype"), (ref.trainer, "lr"),
+                          (ref.converge, "holdout"), (s.data, "block_size")):  # fmt: skip
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(frozen, field, None)
+
+
+def test_validate_writes_nothing_back_into_the_config(tmp_path):
+    """The config is read once: validation and a run's start leave the composed config as it was."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_train(tmp_path, "data.block_size=null", "trainer.max_steps=1")
+    before = OmegaConf.to_container(cfg, resolve=False)
+    settings = validate(cfg)
+    from slm.recipes import resolve_block_size
+
+    assert resolve_block_size(settings).data.block_size == 512 and settings.data.block_size is None
+    assert OmegaConf.to_container(cfg, resolve=False) == before
 
 
 def test_each_default_is_written_once_and_matches_the_shipped_configs():
