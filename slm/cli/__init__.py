@@ -6,7 +6,7 @@ slm_train.py    slm-train: train_composed(cfg, run_dir): the config a resume con
 slm_score.py    slm-score: store a reference's losses once (the store_losses recipe); --verify a store
 validation.py   validate(cfg): every setting checked before anything slow, as frozen settings; run-name resolvers
 preflight.py    fail fast on sources and stores that cannot be reached
-common.py       CONF_DIR (slm/conf), one-line errors and exit codes
+common.py       CONF_DIR (conf/, installed as slm.conf), one-line errors and exit codes
 """
 
 from slm.cli.common import CONF_DIR, one_line_errors

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from importlib.resources import files
 from pathlib import Path
 
 from slm import runs
@@ -15,7 +16,16 @@ from slm.train import NonFiniteLoss, RunInterrupted
 log = logging.getLogger(__name__)
 
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # slm/conf, shipped as package data
+def _conf_dir() -> str:
+    """The configs: the package ``slm.conf`` (a wheel's slm/conf, or an editable install's conf/ at the top
+    of the checkout, which pyproject.toml maps to it); in a checkout that is not installed, its conf/."""
+    try:
+        return str(files("slm.conf"))
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+CONF_DIR = _conf_dir()
 
 
 def run_dir_from_hydra() -> Path:

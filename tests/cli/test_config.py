@@ -44,6 +44,27 @@ def test_help_lists_the_groups():
         assert group in out
 
 
+def test_the_configs_sit_at_the_top_of_the_repository_and_are_found_through_the_package():
+    """conf/ is the top-level folder of the checkout (installed as slm.conf; the wheel test checks a wheel)."""
+    assert Path(CONF_DIR).resolve() == (ROOT / "conf").resolve()
+    assert not (ROOT / "slm" / "conf").exists()
+
+
+@pytest.mark.parametrize("how", ["searchpath", "config_dir"])
+def test_a_users_own_experiment_config_composes_with_the_shipped_ones(tmp_path, how):
+    """What docs/training.md tells a user: their experiment files in a folder of their own."""
+    (tmp_path / "my_conf" / "experiment").mkdir(parents=True)
+    (tmp_path / "my_conf" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\nexperiment_name: mine\nselector:\n  ratio: 0.3\n"
+    )
+    where = [f"hydra.searchpath=[file://{tmp_path / 'my_conf'}]"] if how == "searchpath" else [
+        "--config-dir", str(tmp_path / "my_conf")]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "slm.cli", *where, "experiment=mine", "--cfg", "job"],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    cfg = yaml.safe_load(out)
+    assert cfg["experiment_name"] == "mine" and cfg["selector"]["ratio"] == 0.3 and cfg["model"]["name"] == "tiny-llama"
+
+
 def test_slurm_launcher_composes():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -1,6 +1,6 @@
 """A wheel of the project runs by itself: built and installed non-editably into a fresh virtual
-environment, the commands compose their configs from the installed package (``slm/conf`` ships as
-package data) and train from a folder outside the checkout."""
+environment, the commands compose their configs from the installed package (``conf/`` ships as
+``slm.conf``) and train from a folder outside the checkout."""
 
 import json
 import os
