@@ -2,8 +2,10 @@
 the baseline's final eval loss: the table ``slm-curves`` prints and writes (CSV and Markdown).
 
 Fractions are paired by seed: each seed's run against the baseline run of the same seed (its final
-loss is the target, its tokens, time and FLOPs the denominators), then the mean and the worst seed,
-since seeds of one setting spread as much as some effects.
+loss is the target; the tokens, time and FLOPs at which that baseline run *first reached* it are the
+denominators), then the mean and the worst seed, since seeds of one setting spread as much as some
+effects. Against the first crossing the baseline's own row reads 1.0 by construction, also when its curve
+rises at the end (eval noise, or a run that overfits a small file): such a baseline is flagged.
 """
 
 from __future__ import annotations
@@ -46,6 +48,25 @@ def _run_curve(run: RunRecord, metric: str) -> Curve:
     return curves([run], metric, by_seed=True)[0]
 
 
+def first_crossing(base: Curve, axis: str = "tokens_seen") -> float | None:
+    """Where a baseline curve first reaches its own final value on ``axis`` (its end, unless the curve rose
+    at its end); None without that axis or any point."""
+    if axis not in base.x or not len(base.mean):
+        return None
+    return tokens_to_reach(base, float(base.mean[-1]), axis)
+
+
+def _rising_end(base: Curve) -> str:
+    """A note when the baseline reached its final loss before its end (its curve rose at the end)."""
+    crossing, end = first_crossing(base), float(base.x["tokens_seen"][-1]) if "tokens_seen" in base.x else 0.0
+    if crossing is None or not end or crossing >= end:
+        return ""
+    return (
+        f"the baseline's curve rises at its end: it first reached its final loss at {crossing / end:.3f} of its "
+        "tokens, and every fraction is against that first crossing"
+    )
+
+
 def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None, float | None, str, bool]:
     """(mean, worst) over seeds of: x a seed's run needs to reach its own baseline seed's final
     metric, over what that baseline run used (both None when a seed never reaches it); a note on
@@ -54,14 +75,15 @@ def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None
     fractions, missing, unreached = [], 0, 0
     for r in c.runs:
         b = base_by_seed.get(r.seed)
-        if b is None or axis not in b.x or not len(b.mean) or not b.x[axis][-1]:
+        crossing = first_crossing(b, axis) if b is not None else None
+        if not crossing:
             missing += 1
             continue
         reach = tokens_to_reach(_run_curve(r, metric), float(b.mean[-1]), axis)
         if reach is None:
             unreached += 1
         else:
-            fractions.append(reach / float(b.x[axis][-1]))
+            fractions.append(reach / crossing)
     notes = ([f"{missing} seed(s) without a baseline run of the same seed"] if missing else []) + (
         [f"{unreached} of {len(c.runs)} seed(s) never reached it"] if unreached else []
     )
@@ -81,7 +103,7 @@ def savings_table(
     if base is None:
         return [], why
     target = float(base.mean[-1])
-    base_tokens = float(base.x["tokens_seen"][-1]) if "tokens_seen" in base.x else 0.0
+    base_tokens = first_crossing(base) or 0.0  # where the baseline first reached its final loss
     ratio = lambda a, b: None if a is None or not b else round(a / b, 3)
     rows = []
     for c in cs:
@@ -96,6 +118,8 @@ def savings_table(
             note = "; ".join(
                 filter(None, [note, f"rests on {points} eval points (fewer than {MIN_EVAL_POINTS}): rough"])
             )
+        if c is base:
+            note = "; ".join(filter(None, [note, _rising_end(base)]))
         name = f"baseline: {c.group}" if c is base and baseline else c.group
         rows.append(
             {

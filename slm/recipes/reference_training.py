@@ -35,10 +35,11 @@ def agreed(value: bool) -> bool:
     return box[0]
 
 
-def _reference_data(settings: Settings, data: PackedData, seed: int) -> tuple:
+def reference_text(settings: Settings, data: PackedData, seed: int) -> tuple:
     """(packed training text of a trained reference, its identity). The built-in corpus's own
-    splits come from the run's packed data; any other source is packed with the run's tokenizer
-    and block size and cached."""
+    splits come from the run's packed data (in document order); any other source is packed with the run's
+    tokenizer and block size and cached, in document order where the reference holds part of it out (so the
+    held-out part is whole documents: training order comes from the batch stream's shuffle either way)."""
     source, own = settings.reference.data, settings.data.source
     if source.source in GENERATED and source.source == own:  # a split of the run's own corpus
         split = source.split or "clean"
@@ -50,7 +51,7 @@ def _reference_data(settings: Settings, data: PackedData, seed: int) -> tuple:
         data.tokenizer,
         data.identity["block_size"],
         settings.data.cache_dir,
-        shuffle_seed=seed,
+        shuffle_seed=None if settings.reference.converge.holdout else seed,
     )
     return packed, {
         "source": source.identity(settings.data.cache_dir),
@@ -71,7 +72,7 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
     rcfg = settings.reference
     seed = int(rcfg.seed)  # not the run's seed: every seed of a sweep shares one reference
     tcfg = replace(rcfg.trainer, seed=seed)
-    ref_data, data_identity = _reference_data(settings, data, seed)
+    ref_data, data_identity = reference_text(settings, data, seed)
     # Everything that changes the reference's weights: the global batch depends on the process count.
     identity = {
         "model": asdict(settings.model),
@@ -83,8 +84,8 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
         "mixed_precision": parallel.resolve_mixed_precision(tcfg.mixed_precision),
     }
     converge = rcfg.converge
-    if converge.holdout:
-        identity["converge"] = asdict(converge)
+    if converge.holdout:  # held out as whole documents (a reference cut from shuffled blocks is another one)
+        identity["converge"] = {**asdict(converge), "held_out": "whole documents"}
     where = settings.cache_root / "reference" / config_hash(identity)
     what = f"{rcfg.data.source} ({rcfg.data.split or 'all'})"
     # one job of a sweep trains it; the others wait on its lock (saying so), then reuse it
@@ -114,7 +115,7 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
             step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
             train_text, eval_sets, early = ref_data, data.eval_sets, None
             if converge.holdout:
-                train_text, heldout = hold_out(ref_data, converge.holdout)
+                train_text, heldout = hold_out(ref_data, converge.holdout, data.tokenizer.eos_token_id)
                 eval_sets = {**data.eval_sets, HELDOUT: heldout}
                 best = lambda: t.engine.save_pretrained(where / "model", data.tokenizer)  # noqa: E731 (the best weights)
                 early = EarlyStop(HELDOUT, converge.patience, converge.min_delta, on_best=best)
@@ -164,11 +165,21 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
 HELDOUT = "reference_heldout"  # the eval set a converging reference is judged on
 
 
-def hold_out(packed, share: float) -> tuple:
-    """(training blocks, held-out blocks): the last ``share`` of a packed split (at least one block, whole
-    documents but one at the seam), so the held-out loss measures text the reference never trained on."""
+def hold_out(packed, share: float, eos_id: int) -> tuple:
+    """(training blocks, held-out blocks) of a packed split in document order: about the last ``share`` of its
+    blocks held out as whole documents, so the held-out loss measures text the reference never trained on. The
+    document that straddles the cut is in neither part (the blocks from the cut to the first end of a document
+    at or after it are dropped)."""
     n = len(packed)
     k = max(1, round(share * n))
     if n - k < 1:
         raise ValueError(f"reference.converge.holdout={share}: the reference's text has only {n} block(s)")
-    return packed.select(range(n - k)), packed.select(range(n - k, n))
+    cut = n - k
+    ends = packed.select(range(cut, n))["input_ids"]
+    first_end = next((cut + i for i, row in enumerate(ends) if eos_id in row), None)
+    if first_end is None or first_end + 1 >= n:
+        raise ValueError(
+            f"reference.converge.holdout={share}: the last {k} block(s) of the reference's text are one document; "
+            "hold out a larger share or give it more documents"
+        )
+    return packed.select(range(cut)), packed.select(range(first_end + 1, n))

@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from slm.data import CacheLock, PackedData, content_hash, tokenizer_identity
-from slm.recipes.reference_training import DONE, Settings, agreed, train_reference
+from slm.recipes.reference_training import DONE, HELDOUT, Settings, agreed, train_reference
 from slm.recipes.settings import ReferenceConfig, RunSettings, config_hash
 from slm.reference import (
     META_FILE,
@@ -112,10 +112,32 @@ def trained_quality(name: str | None) -> dict | None:
     return quality
 
 
-def reference_quality(ref: RefSource) -> dict | None:
-    """:func:`trained_quality` of the reference a run's store was scored with (None: not one slm trained)."""
+MEASURED_HERE = "this run's eval sets"
+MEASURED_THEN = "the eval sets of the run that trained it"
+
+
+def measured_quality(trained: dict, losses: dict | None, first: str | None) -> dict:
+    """A trained reference's quality as a run reports it: its loss on the run's own eval sets (``losses``, name
+    -> loss; ``eval/loss`` is the ``first`` set's), its loss on the held-out part of its own text and its steps
+    (from its training); where ``losses`` cannot be had, the losses of its training, named as such
+    (``measured_on``): the same names can mean other text in another run."""
+    kept = {k: v for k, v in trained.items() if not k.startswith("eval/") or k == f"eval/{HELDOUT}/loss"}
+    if not losses:
+        return {**trained, "measured_on": MEASURED_THEN}
+    here = {f"eval/{name}/loss": round(float(v), 4) for name, v in losses.items()}
+    if first in losses:
+        here["eval/loss"] = here[f"eval/{first}/loss"]
+    return {**here, **kept, "measured_on": MEASURED_HERE}
+
+
+def reference_quality(settings: Settings, data: PackedData, acc, ref: RefSource, first: str | None) -> dict | None:
+    """How well the reference a run's store was scored with does, when slm trained it (None otherwise): its loss
+    on the run's own eval sets (computed once per weights and sets, cached), see :func:`measured_quality`."""
     meta = ref.store.meta if ref.store is not None else {}
-    return trained_quality((meta.get("reference") or {}).get("name"))
+    trained = trained_quality((meta.get("reference") or {}).get("name"))
+    if trained is None:
+        return None
+    return measured_quality(trained, run_reference_eval(settings, data, acc, ref), first)
 
 
 def describe_quality(quality: dict) -> str:
@@ -123,7 +145,10 @@ def describe_quality(quality: dict) -> str:
     losses = ", ".join(
         f"{k}={v}" for k, v in quality.items() if k.startswith("eval/") and (k.count("/") == 2 or v not in named)
     )
-    how = f"{losses} after {quality['steps']} steps of its own training"
+    how = f"{losses} (on {quality.get('measured_on', MEASURED_THEN)}"
+    if f"eval/{HELDOUT}/loss" in quality:
+        how += f"; {HELDOUT}: the held-out part of its own text"
+    how += f") after {quality['steps']} steps of its own training"
     if quality.get("trained_steps"):
         how += f" (its best held-out loss; it stopped at step {quality['trained_steps']})"
     return how

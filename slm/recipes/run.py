@@ -119,11 +119,12 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     check_block_size(model.config, settings.data.block_size)
     log.info("reference: %s", settings.reference.kind)
     train_ds, ref = reference_source(settings, data, acc, model)
-    quality = reference_quality(ref)
+    earlier = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None  # every process reads it
+    eval_sets = _eval_sets(data, (earlier or {}).get("eval_loss_set"))
+    quality = reference_quality(settings, data, acc, ref, next(iter(eval_sets)))
     if quality:
         log.info("reference quality: %s", describe_quality(quality))
-    earlier = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None  # every process reads it
-    outgrown = _outgrown_watch(settings, data, acc, ref, (earlier or {}).get("reference_eval_loss"))
+    outgrown = _outgrown_watch(settings, data, acc, ref, next(iter(eval_sets)), earlier)
 
     selector = sel.selects_by(settings.reference.kind)
     schedule = ratio_schedule(sel.token_ratio(settings.reference.kind))
@@ -138,6 +139,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
         check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
     started = dict(
+        eval_loss_set=next(iter(eval_sets)),  # the set eval/loss follows, for the whole run
         selector=selector,
         ratio=schedule.start if schedule.is_constant else schedule.label(),
         scores_dir=ref.scores_dir,
@@ -164,7 +166,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
         acc,
         lm,
         train_ds,
-        data.eval_sets,
+        eval_sets,
         tcfg,
         tracker,
         name=settings.name,
@@ -209,23 +211,34 @@ def _passes(settings: RunSettings, acc, n_rows: int) -> float:
     return passes
 
 
-def _outgrown_watch(
-    settings: RunSettings, data, acc, ref: RefSource, recorded: dict | None = None
-) -> OutgrownWatch | None:
-    """Watch the model's eval loss against its reference's on the first eval set, for a run whose selection
-    ranks by the reference (None otherwise, or when the reference's eval loss cannot be had). ``recorded``: on a
-    resume, the loss the run recorded at its start (run_info.json): the watch goes on against that level,
-    whether or not the reference's weights and cache are still at hand."""
+def _eval_sets(data: PackedData, first: str | None) -> dict:
+    """The run's eval sets, ``first`` first: the set ``eval/loss`` followed from the run's start stays the one it
+    follows on a resume, whatever sets the resume adds (a new ``+data.eval.<name>`` sorts before validation)."""
+    sets = data.eval_sets
+    if first is None:
+        return sets
+    if first not in sets:
+        raise ValueError(
+            f"trainer.resume=true: the run's eval/loss follows its eval set {first!r}, which this launch does not "
+            f"have (it has {sorted(sets)}): resume with the run's own data.eval settings"
+        )
+    return {first: sets[first], **{k: v for k, v in sets.items() if k != first}}
+
+
+def _outgrown_watch(settings: RunSettings, data, acc, ref: RefSource, name: str, earlier: dict | None):
+    """Watch the model's eval loss against its reference's on the eval set ``name`` (eval/loss's), for a run
+    whose selection ranks by the reference (None otherwise, or when the reference's eval loss cannot be had).
+    ``earlier``: on a resume, the run's record of its start: the watch goes on against the level recorded
+    there, whether or not the reference's weights and cache are still at hand."""
     sel = settings.selector
     needs = sel.needs()
     if not (sel.selects and (needs["loss"] or needs["entropy"])) or ref.kind == "none":
         return None
-    losses = recorded or run_reference_eval(settings, data, acc, ref)
-    if not losses:
+    losses = (earlier or {}).get("reference_eval_loss") or run_reference_eval(settings, data, acc, ref)
+    if not losses or name not in losses:
         why = "an evolving reference" if ref.evolve_every else "its weights are not on this machine"
         log.info("reference: its eval loss is unknown (%s): the run cannot tell when the model outgrows it", why)
         return None
-    name = next(iter(losses)) if recorded else next(iter(data.eval_sets))
     log.info(
         "reference: its loss on %s is %.4f; once the model's reaches it, selector.when_outgrown=%s",
         name,
@@ -259,6 +272,7 @@ def _record_start(
         blocks=sel.blocks,
         train_split=settings.data.train_split,
         reference=settings.reference.kind,
+        eval_loss_set=started["eval_loss_set"],  # the eval set eval/loss follows over the whole run
         seed=settings.seed,
         scores_dir=started["scores_dir"],
         status="running",
@@ -278,6 +292,7 @@ def _record_start(
             if old.get("processes") != acc.num_processes:
                 record["processes"] = [old.get("processes"), acc.num_processes]
             info = {
+                "eval_loss_set": info["eval_loss_set"],  # a run recorded before it was: decided now, then kept
                 **old,
                 "status": "running",
                 "processes": acc.num_processes,

@@ -12,6 +12,7 @@ from slm.recipes.reference_training import train_reference
 from slm.recipes.references import (
     check_reference_tokenizer,
     check_score_vocab,
+    measured_quality,
     reference_eval,
     stored_scores,
     trained_quality,
@@ -57,5 +58,6 @@ def store_losses(settings: ScoreSettings) -> StoredLosses:
     )
     ref_eval = reference_eval(settings, data, acc, read_meta(out)["reference"], ref)  # hashed once, by the store
     meta = (runs.read_json(out / META_FILE) or {}) if acc.is_main_process else {}
-    quality = trained_quality(name) if rcfg.trained else None
+    trained = trained_quality(name) if rcfg.trained else None
+    quality = measured_quality(trained, ref_eval, next(iter(data.eval_sets), None)) if trained else None
     return StoredLosses(out, len(data["train"]), reused, meta, quality, ref_eval)

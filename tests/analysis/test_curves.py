@@ -236,3 +236,42 @@ def test_with_an_oracle_every_group_gets_its_distance_from_it(tmp_path):
     assert list(by["baseline"])[-1] == "notes"
     rows, _ = savings_table(curves(load_runs([str(root / "base"), str(root / "slm")])))
     assert all("fraction_vs_oracle" not in r for r in rows)  # no oracle, no column
+
+
+def test_the_audit_table_weights_each_interval_by_the_tokens_it_read(tmp_path):
+    """Issue 37 item 12: a short last interval (a run ending between eval points) weighs by its tokens, not as
+    much as a full one; the table says so."""
+    from slm.analysis import load_runs
+    from slm.analysis.audit_report import audit_table, write_audit
+
+    _fake_run(tmp_path, "run", 0.5, 0, [5, 4, 3])
+    path = tmp_path / "run" / "metrics.jsonl"
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    for e, tokens, kept in zip(events, (0, 1000, 1100), (None, 0.2, 1.0)):  # intervals of 1000 and 100 tokens
+        e["tokens_seen"] = tokens
+        if kept is not None:
+            e["audit/clean_kept"] = kept
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    (row,) = audit_table(load_runs([str(tmp_path / "run")]))
+    (value,) = [v for k, v in row.items() if k != "audit"]
+    assert value == pytest.approx((1000 * 0.2 + 100 * 1.0) / 1100)  # not (0.2 + 1.0) / 2
+    (tmp_path / "out").mkdir()
+    assert "weighted by the tokens each read" in write_audit([row], tmp_path / "out")
+
+
+def test_fractions_are_measured_against_the_baselines_first_crossing_and_a_rising_end_is_flagged(tmp_path):
+    """Issue 37 item 20: a baseline whose curve rises at its end reaches its own final loss before its end. Every
+    run, the baseline included, is measured against that first crossing: the baseline's row reads 1.0 by
+    construction, and the table says the baseline's curve rose."""
+    from slm.analysis import curves, load_runs, savings_table
+
+    _fake_run(tmp_path, "base", 1.0, 0, [5, 3, 2, 1.5, 2.0])  # final 2.0, first reached at step 2 (200 tokens)
+    _fake_run(tmp_path, "half", 0.5, 0, [5, 2.0, 1.8, 1.7, 1.6])  # reaches 2.0 at step 1 (100 tokens)
+    rows, _ = savings_table(curves(load_runs([str(tmp_path / "base"), str(tmp_path / "half")])))
+    base, half = (next(r for r in rows if r["run"].startswith(name)) for name in ("baseline", "excess_loss 0.5"))
+    for key in ("fraction_of_baseline_tokens", "fraction_of_baseline_time", "fraction_of_baseline_flops"):
+        assert base[key] == 1.0, key
+    assert half["fraction_of_baseline_tokens"] == pytest.approx(0.5)  # 100 of the baseline's 200, not of 400
+    assert half["fraction_of_baseline_time"] == pytest.approx(0.5)
+    assert half["fold_saving"] == pytest.approx(2.0)
+    assert "rises at its end" in base["notes"] and "first crossing" in base["notes"]

@@ -6,13 +6,14 @@ keeps the best weights."""
 import json
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 from support.compose import compose_train
+from support.hf_reference import plain_eval_loss
 from support.resume import resumed_equals_whole
 
 from slm.cli import CONF_DIR, train_composed
@@ -45,25 +46,6 @@ def _events(run: Path, key: str) -> list[tuple[int, float]]:
     return [(e["step"], e[key]) for e in read_metrics(run) if key in e]
 
 
-def _plain_eval_loss(model_dir: Path, eval_set) -> float:
-    """Mean next-token cross-entropy over every valid token, with plain torch on full logits."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ds = eval_set.with_format("torch")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ds), 8):
-            rows = ds[i : i + 8]
-            logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
-            targets = rows["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).double(), targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-            total, count = total + float(loss), count + int((targets != -100).sum())
-    return total / count
-
-
 def _reference_dir(cache: Path) -> Path:
     return next((cache / "reference").glob("*/DONE")).parent
 
@@ -75,7 +57,7 @@ def test_a_run_that_outgrows_its_reference_warns_records_and_trains_every_token(
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     ref_loss = info["reference_eval_loss"]["validation"]
     data = build(validate(cfg).data)
-    plain = _plain_eval_loss(_reference_dir(tmp_path / "c") / "model", data.eval_sets["validation"])
+    plain = plain_eval_loss(_reference_dir(tmp_path / "c") / "model", data.eval_sets["validation"])
     assert ref_loss == pytest.approx(plain, rel=1e-5)
     step = result["outgrown_step"]
     evals = dict(_events(tmp_path / "run", "eval/validation/loss"))
@@ -160,8 +142,8 @@ def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_
     assert stopped < 200 and held[-1][0] == stopped  # it stopped there, far below the cap
     # the kept weights are the best eval's: their held-out loss, recomputed, is the one logged there
     data = build(validate(compose_train(tmp_path / "c", *converge)).data)
-    _, heldout = hold_out(data["clean"], 0.1)
-    assert _plain_eval_loss(where / "model", heldout) == pytest.approx(best, rel=1e-5)
+    _, heldout = hold_out(data["clean"], 0.1, data.tokenizer.eos_token_id)
+    assert plain_eval_loss(where / "model", heldout) == pytest.approx(best, rel=1e-5)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_quality"]
     assert (info["steps"], info["trained_steps"]) == (best_step, stopped)
 
@@ -289,6 +271,28 @@ def test_a_reference_that_never_beats_step_0_reports_the_weights_it_keeps(tmp_pa
     assert (result["best_step"], result["step"], result["stopped_early"]) == (0, 4, True)
     quality = json.loads((tmp_path / "run" / "run_info.json").read_text())["reference_quality"]
     data = build(validate(compose_train(tmp_path / "c", *never)).data)
-    kept = _plain_eval_loss(where / "model", data.eval_sets["validation"])
+    kept = plain_eval_loss(where / "model", data.eval_sets["validation"])
     assert quality["eval/validation/loss"] == pytest.approx(kept, abs=1e-4)  # rounded to 4 decimals
     assert quality["steps"] == 4 and "trained_steps" not in quality
+
+
+def test_a_converging_reference_holds_out_whole_documents(tmp_path):
+    """Issue 37 item 10: the reference's held-out slice shares no document with the text it trains on (it was
+    cut from shuffled blocks, so every held-out document also had blocks in training)."""
+    from slm.recipes.reference_training import hold_out, reference_text
+
+    docs = [f"<{i:03d}> " + " ".join(f"w{i:03d}" for _ in range(3 + i % 17)) for i in range(120)]
+    (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = compose_train(tmp_path / "c", "reference=train", f"reference.data.source={tmp_path / 'clean.jsonl'}",
+                        "reference.converge.holdout=0.2")  # fmt: skip
+    settings = validate(cfg)
+    data = build(settings.data)
+    packed, _ = reference_text(settings, data, seed=0)
+    train, held = hold_out(packed, 0.2, data.tokenizer.eos_token_id)
+
+    def doc_ids(split) -> set[str]:
+        text = "".join(data.tokenizer.decode(row) for row in split["input_ids"])
+        return {m for m in re.findall(r"w(\d{3})", text)}
+
+    assert len(held) >= 0.15 * len(packed) and len(train) + len(held) <= len(packed)
+    assert doc_ids(held) and doc_ids(train) and not doc_ids(train) & doc_ids(held)

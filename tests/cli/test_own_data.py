@@ -254,3 +254,32 @@ def test_slm_inspect_shows_what_a_run_on_relative_paths_keeps(corpus, tmp_path, 
     except Exception as e:  # no browser binary on this machine
         if "Executable doesn't exist" not in str(e):
             raise
+
+
+def test_a_shared_references_quality_is_measured_on_each_runs_own_eval_sets(corpus, tmp_path):
+    """Issue 37 item 9: two runs on different data share one cached reference (trained with the first run's eval
+    sets). Each run's reference_quality holds the reference's loss on that run's own eval sets, not the numbers
+    the first run recorded under the same names."""
+    from support.hf_reference import plain_eval_loss
+
+    from slm.cli.validation import validate
+    from slm.data import build
+
+    rng = random.Random(7)
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": " ".join(_junk(rng) if rng.random() < 0.7 else _sentence(rng)
+                                                           for _ in range(4))}) + "\n" for _ in range(80)))  # fmt: skip
+    ref = ("reference=train", f"reference.data.source={corpus / 'clean.jsonl'}", "reference.trainer.max_steps=4",
+           "reference.trainer.batch_size=4", "reference.trainer.progress=false", "trainer.max_steps=1")  # fmt: skip
+    a = compose_train(tmp_path / "c", *_own(corpus, *ref))
+    b = compose_train(tmp_path / "c", *_own(corpus, *ref), f"data.source={other}")
+    train_composed(a, tmp_path / "a")
+    train_composed(b, tmp_path / "b")
+    (model,) = [p.parent for p in (tmp_path / "c" / "reference").glob("*/model/config.json")]  # one reference
+    for cfg, run in ((a, "a"), (b, "b")):
+        quality = json.loads((tmp_path / run / "run_info.json").read_text())["reference_quality"]
+        sets = build(validate(cfg).data).eval_sets
+        for name in ("validation", "clean"):
+            assert quality[f"eval/{name}/loss"] == pytest.approx(plain_eval_loss(model, sets[name]), abs=1e-4), run
+    qa, qb = (json.loads((tmp_path / r / "run_info.json").read_text())["reference_quality"] for r in "ab")
+    assert qa["eval/validation/loss"] != qb["eval/validation/loss"]  # other validation text, other loss

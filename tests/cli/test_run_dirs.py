@@ -354,3 +354,17 @@ def test_interrupting_the_reference_says_to_rerun_and_the_rerun_resumes_it(tmp_p
     wa, wb = (load_file(str(p.parent / "model" / "model.safetensors")) for p in (resumed, whole))
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-5)  # the resumed reference is the same model
+
+
+def test_a_resume_that_adds_an_eval_set_keeps_eval_loss_on_the_runs_first_set(tmp_path):
+    """Issue 37 item 11: a resume may add ``+data.eval.<name>``; ``eval/loss`` (what slm-curves, the outgrown
+    watch and early stopping read) stays the set it followed from the start, not one curve of two sets."""
+    train_composed(compose_train(tmp_path / "c", *FAST, "trainer.max_steps=4", "trainer.eval_every=2"),
+                   tmp_path / "run", overrides=[*FAST, "trainer.max_steps=4", "trainer.eval_every=2"])  # fmt: skip
+    more = ["trainer.resume=true", "trainer.max_steps=8", "+data.eval.clean={source: builtin, split: clean}"]
+    train_composed(compose_train(tmp_path / "c", *FAST, "trainer.eval_every=2", *more), tmp_path / "run",
+                   overrides=more)  # fmt: skip
+    evals = [e for e in read_metrics(tmp_path / "run") if "eval/loss" in e]
+    assert [e["step"] for e in evals] == [0, 2, 4, 6, 8]
+    assert all(e["eval/loss"] == e["eval/validation/loss"] for e in evals)
+    assert "eval/clean/loss" in evals[-1] and evals[-1]["eval/clean/loss"] != evals[-1]["eval/loss"]

@@ -50,3 +50,22 @@ ARCH_BACKENDS = list(_arch_backends())
 def assert_grads_close(ga, gb):
     for a, b in zip(ga, gb):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-4)
+
+
+def plain_eval_loss(model_dir, eval_set) -> float:
+    """Mean next-token cross-entropy over every valid token, with plain torch on full logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ds = eval_set.with_format("torch")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ds), 8):
+            rows = ds[i : i + 8]
+            logits = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"]).logits
+            targets = rows["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).double(), targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            total, count = total + float(loss), count + int((targets != -100).sum())
+    return total / count
