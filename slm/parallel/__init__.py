@@ -1,6 +1,7 @@
 """One run over processes: DDP, FSDP2 and DeepSpeed behind one Engine. Imports slm.model.
 
-launch.py       the mode the launcher asks for, mixed precision, the Accelerator, building models under ZeRO-3,
+launch.py       the mode the launcher asks for, mixed precision and master weights, the Accelerator, building
+                models under ZeRO-3,
                 SLURM's distributed environment, quiet processes other than the main one
 engine.py       Engine: prepare, backward (loss already normalised), step, sharded save/load, final export
 fsdp2.py        FSDP2 shard units: each decoder layer, the embedding, the head unit kept gathered through a step
@@ -14,6 +15,7 @@ from slm.parallel.launch import (
     PRECISIONS,
     export_slurm_distributed_env,
     make_accelerator,
+    master_weights,
     model_init,
     param_dim,
     quiet_other_processes,
@@ -29,6 +31,7 @@ __all__ = [
     "PRECISIONS",
     "export_slurm_distributed_env",
     "make_accelerator",
+    "master_weights",
     "model_init",
     "param_dim",
     "quiet_other_processes",

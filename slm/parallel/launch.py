@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 log = logging.getLogger(__name__)
 MODES = ("single", "ddp", "fsdp2", "deepspeed")
@@ -118,3 +119,20 @@ def export_slurm_distributed_env() -> None:
             TorchDistributedEnvironment().export()
         except (ImportError, RuntimeError) as e:  # not inside a submitit job: leave the environment alone
             log.warning("SLURM_NTASKS>1 but the distributed environment could not be set from submitit: %s", e)
+
+
+def master_weights(lm: nn.Module, dtype: str | None) -> None:
+    """Trainable weights in ``dtype`` (float32 by default) whatever dtype the model loaded in."""
+    if dtype is None:
+        low = [n for n, p in lm.named_parameters() if p.requires_grad and p.dtype != torch.float32]
+        if low:
+            log.warning(
+                "trainer.master_dtype=null: %d trainable tensors train directly in their low-precision "
+                "dtype (updates smaller than their rounding step are lost)",
+                len(low),
+            )
+        return
+    target = getattr(torch, dtype)
+    for p in lm.parameters():
+        if p.requires_grad and p.dtype != target:
+            p.data = p.data.to(target)

@@ -21,18 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from slm.model import SelectiveLM, flop_model, shifted_valid
+from slm.model import SelectiveLM, flop_model
 from slm.model.rows import to_host
-from slm.parallel import CheckpointRefused, Engine, param_dim, resolve_mixed_precision
-from slm.reference import StoreError
+from slm.parallel import Engine, master_weights, param_dim, resolve_mixed_precision
 from slm.runs import MIN_EVAL_POINTS, Tracker, checkpoints, read_metrics
-from slm.selection import NonFiniteScores, count_selected, num_to_keep, ratio_schedule, to_device_async
+from slm.selection import NonFiniteScores, ratio_schedule
 from slm.train.batches import BatchStream, fetch, to_device
+from slm.train.checkpointing import resume_run, save_run_checkpoint
 from slm.train.config import TrainConfig, lr_lambda
 from slm.train.evaluation import evaluate
 from slm.train.signals import StopSignals
+from slm.train.step_count import count_step
 from slm.train.step_selection import StepSelection
 from slm.train.watchers import Watcher
 
@@ -50,23 +50,6 @@ class RunInterrupted(Exception):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.hint = hint  # what to tell the user, when "resume this run directory" is not the way on
         super().__init__(hint or f"interrupted by signal {signum} at step {step}; checkpoint: {checkpoint}")
-
-
-def master_weights(lm: nn.Module, dtype: str | None) -> None:
-    """Trainable weights in ``dtype`` (float32 by default) whatever dtype the model loaded in."""
-    if dtype is None:
-        low = [n for n, p in lm.named_parameters() if p.requires_grad and p.dtype != torch.float32]
-        if low:
-            log.warning(
-                "trainer.master_dtype=null: %d trainable tensors train directly in their low-precision "
-                "dtype (updates smaller than their rounding step are lost)",
-                len(low),
-            )
-        return
-    target = getattr(torch, dtype)
-    for p in lm.parameters():
-        if p.requires_grad and p.dtype != target:
-            p.data = p.data.to(target)
 
 
 class Trainer:
@@ -147,42 +130,6 @@ class Trainer:
         self.signals = StopSignals()
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _all_ok(self, ok: bool) -> bool:
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.acc.device)
-        return float(self.acc.reduce(flag, "sum")) == 0
-
-    def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "tokens_selected": self.tokens_selected,
-            "train_time_s": self.train_time,
-            "flops": self.flops,
-            "selector_rng": self.selective.generator.get_state().tolist(),
-            "selection_off_step": self.selection_off_step,
-            **{w.key: w.state(self) for w in self.watchers if w.key},
-            **self.engine.checkpoint_info,
-        }
-        return checkpoints.save(
-            self.run_dir,
-            self.step,
-            state,
-            self._write_checkpoint,
-            self.acc.is_main_process,
-            self.cfg.keep_checkpoints,
-            self._all_ok,
-        )
-
-    def _write_checkpoint(self, folder: Path) -> None:
-        """The engine's state, and what selection carries across steps (identical on every process,
-        so the main process writes it): a running threshold, an evolving reference's weights."""
-        self.engine.save_checkpoint(folder)
-        if self.acc.is_main_process:
-            if state := self.selective.selection_state():
-                torch.save(state, folder / "selection.pt")
-            if self.ref.evolve_every:
-                torch.save(self.ref.evolving_state(), folder / "reference.pt")
-
     def _warn_few_eval_points(self) -> None:
         points = 1 + -(-self.cfg.max_steps // self.cfg.eval_every)  # step 0, every eval_every, the last step
         if points < MIN_EVAL_POINTS and self.name != "reference":
@@ -197,83 +144,7 @@ class Trainer:
                 every,
             )
 
-    def _resume(self) -> Path | None:
-        """Load the newest checkpoint that is complete, intact (the main process checks every file's hash)
-        and loads; a damaged one is passed over with a warning and set aside when its step is written
-        again. A checkpoint this launch cannot load (:class:`CheckpointRefused`) stops the run instead."""
-        damaged: list[Path] = []
-        while (ckpt := checkpoints.latest(self.run_dir, warn=not damaged, skip=tuple(damaged))) is not None:
-            bad = checkpoints.damaged_file(ckpt) if self.acc.is_main_process else None
-            why = f"{bad} does not match the hash recorded when it was written" if bad else None
-            if self._all_ok(bad is None):
-                try:
-                    self.load_checkpoint(ckpt)
-                except CheckpointRefused:
-                    raise
-                except checkpoints.FAILURES as e:
-                    why = f"it does not load: {checkpoints.describe_error(e)}"
-                if self._all_ok(why is None):
-                    self.tracker.rewind(self.step)  # what was logged after this checkpoint is about to be redone
-                    return ckpt
-            log.warning("checkpoint %s is damaged (%s); resuming from the one before it", ckpt, why or "elsewhere")
-            damaged.append(ckpt)
-        if damaged:  # a failed load may have changed some weights: never train on from them
-            raise checkpoints.CheckpointError(
-                f"no checkpoint of {self.run_dir} is intact ({', '.join(p.name for p in damaged)} are damaged): "
-                "start the run again without trainer.resume"
-            )
-        return None
-
-    def load_checkpoint(self, path: Path) -> None:
-        state = checkpoints.read_state(path)
-        self.engine.load_checkpoint(path, state)
-        self.step = state["step"]
-        self.tokens_seen, self.tokens_selected = state["tokens_seen"], state["tokens_selected"]
-        self.train_time, self.flops = state.get("train_time_s", 0.0), state.get("flops", 0.0)
-        self.selective.generator.set_state(torch.tensor(state["selector_rng"], dtype=torch.uint8))
-        self.selection_off_step = state.get("selection_off_step")
-        for w in self.watchers:
-            if w.key:
-                w.load(state.get(w.key), self)
-        if (path / "selection.pt").exists():
-            self.selective.load_selection_state(torch.load(path / "selection.pt", weights_only=True))
-        if self.ref.evolve_every and (path / "reference.pt").exists():
-            self.ref.load_evolving_state(torch.load(path / "reference.pt", weights_only=True))
-        log.info("resumed from %s at step %d", path, self.step)
-
     # -- one optimizer step ------------------------------------------------------------------
-    def _step_count(self, batches: list[dict], ratio: float, candidates: int) -> tuple[int | None, int, int, int]:
-        """(tokens this step trains, tokens it trains on (kept blocks), valid tokens, tokens it read
-        (``candidates``: every candidate block's)) over every micro-batch and process, counted where the
-        batches are (kept blocks stay on the device) and read in one all-reduce; the first is None for a
-        selector whose count depends on the scores."""
-        lm = self.selective
-        valid = [shifted_valid(b["labels"]) for b in batches]
-        if self.mask_column is not None:  # exactly the marked tokens
-            local = [(b[self.mask_column].bool() & v).sum() for b, v in zip(batches, valid)]
-        else:
-            local = [count_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
-        n_valid = [v.sum() for v in valid]
-        tokens = [b["attention_mask"].sum() for b in batches]
-        store_error = float(self.ref.error is not None)  # a damaged store shard read on some process
-        device = self.acc.device
-        counts = torch.cat([
-            to_device_async(torch.stack([*local, *n_valid, *tokens]).double(), device),
-            to_device_async(torch.tensor([candidates, store_error], dtype=torch.float64), device),
-        ])  # fmt: skip
-        *counts, candidates, store_error = to_host(self.acc.reduce(counts, "sum"))
-        if store_error:  # every process stops here, before any forward
-            raise StoreError(self.ref.error or "a stored reference shard read by another process failed its check")
-        k = len(batches)
-        tokens, candidates, valid = int(sum(counts[2 * k :])), int(candidates), int(sum(counts[k : 2 * k]))
-        if self.mask_column is not None:
-            return int(sum(counts[:k])), tokens, valid, candidates
-        if not lm.fixed_count:
-            return None, tokens, valid, candidates
-        if lm.scope == "global" and ratio < 1.0:  # top-k over each global micro-batch
-            return sum(num_to_keep(ratio, int(n)) for n in counts[k : 2 * k]), tokens, valid, candidates
-        return int(sum(counts[:k])), tokens, valid, candidates
-
     def train_step(self) -> dict:
         return self.train_on(*self.read_step())
 
@@ -300,7 +171,7 @@ class Trainer:
         if self.blocks is not None and selecting:  # sequence-level selection: the best blocks of each micro-batch
             batches = [self.blocks.keep(b, engine, self.ref) for b in batches]
         ratio = self.schedule.at(self.step, cfg.max_steps) if selecting else 1.0
-        n_step, n_trained_on, n_valid, n_tok = self._step_count(batches, ratio, candidates)
+        n_step, n_trained_on, n_valid, n_tok = count_step(self, batches, ratio, candidates)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         nonfinite = torch.zeros((), dtype=torch.float64, device=self.acc.device)  # NaN/inf selection scores
         for m, batch in enumerate(batches):
@@ -432,7 +303,7 @@ class Trainer:
 
         cfg = self.cfg
         self._warn_few_eval_points()
-        if cfg.resume and self._resume() is None:
+        if cfg.resume and resume_run(self) is None:
             log.warning("trainer.resume=true but %s has no complete checkpoint; starting from scratch", self.run_dir)
         if self.step == 0:
             last_eval = self.eval()
@@ -468,11 +339,11 @@ class Trainer:
                 elif any(w.due(self.step) for w in self.watchers):  # a watch on its own schedule
                     self.eval(sets=False)
                 if self._stop:
-                    path = self.save_checkpoint()
+                    path = save_run_checkpoint(self)
                     raise RunInterrupted(self.signals.signum or 0, self.step, path)
                 if self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-        self.save_checkpoint()
+                    save_run_checkpoint(self)
+        save_run_checkpoint(self)
         result = {"step": self.step, "tokens_seen": self.tokens_seen, "tokens_selected": self.tokens_selected}
         if self.selection_off_step is not None:
             result["selection_off_step"] = self.selection_off_step
