@@ -5,16 +5,14 @@ keeps the best weights."""
 
 import json
 import logging
-import os
 import re
-import signal
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 from support.compose import compose_train
 from support.hf_reference import plain_eval_loss
-from support.resume import resumed_equals_whole
+from support.resume import interrupted_in_step, resumed_equals_whole
 
 from slm.cli import CONF_DIR, train_composed
 from slm.cli.validation import validate
@@ -148,22 +146,6 @@ def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_
     assert (info["steps"], info["trained_steps"]) == (best_step, stopped)
 
 
-def _interrupt_at_step_3(monkeypatch, run):
-    from slm.train import RunInterrupted, Trainer
-
-    real = Trainer.train_step
-
-    def ctrl_c_in_step_3(self):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_3)
-    with pytest.raises(RunInterrupted):
-        run()
-    monkeypatch.setattr(Trainer, "train_step", real)
-
-
 @pytest.mark.parametrize("record", ["kept", "lost"])
 def test_the_switch_holds_on_a_resume_that_cannot_find_the_reference_eval_loss(tmp_path, monkeypatch, record):
     """Issue 37 item 7: the reference's eval loss cached nowhere and its weights moved before the resume. The
@@ -176,7 +158,9 @@ def test_the_switch_holds_on_a_resume_that_cannot_find_the_reference_eval_loss(t
               "trainer.checkpoint_every=100", "trainer.eval_every=2")  # fmt: skip
     whole = train_composed(compose_train(tmp_path / "c", *stored), tmp_path / "whole")
     assert whole["outgrown_step"] == 2  # before the cut, in step 3
-    _interrupt_at_step_3(monkeypatch, lambda: train_composed(compose_train(tmp_path / "c", *stored), tmp_path / "cut"))
+    interrupted_in_step(
+        monkeypatch, 3, lambda: train_composed(compose_train(tmp_path / "c", *stored), tmp_path / "cut")
+    )
     for cached in (tmp_path / "c" / "reference_eval").glob("*.json"):
         cached.unlink()
     model = _reference_dir(tmp_path / "c") / "model"

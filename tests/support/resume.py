@@ -16,23 +16,31 @@ def step_values(run, key):
     return [e[key] for e in read_metrics(run) if key in e and "train/loss" in e]
 
 
+def interrupted_in_step(monkeypatch, step: int, run) -> None:
+    """``run()`` with Ctrl-C arriving during training step ``step`` (the step finishes, a checkpoint is written,
+    the run stops with RunInterrupted); the loop is as it was afterwards."""
+    real = Trainer.train_step
+
+    def ctrl_c_in_step(self):
+        if self.step == step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step)
+    with pytest.raises(RunInterrupted):
+        run()
+    monkeypatch.setattr(Trainer, "train_step", real)
+
+
 def resumed_equals_whole(tmp_path, monkeypatch, *overrides):
     """Ctrl-C at step 3 of 6, resume: the same metrics and weights as a run never interrupted."""
     from safetensors.torch import load_file
 
     common = ("trainer.checkpoint_every=100", "trainer.eval_every=2", *overrides)  # cut mid-way between evals
     train_composed(compose_train(tmp_path / "c", *common), tmp_path / "whole")
-    real = Trainer.train_step
-
-    def ctrl_c_in_step_3(self):
-        if self.step == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_3)
-    with pytest.raises(RunInterrupted):
-        train_composed(compose_train(tmp_path / "c", *common), tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "train_step", real)
+    interrupted_in_step(
+        monkeypatch, 3, lambda: train_composed(compose_train(tmp_path / "c", *common), tmp_path / "cut")
+    )
     train_composed(compose_train(tmp_path / "c", *common, "trainer.resume=true"), tmp_path / "cut")
     for key in ("train/loss", "tokens_seen", "tokens_selected", "flops"):
         assert step_values(tmp_path / "cut", key) == pytest.approx(step_values(tmp_path / "whole", key), rel=1e-6), key
