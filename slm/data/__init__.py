@@ -10,7 +10,7 @@ locks.py        CacheLock: a cache entry prepared once by jobs that start togeth
 """
 
 from slm.data.builtin import CorpusConfig
-from slm.data.locks import CacheLock
+from slm.data.locks import CacheLock, LockLost, wait_for_holder
 from slm.data.packing import IGNORE_INDEX, build, build_split, check_block_size, content_hash, pack
 from slm.data.realtext import RealTextConfig, prose_documents
 from slm.data.sources import (
@@ -29,7 +29,9 @@ from slm.data.spec import DataConfig, PackedData, SourceSpec, data_config, defau
 from slm.data.tokenizer import builtin_tokenizer, load_tokenizer, tokenizer_identity
 
 __all__ = [
+    "wait_for_holder",
     "CacheLock",
+    "LockLost",
     "BUILTIN",
     "CorpusConfig",
     "DataConfig",

@@ -1,13 +1,28 @@
 """A lock on a shared cache entry that holds on the filesystems clusters share (NFS, Lustre, GPFS), where
 ``fcntl`` locks may not reach across machines.
 
-The lock is a file created atomically (``O_CREAT | O_EXCL``) beside the entry, naming its owner (host, pid,
-when). While held, a background thread touches it every :data:`HEARTBEAT_S` seconds. A waiter takes the lock
-over when its owner is gone: at once when the owner is a process of this machine that no longer exists, else
-when the heartbeat has stopped for :data:`STALE_S` seconds (its machine died, or its job was killed). Taking
-over renames the stale file aside first (one waiter's rename wins; one that moved a fresh lock instead, taken
-by a faster waiter meanwhile, puts it back). Waiters say once what they wait for. Machines' clocks must agree
-to within ``STALE_S`` (the file's time is the server's).
+The lock is a file created atomically (``O_CREAT | O_EXCL``) beside the entry, naming its owner (host, machine,
+pid, when) and a token of its own. While held, a background thread touches it every :data:`HEARTBEAT_S` seconds
+(a failed touch, such as NFS's ESTALE, is retried at the next beat with one warning: the heartbeat never stops
+while the lock is held). A waiter takes the lock over when its owner is gone: at once when the owner is a process
+of this very machine that no longer exists, else when the heartbeat has stopped for :data:`STALE_S` seconds (its
+machine died, its job was killed, or it was suspended). Taking over renames the stale file aside first (one
+waiter's rename wins; one that moved a fresh lock instead, taken by a faster waiter meanwhile, puts it back).
+Waiters say once what they wait for. Machines' clocks must agree to within ``STALE_S`` (the file's time is the
+server's).
+
+Decided, with what follows from it:
+- A holder knows the lock by its token. It releases only a lock file that still holds its token, and
+  :meth:`CacheLock.confirm` (called before publishing an entry) raises :class:`LockLost` when it is not: a
+  holder suspended past the stale time (Ctrl-Z, a paused VM) and taken over neither deletes its successor's lock
+  nor publishes over its successor's work.
+- Three waiters can still race in a take-over (a loser's rename-aside and link-back can delete the winner's
+  fresh lock while a third creates one). The tokens make that visible instead of silent: the winner's
+  ``confirm`` fails and it stops before publishing, and nobody releases a lock that is not theirs.
+- "This machine" is the host name *and* its boot and process namespace (containers often share a host name,
+  and a pid means nothing in another container): a lock written elsewhere is judged by its heartbeat alone.
+- Every process of a multi-process job waits on another job's lock itself (:func:`wait_for_holder`), as long
+  as the lock is held, instead of sitting in a collective that times out while its main process waits.
 """
 
 from __future__ import annotations
@@ -18,6 +33,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -25,6 +41,40 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 15.0  # how often a holder touches its lock file
 STALE_S = 120.0  # a lock file not touched for this long belongs to a holder that is gone
 POLL_S = 0.2
+
+
+class LockLost(RuntimeError):
+    """The lock was taken over by another job while this holder was away: do not publish."""
+
+
+def machine_id() -> str:
+    """This machine, as a pid is meaningful on it: the host name, the boot, and the process namespace."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:  # not Linux: the host name alone
+        pass
+    return "/".join(parts)
+
+
+def _read_owner(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_for_holder(entry: str | os.PathLike, what: str, token: str) -> None:
+    """On every process of a job but the one that takes the lock on ``entry``: wait until the lock names this
+    job's ``token`` (its main process holds it), however long another job holds it first; say once what it waits
+    for. The main process keeps the lock until the others have joined it (its first collective comes after)."""
+    path, said = Path(str(entry) + ".lock"), False
+    while _read_owner(path).get("token") != token:
+        if not said:
+            log.info("cache: waiting for %s (this job's main process takes it once it is free)", what)
+            said = True
+        time.sleep(POLL_S)
 
 
 def _alive(pid: int) -> bool:
@@ -40,17 +90,27 @@ def _alive(pid: int) -> bool:
 class CacheLock:
     """``with CacheLock(path, "what it guards"):`` prepare the entry; see the module docstring."""
 
-    def __init__(self, path: str | os.PathLike, what: str, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        what: str,
+        stale_s: float = STALE_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        token: str | None = None,
+    ):
+        """``token``: what names this holder in the lock file (a job's processes share their main process's,
+        see :func:`wait_for_holder`); a fresh one by default."""
         self.path, self.what = Path(str(path) + ".lock"), what
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
+        self.token = token or uuid.uuid4().hex
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     def _owner(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return _read_owner(self.path)
+
+    def _ours(self) -> bool:
+        return self._owner().get("token") == self.token
 
     def _gone(self) -> tuple[str | None, os.stat_result | None]:
         """(why the current holder is gone, or None while it holds; the lock file's stat then), or
@@ -60,7 +120,8 @@ class CacheLock:
         except FileNotFoundError:
             return "released", None
         owner = self._owner()
-        if owner.get("host") == socket.gethostname() and owner.get("pid") and not _alive(int(owner["pid"])):
+        here = owner.get("machine") == machine_id() if "machine" in owner else owner.get("host") == socket.gethostname()
+        if here and owner.get("pid") and not _alive(int(owner["pid"])):
             return f"its holder (pid {owner['pid']} on this machine) is gone", st
         age = time.time() - st.st_mtime
         if age > self.stale_s:
@@ -90,8 +151,9 @@ class CacheLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        owner = {"host": socket.gethostname(), "machine": machine_id(), "pid": os.getpid(), "since": time.time()}
         with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+            json.dump({**owner, "token": self.token}, f)
         return True
 
     def acquire(self) -> None:
@@ -119,16 +181,36 @@ class CacheLock:
         self._beat.start()
 
     def _heartbeat(self) -> None:
+        warned = False
         while not self._stop.wait(self.heartbeat_s):
             try:
                 os.utime(self.path)
-            except OSError:
-                return
+            except OSError as e:  # transient (NFS's ESTALE/EIO, a waiter's rename-aside): try again next beat
+                if not warned:
+                    log.warning("cache: could not touch the lock of %s (%s); retrying while it is held", self.what, e)
+                    warned = True
+
+    def confirm(self) -> None:
+        """Raise :class:`LockLost` unless the lock is still this holder's: call it before publishing the entry."""
+        if not self._ours():
+            owner = self._owner()
+            raise LockLost(
+                f"the lock of {self.what} was taken over by another job ({owner.get('host')}, pid {owner.get('pid')}) "
+                "while this one was away (suspended past its stale time?): that job builds it now; run again to "
+                "reuse it when it is ready"
+            )
 
     def release(self) -> None:
+        """Stop the heartbeat and remove the lock file, if it is still this holder's (a lock another job took
+        over is left to that job, with a warning)."""
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
+        if not self._ours():
+            if self.path.exists():
+                log.warning("cache: the lock of %s was lost to another job while held here; leaving it to that job",
+                            self.what)  # fmt: skip
+            return
         try:
             self.path.unlink()
         except FileNotFoundError:

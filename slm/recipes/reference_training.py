@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from contextlib import nullcontext
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
 
 from slm import parallel
-from slm.data import GENERATED, CacheLock, PackedData, build_split
+from slm.data import GENERATED, CacheLock, PackedData, build_split, wait_for_holder
 from slm.model import SelectiveLM, build_model
 from slm.recipes.settings import RunSettings, ScoreSettings, config_hash
 from slm.reference import load_reference
@@ -27,6 +29,21 @@ log = logging.getLogger(__name__)
 DONE = "DONE"
 NOT_IN_THE_WEIGHTS = ("progress", "resume", "overwrite", "keep_checkpoints", "log_every")  # not in its cache key
 Settings = RunSettings | ScoreSettings  # what slm-train and slm-score share: model, data, reference, cache
+
+
+@contextmanager
+def job_lock(entry: Path, what: str, acc):
+    """The cache entry's lock for the whole job: its main process takes it (and yields the lock, to
+    ``confirm`` before publishing), every other process waits on the same lock file until its own job holds it
+    (however long another job holds it first) and yields None. No process sits in a collective meanwhile."""
+    box = [uuid.uuid4().hex]
+    broadcast_object_list(box)  # the job's token: every process is here at once
+    if acc.is_main_process:
+        with CacheLock(entry, what, token=box[0]) as lock:
+            yield lock
+    else:
+        wait_for_holder(entry, what, box[0])
+        yield None
 
 
 def agreed(value: bool) -> bool:
@@ -89,7 +106,7 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
     where = settings.cache_root / "reference" / config_hash(identity)
     what = f"{rcfg.data.source} ({rcfg.data.split or 'all'})"
     # one job of a sweep trains it; the others wait on its lock (saying so), then reuse it
-    with CacheLock(where, f"the reference {where}") if acc.is_main_process else nullcontext():
+    with job_lock(where, f"the reference {where}", acc) as lock:
         if agreed((where / DONE).exists()):
             log.info(
                 "reference: reusing the cached reference %s (trained once on %s, shared by every run and "
@@ -154,6 +171,7 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
             if early is None or early.best_step == 0:  # else model/ holds the best eval's weights already
                 t.engine.save_pretrained(where / "model", data.tokenizer)
             if acc.is_main_process:
+                lock.confirm()  # never publish over another job's work (this one was away past the stale time)
                 (where / "result.json").write_text(json.dumps(res, indent=1))
                 (where / DONE).write_text("")  # last: the cache is complete
             acc.wait_for_everyone()

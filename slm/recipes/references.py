@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 from accelerate.utils import broadcast_object_list
 
-from slm.data import CacheLock, PackedData, content_hash, tokenizer_identity
-from slm.recipes.reference_training import DONE, HELDOUT, Settings, agreed, train_reference
+from slm.data import PackedData, content_hash, tokenizer_identity
+from slm.recipes.reference_training import DONE, HELDOUT, Settings, agreed, job_lock, train_reference
 from slm.recipes.settings import ReferenceConfig, RunSettings, config_hash
 from slm.reference import (
     META_FILE,
@@ -47,7 +46,7 @@ def stored_scores(
     ident = reference_identity(reference, ref_name)
     meta = {**expected_store(data), "reference": ident, "entropy": entropy, "dtype": dtype}
     out_dir = Path(out_dir) if out_dir else settings.cache_root / "scores" / config_hash(meta)
-    with CacheLock(out_dir, f"the store {out_dir}") if acc.is_main_process else nullcontext():  # scored once
+    with job_lock(out_dir, f"the store {out_dir}", acc):  # scored once
         reused = agreed((out_dir / META_FILE).exists())
         if reused:
             load_stored(out_dir, meta)  # refuses a store made by another reference or for other data

@@ -77,3 +77,88 @@ def test_a_lock_not_touched_for_stale_s_is_taken_over(tmp_path, caplog, age_s):
     assert (waited < 0.5) if age_s else (waited > 0.7)
     assert any("has not touched it for" in r.message for r in caplog.records)
     assert not list(tmp_path.glob("entry.lock.stale*"))
+
+
+def test_a_holder_that_lost_its_lock_releases_only_its_own_and_learns_it_lost(tmp_path, caplog):
+    """Issue 37 item 1: a holder suspended past stale_s is taken over; when it resumes it must neither delete the
+    new holder's lock (a third job would then build the same entry) nor publish."""
+    from slm.data.locks import LockLost
+
+    first = CacheLock(tmp_path / "entry", "the entry", stale_s=0.5, heartbeat_s=1000)  # a heartbeat that sleeps
+    first.acquire()
+    first.confirm()  # still ours
+    old = time.time() - 10
+    os.utime(tmp_path / "entry.lock", (old, old))  # suspended past stale_s
+    second = CacheLock(tmp_path / "entry", "the entry", stale_s=0.5)
+    second.acquire()  # takes it over
+    with pytest.raises(LockLost, match="the entry"):
+        first.confirm()
+    with caplog.at_level(logging.WARNING, logger="slm.data.locks"):
+        first.release()
+    assert (tmp_path / "entry.lock").exists(), "the resumed holder deleted the new holder's lock"
+    assert any("lost" in r.message for r in caplog.records)
+    second.confirm()
+    second.release()
+    assert not (tmp_path / "entry.lock").exists()
+
+
+def test_the_heartbeat_survives_a_transient_error_and_warns_once(tmp_path, monkeypatch, caplog):
+    """Issue 37 item 2: an ESTALE/EIO on touching the lock (or the instant a waiter has renamed it aside) must not
+    end the heartbeat: age alone would then mark a live holder stale."""
+    import errno
+
+    real, failures = os.utime, [3]
+
+    def flaky(path, *a, **k):
+        if str(path).endswith("entry.lock") and failures[0]:
+            failures[0] -= 1
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "utime", flaky)
+    with caplog.at_level(logging.WARNING, logger="slm.data.locks"):
+        with CacheLock(tmp_path / "entry", "x", heartbeat_s=0.05):
+            first = (tmp_path / "entry.lock").stat().st_mtime_ns
+            time.sleep(0.6)
+            assert failures[0] == 0 and (tmp_path / "entry.lock").stat().st_mtime_ns > first
+    assert sum("could not touch" in r.message for r in caplog.records) == 1
+
+
+def test_every_process_of_a_job_waits_on_another_jobs_lock_as_long_as_it_lasts(tmp_path):
+    """Issue 37 item 3: a job's other processes do not sit in a collective (which times out) while their main
+    process waits on another job's lock: they wait on the lock themselves, until their own job holds it."""
+    import threading
+
+    from slm.data.locks import wait_for_holder
+
+    other = _holder(tmp_path / "entry", 1.5)  # another job holds it for 1.5 s
+    ours = "token-of-our-job"
+    took = {}
+
+    def main_process():
+        with CacheLock(tmp_path / "entry", "the entry", token=ours):
+            took["at"] = time.monotonic()
+            time.sleep(0.3)  # the main process holds it while the others join it
+
+    started = time.monotonic()
+    main = threading.Thread(target=main_process)
+    main.start()
+    wait_for_holder(tmp_path / "entry", "the entry", ours)  # what every other process of the job does
+    waited = time.monotonic() - started
+    main.join()
+    other.wait()
+    assert waited > 1.0 and took["at"] - started > 1.0  # through the other job's whole hold
+
+
+def test_the_dead_process_rule_needs_the_same_machine_not_only_the_same_host_name(tmp_path):
+    """Issue 37 item 4 (decided): containers often share a host name; a dead pid is judged only for a lock
+    written on this very machine (host name, boot and process namespace). Another machine with our host name
+    is taken over only once its heartbeat has stopped for stale_s."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    owner = {"host": socket.gethostname(), "machine": "another-container", "pid": gone.pid, "since": time.time()}
+    (tmp_path / "entry.lock").write_text(json.dumps(owner))
+    started = time.monotonic()
+    with CacheLock(tmp_path / "entry", "x", stale_s=0.8):
+        waited = time.monotonic() - started
+    assert waited > 0.7
