@@ -57,9 +57,11 @@ SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16
 
 def self_check(head) -> str | None:
     """The first time a process runs the kernels on a device for a (compute dtype, bias, soft-cap)
-    combination, compare them on a small problem with plain float32 math: losses, log-sum-exps and
-    the hidden, weight and bias gradients. Returns None when they agree, else why not (a compile or
-    resource error, or a mismatch); the answer is kept for the process."""
+    combination, compare them on a small problem with plain float32 math: losses and log-sum-exps of every
+    scoring variant a process may launch (plain, with hits as evals ask, with entropy as GRPO and the entropy
+    scores ask, with both), the hits and entropies themselves, and the hidden, weight and bias gradients.
+    Returns None when they agree, else why not (a compile or resource error, or a mismatch); the answer is
+    kept for the process."""
     dtype = head.compute_dtype()
     key = (str(head.weight.device), dtype, head.bias is not None, bool(head.softcap), float(head.scale))
     if key not in _CHECKED:
@@ -82,7 +84,7 @@ def _compare(head, dtype: torch.dtype) -> str | None:
     hidden, targets = make(n, width).to(dtype), torch.randint(0, vocab, (n,), generator=g).to(device)
     row_weight = torch.rand(n, generator=g).to(device)
     with no_autocast(device.type):
-        loss, lse, _, _ = scoring_pass(small, hidden, targets)
+        variants = {(hits, ent): scoring_pass(small, hidden, targets, hits, ent) for hits in (0, 1) for ent in (0, 1)}
         h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
         b = None if bias is None else bias.detach().clone().requires_grad_(True)
         total, _ = FusedRowsCE.apply(h, w, b, targets, None, None, row_weight, small)
@@ -97,15 +99,21 @@ def _compare(head, dtype: torch.dtype) -> str | None:
         ref_lse = torch.logsumexp(z, dim=-1)
         ref_loss = ref_lse - z.gather(1, targets[:, None]).squeeze(1)
         (ref_loss * row_weight).sum().backward()
+        z = z.detach()
+        ref_entropy = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+        top2 = z.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-2 * top2[:, 0].abs().clamp(min=1.0)  # hits where no near-tie
     tol = SELF_CHECK_TOLERANCE.get(dtype, 5e-2)
-    pairs = [
-        ("loss", loss, ref_loss),
-        ("log-sum-exp", lse, ref_lse),
-        ("hidden gradient", h.grad, hr.grad),
-        ("weight gradient", w.grad, wr.grad),
-    ]
+    pairs = [("hidden gradient", h.grad, hr.grad), ("weight gradient", w.grad, wr.grad)]
     if b is not None:
         pairs.append(("bias gradient", b.grad, br.grad))
+    for (hits, ent), (loss, lse, hit, entropy) in variants.items():
+        variant = " (with hits)" * hits + " (with entropy)" * ent
+        pairs += [(f"loss{variant}", loss, ref_loss), (f"log-sum-exp{variant}", lse, ref_lse)]
+        if ent:
+            pairs.append((f"entropy{variant}", entropy, ref_entropy))
+        if hits and not torch.equal(hit[clear], (z.argmax(-1) == targets)[clear]):
+            return f"its hits{variant} differ from float32 math's argmax"
     for name, ours, ref in pairs:
         err = (ours.float() - ref.detach()).abs().max().item()
         scale = ref.detach().abs().max().item() + 1e-6

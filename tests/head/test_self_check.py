@@ -71,3 +71,28 @@ def test_the_check_is_made_once_per_combination(monkeypatch):
         fused.self_check(_head())
     fused.self_check(_head(torch.bfloat16))
     assert calls == [torch.float32, torch.bfloat16]
+
+
+real_scoring = fused.scoring_pass
+
+
+def _broken_hits(head, hidden, targets, hits=False, entropy=False):
+    if hits:
+        raise RuntimeError("out of resource: registers (the HITS variant)")
+    return real_scoring(head, hidden, targets, hits, entropy)
+
+
+def _entropy_10_percent_off(head, hidden, targets, hits=False, entropy=False):
+    loss, lse, hit, ent = real_scoring(head, hidden, targets, hits, entropy)
+    return loss, lse, hit, None if ent is None else ent * 1.1
+
+
+@pytest.mark.parametrize(("fake", "said"), [(_broken_hits, "RuntimeError: out of resource: registers"),
+                                            (_entropy_10_percent_off, "entropy")])  # fmt: skip
+def test_the_check_covers_every_variant_a_process_launches(monkeypatch, fake, said):
+    """Issue 37 item 15: evals launch the kernel with hits, GRPO and entropy scores with entropy: a failing or
+    wrong variant makes auto fall back before any of them runs, not a raw error (or wrong entropies) later."""
+    monkeypatch.setattr(fused, "scoring_pass", fake)
+    head = _head()
+    with pytest.warns(RuntimeWarning, match=f"failed its first-use check.*{said}"):
+        assert fused.auto_backend(head) == "compiled"
