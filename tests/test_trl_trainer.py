@@ -275,6 +275,9 @@ def test_sft_on_two_processes_equals_one_process(tmp_path, ratio):
         assert run.returncode == 0, run.stderr[-3000:]
     weights = {name: torch.load(tmp_path / name / "weights.pt") for name in runs}
     logs = {name: json.loads((tmp_path / name / "log.json").read_text()) for name in runs}
+    evals = {name: log.pop()["eval_loss"] for name, log in logs.items()}
+    if ratio == 1.0:  # issue 37 item 17: the eval loss on 2 processes is TRL's own on 2 processes
+        assert evals["two"] == pytest.approx(evals["trl"], rel=1e-5)
     start = tiny_model("llama", seed=3, vocab=len(builtin_tokenizer())).state_dict()
     assert any((weights["one"][k] - start[k]).abs().max() > 1e-3 for k in start)  # the runs moved the weights
     for name in runs:
@@ -313,3 +316,25 @@ def test_grpo_on_two_processes_equals_trl_on_two_processes(tmp_path):
     a, b = (torch.load(tmp_path / n / "weights.pt") for n in ("ours", "trl"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_compute_metrics_is_fed_per_token_losses_and_hits(tmp_path):
+    """Issue 37 item 16: TRL's trainer calls compute_metrics at eval; so does SelectiveSFTTrainer, with what slm
+    has instead of logits (as SelectiveTrainer): per-token losses and arg-max hits, aligned with the labels."""
+    tok = builtin_tokenizer()
+    calls = []
+
+    def metrics(pred):
+        (token_loss, hits), labels = pred.predictions, pred.label_ids
+        valid = labels[:, 1:] != -100
+        calls.append(1)
+        return {"my_accuracy": float(hits[:, 1:][valid].mean()), "my_loss": float(token_loss[:, 1:][valid].mean())}
+
+    data = _data("completion", n=8)
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=8)
+    trainer = SelectiveSFTTrainer(model=tiny_model("llama", seed=3, vocab=len(tok)), args=args, train_dataset=data,
+                                  eval_dataset=data, processing_class=tok, compute_metrics=metrics)  # fmt: skip
+    out = trainer.evaluate()
+    assert calls == [1]
+    assert out["eval_my_accuracy"] == pytest.approx(out["eval_mean_token_accuracy"], abs=1e-6)
+    assert out["eval_my_loss"] == pytest.approx(out["eval_loss"], rel=1e-5)  # one batch: the same mean

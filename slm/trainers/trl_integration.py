@@ -182,11 +182,16 @@ class SelectiveSFTTrainer(SFTTrainer):
         self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // self._tp_size
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Eval loss over every token TRL evaluates (no logits exist: predictions are not returned)."""
+        """Eval loss over every token TRL evaluates. With ``compute_metrics`` the predictions are what slm has
+        instead of logits (none exist), as :class:`slm.trainers.SelectiveTrainer` gives them: ``(token_loss,
+        hits)``, ``[B, T]`` float32 per-token losses (entry ``t`` predicts ``labels[:, t]``; 0 where not
+        evaluated) and ``[B, T]`` int arg-max hits."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            if prediction_loss_only:
+                return self.compute_loss(model, inputs).detach(), None, None
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        return loss.detach(), (out.token_loss, out.hits.long()), inputs["labels"]
 
 
 def _frozen(reference, device) -> torch.nn.Module:
