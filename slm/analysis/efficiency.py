@@ -107,7 +107,7 @@ class RunRecord:
         if self.is_baseline:
             return "baseline (all tokens)"
         if self.info.get("selector") == "oracle":
-            return "oracle (the clean tokens)"
+            return "oracle (all but the junk)"
         return f"{self.info.get('selector', '?')} {self.info.get('ratio', '?')}"
 
     @property
@@ -115,7 +115,7 @@ class RunRecord:
         """Every token of the training data: no token or block selection, the usual training split."""
         if float(self.info.get("blocks", 1.0)) < 1.0 or self.info.get("train_split", "train") != "train":
             return False
-        if self.info.get("selector") == "oracle":  # the clean tokens only
+        if self.info.get("selector") == "oracle":  # every token but the junk
             return False
         if self.info.get("selector") == "all":
             return True

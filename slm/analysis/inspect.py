@@ -44,7 +44,7 @@ def render(sample: SelectionSample, title: str, info: dict) -> str:
         f"kept {kept} of {valid} tokens ({kept / max(valid, 1):.0%}) in these {len(sample.tokens)} blocks",
     ]
     if sample.clean is not None:
-        clean, junk = sample.clean.astype(bool), sample.valid.astype(bool) & ~sample.clean.astype(bool)
+        clean, junk = sample.clean.astype(bool), sample.junk.astype(bool)  # what is neither counts in neither
         mask = sample.mask.astype(bool)
         if clean.any():
             facts.append(f"clean tokens kept {(mask & clean).sum() / clean.sum():.0%}")
@@ -80,7 +80,7 @@ def _block(sample: SelectionSample, b: int) -> str:
             spans.append(f"<span class='tok pad'>{text}</span>")
             continue
         cls = "kept" if sample.mask[b, t] else "dropped"
-        if sample.clean is not None and not sample.clean[b, t]:
+        if sample.junk is not None and sample.junk[b, t]:
             cls += " junk"
         score = f"{sample.excess[b, t]:.3f}"
         kind = sample.kind_names[sample.kind[b, t]] if sample.kind is not None and sample.kind[b, t] else None

@@ -31,12 +31,13 @@ class SelectionSample:
     score: str = "excess_loss"  # what ``excess`` holds
     kind: np.ndarray | None = None  # [B, T] each token's kind of junk (0: none), where the corpus names them
     kind_names: list[str] | None = None  # label -> name
+    junk: np.ndarray | None = None  # [B, T] the corpus's junk (neither this nor clean: paragraph breaks, document ends)
 
 
 def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None = None) -> SelectionSample:
     """Score the first ``n_blocks`` training blocks with the run's final model (and its stored reference
     losses), and select as the run did: top ``ratio`` by excess loss over the batch (by the model's own
-    loss without a stored reference); every token for the baseline; the clean tokens for the oracle."""
+    loss without a stored reference); every token for the baseline; every token but the junk for the oracle."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
@@ -54,14 +55,17 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
         score, scores = "excess_loss", excess_loss(tl, ref_loss)
     valid = shifted_valid(labels)
     clean = torch.tensor(ds["clean_mask"]) & valid if "clean_mask" in ds.column_names else None
+    junk = None
+    if clean is not None:  # junk where the corpus marks it, else all that is not clean
+        junk = valid & (torch.tensor(ds["junk_kind"]) > 0 if "junk_kind" in ds.column_names else ~clean)
     selector = info.get("selector")
     if ratio is None:  # the run's ratio; of a schedule (run_info holds its label), the one it ends at
         schedule = ratio_schedule(
             info["ratio"] if isinstance(info["ratio"], (int, float)) else saved["selector"]["ratio"]
         )
         ratio = schedule.start if schedule.kind == "constant" else schedule.end
-    if selector == "oracle" and clean is not None:
-        mask = clean
+    if selector == "oracle" and junk is not None:  # as the run trained: every token but the junk
+        mask = valid & ~junk
     elif selector == "all" or ratio >= 1.0:
         mask = valid
     else:
@@ -71,7 +75,7 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
     kind = np.asarray(ds["junk_kind"]) if names and "junk_kind" in ds.column_names else None
     return SelectionSample(
         tokens, scores.numpy(), mask.numpy(), valid.numpy(), ratio, None if clean is None else clean.numpy(), score,
-        kind, names if kind is not None else None,
+        kind, names if kind is not None else None, None if junk is None else junk.numpy(),
     )  # fmt: skip
 
 

@@ -38,7 +38,6 @@ from slm.train import (
     candidates,
     groupings,
 )
-from slm.train.config import ORACLE_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
             ratio=schedule,
             ref=ref,
             blocks=BlockFilter(sel.blocks, sel.block_score, tcfg.batch_size) if sel.blocks < 1.0 else None,
-            mask_column=ORACLE_COLUMN if selector == "oracle" else None,
+            oracle=selector == "oracle",
         ),
         watchers=watchers,
     )

@@ -10,9 +10,9 @@ from slm.model import SCORES, SELECTORS
 from slm.selection import BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
 from slm.train.watchers import check_outgrown
 
-# "all": every token (selection off); "oracle": exactly the tokens the corpus marks clean (its clean_mask)
+# "all": every token (selection off); "oracle": exactly the tokens the corpus does not mark as junk (its clean
+# text and the text's structure: see slm.train.step_selection)
 SELECTOR_NAMES = (*SELECTORS, "all", "oracle")
-ORACLE_COLUMN = "clean_mask"  # the corpus's clean tokens (data=realtext, the built-in corpus)
 
 
 def selects_by(name: str, ratio, blocks: float, reference_kind: str) -> str:

@@ -77,7 +77,7 @@ class Trainer:
         self.tracker = tracker if isinstance(tracker, Tracker) else Tracker(tracker, enabled=False)
         self.acc, self.cfg, self.run_dir, self.name = accelerator, cfg, self.tracker.run_dir, name
         sel = self.selection = selection or StepSelection()
-        self.ref, self.blocks, self.mask_column = sel.ref, sel.blocks, sel.mask_column
+        self.ref, self.blocks = sel.ref, sel.blocks
         self.watchers = list(watchers)
         if not isinstance(eval_sets, dict):
             eval_sets = {"validation": eval_sets}
@@ -186,7 +186,7 @@ class Trainer:
                             attention_mask=batch["attention_mask"],
                             ratio=ratio,
                             num_items_in_batch=1 if n_step is None else n_step,
-                            loss_mask=batch[self.mask_column] if self.mask_column else None,
+                            loss_mask=self.selection.mask(batch),
                             **ref,
                         )
                     except NonFiniteScores as e:

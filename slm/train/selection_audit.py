@@ -2,7 +2,8 @@
 
 At each eval point, over the valid tokens read since the last one (every candidate block's): the share
 of clean tokens kept and of junk dropped where the corpus marks its clean text (``clean_mask``: the
-built-in corpora), the share of each kind of junk dropped where it names the kinds (``junk_kind``), the
+built-in corpora; tokens that are neither, such as paragraph breaks and document ends, count in neither
+share), the share of each kind of junk dropped where it names the kinds (``junk_kind``), the
 share kept of each source file when ``data.source`` names several (``source_id``), and, for any corpus,
 the share kept of each quarter of the block (does the score favour the tokens that have more context?).
 A token's label comes from its packed columns (or its position); tokens read are counted on the host from
@@ -24,15 +25,21 @@ from slm.train.watchers import Watcher
 POSITION_PARTS = 4  # the block's quarters
 
 
+TEXT_CLASS = ("clean_mask", "junk_kind")  # clean text (1), junk (0) or neither (2: a paragraph break, a document end)
+
+
 @dataclass(frozen=True)
 class Grouping:
     """Tokens grouped by a label in ``0..size-1``: per label, the metric it reports (or none)."""
 
-    column: str | None  # the batch column of per-token labels; None: the token's part of its block
+    column: str | tuple | None  # the batch column of per-token labels (TEXT_CLASS: both); None: the block part
     size: int
     report: dict  # label -> (metric name, True: the share dropped, False: the share kept)
 
     def labels(self, batch: dict) -> Tensor:
+        if self.column == TEXT_CLASS:  # junk where a junk span covers it, else clean where marked, else neither
+            clean, junk = batch["clean_mask"].bool(), batch["junk_kind"] > 0
+            return torch.where(junk, 0, torch.where(clean, 1, 2)).long()
         if self.column is not None:
             return batch[self.column].long()
         b, t = batch["labels"].shape
@@ -44,8 +51,11 @@ def groupings(columns: list[str], names: dict) -> list[Grouping]:
     """What a run can audit, from its training data's columns and the label names of its source
     (:func:`slm.data.sources.label_names`)."""
     out = []
-    if "clean_mask" in columns:
-        out.append(Grouping("clean_mask", 2, {1: ("audit/clean_kept", False), 0: ("audit/junk_dropped", True)}))
+    shares = {1: ("audit/clean_kept", False), 0: ("audit/junk_dropped", True)}
+    if "clean_mask" in columns and "junk_kind" in columns:  # what is neither (label 2) is in neither share
+        out.append(Grouping(TEXT_CLASS, 3, shares))
+    elif "clean_mask" in columns:  # a corpus that marks only its clean text: the rest is junk
+        out.append(Grouping("clean_mask", 2, shares))
     kinds = names.get("junk_kind") or []
     if "junk_kind" in columns and len(kinds) > 1:  # label 0: not junk
         out.append(
@@ -78,7 +88,8 @@ class SelectionAudit(Watcher):
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return tuple(g.column for g in self.groups if g.column is not None)
+        named = [g.column if isinstance(g.column, tuple) else (g.column,) for g in self.groups if g.column]
+        return tuple(dict.fromkeys(c for cs in named for c in cs))
 
     def read(self, batch: dict) -> None:
         """A host batch as read, before any selection (dropped candidate blocks included)."""

@@ -28,8 +28,8 @@ def count_step(run, batches: list[dict], ratio: float, candidates: int) -> StepC
     before any forward."""
     lm = run.selective
     valid = [shifted_valid(b["labels"]) for b in batches]
-    if run.mask_column is not None:  # exactly the marked tokens
-        local = [(b[run.mask_column].bool() & v).sum() for b, v in zip(batches, valid)]
+    if run.selection.oracle:  # exactly the tokens it marks
+        local = [(run.selection.mask(b) & v).sum() for b, v in zip(batches, valid)]
     else:
         local = [count_selected(v, ratio, lm.scope if lm.scope == "sequence" else "batch") for v in valid]
     n_valid = [v.sum() for v in valid]
@@ -45,7 +45,7 @@ def count_step(run, batches: list[dict], ratio: float, candidates: int) -> StepC
         raise StoreError(run.ref.error or "a stored reference shard read by another process failed its check")
     k = len(batches)
     tokens, candidates, valid = int(sum(counts[2 * k :])), int(candidates), int(sum(counts[k : 2 * k]))
-    if run.mask_column is not None:
+    if run.selection.oracle:
         return StepCount(int(sum(counts[:k])), tokens, valid, candidates)
     if not lm.fixed_count:
         return StepCount(None, tokens, valid, candidates)

@@ -91,10 +91,10 @@ def test_a_resume_that_would_read_other_candidate_blocks_is_refused(tmp_path, mo
 
 
 @pytest.mark.slow  # packs the whole real-text corpus (about a minute)
-def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
-    """selector=oracle on the real-text corpus: each step trains exactly the clean_mask tokens of the rows it
-    reads (counted independently from the packed split and the batch stream), and slm-curves never takes it
-    for the baseline."""
+def test_the_oracle_trains_exactly_the_tokens_that_are_not_junk_in_each_batch(tmp_path):
+    """selector=oracle on the real-text corpus: each step trains exactly the tokens the corpus does not mark as
+    junk (its clean text, paragraph breaks and document ends) of the rows it reads (counted independently from
+    the packed split and the batch stream), and slm-curves never takes it for the baseline."""
     from slm.analysis import load_runs
     from slm.cli.validation import validate
     from slm.data import build
@@ -110,12 +110,12 @@ def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
     expected, total = [], 0
     for step in range(3):
         rows = packed[stream.indices(step)]
-        total += int((rows["clean_mask"] & shifted_valid(rows["labels"])).sum())
+        total += int(((rows["junk_kind"] == 0) & shifted_valid(rows["labels"])).sum())
         expected.append(total)
     got = [e["tokens_selected"] for e in read_metrics(tmp_path / "run") if "train/loss" in e]
     assert got == expected and 0 < expected[-1]
     (run,) = load_runs([str(tmp_path / "run")])
-    assert not run.is_baseline and run.group == "oracle (the clean tokens)"
+    assert not run.is_baseline and run.group == "oracle (all but the junk)"
     own = tmp_path / "own.jsonl"  # a corpus that does not mark its clean text
     own.write_text("".join('{"text": "%s"}\n' % ("some plain text " * 20) for _ in range(40)))
     plain = ("data=files", f"data.source={own}", "data.block_size=64", "reference=none", "trainer.max_steps=1")
@@ -126,7 +126,8 @@ def test_the_oracle_trains_exactly_the_clean_tokens_of_each_batch(tmp_path):
 def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_the_junk(tmp_path):
     """Every eval point logs the share of the clean tokens kept and of the junk dropped since the last one
     (issue 28 item 2): 1 and 0 for the baseline, 1 and 1 for the oracle; for a selection, kept clean plus
-    kept junk is what it trained, with the clean and junk counts taken independently from the packed data."""
+    kept junk is what it trained but for the tokens that are neither (document ends: issue 37 item 14), with
+    the clean, junk and other counts taken independently from the packed data."""
     from slm.cli.validation import validate
     from slm.data import build
     from slm.model import shifted_valid
@@ -148,9 +149,11 @@ def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_t
     for step, clean_kept, junk_dropped in audits(tmp_path / "sel"):
         rows = [packed[stream.indices(s)] for s in range(last, step)]
         clean = sum(int((r["clean_mask"] & shifted_valid(r["labels"])).sum()) for r in rows)
-        junk = sum(int((~r["clean_mask"] & shifted_valid(r["labels"])).sum()) for r in rows)
+        junk = sum(int(((r["junk_kind"] > 0) & shifted_valid(r["labels"])).sum()) for r in rows)
+        neither = sum(int(shifted_valid(r["labels"]).sum()) for r in rows) - clean - junk
         kept = selected[step] - selected.get(last, 0)
-        assert clean_kept * clean + (1 - junk_dropped) * junk == pytest.approx(kept)
+        kept_neither = kept - (clean_kept * clean + (1 - junk_dropped) * junk)
+        assert -1e-6 <= kept_neither <= neither + 1e-6 and neither > 0
         assert 0 < clean_kept < 1 and 0 < junk_dropped < 1
         last = step
     # slm-curves draws the audit panels from them
@@ -160,7 +163,7 @@ def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_t
     runs = load_runs([str(tmp_path / n) for n in ("base", "oracle", "sel")])
     assert {c.group: float(c.mean[-1]) for c in curves(runs, "audit/junk_dropped")} == {
         "baseline (all tokens)": 0.0,
-        "oracle (the clean tokens)": 1.0,
+        "oracle (all but the junk)": 1.0,
         "excess_loss 0.5": audits(tmp_path / "sel")[-1][2],
     }
     slm_curves([str(tmp_path / n) for n in ("base", "oracle", "sel")] + ["--out", str(tmp_path / "plot")])
@@ -169,8 +172,8 @@ def test_the_selection_audit_counts_what_each_run_kept_of_the_clean_tokens_and_t
 
 def test_the_audit_reports_each_kind_of_junk_and_each_part_of_the_block(tmp_path):
     """Per kind of junk and per quarter of the block (issue 28 item 2), checked against counts taken from the
-    packed data and the batch stream: the oracle drops every kind and keeps, of each quarter, exactly its clean
-    share; a selection's quarters add up to what it trained and its kinds to the junk it kept; slm-curves
+    packed data and the batch stream: the oracle drops every kind and keeps, of each quarter, exactly what is not
+    junk; a selection's quarters add up to what it trained and its kinds to the junk it kept; slm-curves
     tabulates them."""
     from slm.cli.validation import validate
     from slm.data import build
@@ -193,11 +196,11 @@ def test_the_audit_reports_each_kind_of_junk_and_each_part_of_the_block(tmp_path
         per = {"clean": [0] * 4, "all": [0] * 4, "kind": [0] * (len(JUNK_KINDS) + 1), "junk": 0}
         for r, v in zip(rows, valid):
             for q in range(4):
-                per["clean"][q] += int((r["clean_mask"] & v & (part == q)).sum())
+                per["clean"][q] += int(((r["junk_kind"] == 0) & v & (part == q)).sum())  # what the oracle trains
                 per["all"][q] += int((v & (part == q)).sum())
             for k in range(len(JUNK_KINDS) + 1):
                 per["kind"][k] += int((v & (r["junk_kind"] == k) & ~r["clean_mask"]).sum())
-            per["junk"] += int((v & ~r["clean_mask"]).sum())
+            per["junk"] += int((v & (r["junk_kind"] > 0)).sum())
         return per
 
     for name in ("oracle", "sel"):
@@ -213,7 +216,7 @@ def test_the_audit_reports_each_kind_of_junk_and_each_part_of_the_block(tmp_path
                 assert sum(e[q] * a for q, a in zip(quarters, per["all"])) == pytest.approx(kept)
                 kept_junk = (1 - e["audit/junk_dropped"]) * per["junk"]
                 kept_by_kind = sum((1 - e[k]) * n for k, n in zip(kinds, per["kind"][1:]))
-                assert kept_by_kind - 1e-6 <= kept_junk <= kept_by_kind + per["kind"][0] + 1e-6  # + end tokens
+                assert kept_junk == pytest.approx(kept_by_kind)  # the junk share and the kinds count the same
                 assert all(0 < e[k] < 1 for k in kinds)
             last = e["step"]
     from slm.analysis.report import main as slm_curves
