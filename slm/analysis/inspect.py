@@ -40,7 +40,7 @@ def render(sample: SelectionSample, title: str, info: dict) -> str:
     facts = [
         f"selector {info.get('selector')}",
         f"ratio {info.get('ratio')}",
-        f"ranked by {sample.score.replace('_', ' ')}",
+        f"selected by {sample.rule} (scores shown: {sample.score.replace('_', ' ')})",
         f"kept {kept} of {valid} tokens ({kept / max(valid, 1):.0%}) in these {len(sample.tokens)} blocks",
     ]
     if sample.clean is not None:
@@ -65,11 +65,29 @@ def render(sample: SelectionSample, title: str, info: dict) -> str:
 <body>
 <h1>What {html.escape(title)} keeps</h1>
 <p id="summary" data-kept="{kept}" data-valid="{valid}">{html.escape("; ".join(facts))}</p>
+<p id="about">{html.escape(_about(sample))}</p>
+{_unlike(sample)}
 <p class="legend">{legend}</p>
 {_histogram(sample)}
 {blocks}
 </body></html>
 """
+
+
+def _about(sample: SelectionSample) -> str:
+    return (
+        f"The first {len(sample.tokens)} training blocks, scored by the run's final model (and its reference's stored "
+        "values), then selected by the run's rule: so the shares here can differ from the run's own audit, which "
+        "counts what the model of each step kept. The histogram's x-axis is the score selection ranks by "
+        "(excess loss: the model's loss minus the reference's; higher is kept first)."
+    )
+
+
+def _unlike(sample: SelectionSample) -> str:
+    if not sample.unlike_the_run:
+        return ""
+    items = "".join(f"<li>{html.escape(n)}</li>" for n in sample.unlike_the_run)
+    return f"<div id='unlike'><p>What this page cannot reproduce of the run's selection:</p><ul>{items}</ul></div>"
 
 
 def _block(sample: SelectionSample, b: int) -> str:

@@ -1,6 +1,8 @@
 """Selection that adapts to the corpus, end to end through slm-train: a threshold over the run, whole
 blocks, an evolving reference; each trains what it promises and resumes exactly."""
 
+import json
+
 import pytest
 import torch
 from support.compose import compose_train
@@ -280,3 +282,46 @@ def test_the_selection_sample_of_a_ratio_schedule_selects_at_the_ratio_it_ends_a
     sample = selection_sample(tmp_path / "run", n_blocks=3)
     valid = torch.from_numpy(sample.valid)
     assert sample.ratio == 0.4 and int(sample.mask.sum()) == num_selected(valid, 0.4, "batch") < int(valid.sum())
+
+
+def test_slm_inspect_selects_by_the_runs_own_rule_and_says_what_it_cannot_reproduce(tmp_path):
+    """Issue 37 item 13: a train_loss run is shown ranked by the training loss (not by excess loss), a
+    reference_loss run by its reference's stored loss per sequence when its scope says so; a block-selection
+    run and a threshold over the run say on the page what the sample cannot reproduce."""
+    from slm.analysis import selection_sample
+    from slm.analysis.inspect import write_page
+    from slm.model import shifted_valid, token_losses
+    from slm.reference import expected_store, load_stored
+    from slm.selection import select_tokens
+
+    runs = {"train_loss": ["selector=train_loss", "selector.ratio=0.5"],
+            "reference_loss": ["selector=reference_loss", "selector.ratio=0.5", "selector.scope=sequence"],
+            "blocks": ["selector.blocks=0.5"], "dataset": ["selector.scope=dataset"]}  # fmt: skip
+    for name, extra in runs.items():
+        train_composed(compose_train(tmp_path / "c", *extra), tmp_path / name)
+    from transformers import AutoModelForCausalLM
+
+    from slm.cli.validation import validate
+    from slm.data import build
+
+    data = build(validate(compose_train(tmp_path / "c")).data)
+    ds = data["train"].select(range(8)).with_format("torch")[:]  # the sample's 8 blocks, as tensors
+    valid = shifted_valid(ds["labels"])
+    for name, score, scope in (("train_loss", "train_loss", "batch"), ("reference_loss", "reference_loss", "sequence")):
+        sample = selection_sample(tmp_path / name)
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model").eval()
+        tl = token_losses(model, ds["input_ids"], ds["labels"], attention_mask=ds["attention_mask"])
+        if score == "train_loss":
+            expected = select_tokens(tl, 0.5, valid=valid, scope=scope)
+        else:
+            info = json.loads((tmp_path / name / "run_info.json").read_text())
+            ref = load_stored(info["scores_dir"], expected_store(data)).rows(range(8))
+            expected = select_tokens(-ref, 0.5, valid=valid, scope=scope)
+        assert sample.score == score and sample.rule.startswith(name), (name, sample.rule)
+        assert torch.equal(torch.as_tensor(sample.mask), expected), name
+        assert not sample.unlike_the_run
+    blocks, dataset = selection_sample(tmp_path / "blocks"), selection_sample(tmp_path / "dataset")
+    assert any("of the blocks it read" in n for n in blocks.unlike_the_run)
+    assert any("threshold over the whole run" in n for n in dataset.unlike_the_run)
+    page = write_page(tmp_path / "dataset", None, 8).read_text()
+    assert "cannot reproduce" in page and "threshold over the whole run" in page and "final model" in page
