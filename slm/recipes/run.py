@@ -30,6 +30,7 @@ from slm.train import (
     BlockFilter,
     DownstreamTasks,
     OutgrownWatch,
+    RisingEval,
     RunInterrupted,
     SelectionAudit,
     StepSelection,
@@ -156,7 +157,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
         config=record,
         resume_step=_resume_step(run_dir) if tcfg.resume else None,
     )
-    watchers: list[Watcher] = [SelectionAudit(groupings(train_ds.column_names, data.labels), acc.device)]
+    watchers: list[Watcher] = [SelectionAudit(groupings(train_ds.column_names, data.labels), acc.device), RisingEval()]
     if outgrown is not None:
         watchers.append(outgrown)
     if settings.downstream.tasks:

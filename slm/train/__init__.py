@@ -10,7 +10,7 @@ evaluation.py   eval loss (and answer accuracy) on a packed split
 step_selection.py  what each step trains and by what: ratio over the run, reference values, blocks, mask column
 signals.py      stop requests honoured at the next step boundary
 watchers.py     the Watcher protocol (per-step and per-eval hooks with checkpoint state); early stop on held-out
-                loss, the model outgrowing its reference
+                loss, the model outgrowing its reference, an eval loss that keeps rising
 selection_audit.py  a watcher: what selection kept, by what the data says of its tokens (clean, junk kind,
                 source, position)
 downstream.py   lm-evaluation-harness tasks at eval points (a watcher)
@@ -25,7 +25,7 @@ from slm.train.evaluation import answer_accuracy, evaluate
 from slm.train.loop import NonFiniteLoss, RunInterrupted, Trainer
 from slm.train.selection_audit import SelectionAudit, groupings
 from slm.train.step_selection import StepSelection
-from slm.train.watchers import WHEN_OUTGROWN, EarlyStop, OutgrownWatch, Watcher
+from slm.train.watchers import WHEN_OUTGROWN, EarlyStop, OutgrownWatch, RisingEval, Watcher
 
 __all__ = [
     "candidates",
@@ -37,6 +37,7 @@ __all__ = [
     "EarlyStop",
     "NonFiniteLoss",
     "OutgrownWatch",
+    "RisingEval",
     "RunInterrupted",
     "SelectionAudit",
     "SELECTOR_NAMES",

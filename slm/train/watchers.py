@@ -194,3 +194,49 @@ class OutgrownWatch(Watcher):
 
     def load(self, state, run) -> None:
         self.step = state
+
+
+class RisingEval(Watcher):
+    """Warns once when ``eval/loss`` has risen at ``patience`` eval points in a row (the run is overfitting its
+    training text, typically a small file read many times), and records the eval step where the rise began: a
+    baseline whose curve rises at its end makes every "fraction of the baseline's tokens" look better than it
+    is (slm-curves measures against the baseline's first crossing and flags it too). Changes nothing else."""
+
+    key = "rising_eval"
+
+    def __init__(self, patience: int = 3):
+        if int(patience) < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = int(patience)
+        self.last: float | None = None
+        self.rises: list[int] = []  # the eval steps of the current run of rises
+        self.since: int | None = None  # where the rise began, once reported
+
+    def at_eval(self, run, metrics: dict) -> dict:
+        loss = metrics.get("eval/loss")
+        if loss is None:
+            return {}
+        rose = self.last is not None and loss > self.last
+        self.rises = [*self.rises, run.step] if rose else []
+        self.last = loss
+        if len(self.rises) >= self.patience and self.since is None:
+            self.since = self.rises[0]
+            log.warning(
+                "step %d: eval/loss has risen at %d eval points in a row (since step %d, now %.4f): the run is "
+                "overfitting its training text (a small file read many times?); its best eval was earlier",
+                run.step,
+                len(self.rises),
+                self.since,
+                loss,
+            )
+        return {}
+
+    def result(self) -> dict:
+        return {} if self.since is None else {"eval_rising_since": self.since}
+
+    def state(self, run) -> dict:
+        return {"last": self.last, "rises": self.rises, "since": self.since}
+
+    def load(self, state, run) -> None:
+        if state:
+            self.last, self.rises, self.since = state["last"], list(state["rises"]), state["since"]

@@ -59,3 +59,39 @@ def test_the_oracle_trains_every_token_but_the_junk():
         assert set(oracle.columns(columns)) == {"clean_mask", "junk_kind"}
         assert torch.equal(oracle.mask(rows), rows["junk_kind"] == 0)
         assert (oracle.mask(rows) & ~rows["clean_mask"].bool() & shifted_valid(rows["labels"])).any()
+
+
+def test_a_rising_eval_loss_is_reported_once_from_where_it_began(caplog):
+    """The watch added without a Trainer keyword or a CLI change (issue 36): eval/loss rising at 3 eval points in a
+    row is reported once, from the first of them; a fall in between starts the count again."""
+    import logging
+    from types import SimpleNamespace
+
+    from slm.train import RisingEval
+
+    watch, run = RisingEval(patience=3), SimpleNamespace(step=0)
+    losses = [3.0, 2.5, 2.6, 2.4, 2.45, 2.5, 2.55, 2.6, 2.7]  # rises at steps 2; 4, 5, 6 (reported), 7, 8
+    with caplog.at_level(logging.WARNING, logger="slm.train.watchers"):
+        for step, loss in enumerate(losses):
+            run.step = step
+            watch.at_eval(run, {"eval/loss": loss})
+    assert watch.result() == {"eval_rising_since": 4}
+    assert sum("has risen at 3 eval points" in r.message for r in caplog.records) == 1
+    again = RisingEval(patience=3)
+    again.load(watch.state(run), run)
+    assert again.result() == watch.result() and again.last == 2.7
+
+
+def test_every_run_carries_the_rising_eval_watch_in_its_checkpoints(tmp_path):
+    import json
+
+    from support.compose import compose_train
+
+    from slm.cli import train_composed
+    from slm.runs import checkpoints, read_metrics
+
+    train_composed(compose_train(tmp_path / "c", "reference=none", "trainer.max_steps=3", "trainer.eval_every=1"),
+                   tmp_path / "run")  # fmt: skip
+    state = json.loads((checkpoints.latest(tmp_path / "run") / "slm_state.json").read_text())
+    last_eval = [e["eval/loss"] for e in read_metrics(tmp_path / "run") if "eval/loss" in e][-1]
+    assert state["rising_eval"]["last"] == last_eval
