@@ -104,3 +104,24 @@ def test_readme_core_api_example_runs():
              "loss_mask": torch.rand(2, 10) < 0.5, "reference_model": tiny_model("qwen2", seed=1)}  # fmt: skip
     exec(block, scope)
     assert scope["out"].mask.sum() == round(0.6 * 18)
+
+
+def test_each_commands_help_opens_with_what_it_does_its_options_and_examples():
+    """Issue 38 item 3: --help says what the command does, its main options and an example before Hydra's
+    groups; slm-score lists only the groups that apply to it (no arm, selector, trainer), each with the options
+    shipped in conf/, and names --verify."""
+    train = subprocess.run([sys.executable, "-m", "slm.cli", "--help"], capture_output=True, text=True, check=True)
+    score = subprocess.run([sys.executable, "-c", "from slm.cli import main_score; main_score()", "--help"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    for out, opening in ((train.stdout, "slm-train: train a causal LM"), (score.stdout, "slm-score: store a")):
+        assert out.startswith(opening)
+        head = out.split("== Configuration groups ==")[0]
+        assert "Main options" in head and "Examples:" in head
+    assert "--verify" in score.stdout.split("== Configuration groups ==")[0]
+    groups = score.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = dict(line.split(": ", 1) for line in groups.strip().splitlines())
+    assert set(listed) == {"model", "data", "reference"}
+    for group, options in listed.items():
+        shipped = {p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml")} - {"none", "stored"}
+        assert set(options.split(", ")) == shipped, group
+    assert "arm:" in train.stdout and "selector:" in train.stdout  # every group applies to slm-train
