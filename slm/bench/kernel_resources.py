@@ -28,7 +28,7 @@ DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 
 @dataclass(frozen=True)
 class Case:
-    kernel: str  # score_kernel | grad_kernel
+    kernel: str  # loss_kernel | grad_kernel
     config: tuple  # (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)
     dtype: str  # the compute dtype: bf16 | fp16 | fp32
     flags: tuple  # (name, value) of the constexpr switches besides the blocks
@@ -66,7 +66,7 @@ def flag_sets(kernel: str, dtype: str, full: bool) -> list[tuple]:
     fixed = {"UPCAST": False, "IEEE": dtype == "fp32"}
     if kernel == "grad_kernel":
         fixed["BF16_OUT"] = False  # rounding by hand is for the interpreter only
-    names = ["HAS_BIAS", "SOFTCAP"] + (["HITS", "ENTROPY"] if kernel == "score_kernel" else [])
+    names = ["HAS_BIAS", "SOFTCAP"] + (["HITS", "ENTROPY"] if kernel == "loss_kernel" else [])
     values = itertools.product((False, True), repeat=len(names)) if full else [(False,) * len(names)]
     return [tuple(sorted({**fixed, **dict(zip(names, v))}.items())) for v in values]
 
@@ -77,7 +77,7 @@ def kernel_cases(archs=(90,), dtypes=("bf16",), full: bool = False) -> list[Case
     return [
         Case(kernel, config, dtype, flags, cc)
         for cc in archs
-        for kernel in ("score_kernel", "grad_kernel")
+        for kernel in ("loss_kernel", "grad_kernel")
         for dtype in dtypes
         for flags in flag_sets(kernel, dtype, full)
         for config in AUTOTUNE_CONFIGS[family[dtype]]
@@ -86,7 +86,7 @@ def kernel_cases(archs=(90,), dtypes=("bf16",), full: bool = False) -> list[Case
 
 def _signature(kernel: str, dtype: str) -> dict:
     t = DTYPES[dtype]
-    if kernel == "score_kernel":
+    if kernel == "loss_kernel":
         names = "h_ptr w_ptr b_ptr t_ptr loss_ptr lse_ptr hit_ptr ent_ptr".split()
         types = [t, t, "*fp32", "*i64", "*fp32", "*fp32", "*i8", "*fp32"]
         ints = "N V H stride_h stride_w".split()

@@ -1,5 +1,5 @@
 """What ``slm-bench`` measures: model shapes, and the cases of each table as zero-argument callables
-(a training step's loss to backpropagate, or a no-grad scoring pass) on one model and one batch."""
+(a training step's loss to backpropagate, or a no-grad loss pass) on one model and one batch."""
 
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def sparse_cases(model, ids) -> dict:
 
 
 def scoring_cases(model, ids, backends: list[str]) -> dict:
-    """No-grad per-token losses of every token: slm's scoring pass against CCE's and HF's logits."""
+    """No-grad per-token losses of every token: slm's loss pass against CCE's and HF's logits."""
 
     out = {
         "hf_full_logits": lambda: _masked_ce(model(input_ids=ids).logits, ids, torch.ones_like(ids, dtype=torch.bool)),

@@ -2,13 +2,13 @@
 
 Two operations, both over *rows* (one hidden state per predicted token):
 
-* :func:`score_rows` - no grad, chunked: each row's loss and log-sum-exp. Every valid token
+* :func:`row_losses` - no grad, chunked: each row's loss and log-sum-exp. Every valid token
   goes through it, because selection needs the current model's loss on all of them.
 * :func:`selected_rows_loss` - the grad-enabled (weighted) summed loss of the selected rows only.
   By default its forward computes the gradients too, chunk by chunk while each chunk's logits
   exist (the backward of a sum only scales them), so no pass holds more than one chunk of logits.
 
-Per step the head costs one matmul per valid token (scoring) plus three per selected token,
+Per step the head costs one matmul per valid token (the loss pass) plus three per selected token,
 against HF's three per token on a B x T x V tensor. Logits always come out of the matmul in
 float32 (never rounded to bf16 first) and the loss math is float32; the matmul inputs run in the
 autocast dtype when autocast is on, else in the weight's dtype. The matmuls are library calls;
@@ -19,17 +19,17 @@ for the device: chunk boundaries come from shapes.
 
 Layout: :mod:`~slm.head.output` (:class:`OutputHead`: the architecture's logits and chunk sizes),
 :mod:`~slm.head.backend` (which backend a head runs, chosen in one place), :mod:`~slm.head.passes`
-(the scoring and training passes),
+(the loss and training passes),
 :mod:`~slm.head.chunks` (the element-wise chunk math, the ``torch`` backend),
 :mod:`~slm.head.compiled` (the same math through ``torch.compile``), :mod:`~slm.head.matmul`
 (float32-output matrix products), :mod:`~slm.head.fused` (``backend="triton"``: launches and the autograd
-op) over :mod:`~slm.head.kernels` (the Triton scoring and gradient kernels; loaded on first use).
+op) over :mod:`~slm.head.kernels` (the Triton loss and gradient kernels; loaded on first use).
 """
 
 from slm.head.backend import chunk_kernels, resolve_backend
-from slm.head.chunks import grad_chunk, score_chunk
+from slm.head.chunks import grad_chunk, loss_chunk
 from slm.head.output import BACKENDS, CHUNK_ELEMENTS, OutputHead
-from slm.head.passes import full_logits_rows_loss, score_rows, selected_rows_loss
+from slm.head.passes import full_logits_rows_loss, row_losses, selected_rows_loss
 
 __all__ = [
     "BACKENDS",
@@ -39,7 +39,7 @@ __all__ = [
     "full_logits_rows_loss",
     "grad_chunk",
     "resolve_backend",
-    "score_chunk",
-    "score_rows",
+    "loss_chunk",
+    "row_losses",
     "selected_rows_loss",
 ]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from slm.head import fused
-from slm.head.chunks import grad_chunk, score_chunk
+from slm.head.chunks import grad_chunk, loss_chunk
 from slm.head.compiled import compiled_kernels
 from slm.head.output import BACKENDS, OutputHead
 
@@ -28,4 +28,4 @@ def resolve_backend(head: OutputHead) -> str:
 
 def chunk_kernels(head: OutputHead):
     """The element-wise chunk functions (score, grad) of the torch or compiled backend."""
-    return compiled_kernels() if resolve_backend(head) == "compiled" else (score_chunk, grad_chunk)
+    return compiled_kernels() if resolve_backend(head) == "compiled" else (loss_chunk, grad_chunk)

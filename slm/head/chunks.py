@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 
-def score_chunk(raw: Tensor, t: Tensor, softcap: float | None, hits: bool, entropy: bool = False):
+def loss_chunk(raw: Tensor, t: Tensor, softcap: float | None, hits: bool, entropy: bool = False):
     """(loss, lse, hit or None, entropy or None) of each row of one chunk of float32 pre-cap logits."""
     z = softcap * torch.tanh(raw / softcap) if softcap else raw
     lse = torch.logsumexp(z, dim=-1)

@@ -7,20 +7,20 @@ import warnings
 import torch
 from torch import Tensor
 
-from slm.head.chunks import grad_chunk, score_chunk
+from slm.head.chunks import grad_chunk, loss_chunk
 
 _COMPILED: tuple | None = None
 _COMPILE_FAILED: str | None = None  # why torch.compile could not build the chunk functions here
 
 
 def compiled_kernels():
-    """``(score_chunk, grad_chunk)``, compiled once per process."""
+    """``(loss_chunk, grad_chunk)``, compiled once per process."""
     global _COMPILED
     if _COMPILED is None:
         # Not fullgraph: past dynamo's recompile limit (many head configurations in one process) a
         # chunk function falls back to eager, correct and slower, instead of failing the run. That
         # the functions compile whole is a test (tests/head/test_backends.py, zero graph breaks).
-        _COMPILED = tuple(_compiled_call(fn) for fn in (score_chunk, grad_chunk))
+        _COMPILED = tuple(_compiled_call(fn) for fn in (loss_chunk, grad_chunk))
     return _COMPILED
 
 

@@ -1,7 +1,7 @@
-"""The ``triton`` head backend: the scoring pass and the selected rows' gradients as fused kernels.
+"""The ``triton`` head backend: the loss pass and the selected rows' gradients as fused kernels.
 
 Scoring (:func:`score`) writes only each row's loss and log-sum-exp (the logits stay on chip). The
-training op (:class:`FusedRowsCE`) does nothing in its forward when the scoring pass already gave
+training op (:class:`FusedRowsCE`) does nothing in its forward when the loss pass already gave
 the selected rows' losses and log-sum-exps (it scores just those rows otherwise, e.g. for a
 ``loss_mask``); its backward, when the incoming gradient is known (a loss scaler's factor
 included), walks the vocabulary in slices: a kernel recomputes each slice's logits, reuses the
@@ -58,7 +58,7 @@ SELF_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16
 def self_check(head) -> str | None:
     """The first time a process runs the kernels on a device for a (compute dtype, bias, soft-cap)
     combination, compare them on a small problem with plain float32 math: losses and log-sum-exps of every
-    scoring variant a process may launch (plain, with hits as evals ask, with entropy as GRPO and the entropy
+    loss-pass variant a process may launch (plain, with hits as evals ask, with entropy as GRPO and the entropy
     scores ask, with both), the hits and entropies themselves, and the hidden, weight and bias gradients.
     Returns None when they agree, else why not (a compile or resource error, or a mismatch); the answer is
     kept for the process."""
@@ -66,7 +66,7 @@ def self_check(head) -> str | None:
     key = (str(head.weight.device), dtype, head.bias is not None, bool(head.softcap), float(head.scale))
     if key not in _CHECKED:
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # it may first run inside a no-grad scoring pass
+            with torch.inference_mode(False), torch.enable_grad():  # it may first run inside a no-grad loss pass
                 _CHECKED[key] = _compare(head, dtype)
         except Exception as e:  # a compile error, out of resources, a launch failure: the kernels are not usable
             _CHECKED[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}"
@@ -84,7 +84,7 @@ def _compare(head, dtype: torch.dtype) -> str | None:
     hidden, targets = make(n, width).to(dtype), torch.randint(0, vocab, (n,), generator=g).to(device)
     row_weight = torch.rand(n, generator=g).to(device)
     with no_autocast(device.type):
-        variants = {(hits, ent): scoring_pass(small, hidden, targets, hits, ent) for hits in (0, 1) for ent in (0, 1)}
+        variants = {(hits, ent): loss_pass(small, hidden, targets, hits, ent) for hits in (0, 1) for ent in (0, 1)}
         h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
         b = None if bias is None else bias.detach().clone().requires_grad_(True)
         total, _ = FusedRowsCE.apply(h, w, b, targets, None, None, row_weight, small)
@@ -199,7 +199,7 @@ def _flags(head, dtype: torch.dtype) -> dict:
 
 
 @torch.no_grad()
-def scoring_pass(head, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bool = False):
+def loss_pass(head, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bool = False):
     """(loss, lse, hit or None, entropy or None) of every row, float32, from one fused kernel."""
     n, dtype = hidden.shape[0], head.compute_dtype()
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -211,7 +211,7 @@ def scoring_pass(head, hidden: Tensor, targets: Tensor, hits: bool = False, entr
     with no_autocast(hidden.device.type):
         h, w, b = _operands(head, hidden, dtype)
         vocab = w.shape[0]
-        launch = _launcher("score_kernel", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), dtype)
+        launch = _launcher("loss_kernel", lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),), dtype)
         launch(
             h,
             w,
@@ -241,7 +241,7 @@ class FusedRowsCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, lse, loss, row_weight, head):
         if lse is None or loss is None:  # rows not scored yet (a loss_mask, ratio 1.0): score just these
-            loss, lse, _, _ = scoring_pass(head, hidden.detach(), targets)
+            loss, lse, _, _ = loss_pass(head, hidden.detach(), targets)
         ctx.head, ctx.dtype = head, head.compute_dtype()
         ctx.save_for_backward(hidden, weight, bias, targets, lse, row_weight)
         ctx.mark_non_differentiable(loss)

@@ -4,7 +4,7 @@ Two kernels, both recomputing logits tiles on chip from hidden rows ``h [N, H]``
 layer's weight ``W [V, H]`` (``tl.dot`` accumulating in float32), with the architecture's bias,
 logit scale and soft-cap applied in registers:
 
-* :func:`score_kernel` - one program per block of rows walks the vocabulary with an online max /
+* :func:`loss_kernel` - one program per block of rows walks the vocabulary with an online max /
   sum-exp and writes only each row's loss and log-sum-exp (and, when asked, whether its target is
   the arg-max, and the entropy of its distribution). No logits reach global memory.
 * :func:`grad_kernel` - one program per (rows x vocabulary) tile of a vocabulary slice: the
@@ -72,7 +72,7 @@ def _logits_tile(
 
 
 @triton.jit
-def score_kernel(
+def loss_kernel(
     h_ptr,
     w_ptr,
     b_ptr,

@@ -1,4 +1,4 @@
-"""The two passes over rows: scoring every valid row (no grad) and the selected rows' loss with its
+"""The two passes over rows: the loss of every valid row (no grad) and the selected rows' loss with its
 gradients, one chunk of logits at a time."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from slm.head.output import OutputHead
 
 
 @torch.no_grad()
-def score_rows(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bool = False):
+def row_losses(head: OutputHead, hidden: Tensor, targets: Tensor, hits: bool = False, entropy: bool = False):
     """Per-row cross-entropy and log-sum-exp (float32), one chunk of logits at a time.
 
     With ``hits=True`` also returns whether each row's target is the arg-max prediction, and with
     ``entropy=True`` (after it) the entropy of each row's predictive distribution.
     """
     if resolve_backend(head) == "triton":
-        loss, lse, hit, ent = fused.scoring_pass(head, hidden, targets, hits, entropy)
+        loss, lse, hit, ent = fused.loss_pass(head, hidden, targets, hits, entropy)
         return (loss, lse) + ((hit,) if hits else ()) + ((ent,) if entropy else ())
     n = hidden.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -173,11 +173,11 @@ def selected_rows_loss(
     carries gradients to ``hidden`` and the head's weight and bias, the per-row losses are
     detached.
 
-    ``lse`` (and ``loss``) from :func:`score_rows` save recomputing them; the logits of the
-    selected rows are recomputed either way (the scoring pass keeps no logits).
+    ``lse`` (and ``loss``) from :func:`row_losses` save recomputing them; the logits of the
+    selected rows are recomputed either way (the loss pass keeps no logits).
     """
     if not torch.is_grad_enabled():
-        loss = score_rows(head, hidden, targets)[0]
+        loss = row_losses(head, hidden, targets)[0]
         return (loss.sum() if row_weight is None else (loss * row_weight).sum()), loss
     rw = None if row_weight is None else row_weight.float()
     if resolve_backend(head) == "triton":

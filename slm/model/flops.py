@@ -4,11 +4,11 @@ Per token of a block of ``seq`` tokens, forward plus backward (PaLM's accounting
 2022, appendix B): ``6 x body`` for the decoder's weights (``body``: every parameter but the input
 embedding and the output layer) and ``12 x layers x width x seq`` for attention. The output layer
 (``head`` = vocabulary x width weights) is counted where it runs: ``2 x head`` per token of the
-no-grad scoring pass (every valid token when selecting by score), ``6 x head`` per trained token
+no-grad loss pass (every valid token when selecting by score), ``6 x head`` per trained token
 (logits recomputed, then the hidden-state and weight gradients). A live reference adds its forward
 (``2 x its weights``) per token it reads (with sequence selection, every candidate block a block
 score asks it about, and again the kept ones); candidate blocks scored by the training model cost a
-no-grad forward: a third of the decoder's terms plus the scoring pass. Estimates, not
+no-grad forward: a third of the decoder's terms plus the loss pass. Estimates, not
 measurements: element-wise work and norms are left out, as in the usual ``6 N D``.
 """
 

@@ -1,7 +1,7 @@
 """Per-token log-probabilities whose gradients reach the model only through the tokens a rule keeps.
 
 For losses that are any function of per-token log-probabilities (policy gradients: GRPO's clipped
-ratio, its high-entropy token mask), not just their sum. One no-grad scoring pass gives every valid
+ratio, its high-entropy token mask), not just their sum. One no-grad loss pass gives every valid
 token's log-probability and entropy; ``keep`` picks tokens from them; the returned log-probabilities
 carry gradients at the kept tokens only. Their backward runs the selective head on the kept rows with
 the incoming gradient as row weights (``d/dθ sum_i g_i log p_i = d/dθ sum_i (-g_i) CE_i``), so no other
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slm.head import score_rows, selected_rows_loss
+from slm.head import row_losses, selected_rows_loss
 
 
 class _KeptLogProbs(torch.autograd.Function):
@@ -44,7 +44,7 @@ def kept_logprobs(head, hidden: Tensor, targets: Tensor, plan, keep) -> tuple[Te
     """``(log p [B, T], entropy [B, T], kept [B, T] bool)`` for the valid rows of ``plan`` (entry t is the
     prediction of ``labels[:, t]``; 0 where invalid). ``hidden``: the valid rows' final hidden states (with
     gradients); ``keep(logp, entropy, valid) -> [B, T] bool`` is called once, on detached values."""
-    loss, lse, entropy = score_rows(head, hidden.detach(), targets, entropy=True)
+    loss, lse, entropy = row_losses(head, hidden.detach(), targets, entropy=True)
     logp, ent = plan.scatter(plan.valid_pos, -loss), plan.scatter(plan.valid_pos, entropy)
     kept = keep(logp, ent, plan.valid) & plan.valid
     positions = kept[:, 1:].reshape(-1).nonzero().squeeze(1)  # data-dependent: one wait for the device

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slm.head import full_logits_rows_loss, score_rows
+from slm.head import full_logits_rows_loss, row_losses
 from slm.model.architectures import causal_lm, gathered, output_head
 from slm.model.rows import plan_rows
 
@@ -64,9 +64,9 @@ def token_losses(
         ).last_hidden_state[:, :-1]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, plan.valid_pos)
         loss, _, hit, ent = (
-            score_rows(head, rows, targets, hits=True, entropy=True)
+            row_losses(head, rows, targets, hits=True, entropy=True)
             if return_entropy
-            else (*score_rows(head, rows, targets, hits=True), None)
+            else (*row_losses(head, rows, targets, hits=True), None)
         )
     parts = [plan.scatter(plan.valid_pos, v) if v is not None else None for v in (loss, hit, ent)]
     return _pick(parts, return_hits, return_entropy)

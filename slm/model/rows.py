@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slm.head import OutputHead, full_logits_rows_loss, score_rows, selected_rows_loss
+from slm.head import OutputHead, full_logits_rows_loss, row_losses, selected_rows_loss
 
 IGNORE_INDEX = -100
 
@@ -179,7 +179,7 @@ class HeadRows:
 
     def score(self, hits: bool = False, entropy: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(every row's loss, arg-max hits or None, predictive entropy or None), without gradients."""
-        out = score_rows(self.head, self.hidden.detach(), self.targets, hits=hits, entropy=entropy)
+        out = row_losses(self.head, self.hidden.detach(), self.targets, hits=hits, entropy=entropy)
         self.loss, self.lse = out[0], out[1]
         return out[0], out[2] if hits else None, out[-1] if entropy else None
 

@@ -245,14 +245,14 @@ class SelectiveLM(nn.Module):
     ) -> SelectiveOutput:
         """Loss over the selected tokens (see :class:`SelectiveOutput`).
 
-        ``loss_mask`` (bool) trains exactly those (valid) tokens with no scoring pass;
+        ``loss_mask`` (bool) trains exactly those (valid) tokens with no loss pass;
         ``loss_weight`` (float >= 0) does the same with per-token weights: the loss is
         ``sum(w * loss) / sum(w)``. Otherwise every valid token is scored and the top ``ratio``
         by the selector's score are trained. ``num_items_in_batch`` replaces the denominator (the
         number of trained tokens, or the weights' sum) so a trainer can normalise over a whole
         optimizer step and all processes; 0 means "nothing trained" (the loss is 0, never inf).
         ``return_hits=True`` also reports arg-max hits, for accuracy metrics, and ``return_entropy=True``
-        each valid token's predictive entropy (both from the no-grad scoring pass). Other keyword
+        each valid token's predictive entropy (both from the no-grad loss pass). Other keyword
         arguments (``position_ids``, packing arguments) go to the decoder; unknown ones raise.
         """
         self._check_call(model_kwargs)
@@ -285,7 +285,7 @@ class SelectiveLM(nn.Module):
 
         hits = entropy = n_nonfinite = None
         if plan.known is None or return_hits or return_entropy:
-            # Selection needs the current loss of every valid token: a no-grad scoring pass.
+            # Selection needs the current loss of every valid token: a no-grad loss pass.
             row_loss, row_hits, row_entropy = rows.score(return_hits, return_entropy)
             token_loss = plan.scatter(plan.valid_pos, row_loss)
             if return_hits:
@@ -324,7 +324,7 @@ class SelectiveLM(nn.Module):
         self, input_ids: Tensor, labels: Tensor, keep, attention_mask: Tensor | None = None, **model_kwargs
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(log p, entropy, kept)``, each ``[B, T]`` aligned with ``labels``: every valid token's
-        log-probability and predictive entropy from a no-grad scoring pass, with gradients reaching the
+        log-probability and predictive entropy from a no-grad loss pass, with gradients reaching the
         model only through the tokens ``keep(logp, entropy, valid) -> [B, T] bool`` keeps (see
         :mod:`slm.model.logprobs`). For losses that are any function of per-token log-probabilities."""
         self._check_call(model_kwargs)

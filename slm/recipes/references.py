@@ -24,14 +24,14 @@ from slm.reference import (
     load_reference,
     load_stored,
     reference_identity,
-    score_dataset,
     weights_hash,
+    write_store,
 )
 
 log = logging.getLogger(__name__)
 
 
-def stored_scores(
+def stored_losses(
     settings: Settings,
     data: PackedData,
     reference,
@@ -52,7 +52,7 @@ def stored_scores(
             load_stored(out_dir, meta)  # refuses a store made by another reference or for other data
             log.info("reference: reusing stored reference losses %s (scored once for this reference and data)", out_dir)
         else:
-            score_dataset(
+            write_store(
                 reference,
                 data["train"],
                 out_dir,
@@ -91,7 +91,7 @@ def reference_source(settings: RunSettings, data: PackedData, acc, model) -> tup
         return data["train"], RefSource("stored", scores_dir=str(rcfg.scores_dir), entropy=entropy, store=columns)
     name, ref = train_reference(settings, data, acc)  # train | demo
     check_vocab(model, ref)
-    store, _ = stored_scores(settings, data, ref, name, acc, entropy=entropy)
+    store, _ = stored_losses(settings, data, ref, name, acc, entropy=entropy)
     columns = load_stored(store, {**expected_store(data), "reference": reference_identity(ref, name)})
     return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
 

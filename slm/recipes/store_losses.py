@@ -14,7 +14,7 @@ from slm.recipes.references import (
     check_score_vocab,
     measured_quality,
     reference_eval,
-    stored_scores,
+    stored_losses,
     trained_quality,
 )
 from slm.recipes.settings import ScoreSettings, resolve_block_size
@@ -46,7 +46,7 @@ def store_losses(settings: ScoreSettings) -> StoredLosses:
         check_reference_tokenizer(rcfg, data)
         name, ref = rcfg.path, load_reference(rcfg.path, device=acc.device, dtype=rcfg.dtype)
     check_score_vocab(settings, data, ref)
-    out, reused = stored_scores(
+    out, reused = stored_losses(
         settings,
         data,
         ref,

@@ -1,26 +1,26 @@
 """The frozen reference: loaded, scored live, or scored once into a store of columns. Imports slm.data,
 slm.model and slm.parallel.
 
-  scoring.py      load_reference, freeze, identity, eval_losses; score_dataset writes a store shard by shard
+  writer.py       load_reference, freeze, identity, eval_losses; write_store writes a store shard by shard
                   (resumable)
   store.py        a store on disk: per-token columns in hashed shards aligned by row with a packed split
   source.py       RefSource: what the training loop asks of a reference (none, stored, live, evolving)
 """
 
-from slm.reference.scoring import (
+from slm.reference.source import RefSource, check_evolution
+from slm.reference.store import META_FILE, StoredColumns, StoreError, expected_store, read_meta
+from slm.reference.writer import (
     CHUNK_TOKENS,
+    block_losses,
     check_vocab,
     eval_losses,
     freeze,
     load_reference,
     load_stored,
     reference_identity,
-    score_blocks,
-    score_dataset,
     weights_hash,
+    write_store,
 )
-from slm.reference.source import RefSource, check_evolution
-from slm.reference.store import META_FILE, StoredColumns, StoreError, expected_store, read_meta
 
 __all__ = [
     "CHUNK_TOKENS",
@@ -37,7 +37,7 @@ __all__ = [
     "load_stored",
     "read_meta",
     "reference_identity",
-    "score_blocks",
-    "score_dataset",
+    "block_losses",
+    "write_store",
     "weights_hash",
 ]

@@ -301,12 +301,12 @@ class SelectiveTrainer(Trainer):
         """Training FLOPs of this micro-batch, counting the output-layer work actually done
         (:mod:`slm.flops`): ``Trainer`` assumes 6 x params x tokens whatever is masked; here the head
         costs 6 x H x V per trained token, plus 2 x H x V per valid token when selecting by score
-        (the no-grad scoring pass; a loss_mask needs none)."""
+        (the no-grad loss pass; a loss_mask needs none)."""
         if self._flops is None:
             self._flops = flop_model(self._lm().model, inputs["input_ids"].shape[1])
         valid = shifted_valid(inputs["labels"])
         marked = inputs.get("loss_mask", inputs.get("loss_weight"))
-        if marked is not None:  # the trained tokens are known: no scoring pass
+        if marked is not None:  # the trained tokens are known: no loss pass
             trained, scored = int(((marked > 0) & valid.to(marked.device)).sum()), 0
         else:
             trained = int(self._trained_tokens(inputs))

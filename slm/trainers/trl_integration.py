@@ -9,7 +9,7 @@ loss and gradients. Below 1.0 it scores every token TRL would train without grad
 share by an slm score (the excess loss over a reference model given by ``reference=``, as Token
 Cleaning does; the model's own loss; random), and runs the gradient-carrying head only on those;
 ``num_items_in_batch`` then counts the kept tokens. TRL's ``entropy`` and ``mean_token_accuracy``
-are computed over every token TRL would train, from the scoring pass (``token_metrics=False``
+are computed over every token TRL would train, from the loss pass (``token_metrics=False``
 skips that pass at ratio 1.0, where nothing else needs it).
 
 SelectiveGRPOTrainer: TRL's ``GRPOTrainer`` whose ``top_entropy_quantile`` share of completion tokens
@@ -73,7 +73,7 @@ class SelectiveSFTTrainer(SFTTrainer):
         scope: ``batch`` (top-k over each micro-batch) or ``sequence`` (top-k within each row).
         reference: a causal LM (a model, or a path / hub name) sharing the tokenizer, scored live
             without gradients on every training batch.
-        token_metrics: log TRL's ``entropy`` and ``mean_token_accuracy`` (from the scoring pass).
+        token_metrics: log TRL's ``entropy`` and ``mean_token_accuracy`` (from the loss pass).
     """
 
     def __init__(
@@ -210,7 +210,7 @@ class SelectiveGRPOTrainer(GRPOTrainer):
     """``trl.GRPOTrainer`` whose token selection (``top_entropy_quantile``) runs through slm's selective head.
 
     TRL scores every completion token with gradients and then multiplies the policy loss of all but the
-    highest-entropy share by zero. Here one no-grad scoring pass gives every completion token's
+    highest-entropy share by zero. Here one no-grad loss pass gives every completion token's
     log-probability and entropy (what the importance ratio, clipping and the mask need), the tokens are
     picked, and the gradient-carrying head runs on those tokens only. With the default ``selector="entropy"``
     TRL's own rule picks them (the same tokens, loss and gradients as TRL: tested equal). Settings whose
@@ -312,7 +312,7 @@ class SelectiveGRPOTrainer(GRPOTrainer):
         labels[:, :-logits_to_keep] = -100
         completion = self._completion_mask
 
-        def keep(logp, entropy, valid):  # on the scoring pass's log-probs and entropies
+        def keep(logp, entropy, valid):  # on the loss pass's log-probs and entropies
             if self.selector != "entropy":
                 on = torch.zeros_like(valid)
                 on[:, -logits_to_keep:] = completion.bool()

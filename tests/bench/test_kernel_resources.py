@@ -25,7 +25,7 @@ def test_every_autotune_config_compiles_for_h100_and_a100_without_spills(tmp_pat
 
     done = _run(str(SCRIPT), "--out", str(tmp_path / "check.md"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = [r for r in (tmp_path / "check.md").read_text().splitlines() if r.startswith("| score_kernel")
+    rows = [r for r in (tmp_path / "check.md").read_text().splitlines() if r.startswith("| loss_kernel")
             or r.startswith("| grad_kernel")]  # fmt: skip
     assert len(rows) == 2 * 2 * len(AUTOTUNE_CONFIGS["16-bit"])  # two kernels, sm_80 and sm_90a, bf16
     assert all(r.endswith("| 0 | 0 | ok |") for r in rows)
@@ -36,8 +36,8 @@ def test_the_check_fails_on_a_config_that_spills():
     """(64, 128, 64) with 4 warps was an autotune config before this check: 612 bytes of spill stores on sm_90a."""
     code = (
         "from slm.bench.kernel_resources import Case, compile_case, flag_sets\n"
-        "flags = flag_sets('score_kernel', 'bf16', False)[0]\n"
-        "r = compile_case(Case('score_kernel', (64, 128, 64, 4, 3), 'bf16', flags, 90))\n"
+        "flags = flag_sets('loss_kernel', 'bf16', False)[0]\n"
+        "r = compile_case(Case('loss_kernel', (64, 128, 64, 4, 3), 'bf16', flags, 90))\n"
         "print(r.spill_stores, r.problem)"
     )
     done = _run("-c", code)

@@ -23,14 +23,14 @@ def test_the_triton_backend_computes_gradients_in_the_backward_so_a_second_backw
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_logits_come_out_of_the_matmul_in_float32(backend):
     """Under bf16 autocast the head's matmul inputs are bf16 but its logits are not rounded to bf16."""
-    from slm.head import OutputHead, score_rows
+    from slm.head import OutputHead, row_losses
 
     g = torch.Generator().manual_seed(0)
     h, w = torch.randn(64, 32, generator=g) * 3, torch.randn(VOCAB, 32, generator=g)
     t = torch.randint(0, VOCAB, (64,), generator=g)
     exact = torch.logsumexp(h.bfloat16().float() @ w.bfloat16().float().t(), dim=-1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, lse = score_rows(OutputHead(w, backend=backend), h, t)
+        _, lse = row_losses(OutputHead(w, backend=backend), h, t)
     torch.testing.assert_close(lse, exact, atol=1e-5, rtol=1e-6)
 
 
@@ -59,13 +59,13 @@ def test_fp16_with_a_loss_scaler_keeps_rare_tokens_weight_gradients(backend):
 
 
 def test_chunk_functions_compile_without_graph_breaks():
-    from slm.head import grad_chunk, score_chunk
+    from slm.head import grad_chunk, loss_chunk
 
     g = torch.Generator().manual_seed(0)
     raw, t = torch.randn(8, VOCAB, generator=g), torch.randint(0, VOCAB, (8,), generator=g)
     lse, scale = torch.logsumexp(raw, -1), torch.rand(8, generator=g)
     for softcap in (None, 3.0):
-        for fn, args in ((score_chunk, (raw, t, softcap, True)),
+        for fn, args in ((loss_chunk, (raw, t, softcap, True)),
                          (grad_chunk, (raw, t, lse, scale, softcap, 0.5, torch.bfloat16, True)),
                          (grad_chunk, (raw, t, None, None, softcap, 1.0))):  # fmt: skip
             explained = torch._dynamo.explain(fn)(*args)

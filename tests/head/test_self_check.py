@@ -33,7 +33,7 @@ def test_the_real_kernels_pass_their_first_use_check(dtype, bias, softcap):
     assert fused.auto_backend(head) == "triton" and resolve_backend(head) == "triton"
 
 
-def _broken_scoring(*args, **kwargs):
+def _broken_loss_pass(*args, **kwargs):
     raise RuntimeError("out of resource: shared memory, Required: 262144, Hardware limit: 232448")
 
 
@@ -47,7 +47,7 @@ real_backward = fused._backward
 
 @pytest.mark.parametrize(
     ("target", "fake", "said"),
-    [("scoring_pass", _broken_scoring, "RuntimeError: out of resource"), ("_backward", _wrong_gradients, "gradient")],
+    [("loss_pass", _broken_loss_pass, "RuntimeError: out of resource"), ("_backward", _wrong_gradients, "gradient")],
 )
 def test_a_failing_check_makes_auto_fall_back_with_one_warning_and_explicit_triton_raise(
     monkeypatch, target, fake, said
@@ -73,17 +73,17 @@ def test_the_check_is_made_once_per_combination(monkeypatch):
     assert calls == [torch.float32, torch.bfloat16]
 
 
-real_scoring = fused.scoring_pass
+real_loss_pass = fused.loss_pass
 
 
 def _broken_hits(head, hidden, targets, hits=False, entropy=False):
     if hits:
         raise RuntimeError("out of resource: registers (the HITS variant)")
-    return real_scoring(head, hidden, targets, hits, entropy)
+    return real_loss_pass(head, hidden, targets, hits, entropy)
 
 
 def _entropy_10_percent_off(head, hidden, targets, hits=False, entropy=False):
-    loss, lse, hit, ent = real_scoring(head, hidden, targets, hits, entropy)
+    loss, lse, hit, ent = real_loss_pass(head, hidden, targets, hits, entropy)
     return loss, lse, hit, None if ent is None else ent * 1.1
 
 
@@ -92,7 +92,7 @@ def _entropy_10_percent_off(head, hidden, targets, hits=False, entropy=False):
 def test_the_check_covers_every_variant_a_process_launches(monkeypatch, fake, said):
     """Issue 37 item 15: evals launch the kernel with hits, GRPO and entropy scores with entropy: a failing or
     wrong variant makes auto fall back before any of them runs, not a raw error (or wrong entropies) later."""
-    monkeypatch.setattr(fused, "scoring_pass", fake)
+    monkeypatch.setattr(fused, "loss_pass", fake)
     head = _head()
     with pytest.warns(RuntimeWarning, match=f"failed its first-use check.*{said}"):
         assert fused.auto_backend(head) == "compiled"

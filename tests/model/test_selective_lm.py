@@ -438,7 +438,7 @@ def test_combined_selectors_train_exactly_the_combined_set(batch, how):
 @pytest.mark.parametrize("arch", ["llama", "phi"])
 def test_kept_logprobs_give_a_nonlinear_loss_the_gradients_of_full_logits(batch, arch):
     """Any function of per-token log-probs (here a clipped-ratio-like one) over the kept tokens: the same value
-    and parameter gradients as HF's full logits, with the kept tokens' rule seeing the scoring pass's numbers."""
+    and parameter gradients as HF's full logits, with the kept tokens' rule seeing the loss pass's numbers."""
     ids, am, labels = batch
     model = tiny_model(arch)
     lm = slm.SelectiveLM(model)

@@ -9,20 +9,20 @@ from support.archs import tiny_model
 
 import slm.reference.store as store_module
 from slm.data import DataConfig, build
-from slm.reference import load_stored, score_dataset
+from slm.reference import load_stored, write_store
 
 
 def _store(tmp_path, name="s", chunk_tokens=None, monkeypatch=None):
     data = build(DataConfig(builtin={"n_train_docs": 30, "n_clean_docs": 5, "n_val_docs": 5}, block_size=32,
                             cache_dir=str(tmp_path / "c")))  # fmt: skip
-    import slm.reference.scoring as reference
+    import slm.reference.writer as reference
     from slm.reference import expected_store, reference_identity
 
     if chunk_tokens:
         monkeypatch.setattr(reference, "CHUNK_TOKENS", chunk_tokens)
     ref = tiny_model("llama", vocab=len(data.tokenizer))
     meta = {**expected_store(data), "reference": reference_identity(ref, "ref-a")}
-    score_dataset(ref, data["train"], tmp_path / name, meta, batch_size=8)
+    write_store(ref, data["train"], tmp_path / name, meta, batch_size=8)
     return data, expected_store(data), tmp_path / name
 
 

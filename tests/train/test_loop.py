@@ -210,8 +210,8 @@ def test_stored_reference_refuses_other_data_settings(tmp_path, capsys):
 def test_a_damaged_store_shard_stops_training_when_it_is_read(tmp_path, monkeypatch):
     import numpy as np
 
-    import slm.reference.scoring as reference
     import slm.reference.store as store_module
+    import slm.reference.writer as reference
     from slm.cli import score
 
     monkeypatch.setattr(reference, "CHUNK_TOKENS", 2 * 32)  # 2 blocks per shard: many shards

@@ -2,7 +2,7 @@
 
 On CPU nothing waits, but the same ops run (``support.probes.HostSyncs``): a step of any selector must wait
 no more often than a step that trains every token, except where its selection needs a forward of its own
-(block selection's scoring pass) or a count only the scores decide (a threshold over the run, a global top-k,
+(block selection's loss pass) or a count only the scores decide (a threshold over the run, a global top-k,
 unions and intersections); and beyond its forwards and the optimizer's own step, a step reads the device
 exactly twice."""
 

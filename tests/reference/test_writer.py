@@ -12,7 +12,7 @@ from support.compose import compose_train
 import slm
 from slm.data import CorpusConfig, DataConfig, build, builtin_tokenizer
 from slm.data.builtin import arithmetic_documents
-from slm.reference import check_vocab, load_stored, score_dataset
+from slm.reference import check_vocab, load_stored, write_store
 
 
 def _word_level(vocab: dict):
@@ -72,7 +72,7 @@ def test_stored_column_equals_live_scores_and_survives_disk(tmp_path):
     expected = {"tokenizer": data.identity["tokenizer"], "block_size": 32,
                 "data_hash": data.identity["data_hash"]["train"]}  # fmt: skip
     out = tmp_path / "scores"
-    score_dataset(ref, data["train"], out, expected, batch_size=7)
+    write_store(ref, data["train"], out, expected, batch_size=7)
     stored = load_stored(out, expected)
     n = len(data["train"])
     live = slm.token_losses(ref, torch.tensor(data["train"]["input_ids"]), torch.tensor(data["train"]["labels"]),
@@ -81,7 +81,7 @@ def test_stored_column_equals_live_scores_and_survives_disk(tmp_path):
     assert torch.equal(stored.rows([5, 0, 5]), live[[5, 0, 5]])  # any rows, in any order
     assert not (out / "dataset").exists() and sum(f.stat().st_size for f in out.rglob("*.npy")) <= 4.5 * live.numel()
     # bfloat16: half the size, the values rounded to bfloat16
-    score_dataset(ref, data["train"], tmp_path / "bf16", expected, batch_size=7, dtype="bfloat16")
+    write_store(ref, data["train"], tmp_path / "bf16", expected, batch_size=7, dtype="bfloat16")
     half = load_stored(tmp_path / "bf16", expected)
     assert torch.equal(half.rows(range(n)), live.bfloat16().float())
     with pytest.raises(ValueError, match="data_hash"):
@@ -94,9 +94,9 @@ def test_stored_column_equals_live_scores_and_survives_disk(tmp_path):
 
 def interrupt_scoring_at_chunk(monkeypatch, n: int):
     """Make slm-score's ``n``-th chunk raise KeyboardInterrupt (a Ctrl-C mid-run); returns the real scorer."""
-    import slm.reference.scoring as reference
+    import slm.reference.writer as reference
 
-    real, calls = reference.score_blocks, []
+    real, calls = reference.block_losses, []
 
     def dies(*args, **kwargs):
         calls.append(1)
@@ -104,12 +104,12 @@ def interrupt_scoring_at_chunk(monkeypatch, n: int):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reference, "score_blocks", dies)
+    monkeypatch.setattr(reference, "block_losses", dies)
     return real
 
 
 def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
-    import slm.reference.scoring as reference
+    import slm.reference.writer as reference
 
     data = build(DataConfig(builtin={"n_train_docs": 200, "n_clean_docs": 5, "n_val_docs": 5}, block_size=16,
                             cache_dir=str(tmp_path / "c")))  # fmt: skip
@@ -119,11 +119,11 @@ def test_scoring_resumes_instead_of_starting_over(tmp_path, monkeypatch):
     assert n_chunks >= 3
     real = interrupt_scoring_at_chunk(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
-        score_dataset(ref, data["train"], tmp_path / "s", {})
+        write_store(ref, data["train"], tmp_path / "s", {})
     assert len(list((tmp_path / "s" / "parts").glob("*.json"))) == 3  # identity.json + 2 chunks
     calls = []
-    monkeypatch.setattr(reference, "score_blocks", lambda *a, **k: calls.append(1) or real(*a, **k))
-    score_dataset(ref, data["train"], tmp_path / "s", {})
+    monkeypatch.setattr(reference, "block_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
+    write_store(ref, data["train"], tmp_path / "s", {})
     assert len(calls) == n_chunks - 2  # only the missing chunks
     stored = load_stored(tmp_path / "s", {})
     assert len(stored.meta["shards"]["ref_loss"]) == n_chunks
@@ -170,7 +170,7 @@ def test_two_process_scoring_equals_one_process(tmp_path):
 
 
 def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
-    import slm.reference.scoring as reference
+    import slm.reference.writer as reference
     from slm.cli import score
 
     tok_size = len(builtin_tokenizer())
@@ -189,7 +189,7 @@ def test_slm_score_never_mixes_references_in_one_out_dir(tmp_path, monkeypatch):
     real = interrupt_scoring_at_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         score(cfg("ref_a", "killed"))
-    monkeypatch.setattr(reference, "score_blocks", real)
+    monkeypatch.setattr(reference, "block_losses", real)
     with pytest.raises(ValueError, match="holds chunks scored by a killed run with another reference"):
         score(cfg("ref_b", "killed"))
     store = score(cfg("ref_a", "killed"))  # the same reference resumes

@@ -101,7 +101,7 @@ def _rows_with_progress(n: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
-def score_blocks(reference: nn.Module, ds, batch_size: int, device, progress=None, entropy: bool = False):
+def block_losses(reference: nn.Module, ds, batch_size: int, device, progress=None, entropy: bool = False):
     """``[len(ds), block]`` float32 reference losses of a packed dataset (0 where invalid); with
     ``entropy=True`` a pair (losses, entropies of the reference's predictive distribution)."""
     losses, entropies = [], []
@@ -146,7 +146,7 @@ def _claim_parts(parts: Path, identity: dict, accelerator) -> None:
 
 def _reopened(ds):
     """A fresh view of a packed split's Arrow files: dropping it unmaps the pages it read, so the
-    memory of a scoring pass does not grow with the corpus (a split built in memory is kept)."""
+    memory of a loss pass does not grow with the corpus (a split built in memory is kept)."""
     files = [f["filename"] for f in getattr(ds, "cache_files", None) or []]
     if not files or getattr(ds, "_indices", None) is not None:
         return ds
@@ -167,7 +167,7 @@ def _release_freed_memory() -> None:
         pass
 
 
-def score_dataset(
+def write_store(
     reference: nn.Module,
     ds,
     out_dir: str | os.PathLike,
@@ -214,7 +214,7 @@ def score_dataset(
     ) as bar:
         for c in mine:
             view = _reopened(ds)
-            scored = score_blocks(
+            scored = block_losses(
                 reference, view.select(range(c, min(c + per_chunk, len(ds)))), batch_size, device, bar, entropy
             )
             del view
