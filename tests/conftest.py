@@ -22,3 +22,13 @@ def batch():
     labels[am == 0] = -100
     labels[2, 3:6] = -100  # masked span inside a sequence
     return ids, am, labels
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: a test that builds a trainer in bf16 (TRL's default) would
+    otherwise refuse every later Accelerator of another precision in this process."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)

@@ -331,7 +331,7 @@ def test_compute_metrics_is_fed_per_token_losses_and_hits(tmp_path):
         return {"my_accuracy": float(hits[:, 1:][valid].mean()), "my_loss": float(token_loss[:, 1:][valid].mean())}
 
     data = _data("completion", n=8)
-    args = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=8)
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=8, bf16=False)
     trainer = SelectiveSFTTrainer(model=tiny_model("llama", seed=3, vocab=len(tok)), args=args, train_dataset=data,
                                   eval_dataset=data, processing_class=tok, compute_metrics=metrics)  # fmt: skip
     out = trainer.evaluate()

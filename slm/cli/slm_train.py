@@ -89,7 +89,8 @@ def _print_summary(run_dir: Path, result: dict) -> None:
     print(
         f"\nslm-train finished: {numbers}\n  run directory: {run_dir}\n  metrics: {run_dir / 'metrics.jsonl'}"
         f"\n  model: {run_dir / 'model'}  (AutoModelForCausalLM.from_pretrained)\n"
-        f"  plot: slm-curves {run_dir}",
+        f"  plot: slm-curves {run_dir}  (its curves; beside a baseline run, slm-train selector=all, what selection "
+        "saves)",
         flush=True,
     )
 
