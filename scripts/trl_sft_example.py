@@ -1,7 +1,10 @@
-"""SelectiveSFTTrainer, TRL's SFTTrainer with slm's selection (README, "With TRL"). A tiny Llama learns
-the built-in corpus's answers from prompt-completion pairs; it trains the 30% of completion tokens
-whose loss most exceeds a reference's (here a second tiny model; on a real setup, a model fine-tuned
-on clean data, as in Token Cleaning). Swap in real models and a chat dataset as you would with TRL.
+"""SelectiveSFTTrainer, TRL's SFTTrainer with slm's selection (docs/trl.md). A tiny Llama trains on the
+built-in corpus's prompt-completion pairs for 30 steps (its eval loss falls from about 4.6 to about 2.7:
+a start, not a model that has learnt the answers), on the 30% of completion tokens whose loss most exceeds
+a reference's. The reference here is a second tiny model, randomly initialised and never trained, so the
+excess loss ranks against noise: it shows the wiring, not the saving. On a real setup the reference is a
+model fine-tuned on clean data of the target domain (as in Token Cleaning); swap in real models and a chat
+dataset as you would with TRL.
 
     python scripts/trl_sft_example.py [OUTPUT_DIR]
 """
@@ -21,7 +24,7 @@ tok = builtin_tokenizer()  # on a real setup: AutoTokenizer.from_pretrained("Qwe
 config = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
 model = AutoModelForCausalLM.from_config(config)  # or AutoModelForCausalLM.from_pretrained(...)
-reference = AutoModelForCausalLM.from_config(config)  # or a model fine-tuned on clean data (a path works too)
+reference = AutoModelForCausalLM.from_config(config)  # UNTRAINED here: use one fine-tuned on clean data
 
 
 def prompt_completion(doc):

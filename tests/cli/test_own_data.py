@@ -141,6 +141,7 @@ def test_slm_score_stores_the_references_entropy_and_the_self_reference_selector
     assert torch.isfinite(columns.rows(range(len(ds)), "ref_entropy")).all()
 
 
+@pytest.mark.slow  # about 40 s: lm-evaluation-harness at every eval point of two runs
 def test_downstream_tasks_run_on_their_schedule_and_leave_training_unchanged(tmp_path, monkeypatch):
     """A custom offline lm-evaluation-harness task (tests/assets/lm_eval) every 3 steps while the eval
     sets run every 2; with dropout on, the weights equal a run without it (the harness reseeds
