@@ -162,6 +162,21 @@ class Curve:
         levels = {next(iter(v.values())) for r in self.runs if (v := r.info.get("reference_eval_loss"))}
         return levels.pop() if len(levels) == 1 else None
 
+    def reference_level(self, metric: str) -> float | None:
+        """The reference's value of ``metric`` (an eval loss) on the runs' own eval set: the level they were
+        watched against, or the reference's quality measured on that set; None where unknown or not one."""
+        levels = set()
+        for r in self.runs:
+            watched = r.info.get("reference_eval_loss") or {}
+            quality = r.info.get("reference_quality") or {}
+            if metric == "eval/loss" and watched:
+                levels.add(next(iter(watched.values())))
+            elif metric.count("/") == 2 and metric.split("/")[1] in watched:
+                levels.add(watched[metric.split("/")[1]])
+            elif quality.get("measured_on") == "this run's eval sets" and metric in quality:
+                levels.add(quality[metric])
+        return levels.pop() if len(levels) == 1 else None
+
     @property
     def label(self) -> str:
         seeds = f" ({len(self.runs)} seeds)" if len(self.runs) > 1 else ""

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         "clean tokens kept (since the last eval)": curves(runs, "audit/clean_kept"),
         "junk tokens dropped (since the last eval)": curves(runs, "audit/junk_dropped"),
     }
-    for path in plot(cs_loss, cs_acc, out, args.metric, audit):
+    for path in plot(cs_loss, cs_acc, out, args.metric, audit, title=first.resolve().name):
         print(f"slm-curves: wrote {path}")
     audited = audit_table(runs, args.metric)
     if audited:

@@ -275,3 +275,41 @@ def test_fractions_are_measured_against_the_baselines_first_crossing_and_a_risin
     assert half["fraction_of_baseline_time"] == pytest.approx(0.5)
     assert half["fold_saving"] == pytest.approx(2.0)
     assert "rises at its end" in base["notes"] and "first crossing" in base["notes"]
+
+
+def test_figures_read_at_any_length(tmp_path):
+    """Issue 38 item 1: with 2 eval points every curve still shows (a marker at each point, y-limits around the
+    values, not clipped to stubs), is labelled rough, and the figure has a title and the baseline's target;
+    a long sweep is not labelled rough; the reference's level is drawn for whichever eval set the metric
+    names (its quality measured on the run's own sets)."""
+    from slm.analysis import curves, load_runs
+    from slm.analysis.plots import draw
+
+    for name, n in (("short", 2), ("long", 7)):
+        _fake_run(tmp_path / name, "base", 1.0, 0, [5, 3, 2.5, 2.2, 2.1, 2.05, 2.0][:n])
+        _fake_run(tmp_path / name, "half", 0.5, 0, [5, 2.4, 2.1, 2.0, 1.9, 1.85, 1.8][:n])
+        cs = curves(load_runs([str(tmp_path / name)]))
+        fig = draw(cs, [], title=name)
+        ax = fig.axes[0]
+        lines = [line for line in ax.get_lines() if not line.get_label().startswith(("the baseline's", "_"))]
+        assert len(lines) == 2 and all(line.get_marker() == "o" for line in lines)
+        lo, hi = ax.get_ylim()
+        shown = [y for line in lines for y in (line.get_ydata() if n == 2 else line.get_ydata()[1:])]
+        assert all(lo <= y <= hi for y in shown)  # every point in view (but step 0's, far above, on a long curve)
+        labels = [line.get_label() for line in lines]
+        assert all(("rough: 2 eval points" in label) == (n == 2) for label in labels)
+        target = [line for line in ax.get_lines() if line.get_label() == "the baseline's final value (target)"]
+        assert target and target[0].get_ydata()[0] == ([5, 3][n - 1] if n == 2 else 2.0)
+        assert fig._suptitle is not None and fig._suptitle.get_text().startswith(f"{name}: eval/loss")
+    # the reference's level on a named eval set
+    run = tmp_path / "ref" / "half"
+    _fake_run(tmp_path / "ref", "half", 0.5, 0, [5, 2.4, 2.1, 2.0, 1.9])
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (run / "metrics.jsonl").write_text("".join(json.dumps({**e, "eval/clean/loss": e["eval/loss"] + 0.1}) + "\n"
+                                               for e in events))  # fmt: skip
+    info = json.loads((run / "run_info.json").read_text())
+    info["reference_quality"] = {"eval/clean/loss": 1.7, "measured_on": "this run's eval sets"}
+    (run / "run_info.json").write_text(json.dumps(info))
+    (c,) = curves(load_runs([str(run)]), "eval/clean/loss")
+    ax = draw([c], [], "eval/clean/loss").axes[0]
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"] == [1.7]
