@@ -129,14 +129,11 @@ def measured_quality(trained: dict, losses: dict | None, first: str | None) -> d
     return {**here, **kept, "measured_on": MEASURED_HERE}
 
 
-def reference_quality(settings: Settings, data: PackedData, acc, ref: RefSource, first: str | None) -> dict | None:
-    """How well the reference a run's store was scored with does, when slm trained it (None otherwise): its loss
-    on the run's own eval sets (computed once per weights and sets, cached), see :func:`measured_quality`."""
+def reference_quality(ref: RefSource) -> dict | None:
+    """:func:`trained_quality` of the reference a run's store was scored with (None: not one slm trained); a run
+    reports it as :func:`measured_quality` with the reference's losses on its own eval sets."""
     meta = ref.store.meta if ref.store is not None else {}
-    trained = trained_quality((meta.get("reference") or {}).get("name"))
-    if trained is None:
-        return None
-    return measured_quality(trained, run_reference_eval(settings, data, acc, ref), first)
+    return trained_quality((meta.get("reference") or {}).get("name"))
 
 
 def describe_quality(quality: dict) -> str:

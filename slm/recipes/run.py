@@ -21,7 +21,13 @@ from slm import parallel, runs
 from slm.data import PackedData, build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
 from slm.parallel import CheckpointRefused
-from slm.recipes.references import describe_quality, reference_quality, reference_source, run_reference_eval
+from slm.recipes.references import (
+    describe_quality,
+    measured_quality,
+    reference_quality,
+    reference_source,
+    run_reference_eval,
+)
 from slm.recipes.settings import RunSettings, resolve_block_size
 from slm.reference import RefSource
 from slm.runs import Tracker, checkpoints
@@ -121,10 +127,15 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     train_ds, ref = reference_source(settings, data, acc, model)
     earlier = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None  # every process reads it
     eval_sets = _eval_sets(data, (earlier or {}).get("eval_loss_set"))
-    quality = reference_quality(settings, data, acc, ref, next(iter(eval_sets)))
+    first, trained = next(iter(eval_sets)), reference_quality(ref)
+    watched, recorded = _ranks_by_reference(settings, ref), (earlier or {}).get("reference_eval_loss")
+    # the reference's losses on the run's eval sets, once, for its quality and for the outgrown watch (a resume
+    # watches against the level it recorded at its start, whether or not the reference is still at hand)
+    losses = run_reference_eval(settings, data, acc, ref) if trained or (watched and not recorded) else None
+    quality = measured_quality(trained, losses, first) if trained else None
     if quality:
         log.info("reference quality: %s", describe_quality(quality))
-    outgrown = _outgrown_watch(settings, data, acc, ref, next(iter(eval_sets)), earlier)
+    outgrown = _outgrown_watch(settings, ref, first, recorded or losses) if watched else None
 
     selector = sel.selects_by(settings.reference.kind)
     schedule = ratio_schedule(sel.token_ratio(settings.reference.kind))
@@ -225,16 +236,17 @@ def _eval_sets(data: PackedData, first: str | None) -> dict:
     return {first: sets[first], **{k: v for k, v in sets.items() if k != first}}
 
 
-def _outgrown_watch(settings: RunSettings, data, acc, ref: RefSource, name: str, earlier: dict | None):
-    """Watch the model's eval loss against its reference's on the eval set ``name`` (eval/loss's), for a run
-    whose selection ranks by the reference (None otherwise, or when the reference's eval loss cannot be had).
-    ``earlier``: on a resume, the run's record of its start: the watch goes on against the level recorded
-    there, whether or not the reference's weights and cache are still at hand."""
+def _ranks_by_reference(settings: RunSettings, ref: RefSource) -> bool:
+    """Whether the run's selection ranks by its reference (so it watches for the model outgrowing it)."""
     sel = settings.selector
     needs = sel.needs()
-    if not (sel.selects and (needs["loss"] or needs["entropy"])) or ref.kind == "none":
-        return None
-    losses = (earlier or {}).get("reference_eval_loss") or run_reference_eval(settings, data, acc, ref)
+    return bool(sel.selects and (needs["loss"] or needs["entropy"])) and ref.kind != "none"
+
+
+def _outgrown_watch(settings: RunSettings, ref: RefSource, name: str, losses: dict | None) -> OutgrownWatch | None:
+    """Watch the model's eval loss against its reference's on the eval set ``name`` (eval/loss's), given the
+    reference's ``losses`` (set -> loss); None, saying why, when that loss cannot be had."""
+    sel = settings.selector
     if not losses or name not in losses:
         why = "an evolving reference" if ref.evolve_every else "its weights are not on this machine"
         log.info("reference: its eval loss is unknown (%s): the run cannot tell when the model outgrows it", why)
