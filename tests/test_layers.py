@@ -23,7 +23,7 @@ ALLOWED = {
     "trl_trainer": {"trainers"},
     "bench": {"head", "model", "selection"},
     "reference": {"data", "model", "parallel"},
-    "train": {"model", "parallel", "reference", "runs", "selection"},
+    "train": {"data", "model", "parallel", "reference", "runs", "selection"},  # data: what its columns mean
     "recipes": {"data", "model", "parallel", "reference", "runs", "selection", "train"},
     "analysis": {"data", "model", "reference", "runs", "selection"},
     "cli": {"data", "model", "parallel", "recipes", "reference", "runs", "selection", "train"},

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import yaml
 
-from slm.data import build, is_local
+from slm.data import build, is_local, junk_mask
 from slm.model import shifted_valid, token_losses
 from slm.reference import expected_store, load_stored
 from slm.runs import CONFIG, RUN_INFO
@@ -57,8 +57,9 @@ def selection_sample(run_dir: str | Path, n_blocks: int = 8, ratio: float | None
     valid = shifted_valid(labels)
     clean = torch.tensor(ds["clean_mask"]) & valid if "clean_mask" in ds.column_names else None
     junk = None
-    if clean is not None:  # junk where the corpus marks it, else all that is not clean
-        junk = valid & (torch.tensor(ds["junk_kind"]) > 0 if "junk_kind" in ds.column_names else ~clean)
+    if clean is not None:
+        marks = {c: torch.tensor(ds[c]) for c in ("clean_mask", "junk_kind") if c in ds.column_names}
+        junk = valid & junk_mask(marks)
     selector = info.get("selector")
     if ratio is None:  # the run's ratio; of a schedule (run_info holds its label), the one it ends at
         schedule = ratio_schedule(

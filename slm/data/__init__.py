@@ -11,7 +11,7 @@ locks.py        CacheLock: a cache entry prepared once by jobs that start togeth
 
 from slm.data.builtin import CorpusConfig
 from slm.data.locks import CacheLock, LockLost, wait_for_holder
-from slm.data.packing import IGNORE_INDEX, build, build_split, check_block_size, content_hash, pack
+from slm.data.packing import IGNORE_INDEX, build, build_split, check_block_size, content_hash, junk_mask, pack
 from slm.data.realtext import RealTextConfig, prose_documents
 from slm.data.sources import (
     BUILTIN,
@@ -55,6 +55,7 @@ __all__ = [
     "generated_config",
     "is_local",
     "load_tokenizer",
+    "junk_mask",
     "pack",
     "prose_documents",
     "raw_documents",

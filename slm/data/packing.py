@@ -71,6 +71,13 @@ DOC_LABELS = (SOURCE_COLUMN,)
 LABEL_COLUMNS = (*SPAN_LABELS.values(), *DOC_LABELS)  # stored as int16
 
 
+def junk_mask(batch: dict):
+    """The tokens a corpus marks as junk: those a junk span covers (``junk_kind > 0``) where it names its junk,
+    else every token it does not mark clean. Paragraph breaks and document ends of a corpus that names its junk
+    are neither clean nor junk."""
+    return batch["junk_kind"] > 0 if "junk_kind" in batch else batch["clean_mask"] == 0
+
+
 def _split_long(batch: dict, limit: int) -> dict:
     """Documents -> pieces of at most ``limit`` characters; ``last`` marks a document's final piece."""
     out = {"text": [], "last": []}

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from slm.data import junk_mask
 from slm.model import shifted_valid
 from slm.selection import to_device_async
 from slm.train.watchers import Watcher
@@ -37,9 +38,8 @@ class Grouping:
     report: dict  # label -> (metric name, True: the share dropped, False: the share kept)
 
     def labels(self, batch: dict) -> Tensor:
-        if self.column == TEXT_CLASS:  # junk where a junk span covers it, else clean where marked, else neither
-            clean, junk = batch["clean_mask"].bool(), batch["junk_kind"] > 0
-            return torch.where(junk, 0, torch.where(clean, 1, 2)).long()
+        if self.column == TEXT_CLASS:  # junk, else clean where marked, else neither
+            return torch.where(junk_mask(batch), 0, torch.where(batch["clean_mask"].bool(), 1, 2)).long()
         if self.column is not None:
             return batch[self.column].long()
         b, t = batch["labels"].shape

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from slm.data import junk_mask
 from slm.reference import RefSource
 from slm.selection import RatioSchedule
 from slm.train.block_filter import BlockFilter
@@ -34,6 +35,4 @@ class StepSelection:
     def mask(self, batch: dict) -> Tensor | None:
         """The tokens the oracle trains in ``batch``: clean text and its structure (paragraph breaks, document
         ends), everything but the junk; where the corpus marks only its clean text, that. None: not the oracle."""
-        if not self.oracle:
-            return None
-        return batch["junk_kind"] == 0 if "junk_kind" in batch else batch["clean_mask"].bool()
+        return ~junk_mask(batch) if self.oracle else None
