@@ -10,6 +10,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from slm import runs
+from slm.data import LockLost
 from slm.runs import checkpoints
 from slm.train import NonFiniteLoss, RunInterrupted
 
@@ -66,6 +67,7 @@ def one_line_errors():
         runs.RunDirExists,
         runs.ResumeMismatch,
         NonFiniteLoss,
+        LockLost,
         checkpoints.CheckpointError,
         ValueError,
         FileNotFoundError,

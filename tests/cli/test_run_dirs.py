@@ -368,3 +368,13 @@ def test_a_resume_that_adds_an_eval_set_keeps_eval_loss_on_the_runs_first_set(tm
     assert [e["step"] for e in evals] == [0, 2, 4, 6, 8]
     assert all(e["eval/loss"] == e["eval/validation/loss"] for e in evals)
     assert "eval/clean/loss" in evals[-1] and evals[-1]["eval/clean/loss"] != evals[-1]["eval/loss"]
+
+
+def test_a_lost_cache_lock_is_one_line(capsys):
+    """A job taken over while away (LockLost, before publishing a cache entry) stops with one line, not a traceback."""
+    from slm.data import LockLost
+
+    with pytest.raises(SystemExit) as stopped, one_line_errors():
+        raise LockLost("the lock of the reference /c/reference/x was taken over by another job")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 1 and len(err) == 1 and "taken over by another job" in err[0]
