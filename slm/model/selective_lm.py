@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from slm.head import BACKENDS
 from slm.model.architectures import causal_lm, check_no_router_loss, head_support, output_head, zero3_ready
 from slm.model.logprobs import kept_logprobs
 from slm.model.rows import FullLogitRows, HeadRows, RowPlan, plan_rows
+from slm.model.sparse_backward import KeptRows, SparseBackward, check_sparse_backward
 from slm.selection import (
     COMBINATIONS,
     SCOPES,
@@ -93,6 +95,11 @@ class SelectiveLM(nn.Module):
         check_scores: ``eager`` raises :class:`slm.selection.NonFiniteScores` at once (a device
             sync); ``deferred`` reports their count in ``out.n_nonfinite`` for the caller to check
             with its own end-of-step sync (what ``slm-train`` does).
+        sparse_backward: ``False`` (the exact backward, default), ``True`` or an int N: the linear
+            layers of every (or the top N) decoder layer compute their gradients over the trained
+            tokens' rows only, dropping the gradient that reaches parameters through unselected
+            positions as keys and values (see :mod:`slm.model.sparse_backward` for exactly what).
+            Dense decoders only; mixtures of experts are refused.
 
     A forward waits for the device once (the row counts and input checks, see :mod:`slm.model.rows`);
     with ``scope="global"`` the cross-process gather adds its own.
@@ -111,6 +118,7 @@ class SelectiveLM(nn.Module):
         head_backend: str = "auto",
         check_scores: str = "eager",
         combine: tuple[str, str] | None = None,
+        sparse_backward: bool | int = False,
     ):
         super().__init__()
         if selector in ("union", "intersection"):
@@ -143,6 +151,9 @@ class SelectiveLM(nn.Module):
         self.check_scores = check_scores
         self.generator = torch.Generator().manual_seed(seed)
         self._decoder_kwargs = self._accepted_kwargs()
+        depth = check_sparse_backward(sparse_backward)
+        self.sparse_backward = sparse_backward
+        self._sparse = None if depth is False else SparseBackward(model, depth)
         why = head_support(model)
         self._fallback_warned = why is not None
         if why is not None:
@@ -281,7 +292,9 @@ class SelectiveLM(nn.Module):
         plan = plan_rows(  # the forward's one sync
             labels, vocab, loss_mask, loss_weight, ratio, self.scope, input_ids=input_ids, input_vocab=n_inputs
         )
-        rows = self._rows(exact, input_ids, attention_mask, plan, labels, model_kwargs)
+        sparse_rows = KeptRows(input_ids.numel()) if self._sparse is not None and torch.is_grad_enabled() else None
+        with self._sparse.recording(sparse_rows) if sparse_rows is not None else nullcontext():
+            rows = self._rows(exact, input_ids, attention_mask, plan, labels, model_kwargs)
 
         hits = entropy = n_nonfinite = None
         if plan.known is None or return_hits or return_entropy:
@@ -297,10 +310,14 @@ class SelectiveLM(nn.Module):
             else:
                 mask, pos = plan.known, plan.known_pos
                 token_loss = token_loss * mask
+            if sparse_rows is not None:
+                sparse_rows.keep(pos, input_ids.shape[1])
             loss_sum, _ = rows.train(plan.rows_of(pos), plan.weights_at(pos))
         else:
             # The trained tokens are known up front (a loss_mask, weights, or all): one fused pass.
             mask, pos = plan.known, plan.known_pos
+            if sparse_rows is not None:
+                sparse_rows.keep(pos, input_ids.shape[1])
             loss_sum, row_loss = rows.train(plan.rows_of(pos), plan.weights_at(pos))
             token_loss = plan.scatter(pos, row_loss)
 
