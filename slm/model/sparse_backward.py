@@ -223,6 +223,7 @@ class SparseBackward:
         self.depth = depth
         self.recorder = _Recorder()
         self.layers = self._chosen()
+        self.install()  # an unsupported layer is an error now, not at the first step
 
     def _chosen(self) -> list[nn.Module]:
         from slm.model.architectures import causal_lm
