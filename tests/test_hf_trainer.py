@@ -12,6 +12,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 import slm
 from slm import SelectiveTrainer
 from slm.data import builtin_tokenizer
+from slm.model.sparse_backward import decoder_layers, mask_output_gradients
 from slm.trainers import SelectiveDataCollator
 
 
@@ -70,6 +71,39 @@ def test_same_updates_as_full_logits_masked_trainer(tmp_path, accum):
                      train_dataset=ds, data_collator=collator(tok)).train()  # fmt: skip
     for (n, a), b in zip(plain.named_parameters(), ours.parameters()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+class MaskedSparseTrainer(MaskedLossTrainer):
+    """The plain reference of sparse_backward: the masked loss, every decoder linear layer's output gradient
+    zeroed by hand at the rows that predict no trained token."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        trained = inputs["loss_mask"].bool() & slm.model.shifted_valid(inputs["labels"])
+        rows = torch.zeros_like(trained)
+        rows[:, :-1] = trained[:, 1:]
+        with mask_output_gradients(decoder_layers(model), rows.reshape(-1)):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sparse_backward_updates_equal_the_masked_reference(tmp_path, accum):
+    ds, tok = dataset()
+    plain = tiny_model("llama", vocab=len(tok))
+    ours = tiny_model("llama", vocab=len(tok))
+    sgd = dict(optim="sgd", learning_rate=0.5, max_grad_norm=0.0)
+    MaskedSparseTrainer(plain, args(tmp_path / "p", remove_unused_columns=False, **sgd), train_dataset=ds,
+                        data_collator=collator(tok)).train()  # fmt: skip
+    trainer = SelectiveTrainer(ours, args(tmp_path / "o", per_device_train_batch_size=4 // accum,
+                                          gradient_accumulation_steps=accum, **sgd),
+                               train_dataset=ds, data_collator=collator(tok), sparse_backward=True)  # fmt: skip
+    trainer.train()
+    for (n, a), b in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+    exact = tiny_model("llama", vocab=len(tok))
+    SelectiveTrainer(exact, args(tmp_path / "e", **sgd), train_dataset=ds, data_collator=collator(tok)).train()
+    assert any(not torch.allclose(a, b, atol=1e-5) for a, b in zip(exact.parameters(), ours.parameters()))
+    with pytest.raises(ValueError, match="sparse_backward=False but the model has True"):
+        SelectiveTrainer(trainer.model, args(tmp_path / "x"), train_dataset=ds, sparse_backward=False)
 
 
 def test_ten_steps_with_eval_save_and_reload(tmp_path):

@@ -13,6 +13,7 @@ from support.hf_reference import assert_grads_close, grads
 import slm
 from slm.data import builtin_tokenizer
 from slm.model import shifted_valid
+from slm.model.sparse_backward import decoder_layers, mask_output_gradients
 
 trl = pytest.importorskip("trl")
 from slm.trainers import SelectiveSFTTrainer  # noqa: E402
@@ -112,6 +113,30 @@ def test_below_one_it_trains_the_kept_tokens_exactly(tmp_path, selector):
     plain = ce[kept].sum() / kept.sum()
     torch.testing.assert_close(loss, plain, atol=1e-6, rtol=1e-5)
     assert_grads_close(grads(loss, model), grads(plain, model))
+
+
+def test_sparse_backward_gives_the_masked_reference_gradients(tmp_path):
+    """The kept completion tokens' rows alone reach the decoder's linear layers (prompt rows give none)."""
+    tok = builtin_tokenizer()
+    model = tiny_model("llama", seed=3, vocab=len(tok))
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to=[], use_cpu=True)
+    trainer = SelectiveSFTTrainer(model=model, args=args, train_dataset=_data("completion"), processing_class=tok,
+                                  selection_ratio=0.3, selector="train_loss", sparse_backward=True)  # fmt: skip
+    batch = next(iter(trainer.get_train_dataloader()))
+    model.train()
+    n_keep = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=n_keep)
+    ours = grads(loss, model)
+    with torch.no_grad():
+        ce = _full_logits_ce(model, batch)
+    kept = slm.select_tokens(ce, 0.3, shifted_valid(batch["labels"]), "batch")
+    rows = torch.zeros_like(kept)
+    rows[:, :-1] = kept[:, 1:]
+    with mask_output_gradients(decoder_layers(model), rows.reshape(-1)):
+        ce = _full_logits_ce(model, batch)
+    plain = ce[kept].sum() / kept.sum()
+    torch.testing.assert_close(loss, plain, atol=1e-6, rtol=1e-5)
+    assert_grads_close(ours, grads(plain, model))
 
 
 def test_settings_the_selective_head_cannot_honour_are_refused(tmp_path):

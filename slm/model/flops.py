@@ -8,7 +8,9 @@ no-grad loss pass (every valid token when selecting by score), ``6 x head`` per 
 (logits recomputed, then the hidden-state and weight gradients). A live reference adds its forward
 (``2 x its weights``) per token it reads (with sequence selection, every candidate block a block
 score asks it about, and again the kept ones); candidate blocks scored by the training model cost a
-no-grad forward: a third of the decoder's terms plus the loss pass. Estimates, not
+no-grad forward: a third of the decoder's terms plus the loss pass. With a sparse backward
+(:mod:`slm.model.sparse_backward`) the ``sparse`` weights of the chosen layers' linear layers run
+their backward (``4 x`` per token) on the trained rows only. Estimates, not
 measurements: element-wise work and norms are left out, as in the usual ``6 N D``.
 """
 
@@ -29,6 +31,7 @@ class FlopModel:
     width: int
     seq: int
     reference: int = 0  # a live reference's parameters (0: stored scores or none)
+    sparse: int = 0  # weights whose backward covers the trained rows only (sparse_backward)
 
     @property
     def attention(self) -> int:
@@ -42,13 +45,15 @@ class FlopModel:
         further tokens through a no-grad forward (candidate blocks scored by the training model), and
         ran a live reference on ``reference_tokens`` tokens (default: the ``tokens`` trained on)."""
         flops = (6 * self.body + self.attention) * tokens + 2 * self.head * scored + 6 * self.head * trained
+        flops -= 4 * self.sparse * (tokens - min(trained, tokens))
         flops += (2 * self.body + self.attention // 3 + 2 * self.head) * forward_only
         flops += 2 * self.reference * (tokens if reference_tokens is None else reference_tokens)
         return float(flops)
 
 
-def flop_model(model: nn.Module, seq: int, reference: nn.Module | None = None) -> FlopModel:
-    """The :class:`FlopModel` of an HF causal LM (or a PEFT model of one) for blocks of ``seq`` tokens."""
+def flop_model(model: nn.Module, seq: int, reference: nn.Module | None = None, sparse: int = 0) -> FlopModel:
+    """The :class:`FlopModel` of an HF causal LM (or a PEFT model of one) for blocks of ``seq`` tokens;
+    ``sparse``: how many of its weights a sparse backward covers (``SelectiveLM.sparse_weights``)."""
 
     lm = causal_lm(model)
     emb, out = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
@@ -60,7 +65,7 @@ def flop_model(model: nn.Module, seq: int, reference: nn.Module | None = None) -
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
     ref = 0 if reference is None else sum(numel(p) for p in {id(p): p for p in reference.parameters()}.values())
-    return FlopModel(body, head, int(layers), int(shape(out)[1]), int(seq), ref)
+    return FlopModel(body, head, int(layers), int(shape(out)[1]), int(seq), ref, int(sparse))
 
 
 def _prod(xs) -> int:

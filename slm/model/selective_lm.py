@@ -395,6 +395,11 @@ class SelectiveLM(nn.Module):
         return None if eager else sum((~torch.isfinite(s) & plan.valid).sum() for s in scores)
 
     @property
+    def sparse_weights(self) -> int:
+        """How many parameters run their backward on the trained rows only (0: the exact backward)."""
+        return 0 if self._sparse is None else self._sparse.weights()
+
+    @property
     def fixed_count(self) -> bool:
         """Whether how many tokens a batch trains is known from its labels alone (not for unions,
         intersections, or a threshold over the run)."""

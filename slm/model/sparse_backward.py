@@ -257,6 +257,17 @@ class SparseBackward:
                 n += 1
         return n
 
+    def weights(self) -> int:
+        """How many parameters the recording layers hold (their backward covers the kept rows)."""
+        shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))  # the whole shape, also under ZeRO-3
+        return sum(
+            _numel(shape(p))
+            for layer in self.layers
+            for m in layer.modules()
+            if isinstance(m, _SparseLinearMixin)
+            for p in m.parameters(recurse=False)
+        )
+
     @contextmanager
     def recording(self, rows: KeptRows):
         """Run the decoder's forward inside this: its linear layers record ``rows`` for their backward."""
@@ -267,6 +278,13 @@ class SparseBackward:
         finally:
             self.recorder.active = None
             self.recorder.recompute = rows
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= int(x)
+    return n
 
 
 def check_sparse_backward(value) -> int | None | bool:

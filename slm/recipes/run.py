@@ -147,6 +147,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
         scope=sel.scope,
         seed=settings.seed,
         head_backend=tcfg.head_backend,
+        sparse_backward=tcfg.sparse_backward,
         check_scores="deferred",  # the loop checks them with its end-of-step reduce
     )
     started = dict(

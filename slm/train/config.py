@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 from slm.model import SCORES, SELECTORS
+from slm.model.sparse_backward import check_sparse_backward
 from slm.selection import BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
 from slm.train.watchers import check_outgrown
 
@@ -112,6 +113,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     head_backend: str = "auto"  # auto | torch | compiled | triton (see slm.head)
+    sparse_backward: bool | int = False  # True / N: the decoder's (top N layers') backward over trained rows only
     master_dtype: str | None = "float32"  # trainable weights' dtype; None keeps the loaded dtype
     eval_every: int = 100
     eval_batch_size: int = 32
@@ -139,6 +141,10 @@ class TrainConfig:
             raise ValueError(f"trainer.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.head_backend not in ("auto", "torch", "compiled", "triton"):
             raise ValueError(f"trainer.head_backend must be auto, torch, compiled or triton, got {self.head_backend!r}")
+        try:
+            check_sparse_backward(self.sparse_backward)
+        except ValueError as e:
+            raise ValueError(f"trainer.{e}") from None
         if self.master_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(
                 f"trainer.master_dtype must be float32 (default), bfloat16, float16 or null, got {self.master_dtype!r}"

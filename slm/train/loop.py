@@ -90,7 +90,7 @@ class Trainer:
             )
         master_weights(lm, cfg.master_dtype)
         # Counted before sharding (FSDP2 and ZeRO-3 hide whole shapes); live references add their forward.
-        self.flop_model = flop_model(lm.model, len(train_ds[0]["input_ids"]), self.ref.model)
+        self.flop_model = flop_model(lm.model, len(train_ds[0]["input_ids"]), self.ref.model, lm.sparse_weights)
 
         def make_optimizer(model):
             decay = [p for p in model.parameters() if p.requires_grad and param_dim(p) >= 2]

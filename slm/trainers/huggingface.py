@@ -151,6 +151,8 @@ class SelectiveTrainer(Trainer):
             ``intersection`` are refused: how many tokens they train is known only after the
             forward, and Trainer normalises by a count taken before it (``slm-train`` has them).
         scope: ``sequence`` or ``batch`` (default; per micro-batch).
+        sparse_backward: ``True`` or N: the decoder's (top N layers') linear layers take their
+            gradients from the trained tokens' rows only (see :mod:`slm.model.sparse_backward`).
 
     A model already wrapped in :class:`slm.SelectiveLM` is the single source of its ratio, selector
     and scope; passing different ones here is an error.
@@ -163,11 +165,14 @@ class SelectiveTrainer(Trainer):
         selection_ratio: float | None = None,
         selector: str | None = None,
         scope: str | None = None,
+        sparse_backward: bool | int | None = None,
         **kwargs,
     ):
         given = {"selection_ratio": selection_ratio, "selector": selector, "scope": scope}
+        given["sparse_backward"] = sparse_backward
         if isinstance(model, SelectiveLM):
             actual = {"selection_ratio": model.ratio, "selector": model.selector, "scope": model.scope}
+            actual["sparse_backward"] = model.sparse_backward
             clash = {k: (v, actual[k]) for k, v in given.items() if v is not None and v != actual[k]}
             if clash:
                 names = ", ".join(f"{k}={a!r} but the model has {b!r}" for k, (a, b) in clash.items())
@@ -184,6 +189,7 @@ class SelectiveTrainer(Trainer):
                     selector=selector or "excess_loss",
                     scope=scope or "batch",
                     check_scores="deferred",
+                    sparse_backward=sparse_backward or False,
                 )
         if model is not None and model.scope == "global":
             raise ValueError("SelectiveTrainer supports scope='sequence' or 'batch' (not 'global')")
@@ -303,7 +309,7 @@ class SelectiveTrainer(Trainer):
         costs 6 x H x V per trained token, plus 2 x H x V per valid token when selecting by score
         (the no-grad loss pass; a loss_mask needs none)."""
         if self._flops is None:
-            self._flops = flop_model(self._lm().model, inputs["input_ids"].shape[1])
+            self._flops = flop_model(self._lm().model, inputs["input_ids"].shape[1], sparse=self._lm().sparse_weights)
         valid = shifted_valid(inputs["labels"])
         marked = inputs.get("loss_mask", inputs.get("loss_weight"))
         if marked is not None:  # the trained tokens are known: no loss pass

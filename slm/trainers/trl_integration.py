@@ -74,6 +74,9 @@ class SelectiveSFTTrainer(SFTTrainer):
         reference: a causal LM (a model, or a path / hub name) sharing the tokenizer, scored live
             without gradients on every training batch.
         token_metrics: log TRL's ``entropy`` and ``mean_token_accuracy`` (from the loss pass).
+        sparse_backward: ``True`` or N: the decoder's (top N layers') linear layers, LoRA adapters
+            included, take their gradients from the trained tokens' rows only (the prompt's rows and
+            the unselected ones give none; see :mod:`slm.model.sparse_backward`).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class SelectiveSFTTrainer(SFTTrainer):
         scope: str = "batch",
         reference=None,
         token_metrics: bool = True,
+        sparse_backward: bool | int = False,
         **kwargs,
     ):
         ratio = check_ratio(selection_ratio, "selection_ratio")
@@ -110,7 +114,9 @@ class SelectiveSFTTrainer(SFTTrainer):
                 "selective head never builds"
             )
         inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.selective = SelectiveLM(inner, ratio=ratio, selector=selector, scope=scope, check_scores="deferred")
+        self.selective = SelectiveLM(
+            inner, ratio=ratio, selector=selector, scope=scope, check_scores="deferred", sparse_backward=sparse_backward
+        )
         add_selective_head(inner, self.selective)
         self.reference = _frozen(reference, self.args.device) if reference is not None else None
         self.token_metrics = token_metrics

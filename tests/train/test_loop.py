@@ -313,15 +313,17 @@ def test_flops_estimate_the_matrix_products_a_selective_step_runs():
 
     model = tiny_model("llama").train()
     ids = torch.randint(1, 101, (3, 24), generator=torch.Generator().manual_seed(0))
-    est = flop_model(model, ids.shape[1])
     valid = ids.numel() - ids.shape[0]
-    for ratio, scored in ((1.0, 0), (0.4, valid)):
-        lm = slm.SelectiveLM(model, ratio=ratio, selector="train_loss")
-        with MatmulFlops() as counter:
-            out = lm(input_ids=ids, labels=ids)
-            out.loss.backward()
-        model.zero_grad(set_to_none=True)
-        assert est.step(ids.numel(), scored, out.n_selected) == pytest.approx(counter.flops, rel=0.02), ratio
+    for sparse in (False, True, 1):
+        for ratio, scored in ((1.0, 0), (0.4, valid)):
+            lm = slm.SelectiveLM(model, ratio=ratio, selector="train_loss", sparse_backward=sparse)
+            est = flop_model(model, ids.shape[1], sparse=lm.sparse_weights)
+            assert (lm.sparse_weights > 0) == (sparse is not False)
+            with MatmulFlops() as counter:
+                out = lm(input_ids=ids, labels=ids)
+                out.loss.backward()
+            model.zero_grad(set_to_none=True)
+            assert est.step(ids.numel(), scored, out.n_selected) == pytest.approx(counter.flops, rel=0.02), ratio
 
 
 def test_a_run_with_too_few_eval_points_for_a_curve_says_so_at_start(tmp_path, caplog):

@@ -62,6 +62,8 @@ CASES = {
     "ratio schedule": ("selector.ratio={schedule: linear, start: 1.0, end: 0.4}",),
     "oracle": ("selector=oracle",),
     "accumulated": ("selector.scope=sequence", "trainer.grad_accum=2", "trainer.batch_size=2"),
+    "sparse backward": ("trainer.sparse_backward=true",),
+    "sparse backward, top layer": ("trainer.sparse_backward=1", "trainer.grad_accum=2", "trainer.batch_size=2"),
 }
 
 
