@@ -7,9 +7,11 @@ a fresh subprocess per case (RSS is monotonic within a process, so cases cannot 
 with glibc's mmap threshold fixed so that RSS follows live memory. Gradients are set to None
 before every step, as a trainer does.
 
-Three tables: ``slm-bench`` (training steps), ``--scoring`` (no-grad per-token losses, tokens/s)
-and ``--sparse-mask`` (peak memory of a sparse ``loss_mask`` step at Phi-2 width, batches 1-8:
-what ``SelectiveTrainer`` runs against the hand-written masked loss and HF's plain loss). A case
+Four tables: ``slm-bench`` (training steps), ``--scoring`` (no-grad per-token losses, tokens/s),
+``--sparse-mask`` (peak memory of a sparse ``loss_mask`` step at Phi-2 width, batches 1-8:
+what ``SelectiveTrainer`` runs against the hand-written masked loss and HF's plain loss) and
+``--decoder`` (the sparse backward at a decoder-dominated shape, against the exact selective step
+and HF's, timed in alternating repetitions so that drift hits every case alike). A case
 that fails is reported and the others still run; with ``--json`` the results so far are written
 after every case, so a run cut short (a time limit on a lent GPU) keeps them.
 
@@ -32,11 +34,13 @@ import torch
 from slm.bench import perf_model
 from slm.bench.workloads import (
     BASELINE,
+    EXACT,
     FLOOR,
     SHAPES,
     SPARSE_CASES,
     build_workload,
     cases,
+    decoder_cases,
     scoring_cases,
     sparse_cases,
 )
@@ -59,6 +63,23 @@ def time_case(fn, model, steps: int, warmup: int, device: str, train: bool = Tru
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
+
+
+def time_alternating(fns: dict, model, reps: int, warmup: int, device: str) -> dict[str, float]:
+    """Median ms of a training step per case, the cases taking turns step by step (pairs, not blocks)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + reps):
+        for name, fn in fns.items():
+            model.zero_grad(set_to_none=True)
+            sync()
+            t0 = time.perf_counter()
+            fn().backward()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+        print(f"  repetition {i + 1}/{warmup + reps} done", file=sys.stderr, flush=True)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def _proc_status_mib(field: str) -> float:
@@ -219,6 +240,61 @@ def describe_setup(args) -> str:
     return "; ".join(lines)
 
 
+def _decoder(args, dtype, out: dict) -> None:
+    model, ids, ref_loss, mask = build_workload(args.shape, args.device, dtype, args.batch, args.seq)
+    fns = decoder_cases(model, ids, ref_loss, mask)
+    always = (BASELINE, f"{EXACT}_excess_0.6")
+    fns = {n: f for n, f in fns.items() if args.only is None or n in always or n in args.only}
+    cfg = model.config
+    body = sum(p.numel() for n, p in model.named_parameters() if "layers." in n)
+    head = cfg.vocab_size * cfg.hidden_size
+    print(
+        f"slm-bench --decoder: shape={args.shape} ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab "
+        f"{cfg.vocab_size}; the head is {head / (head + body):.0%} of the weights' matmul work), {args.device}, "
+        f"{args.dtype}, {ids.shape[0]}x{ids.shape[1]} tokens; {len(fns)} cases taking turns, {args.warmup} + "
+        f"{args.steps} repetitions",
+        flush=True,
+    )
+    ms = time_alternating(fns, model, args.steps, args.warmup, args.device)
+    results = out["cases"]
+    for name, fn in fns.items():
+        results[name] = {"ms": ms[name], "tokens_per_s": ids.numel() / ms[name] * 1e3}
+        try:
+            if args.device == "cuda":
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                fn().backward()
+                results[name]["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            else:
+                results[name]["peak_mib"] = measure_memory_subprocess(args, name, "decoder")
+        except Exception as e:
+            results[name]["peak_mib"] = float("nan")
+            print(f"  {name}: memory not measured ({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+        _save(args, out)
+    print("| case | ms/step | tokens/s | peak MiB | time vs HF | time vs exact | memory vs exact |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        exact = results.get(_exact_twin(name))
+        cells = [name, f"{r['ms']:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['peak_mib']:.0f}"]
+        cells.append(f"{r['ms'] / results[BASELINE]['ms']:.2f}x")
+        if exact is not None and name != BASELINE:
+            r["time_vs_exact"], r["mem_vs_exact"] = r["ms"] / exact["ms"], r["peak_mib"] / exact["peak_mib"]
+            cells += [f"{r['time_vs_exact']:.2f}x", f"{r['mem_vs_exact']:.2f}x"]
+        else:
+            cells += ["", ""]
+        print("| " + " | ".join(cells) + " |")
+    _save(args, out)
+
+
+def _exact_twin(name: str) -> str:
+    """The exact selective case that trains the same tokens as ``name``."""
+    for tag in ("slm_sparse_all", "slm_sparse_top_half"):
+        if name.startswith(tag):
+            return EXACT + name[len(tag) :]
+    return name
+
+
 def _sparse(args, dtype, out: dict) -> None:
     out["batches"] = {}
     batches = args.batches
@@ -256,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default=None, help="float32 on CPU, bfloat16 on CUDA by default")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per case (20; 3 with --decoder on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (3; 1 with --decoder on CPU)")
     p.add_argument(
         "--backends",
         nargs="*",
@@ -268,6 +344,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only", nargs="*", default=None, help="run only these cases (the baselines always run)")
     p.add_argument("--scoring", action="store_true", help="the no-grad scoring table instead of training steps")
     p.add_argument("--sparse-mask", action="store_true", help="the sparse loss_mask memory table (batches 1-8)")
+    p.add_argument(
+        "--decoder", action="store_true", help="the sparse backward's step times at a decoder-dominated shape"
+    )
+    p.add_argument(
+        "--fidelity", action="store_true", help="the sparse backward's gradients against the exact ones, per layer"
+    )
+    p.add_argument("--model-dir", default=None, help="--fidelity: a trained model folder (default: the demo's init)")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8], help="--sparse-mask batch sizes")
     p.add_argument("--quick", action="store_true", help="--sparse-mask on batches 1 and 2 with 3 steps (minutes)")
     p.add_argument("--json", default=None, help="also write the results here (after every case)")
@@ -281,12 +364,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.model:  # arithmetic only: no model is built
         print("\n\n".join(perf_model.perf_table(gpu) for gpu in perf_model.GPUS), flush=True)
         return
-    args.shape = args.shape or ("phi2-1layer" if args.sparse_mask else "cpu")
+    if args.fidelity:
+        from slm.bench.fidelity import fidelity_report
+
+        return print(fidelity_report(args.model_dir, seed=0), flush=True)
+    args.shape = args.shape or ("phi2-1layer" if args.sparse_mask else "llama-768x12" if args.decoder else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    slow = args.decoder and args.device != "cuda"
+    args.steps = args.steps or (3 if slow else 20)
+    args.warmup = args.warmup if args.warmup is not None else (1 if slow else 3)
     args.backends = args.backends or available_backends(args.device)
     if args.quick:
         args.batches, args.steps, args.warmup = [b for b in args.batches if b <= 2] or [1], 3, 1
     dtype = getattr(torch, args.dtype)
+    if args.decoder and not args.memory_case:
+        out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe_setup(args)}
+        out["cases"] = {}
+        print(f"slm-bench: {out['setup']}", flush=True)
+        return _decoder(args, dtype, out)
     if args.sparse_mask and not args.memory_case:
         out = {"shape": args.shape, "device": args.device, "dtype": args.dtype, "setup": describe_setup(args)}
         print(f"slm-bench: {out['setup']}", flush=True)
@@ -298,6 +393,7 @@ def main(argv: list[str] | None = None) -> None:
         fns = {
             "scoring": lambda: scoring_cases(model, ids, args.backends),
             "sparse": lambda: sparse_cases(model, ids),
+            "decoder": lambda: decoder_cases(model, ids, ref_loss, mask),
             "train": lambda: cases(model, ids, ref_loss, mask, args.backends),
         }[table]()
         return _memory_child(args, fns, model)

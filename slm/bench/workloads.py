@@ -57,6 +57,34 @@ SHAPES = {
         8,
         2048,
     ),
+    # decoder-dominated shapes for the sparse backward (--decoder): the head is a small share of the step
+    "llama-768x12": (
+        "llama",
+        dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            vocab_size=32000,
+        ),
+        4,
+        512,
+    ),
+    "qwen2.5-0.5b-layers4": (  # Qwen2.5-0.5B's layers, 4 of its 24 (its head is then half the matmul work)
+        "qwen2",
+        dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=4,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=151936,
+            tie_word_embeddings=True,
+        ),
+        2,
+        512,
+    ),
     "tinyllama-1.1b": (
         "llama",
         dict(
@@ -75,6 +103,7 @@ SHAPES = {
 BASELINE = "hf_full_logits_masked"
 FLOOR = "backbone_only (floor)"
 SPARSE_CASES = ("selective_loss_mask", "hand_written_masked_loss", "hf_plain_loss")
+EXACT = "slm_exact"
 
 
 def build_workload(shape: str, device: str, dtype: torch.dtype, batch: int | None, seq: int | None):
@@ -122,6 +151,26 @@ def cases(model, ids, ref_loss, mask, backends: list[str]) -> dict:
         for r in (1.0, 0.6, 0.3):
             out[f"{tag}_excess_{r}"] = lambda r=r, lm=lm: lm(input_ids=ids, labels=ids, ref_loss=ref_loss, ratio=r).loss
     out.update(_library_cases(model, ids, ref_loss, m3, m6))
+    return out
+
+
+def decoder_cases(model, ids, ref_loss, mask) -> dict:
+    """The sparse backward's table: HF's full logits + masked loss; slm's exact selective step; the sparse
+    backward over every decoder layer and over the top half; at ratios 0.3 and 0.6 (excess-loss
+    selection) and with a loss_mask of 0.3."""
+    n_layers = model.config.num_hidden_layers
+    m3 = mask(0.3)
+    lms = {
+        EXACT: SelectiveLM(model, check_scores="deferred"),
+        "slm_sparse_all": SelectiveLM(model, check_scores="deferred", sparse_backward=True),
+        "slm_sparse_top_half": SelectiveLM(model, check_scores="deferred", sparse_backward=max(1, n_layers // 2)),
+    }
+    out = {BASELINE: lambda: _masked_ce(model(input_ids=ids).logits, ids, mask(0.6))}
+    for r in (0.6, 0.3):
+        for tag, lm in lms.items():
+            out[f"{tag}_excess_{r}"] = lambda r=r, lm=lm: lm(input_ids=ids, labels=ids, ref_loss=ref_loss, ratio=r).loss
+    for tag in (EXACT, "slm_sparse_all"):
+        out[f"{tag}_loss_mask_0.3"] = lambda lm=lms[tag]: lm(input_ids=ids, labels=ids, loss_mask=m3).loss
     return out
 
 
