@@ -34,9 +34,9 @@ def _run_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(stamp))
 
 
-def _run_name(selector: str, ratio, reference_kind: str, seed, blocks=1.0, scope="batch") -> str:
-    """``<selector>-<ratio>[-blocks<b>][-<scope>]-<reference>-s<seed>``: the scope where it decides what is
-    kept (not the default per-batch top-k, nor a run that trains every token)."""
+def _run_name(selector: str, ratio, reference_kind: str, seed, blocks=1.0, scope="batch", sparse=False) -> str:
+    """``<selector>-<ratio>[-blocks<b>][-<scope>][-sparse[N]]-<reference>-s<seed>``: the scope where it decides
+    what is kept (not the default per-batch top-k, nor a run that trains every token), and a sparse backward."""
     try:
         label = ratio_schedule(ratio).label()
     except ValueError:
@@ -44,7 +44,8 @@ def _run_name(selector: str, ratio, reference_kind: str, seed, blocks=1.0, scope
     effective = selects_by(selector, ratio, blocks, reference_kind)
     kept = f"-blocks{blocks}" if float(blocks) < 1.0 else ""
     where = f"-{scope}" if scope != "batch" and effective not in ("all", "blocks") else ""
-    return f"{effective}-{label}{kept}{where}-{reference_kind}-s{seed}"
+    backward = "" if sparse is False or effective == "all" else "-sparse" + ("" if sparse is True else str(sparse))
+    return f"{effective}-{label}{kept}{where}{backward}-{reference_kind}-s{seed}"
 
 
 for _name, _fn in (("slm_stamp", _run_stamp), ("slm_run_name", _run_name)):

@@ -182,6 +182,9 @@ def test_runs_are_named_and_recorded_by_what_they_select(tmp_path):
     )
     assert compose_train(tmp_path / "c", "selector.ratio=0.5").name == "excess_loss-0.5-demo-s0"
     assert compose_train(tmp_path / "c", "selector.ratio=1.0", "selector.scope=dataset").name == "all-1.0-demo-s0"
+    sparse = compose_train(tmp_path / "c", "selector.ratio=0.5", "trainer.sparse_backward=true")
+    assert sparse.name == "excess_loss-0.5-sparse-demo-s0"
+    assert compose_train(tmp_path / "c", "trainer.sparse_backward=1").name == "excess_loss-0.6-sparse1-demo-s0"
 
 
 def test_saved_model_carries_the_tokenizers_special_ids_and_generation_stops_at_eos(tmp_path):

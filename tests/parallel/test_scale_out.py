@@ -158,6 +158,23 @@ def test_deepspeed_two_processes_with_accumulation_equal_one_process(tmp_path, s
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("config", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_sparse_backward_on_two_processes_equals_one_process(tmp_path, config):
+    """The sparse backward's kept rows are each process's own: the updates equal one process's (which the
+    model tests hold to the hand-masked reference). DeepSpeed accumulates two micro-batches of 1, and its
+    width makes ZeRO-3 partition the decoder's linear layers, whose weights the backward reads back."""
+    common = ["selector.scope=sequence", "trainer.sparse_backward=true"]
+    split = ["trainer.batch_size=2"]
+    if config.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+        common.append("model.config.hidden_size=1024")
+        split = ["trainer.batch_size=1", "trainer.grad_accum=2"]
+    one = one_process(tmp_path, "one", "trainer.batch_size=4", *common)
+    two = launched(tmp_path, config, "two", *split, *common)
+    assert_same_run(one, two, atol=1e-4 if config.startswith("deepspeed") else 1e-5, rel=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_bf16_two_processes_land_within_bf16_precision_of_one_process(tmp_path, config):
     """Each mode mixes precision its own way (1 process and DDP: bf16 autocast over float32 weights;
