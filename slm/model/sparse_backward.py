@@ -62,9 +62,15 @@ class KeptRows:
         """``x2d[index]``, computed once for all the projections that read the same input."""
         key = (x2d.data_ptr(), x2d.shape, x2d.stride(), x2d.dtype)
         if self._source is None or self._source[0] != key:
+            if self._source is None:  # the first gather of this backward: let go of the last at its end
+                torch.autograd.Variable._execution_engine.queue_callback(self._release)
             self._source = (key, x2d)  # holding x2d keeps its address from being reused meanwhile
             self._gathered = x2d.index_select(0, self.index)
         return self._gathered
+
+    def _release(self) -> None:
+        """Drop the cached input and gather (an activation's worth of memory) once the backward is done."""
+        self._source = self._gathered = None
 
 
 def _rows_error(module_name: str, got: int, expected: int) -> RuntimeError:

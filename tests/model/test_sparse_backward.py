@@ -227,3 +227,29 @@ def test_no_grad_and_plain_calls_run_the_plain_layers(batch):
     fresh = tiny_model("llama")
     theirs = grads(fresh(input_ids=ids, attention_mask=am, labels=labels).loss, fresh)
     assert_close_all(grads(model(input_ids=ids, attention_mask=am, labels=labels).loss, model), theirs)
+
+
+def test_no_activation_outlives_the_backward(batch):
+    """The gather shared by projections is let go when the backward ends (the rows stay for a recompute)."""
+    import weakref
+
+    ids, am, labels = batch
+    model = tiny_model("llama")
+    lm = slm.SelectiveLM(model, sparse_backward=True)
+    lm(input_ids=ids, labels=labels, attention_mask=am, ratio=0.5).loss.backward()
+    rows = lm._sparse.recorder.recompute
+    assert rows is not None and rows._source is None and rows._gathered is None
+    gathered = []
+    real = type(rows).gather
+
+    def spy(self, x2d):
+        out = real(self, x2d)
+        gathered.append(weakref.ref(out))
+        return out
+
+    type(rows).gather = spy
+    try:
+        lm(input_ids=ids, labels=labels, attention_mask=am, ratio=0.5).loss.backward()
+    finally:
+        type(rows).gather = real
+    assert gathered and all(ref() is None for ref in gathered)
