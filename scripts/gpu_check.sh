@@ -3,7 +3,7 @@
 # torch, transformers, triton and pytest (slm itself need not be installed, nor anything else):
 #   bash scripts/gpu_check.sh OUT
 # It prints what the run really uses (device, versions, head backend, float32-output matmuls), runs the
-# CUDA tests, then slm-bench's tables at the Qwen2.5-0.5B shape (training steps, then scoring), every
+# CUDA tests, then slm-bench's tables at the Qwen2.5-0.5B shape (training steps, scoring, the sparse backward), every
 # case written under OUT as it finishes; TinyLlama-1.1B's table follows when SLM_GPU_CHECK_TINYLLAMA=1.
 # Liger and cut-cross-entropy join the tables when installed (the README's "GPU check" says how to
 # carry their wheels to a machine without network). Without a CUDA device the tests skip what needs
@@ -59,6 +59,8 @@ python3 -m slm.bench --model > "$out/expected.md" || status=1  # what the tables
 if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     bench bench_qwen2.5-0.5b 200 --shape qwen2.5-0.5b --steps 10 --warmup 3
     bench scoring_qwen2.5-0.5b 60 --shape qwen2.5-0.5b --scoring --steps 10 --warmup 3
+    # the sparse backward against the exact selective step and HF's, alternating steps (docs/sparse-backward.md)
+    bench decoder_qwen2.5-0.5b 150 --decoder --shape qwen2.5-0.5b --steps 5 --warmup 2
     if [ "${SLM_GPU_CHECK_TINYLLAMA:-0}" = 1 ]; then
         bench bench_tinyllama-1.1b 200 --shape tinyllama-1.1b --steps 10 --warmup 3
     fi
@@ -73,5 +75,6 @@ if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 else
     echo "no CUDA device: a tiny CPU table instead of the GPU ones" | tee "$out/no_gpu.txt"
     bench bench_tiny_cpu 300 --shape tiny --steps 2 --warmup 1
+    bench decoder_tiny_cpu 300 --decoder --shape tiny --steps 1 --warmup 0
 fi
 exit $status

@@ -106,3 +106,68 @@ def perf_table(gpu: str = "H200", decoder_ms: float = ANCHORS_H200_MS["decoder a
         + "\n".join(rows)
         + f"\n\nMeasured anchors (H200, ratio 0.6): {anchors}."
     )
+
+
+# The decoder shapes of the sparse backward's table: tokens per step, sequence, hidden, intermediate,
+# layers, query heads, key/value heads, vocabulary.
+DECODER_SHAPES = {
+    "Qwen2.5-0.5B": dict(tokens=8 * 2048, seq=2048, hidden=896, inter=4864, layers=24, heads=14, kv=2, vocab=151936),
+    "TinyLlama-1.1B": dict(tokens=8 * 2048, seq=2048, hidden=2048, inter=5632, layers=22, heads=32, kv=4, vocab=32000),
+}
+
+
+def decoder_kernels(shape: dict, kept: int | None, dtype_bytes: int = 2) -> list[Kernel]:
+    """One step of the decoder (forward and backward, every layer), with the linear layers' backward over
+    ``kept`` rows (the sparse backward) or every row (``None``). Linear matmuls: ``2 N in out`` forward,
+    twice that backward (``dx = g W``, ``dW = g^T x``; reading ``g``, ``x`` and ``W``, writing ``dW`` in
+    float32). Attention (flash, causal): ``4 N T H / 2`` forward, 2.5x that backward, on every row in both
+    modes. The sparse mode adds its row traffic: gathering ``g`` per projection and ``x`` per shared input,
+    and a zero-filled ``dx`` per projection with the kept rows copied in."""
+    n, t, h, s = shape["tokens"], shape["seq"], shape["hidden"], dtype_bytes
+    kv = h // shape["heads"] * shape["kv"]
+    inputs = [(h, (h, kv, kv)), (h, (h,)), (h, (shape["inter"], shape["inter"])), (shape["inter"], (h,))]
+    k = n if kept is None else kept
+    fwd = bwd = traffic = 0.0
+    fwd_bytes = bwd_bytes = 0.0
+    for d_in, outs in inputs:
+        for d_out in outs:
+            fwd += 2 * n * d_in * d_out
+            fwd_bytes += (n * d_in + d_in * d_out + n * d_out) * s
+            bwd += 2 * 2 * k * d_in * d_out
+            bwd_bytes += (2 * k * d_out + k * d_in + d_in * d_out) * s + 4 * d_in * d_out
+            bwd_bytes += n * d_in * s if kept is None else 0  # dx (the sparse mode's is in its row traffic)
+            if kept is not None:  # gather g; zero dx and copy the kept rows in
+                traffic += (2 * k * d_out + n * d_in + k * d_in) * s
+        if kept is not None:
+            traffic += 2 * k * d_in * s  # gather x once for the projections that share it
+    attn = 4 * n * t * h / 2
+    layers = shape["layers"]
+    kernels = [
+        Kernel("linear forward", layers * fwd, layers * fwd_bytes),
+        Kernel("linear backward", layers * bwd, layers * bwd_bytes),
+        Kernel("attention forward + backward", layers * 3.5 * attn, layers * 4 * 4 * n * h * s),
+    ]
+    if kept is not None:
+        kernels.append(Kernel("row gathers and scatters", 0.0, layers * traffic))
+    return kernels
+
+
+def sparse_table(gpu: str = "H200") -> str:
+    """Expected decoder step (ms) with the exact and the sparse backward at ratios 0.6 and 0.3, beside the head's
+    expected time at that ratio (the same in both modes), on each of :data:`DECODER_SHAPES`."""
+    out = [f"Sparse backward, expected on {gpu} (bf16; decoder forward + backward, head from the table above):", ""]
+    out += ["| shape | ratio | decoder exact | decoder sparse | head | step sparse / exact |", "|---|---|---:|---:|---:|---:|"]
+    for name, shape in DECODER_SHAPES.items():
+        exact = sum(k.ms(gpu) for k in decoder_kernels(shape, None))
+        for ratio in (0.6, 0.3):
+            kept = round(ratio * shape["tokens"])
+            sparse = sum(k.ms(gpu) for k in decoder_kernels(shape, kept))
+            head = sum(
+                k.ms(gpu)
+                for k in head_kernels(shape["tokens"], shape["hidden"], shape["vocab"], kept, sms=GPUS[gpu][2])
+            )
+            ratio_step = (sparse + head) / (exact + head)
+            out.append(
+                f"| {name} | {ratio} | {exact:.0f} ms | {sparse:.0f} ms | {head:.0f} ms | {ratio_step:.2f}x |"
+            )
+    return "\n".join(out)

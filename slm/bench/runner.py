@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accumulating", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.model:  # arithmetic only: no model is built
-        print("\n\n".join(perf_model.perf_table(gpu) for gpu in perf_model.GPUS), flush=True)
+        tables = [perf_model.perf_table(gpu) for gpu in perf_model.GPUS]
+        tables += [perf_model.sparse_table(gpu) for gpu in perf_model.GPUS]
+        print("\n\n".join(tables), flush=True)
         return
     if args.fidelity:
         from slm.bench.fidelity import fidelity_report

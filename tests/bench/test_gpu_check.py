@@ -67,3 +67,5 @@ def test_the_gpu_check_runs_with_only_torch_transformers_triton_and_pytest(tmp_p
     assert " skipped" in tests and "error" not in tests.lower() and "failed" not in tests
     table = (tmp_path / "out" / "bench_tiny_cpu.md").read_text()
     assert "| slm_excess_0.6 |" in table and "failed" not in table
+    decoder = (tmp_path / "out" / "decoder_tiny_cpu.md").read_text()
+    assert "| slm_sparse_all_excess_0.3 |" in decoder and "failed" not in decoder

@@ -36,3 +36,27 @@ def test_slm_bench_model_prints_both_gpus_beside_the_measured_anchors(capsys):
         for cell in line.split("|")[2:-1]:
             total, ratio = cell.split(" ms (")
             assert float(ratio.rstrip("x) ")) == pytest.approx(float(total) / 139, abs=0.01)
+
+
+def test_the_sparse_backward_counts_scale_the_linear_backward_by_the_kept_rows():
+    from slm.bench.perf_model import DECODER_SHAPES, decoder_kernels
+
+    shape = DECODER_SHAPES["TinyLlama-1.1B"]
+    h, i, kv = shape["hidden"], shape["inter"], shape["hidden"] // shape["heads"] * shape["kv"]
+    weights = shape["layers"] * (2 * h * h + 2 * h * kv + 3 * h * i)
+    exact = {k.name: k for k in decoder_kernels(shape, None)}
+    kept = shape["tokens"] // 4
+    sparse = {k.name: k for k in decoder_kernels(shape, kept)}
+    assert exact["linear forward"].flops == 2 * shape["tokens"] * weights == sparse["linear forward"].flops
+    assert exact["linear backward"].flops == 4 * shape["tokens"] * weights
+    assert sparse["linear backward"].flops == 4 * kept * weights
+    assert sparse["attention forward + backward"].flops == exact["attention forward + backward"].flops
+    assert "row gathers and scatters" not in exact and sparse["row gathers and scatters"].bytes > 0
+
+
+def test_slm_bench_model_prints_the_sparse_backward_table(capsys):
+    main(["--model"])
+    out = capsys.readouterr().out
+    assert "Sparse backward, expected on H100" in out and "Sparse backward, expected on H200" in out
+    rows = [r for r in out.splitlines() if r.startswith("| Qwen2.5-0.5B | 0.") or r.startswith("| TinyLlama")]
+    assert len(rows) == 8 and all(float(r.split("|")[-2].strip().rstrip("x")) < 1 for r in rows)
