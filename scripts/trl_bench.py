@@ -19,11 +19,11 @@ import time
 
 CASES = {  # name -> (trainer, selection_ratio or GRPO's top_entropy_quantile)
     "trl SFTTrainer": ("trl", 1.0),
-    "slm SFT ratio 1.0": ("slm", 1.0),
-    "slm SFT ratio 0.6": ("slm", 0.6),
-    "slm SFT ratio 0.3": ("slm", 0.3),
+    "SelectiveSFTTrainer, ratio 1.0": ("slm", 1.0),
+    "SelectiveSFTTrainer, ratio 0.6": ("slm", 0.6),
+    "SelectiveSFTTrainer, ratio 0.3": ("slm", 0.3),
     "trl GRPOTrainer, top_entropy_quantile 0.2": ("trl-grpo", 0.2),
-    "slm GRPO, top_entropy_quantile 0.2": ("slm-grpo", 0.2),
+    "SelectiveGRPOTrainer, top_entropy_quantile 0.2": ("slm-grpo", 0.2),
 }
 
 

@@ -363,3 +363,17 @@ def test_compute_metrics_is_fed_per_token_losses_and_hits(tmp_path):
     assert calls == [1]
     assert out["eval_my_accuracy"] == pytest.approx(out["eval_mean_token_accuracy"], abs=1e-6)
     assert out["eval_my_loss"] == pytest.approx(out["eval_loss"], rel=1e-5)  # one batch: the same mean
+
+
+def test_the_docs_benchmark_table_names_the_scripts_cases():
+    """docs/trl.md's table is the output of scripts/trl_bench.py: its rows carry the names the script prints."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("trl_bench", root / "scripts" / "trl_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = (root / "docs" / "trl.md").read_text()
+    table = doc[doc.index("| case | ms/step |") :].split("\n\n")[0].splitlines()[2:]
+    assert [row.split("|")[1].strip() for row in table] == list(bench.CASES)

@@ -309,10 +309,11 @@ class Trainer:
             last_eval = self.eval()
         else:
             last_eval = self._logged_eval(self.step)
+        notes = [w.bar_note for w in self.watchers if w.bar_note]
         bar = tqdm(
             total=cfg.max_steps,
             initial=self.step,
-            desc=self.name,
+            desc=self.name + "".join(f" ({n})" for n in notes),
             dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 15,  # a log file gets a line every 15 s
             disable=not (self.acc.is_main_process and cfg.progress),

@@ -39,6 +39,7 @@ class Watcher:
     columns: tuple[str, ...] = ()
     stop: bool = False
     selection_off: bool = False
+    bar_note: str | None = None  # what the progress bar should say about the run's length (an early stop)
 
     def start(self, run) -> None:
         """Called once the run's engine is built: refuse a launch the watch cannot work under."""
@@ -91,6 +92,10 @@ class EarlyStop(Watcher):
     @property
     def metric(self) -> str:
         return f"eval/{self.watch}/loss"
+
+    @property
+    def bar_note(self) -> str:
+        return f"stops when {self.metric} stops improving; the total is the cap"
 
     def update(self, step: int, metrics: dict) -> bool:
         """Record one eval; True when it is the best so far."""

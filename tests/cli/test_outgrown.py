@@ -122,10 +122,15 @@ def test_the_remedy_resumes_exactly(tmp_path, monkeypatch):
     assert outgrown == 2  # the cut, in step 3, comes after it
 
 
-def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_the_best(tmp_path):
+def test_reference_train_stops_when_its_held_out_loss_stops_improving_and_keeps_the_best(tmp_path, capsys):
     converge = ("reference.converge.holdout=0.1", "reference.converge.patience=2", "reference.converge.min_delta=0.3",
-                "reference.trainer.max_steps=200", "reference.trainer.eval_every=5")  # fmt: skip
+                "reference.trainer.max_steps=200", "reference.trainer.eval_every=5",
+                "reference.trainer.progress=true")  # fmt: skip
     train_composed(compose_train(tmp_path / "c", *converge, "trainer.max_steps=1"), tmp_path / "run")
+    # its progress bar says that 200 is a cap, not an estimate (issue 38, item 4)
+    assert "reference (stops when eval/reference_heldout/loss stops improving; the total is the cap)" in (
+        capsys.readouterr().err
+    )
     where = _reference_dir(tmp_path / "c")
     held = _events(where / "run", "eval/reference_heldout/loss")
     best, best_step = held[0][1], 0
