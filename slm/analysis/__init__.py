@@ -9,6 +9,7 @@ slm.data, slm.model, slm.reference, slm.runs and slm.selection; never the traini
   report.py           main of slm-curves
   selection_sample.py what the selector keeps in a finished run (notebooks, slm-inspect)
   inspect.py          slm-inspect: a page showing, token by token, what a run keeps
+  fidelity.py         python -m slm.analysis.fidelity: the sparse backward's gradient against the exact one, per layer
 """
 
 from slm.analysis.efficiency import Curve, RunRecord, curves, load_runs, tokens_to_reach

@@ -347,10 +347,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--decoder", action="store_true", help="the sparse backward's step times at a decoder-dominated shape"
     )
-    p.add_argument(
-        "--fidelity", action="store_true", help="the sparse backward's gradients against the exact ones, per layer"
-    )
-    p.add_argument("--model-dir", default=None, help="--fidelity: a trained model folder (default: the demo's init)")
     p.add_argument("--batches", type=int, nargs="*", default=[1, 2, 4, 8], help="--sparse-mask batch sizes")
     p.add_argument("--quick", action="store_true", help="--sparse-mask on batches 1 and 2 with 3 steps (minutes)")
     p.add_argument("--json", default=None, help="also write the results here (after every case)")
@@ -366,10 +362,6 @@ def main(argv: list[str] | None = None) -> None:
         tables += [perf_model.sparse_table(gpu) for gpu in perf_model.GPUS]
         print("\n\n".join(tables), flush=True)
         return
-    if args.fidelity:
-        from slm.bench.fidelity import fidelity_report
-
-        return print(fidelity_report(args.model_dir, seed=0), flush=True)
     args.shape = args.shape or ("phi2-1layer" if args.sparse_mask else "llama-768x12" if args.decoder else "cpu")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     slow = args.decoder and args.device != "cuda"

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from slm.data import data_files, is_local
+from slm.data.subword import bpe_size
 from slm.reference import read_meta
 
 # What a cached copy of each kind must hold at least.
@@ -67,12 +68,14 @@ def check_run_sources(settings) -> None:
     :class:`slm.recipes.ScoreSettings`), before anything slow."""
     data, ref = settings.data, settings.reference
     check_fetchable(settings.model.pretrained, "model.pretrained", "model")
-    check_fetchable(data.tokenizer, "data.tokenizer", "tokenizer")
+    if bpe_size(data.tokenizer) is None:  # bpe:<n> is trained here, on the run's own text
+        check_fetchable(data.tokenizer, "data.tokenizer", "tokenizer")
     if ref.kind == "live":
         check_fetchable(ref.path, "reference.path", "model")
 
     sources = [("data.source", data.source)]
     sources += [(f"data.eval.{name}", spec.source) for name, spec in data.eval.items()]
+    sources += [(f"data.tokenizer_text[{i}]", spec.source) for i, spec in enumerate(data.tokenizer_text)]
     if ref.kind == "train":
         sources.append(("reference.data.source", ref.data.source))
     for setting, source in sources:

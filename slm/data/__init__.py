@@ -6,12 +6,22 @@ sources.py      raw documents from the built-in corpora, local files or a hub da
 builtin.py      data.source=builtin: the arithmetic corpus (noisy training split, clean split)
 realtext.py     data.source=realtext: English prose shipped with Python mixed with web-style junk
 tokenizer.py    any HF tokenizer, or the built-in character tokenizer
+subword.py      data.tokenizer=bpe:<n>: a byte-level BPE trained on the corpus, cached
 locks.py        CacheLock: a cache entry prepared once by jobs that start together, on shared filesystems too
 """
 
 from slm.data.builtin import CorpusConfig
 from slm.data.locks import CacheLock, LockLost, wait_for_holder
-from slm.data.packing import IGNORE_INDEX, build, build_split, check_block_size, content_hash, junk_mask, pack
+from slm.data.packing import (
+    IGNORE_INDEX,
+    build,
+    build_split,
+    check_block_size,
+    content_hash,
+    junk_mask,
+    pack,
+    resolve_tokenizer,
+)
 from slm.data.realtext import RealTextConfig, prose_documents
 from slm.data.sources import (
     BUILTIN,
@@ -29,6 +39,7 @@ from slm.data.spec import DataConfig, PackedData, SourceSpec, data_config, defau
 from slm.data.tokenizer import builtin_tokenizer, load_tokenizer, tokenizer_identity
 
 __all__ = [
+    "resolve_tokenizer",
     "wait_for_holder",
     "CacheLock",
     "LockLost",

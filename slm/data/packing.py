@@ -16,15 +16,19 @@ import logging
 import os
 import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from slm.data import subword
 from slm.data.locks import CacheLock
 from slm.data.sources import (
     BUILTIN,
+    GENERATED,
     SOURCE_COLUMN,
     document_hashes,
+    generated_documents,
     label_names,
     raw_documents,
     source_documents,
@@ -317,7 +321,7 @@ def build(cfg) -> PackedData:
     cfg = data_config(cfg)
     if cfg.block_size is None:
         raise ValueError("data.block_size is null: set it, or let slm-train resolve it from the model's context length")
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    tokenizer = resolve_tokenizer(cfg)
     settings = {
         "pack_version": PACK_VERSION,
         "source": source_identity(cfg),
@@ -357,6 +361,30 @@ def build(cfg) -> PackedData:
         warn_overlap(name, spec, docs, train_docs)
     evals["validation"] = splits["validation"]
     return PackedData(splits, tokenizer, meta["identity"], evals, label_names(cfg))
+
+
+def resolve_tokenizer(cfg):
+    """``data.tokenizer`` loaded: ``builtin``, a hub name or folder, or ``bpe:<n>``: the byte-level BPE trained
+    on this corpus's training text and the reference's clean text (:mod:`slm.data.subword`), cached."""
+    cfg = data_config(cfg)
+    size = subword.bpe_size(cfg.tokenizer)
+    if size is None:
+        return load_tokenizer(cfg.tokenizer)
+
+    def texts() -> dict:
+        if cfg.source in GENERATED:  # its own training text and clean split, whatever this run trains on
+            named = {f"{cfg.source}:{s}": generated_documents(cfg, s)["text"] for s in ("train", "clean")}
+        else:
+            named = {"train": raw_documents(cfg)["train"]["text"]}
+        for i, spec in enumerate(cfg.tokenizer_text):
+            named[f"tokenizer_text[{i}]"] = source_documents(spec)["text"]
+        return named
+
+    identity = {
+        "source": source_identity(replace(cfg, train_split="train")),
+        "tokenizer_text": [spec.identity(cfg.cache_dir) for spec in cfg.tokenizer_text],
+    }
+    return load_tokenizer(str(subword.cached_bpe(identity, texts, size, cfg.cache_dir)))
 
 
 def check_block_size(model_config, block_size: int) -> None:

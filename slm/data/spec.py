@@ -31,6 +31,7 @@ class DataConfig:
     builtin: dict = field(default_factory=dict)  # CorpusConfig fields
     realtext: dict = field(default_factory=dict)  # RealTextConfig fields
     eval: dict = field(default_factory=dict)  # name -> SourceSpec fields: extra eval sets (e.g. clean text)
+    tokenizer_text: tuple = ()  # tokenizer=bpe:<n>: more texts it trains on (slm-train adds reference.data)
 
     def __post_init__(self):
         if self.block_size is not None and int(self.block_size) < 2:  # None: the model's length, set by slm.cli
@@ -44,11 +45,13 @@ class DataConfig:
         set_(self, "realtext", dict(self.realtext or {}))
         set_(self, "cache_dir", self.cache_dir or default_cache_dir())
         set_(self, "eval", {str(k): eval_spec(k, v) for k, v in dict(self.eval or {}).items()})
+        texts = self.tokenizer_text or ()
+        set_(self, "tokenizer_text", tuple(eval_spec(f"[{i}]", v, "data.tokenizer_text") for i, v in enumerate(texts)))
         if "validation" in self.eval:
             raise ValueError("data.eval.validation: that name is the training source's own validation split")
 
 
-def eval_spec(name, value) -> SourceSpec:
+def eval_spec(name, value, group: str = "data.eval.") -> SourceSpec:
     """A :class:`SourceSpec` from ``data.eval.<name>``: a path or hub name, or a mapping of its fields."""
     if isinstance(value, SourceSpec):
         return value
@@ -57,12 +60,12 @@ def eval_spec(name, value) -> SourceSpec:
     try:
         fields = dict(value)
     except (TypeError, ValueError):
-        raise ValueError(f"data.eval.{name} must be a source or a mapping with a source, got {value!r}") from None
+        raise ValueError(f"{group}{name} must be a source or a mapping with a source, got {value!r}") from None
     if "source" not in fields:
-        raise ValueError(f"data.eval.{name} needs a source (a file, glob, folder, hub name, builtin or realtext)")
+        raise ValueError(f"{group}{name} needs a source (a file, glob, folder, hub name, builtin or realtext)")
     known = set(SourceSpec.__dataclass_fields__)
     if set(fields) - known:
-        raise ValueError(f"data.eval.{name} has unknown keys {sorted(set(fields) - known)}; use {sorted(known)}")
+        raise ValueError(f"{group}{name} has unknown keys {sorted(set(fields) - known)}; use {sorted(known)}")
     return SourceSpec(**fields)
 
 

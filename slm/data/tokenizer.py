@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+from slm.data.subword import identity_name
+
 BUILTIN = "builtin"
 SPECIALS = ["<pad>", "<eos>", "<unk>"]
 
@@ -27,9 +29,15 @@ def builtin_tokenizer():
 
 
 def load_tokenizer(name: str):
-    """``"builtin"``, a hub name or a local folder with tokenizer files."""
+    """``"builtin"``, a hub name or a local folder with tokenizer files (``bpe:<n>`` is trained on a corpus:
+    :func:`slm.data.resolve_tokenizer`)."""
     if name == BUILTIN:
         return builtin_tokenizer()
+    if isinstance(name, str) and name.startswith("bpe:"):
+        raise ValueError(
+            f"tokenizer {name!r} is trained on a corpus: load it with slm.data.resolve_tokenizer(data settings), or "
+            "give the folder slm-train printed when it trained it"
+        )
     from transformers import AutoTokenizer
 
     try:
@@ -48,7 +56,7 @@ def tokenizer_identity(tok) -> dict:
     """Name, size and a hash of the vocabulary: what a stored ref column must agree with."""
     vocab = json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=True)
     return {
-        "name": str(tok.name_or_path),
+        "name": identity_name(tok) or str(tok.name_or_path),
         "vocab_size": len(tok),
         "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest()[:16],
     }

@@ -7,6 +7,7 @@ Imports slm.head and slm.selection.
   architectures.py HF causal LMs: build one from config, find its output head, PEFT and ZeRO-3 details
   losses.py        token_losses: per-token losses (and entropies) of any HF causal LM without B x T x V
   flops.py         the matrix products a step really runs (a data-efficiency x-axis)
+  sparse_backward.py  SelectiveLM(sparse_backward=...): the decoder's linear layers take gradients from kept rows only
 """
 
 from slm.model.architectures import ModelConfig, build_model, causal_lm, register_zero3_head

@@ -14,7 +14,7 @@ gradient stops at the key and value projections of the chosen layers: below the 
 layer the residual stream of an unselected position receives none. Exact in the top layer are
 the MLP, the attention output and the query projection (their output gradients at unselected
 rows are zero anyway); every other projection's gradient is an approximation that
-``slm-bench --case sparse_fidelity`` measures. Layers below the chosen ones run their exact
+``python -m slm.analysis.fidelity`` measures. Layers below the chosen ones run their exact
 backward on whatever gradient reaches them.
 
 When nothing would be dropped (every labelled token trained, no ignored label inside a
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from slm.model.architectures import causal_lm
 
 # Linear layers whose forward is ``x @ W.T + b`` (nn.Linear's math) under another class name.
 _LINEAR_EQUIVALENTS = {"FalconLinear", "NonDynamicallyQuantizableLinear"}
@@ -175,8 +177,6 @@ def _sparse_class(cls: type, transposed: bool) -> type:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The text decoder's layers, bottom to top (the model's ``_no_split_modules`` under its decoder)."""
-    from slm.model.architectures import causal_lm
-
     lm = causal_lm(model)
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
     names = set(getattr(lm, "_no_split_modules", None) or [])
@@ -232,8 +232,6 @@ class SparseBackward:
         self.install()  # an unsupported layer is an error now, not at the first step
 
     def _chosen(self) -> list[nn.Module]:
-        from slm.model.architectures import causal_lm
-
         layers = decoder_layers(self.model)
         if self.depth is not None:
             if not 1 <= self.depth <= len(layers):

@@ -10,7 +10,8 @@ import logging
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from slm.data import DataConfig, SourceSpec
+from slm.data import GENERATED, DataConfig, SourceSpec
+from slm.data.subword import bpe_size
 from slm.model import ModelConfig
 from slm.reference import check_evolution
 from slm.train import DownstreamConfig, SelectorConfig, TrainConfig
@@ -179,6 +180,23 @@ def resolve_block_size(settings: RunSettings | ScoreSettings):
     size = min(int(limit or MAX_DEFAULT_BLOCK), MAX_DEFAULT_BLOCK)
     log.info("data.block_size=null: using %d (the model's context length, at most %d)", size, MAX_DEFAULT_BLOCK)
     return replace(settings, data=replace(settings.data, block_size=size))
+
+
+def resolve_tokenizer_text(settings: RunSettings) -> RunSettings:
+    """``data.tokenizer=bpe:<n>`` trains on the training text and the reference's clean text: a trained
+    reference's text from another source joins ``data.tokenizer_text`` (a built-in corpus's clean split is
+    in already)."""
+    data, ref = settings.data, settings.reference
+    if bpe_size(data.tokenizer) is not None and settings.model.pretrained:
+        raise ValueError(
+            f"data.tokenizer={data.tokenizer}: a tokenizer trained on this text is for models built from config; "
+            f"model.pretrained={settings.model.pretrained} has its own vocabulary (use its tokenizer)"
+        )
+    if bpe_size(data.tokenizer) is None or not ref.trained or ref.data is None:
+        return settings
+    if (ref.data.source == data.source and data.source in GENERATED) or ref.data in data.tokenizer_text:
+        return settings
+    return replace(settings, data=replace(data, tokenizer_text=(*data.tokenizer_text, ref.data)))
 
 
 def config_hash(obj) -> str:

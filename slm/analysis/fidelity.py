@@ -1,16 +1,25 @@
-"""``slm-bench --fidelity``: how far the sparse backward's gradient is from the exact one, per layer.
+"""``python -m slm.analysis.fidelity``: how far the sparse backward's gradient is from the exact one, per layer.
 
 On a step of the real-text demo (its model and a batch of its noisy training text, block 256, batch
 8): the model of ``--model-dir``, or the demo's model trained for ``TRAIN_STEPS`` plain steps from
 its initialisation (so that the gradients are those of a model that has learned something). The
 tokens are the top ``ratio`` by the model's own loss; the exact selective step and the sparse one
 train the same tokens, and each parameter group's gradient is compared: cosine similarity and
-``|g_sparse - g_exact| / |g_exact|``. Needs slm's data package (datasets), unlike the step-time tables.
+``|g_sparse - g_exact| / |g_exact|``.
 """
 
 from __future__ import annotations
 
+import argparse
+from importlib.resources import files
+
 import torch
+import yaml
+
+from slm.data import DataConfig, build
+from slm.model import ModelConfig, SelectiveLM, build_model, shifted_valid, token_losses
+from slm.model.sparse_backward import decoder_layers
+from slm.selection import select_tokens
 
 TRAIN_STEPS = 100
 BATCH = 8
@@ -18,17 +27,10 @@ RATIOS = (0.3, 0.6)
 
 
 def _demo_model_and_batches(model_dir: str | None, seed: int):
-    from importlib.resources import files
-
-    from omegaconf import OmegaConf
-
-    from slm.data import DataConfig, build
-    from slm.model import ModelConfig, build_model
-
     conf = files("slm.conf")
-    model_cfg = OmegaConf.to_container(OmegaConf.load(str(conf / "model" / "tiny.yaml")))
-    data_cfg = OmegaConf.to_container(OmegaConf.load(str(conf / "data" / "realtext.yaml")))
-    data_cfg["tokenizer"] = model_cfg["tokenizer"]
+    model_cfg = yaml.safe_load((conf / "model" / "tiny.yaml").read_text())
+    data_cfg = yaml.safe_load((conf / "data" / "realtext.yaml").read_text())
+    data_cfg["tokenizer"] = model_cfg["tokenizer"]  # the config's ${model.tokenizer}
     packed = build(DataConfig(**data_cfg))
     train = packed["train"].with_format("torch")
     batches = [train[i * BATCH : (i + 1) * BATCH]["input_ids"] for i in range(TRAIN_STEPS + 1)]
@@ -47,8 +49,6 @@ def _demo_model_and_batches(model_dir: str | None, seed: int):
 
 def _groups(model) -> dict[str, list[str]]:
     """Parameter names by layer, bottom to top: embedding, each decoder layer, the rest (final norm, head)."""
-    from slm.model.sparse_backward import decoder_layers
-
     layer_of = {}
     for i, layer in enumerate(decoder_layers(model)):
         for p in layer.parameters():
@@ -75,15 +75,11 @@ def _compare(sparse: dict, exact: dict, names: list[str]) -> tuple[float, float]
 
 
 def fidelity_report(model_dir: str | None = None, seed: int = 0) -> str:
-    from slm.model import SelectiveLM, shifted_valid
-    from slm.selection import select_tokens
-
+    """The table: per parameter group, cosine / relative error at each ratio and depth (all, the top half)."""
     model, ids, trained = _demo_model_and_batches(model_dir, seed)
     n_layers = len(_groups(model)) - 2
     depths = {"all": True, f"top {max(1, n_layers // 2)}": max(1, n_layers // 2)}
     with torch.no_grad():
-        from slm.model import token_losses
-
         own = token_losses(model, ids, ids)
     exact_lm = SelectiveLM(model)
     groups = _groups(model)
@@ -106,3 +102,15 @@ def fidelity_report(model_dir: str | None = None, seed: int = 0) -> str:
                 rows[group].append(f"{cos:.4f} / {rel:.3f}")
     lines += [f"| {g} | " + " | ".join(cells) + " |" for g, cells in rows.items()]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m slm.analysis.fidelity", description=__doc__.split("\n")[0])
+    p.add_argument("--model-dir", default=None, help="a trained model folder (default: the demo's, trained briefly)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(fidelity_report(args.model_dir, args.seed), flush=True)
+
+
+if __name__ == "__main__":
+    main()
