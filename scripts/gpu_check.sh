@@ -75,6 +75,6 @@ if python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
 else
     echo "no CUDA device: a tiny CPU table instead of the GPU ones" | tee "$out/no_gpu.txt"
     bench bench_tiny_cpu 300 --shape tiny --steps 2 --warmup 1
-    bench decoder_tiny_cpu 300 --decoder --shape tiny --steps 1 --warmup 0
+    bench decoder_tiny_cpu 300 --decoder --shape tiny --steps 1 --warmup 0 --only slm_exact_excess_0.3 slm_sparse_all_excess_0.3
 fi
 exit $status
