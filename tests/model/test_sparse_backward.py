@@ -5,7 +5,7 @@ against the exact backward where nothing is dropped."""
 import pytest
 import torch
 from support.archs import ARCH_KWARGS, VOCAB, tiny_model
-from support.hf_reference import grads, hf_token_ce
+from support.hf_reference import BACKENDS, grads, hf_token_ce
 from torch.utils.flop_counter import FlopCounterMode
 
 import slm
@@ -253,3 +253,14 @@ def test_no_activation_outlives_the_backward(batch):
     finally:
         type(rows).gather = real
     assert gathered and all(ref() is None for ref in gathered)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_head_backend_gives_the_reference_gradients(backend, batch):
+    """The mode sits in the decoder: each head backend (torch.compile'd chunks and Triton's kernels too) feeds it."""
+    ids, am, labels = batch
+    mask = some_mask(labels)
+    model = tiny_model("gemma2")
+    lm = slm.SelectiveLM(model, head_backend=backend, sparse_backward=True)
+    ours = grads(lm(input_ids=ids, labels=labels, attention_mask=am, loss_mask=mask).loss, model)
+    assert_close_all(ours, reference_grads(model, ids, labels, am, mask)[1])

@@ -303,6 +303,15 @@ def test_live_reference_trains_exactly_like_its_stored_column(tmp_path):
     ]
 
 
+def test_a_sparse_backward_run_resumes_as_if_never_interrupted(tmp_path, monkeypatch):
+    """The mode carries no state of its own: Ctrl-C at step 3 of 6 and a resume equal the whole run."""
+    from support.resume import resumed_equals_whole
+
+    resumed_equals_whole(tmp_path, monkeypatch, "trainer.sparse_backward=true", "selector.ratio=0.5",
+                         "trainer.max_steps=6")  # fmt: skip
+    assert "sparse_backward: true" in (tmp_path / "cut" / "config.yaml").read_text()  # the resume kept the mode
+
+
 def test_flops_estimate_the_matrix_products_a_selective_step_runs():
     """slm.flops against the FLOPs of every matmul dispatched by one forward + backward."""
     from support.archs import tiny_model
