@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from support.hf_reference import NEEDS_TRITON
 
 import slm.bench.workloads as bench_cases
 from slm.bench import BASELINE, FLOOR, SPARSE_CASES, build_workload, cases, main
@@ -50,6 +51,7 @@ def test_a_failing_case_is_reported_and_the_others_still_run(tmp_path, capsys, m
     assert "head backends measured: torch" in res["setup"] and "torch 2." in printed
 
 
+@NEEDS_TRITON  # the triton cases run its kernels (in Triton's interpreter on CPU)
 def test_every_head_backend_gets_its_own_cases():
     model, ids, ref_loss, mask = build_workload("tiny", "cpu", torch.float32, 1, 16)
     names = set(cases(model, ids, ref_loss, mask, ["torch", "triton"]))
