@@ -71,20 +71,6 @@ SHAPES = {
         4,
         512,
     ),
-    "qwen2.5-0.5b-layers4": (  # Qwen2.5-0.5B's layers, 4 of its 24 (its head is then half the matmul work)
-        "qwen2",
-        dict(
-            hidden_size=896,
-            intermediate_size=4864,
-            num_hidden_layers=4,
-            num_attention_heads=14,
-            num_key_value_heads=2,
-            vocab_size=151936,
-            tie_word_embeddings=True,
-        ),
-        2,
-        512,
-    ),
     "tinyllama-1.1b": (
         "llama",
         dict(
@@ -99,6 +85,9 @@ SHAPES = {
         2048,
     ),
 }
+
+# Qwen2.5-0.5B's layers, 4 of its 24 (its head is then half the matmul work)
+SHAPES["qwen2.5-0.5b-layers4"] = ("qwen2", dict(SHAPES["qwen2.5-0.5b"][1], num_hidden_layers=4), 2, 512)
 
 BASELINE = "hf_full_logits_masked"
 FLOOR = "backbone_only (floor)"

@@ -380,11 +380,12 @@ def resolve_tokenizer(cfg):
             named[f"tokenizer_text[{i}]"] = source_documents(spec)["text"]
         return named
 
-    identity = {
+    texts_identity = {
         "source": source_identity(replace(cfg, train_split="train")),
         "tokenizer_text": [spec.identity(cfg.cache_dir) for spec in cfg.tokenizer_text],
     }
-    return load_tokenizer(str(subword.cached_bpe(identity, texts, size, cfg.cache_dir)))
+    key = _key({"version": subword.VERSION, "vocab_size": size, "texts": texts_identity})
+    return load_tokenizer(str(subword.cached_bpe(key, texts, size, cfg.cache_dir)))
 
 
 def check_block_size(model_config, block_size: int) -> None:

@@ -12,7 +12,6 @@ stores and saved models all name it by the same identity and any HF code loads i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -78,16 +77,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, name: str | None = None):
 
 
 def cached_bpe(
-    identity: dict, texts: Callable[[], dict[str, list[str]]], vocab_size: int, cache_dir: str | os.PathLike
+    key: str, texts: Callable[[], dict[str, list[str]]], vocab_size: int, cache_dir: str | os.PathLike
 ) -> Path:
-    """The folder of the BPE trained on ``texts()`` (name -> documents), trained once and cached by a hash of
-    the vocabulary size and ``identity`` (what the texts are: the sources' identities, which hash local files'
-    contents and name a hub dataset's revision); concurrent jobs wait for the first (:mod:`slm.data.locks`)."""
-    key = hashlib.sha256(
-        json.dumps(
-            {"version": VERSION, "vocab_size": vocab_size, "texts": identity}, sort_keys=True, default=str
-        ).encode()
-    ).hexdigest()[:16]
+    """The folder of the BPE trained on ``texts()`` (name -> documents), trained once and cached under ``key``
+    (the caller's hash of :data:`VERSION`, the vocabulary size and what the texts are: the sources' identities,
+    which hash local files' contents and name a hub dataset's revision); concurrent jobs wait for the first
+    (:mod:`slm.data.locks`)."""
     where = Path(cache_dir).expanduser() / "tokenizers" / f"bpe{vocab_size}-{key}"
     with CacheLock(where, f"the tokenizer {where}"):
         if (where / MARKER).exists():

@@ -171,6 +171,20 @@ def gathered(params: list[Tensor | None]):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None) if partitioned else nullcontext()
 
 
+def whole_numel(p: Tensor) -> int:
+    """A parameter's element count, also when ZeRO-3 partitioned it (its ``ds_shape`` is the whole shape)."""
+    n = 1
+    for x in getattr(p, "ds_shape", p.shape):
+        n *= int(x)
+    return n
+
+
+def no_split_layers(root: nn.Module, lm: nn.Module) -> list[nn.Module]:
+    """The modules under ``root`` whose class ``lm`` names in ``_no_split_modules`` (its layers), in order."""
+    names = set(getattr(lm, "_no_split_modules", None) or [])
+    return [m for m in root.modules() if m is not root and type(m).__name__ in names]
+
+
 def head_support(model: nn.Module) -> str | None:
     """Why the selective head cannot reproduce ``model``'s logits exactly, or None if it can."""
     lm = causal_lm(model)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from slm.model.architectures import causal_lm
+from slm.model.architectures import causal_lm, whole_numel
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,10 @@ def flop_model(model: nn.Module, seq: int, reference: nn.Module | None = None, s
 
     lm = causal_lm(model)
     emb, out = lm.get_input_embeddings().weight, lm.get_output_embeddings().weight
-    shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))  # the whole shape, also when ZeRO-3 partitioned it
-    numel = lambda p: int(_prod(shape(p)))
     params = {id(p): p for p in lm.parameters()}  # a tied head is one parameter
-    head = numel(out)
-    body = sum(numel(p) for p in params.values()) - numel(emb) - (0 if out is emb else head)
+    head = whole_numel(out)
+    body = sum(whole_numel(p) for p in params.values()) - whole_numel(emb) - (0 if out is emb else head)
     cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 0)
-    ref = 0 if reference is None else sum(numel(p) for p in {id(p): p for p in reference.parameters()}.values())
-    return FlopModel(body, head, int(layers), int(shape(out)[1]), int(seq), ref, int(sparse))
-
-
-def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= int(x)
-    return n
+    ref = 0 if reference is None else sum(whole_numel(p) for p in {id(p): p for p in reference.parameters()}.values())
+    return FlopModel(body, head, int(layers), int(getattr(out, "ds_shape", out.shape)[1]), int(seq), ref, int(sparse))

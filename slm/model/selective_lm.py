@@ -310,16 +310,14 @@ class SelectiveLM(nn.Module):
             else:
                 mask, pos = plan.known, plan.known_pos
                 token_loss = token_loss * mask
-            if sparse_rows is not None:
-                sparse_rows.keep(pos, input_ids.shape[1])
             loss_sum, _ = rows.train(plan.rows_of(pos), plan.weights_at(pos))
         else:
             # The trained tokens are known up front (a loss_mask, weights, or all): one fused pass.
             mask, pos = plan.known, plan.known_pos
-            if sparse_rows is not None:
-                sparse_rows.keep(pos, input_ids.shape[1])
             loss_sum, row_loss = rows.train(plan.rows_of(pos), plan.weights_at(pos))
             token_loss = plan.scatter(pos, row_loss)
+        if sparse_rows is not None:  # before any backward: the decoder's linear layers read them there
+            sparse_rows.keep(pos, input_ids.shape[1])
 
         n_selected = pos.numel()
         if num_items_in_batch is not None:

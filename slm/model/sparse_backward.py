@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from slm.model.architectures import causal_lm
+from slm.model.architectures import causal_lm, no_split_layers, whole_numel
 
 # Linear layers whose forward is ``x @ W.T + b`` (nn.Linear's math) under another class name.
 _LINEAR_EQUIVALENTS = {"FalconLinear", "NonDynamicallyQuantizableLinear"}
@@ -178,9 +178,7 @@ def _sparse_class(cls: type, transposed: bool) -> type:
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The text decoder's layers, bottom to top (the model's ``_no_split_modules`` under its decoder)."""
     lm = causal_lm(model)
-    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model
-    names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in decoder.modules() if m is not decoder and type(m).__name__ in names]
+    layers = no_split_layers(lm.get_decoder() if hasattr(lm, "get_decoder") else lm.base_model, lm)
     if not layers:
         raise ValueError(
             f"sparse_backward: found no decoder layer in {type(lm).__name__} (it names no _no_split_modules); "
@@ -251,10 +249,10 @@ class SparseBackward:
         n = 0
         for i, layer in enumerate(self.layers):
             for name, module in layer.named_modules():
-                transposed = _linear_kind(module)
-                if transposed is None:
-                    continue
-                if not isinstance(module, _SparseLinearMixin):
+                if not isinstance(module, _SparseLinearMixin):  # swapped already: known to be a linear layer
+                    transposed = _linear_kind(module)
+                    if transposed is None:
+                        continue
                     module.__class__ = _sparse_class(type(module), transposed)
                 module._slm_recorder = self.recorder
                 module._slm_name = f"layer {i - len(self.layers)} {name}"
@@ -263,9 +261,8 @@ class SparseBackward:
 
     def weights(self) -> int:
         """How many parameters the recording layers hold (their backward covers the kept rows)."""
-        shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))  # the whole shape, also under ZeRO-3
         return sum(
-            _numel(shape(p))
+            whole_numel(p)
             for layer in self.layers
             for m in layer.modules()
             if isinstance(m, _SparseLinearMixin)
@@ -282,13 +279,6 @@ class SparseBackward:
         finally:
             self.recorder.active = None
             self.recorder.recompute = rows
-
-
-def _numel(shape) -> int:
-    n = 1
-    for x in shape:
-        n *= int(x)
-    return n
 
 
 def check_sparse_backward(value) -> int | None | bool:

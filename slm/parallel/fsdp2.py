@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slm.model import causal_lm
+from slm.model.architectures import no_split_layers
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,7 @@ def fsdp2_units(lm: nn.Module) -> dict[str, list[nn.Module]]:
     """
 
     inner = causal_lm(getattr(lm, "model", lm))  # the HF model inside a SelectiveLM
-    names = set(getattr(lm, "_no_split_modules", None) or [])
-    layers = [m for m in lm.modules() if m is not lm and type(m).__name__ in names]
+    layers = no_split_layers(lm, lm)
     if not layers:
         raise ValueError(
             f"FSDP2: found no decoder layer to shard ({type(lm).__name__} names no _no_split_modules); every "

@@ -168,11 +168,14 @@ class SelectiveTrainer(Trainer):
         sparse_backward: bool | int | None = None,
         **kwargs,
     ):
-        given = {"selection_ratio": selection_ratio, "selector": selector, "scope": scope}
-        given["sparse_backward"] = sparse_backward
+        given = dict(selection_ratio=selection_ratio, selector=selector, scope=scope, sparse_backward=sparse_backward)
         if isinstance(model, SelectiveLM):
-            actual = {"selection_ratio": model.ratio, "selector": model.selector, "scope": model.scope}
-            actual["sparse_backward"] = model.sparse_backward
+            actual = {
+                "selection_ratio": model.ratio,
+                "selector": model.selector,
+                "scope": model.scope,
+                "sparse_backward": model.sparse_backward,
+            }
             clash = {k: (v, actual[k]) for k, v in given.items() if v is not None and v != actual[k]}
             if clash:
                 names = ", ".join(f"{k}={a!r} but the model has {b!r}" for k, (a, b) in clash.items())
