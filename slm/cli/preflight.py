@@ -78,6 +78,9 @@ def check_run_sources(settings) -> None:
     sources += [(f"data.tokenizer_text[{i}]", spec.source) for i, spec in enumerate(data.tokenizer_text)]
     if ref.kind == "train":
         sources.append(("reference.data.source", ref.data.source))
+    base = getattr(settings, "base", None)
+    if base is not None and base.trained:
+        sources.append(("base.data.source", base.data.source))
     for setting, source in sources:
         if not source or source in ("builtin", "realtext"):
             continue

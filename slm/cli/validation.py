@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from slm.data import DataConfig
 from slm.model import ModelConfig
-from slm.recipes import ReferenceConfig, RunSettings, ScoreSettings, typed
+from slm.recipes import BaseConfig, ReferenceConfig, RunSettings, ScoreSettings, typed
 from slm.selection import ratio_schedule
 from slm.train import DownstreamConfig, SelectorConfig, TrainConfig, check_blocks, harness, selects_by
 
@@ -100,8 +100,17 @@ def validate(cfg: DictConfig) -> RunSettings:
             "none: use selector.block_score=train_loss (or a reference)"
         )
     model = typed(ModelConfig, plain["model"], "model")
-    if reference.init == "pretrained" and not model.pretrained:
-        raise ValueError("reference.init=pretrained starts the reference from model.pretrained, which is not set")
+    base = typed(BaseConfig, plain.get("base") or {}, "base")
+    if base.trained and model.pretrained:
+        raise ValueError(
+            f"base=train pretrains a base model built from model.config; model.pretrained={model.pretrained} is one "
+            "already: use base=none to continue from it"
+        )
+    if reference.init == "pretrained" and not (model.pretrained or base.trained):
+        raise ValueError(
+            "reference.init=pretrained starts the reference from the training model's starting weights: set "
+            "model.pretrained, or base=train (a base pretrained on general text)"
+        )
     downstream = typed(DownstreamConfig, plain.get("downstream"), "downstream")
     if downstream.tasks:
         harness()  # a clear error now if lm-evaluation-harness is missing, not at the first eval point
@@ -126,6 +135,7 @@ def validate(cfg: DictConfig) -> RunSettings:
         experiment_name=plain.get("experiment_name", "default"),
         seed=plain["seed"],
         score_batch_size=plain.get("score_batch_size", 32),
+        base=base,
     )
 
 

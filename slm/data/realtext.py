@@ -2,7 +2,11 @@
 
 The prose is the Python language reference's help topics (``pydoc_data``) and the standard
 library's docstrings (read with ``ast``, nothing imported): real English, on every machine that
-runs slm, no download. Documents are dealt to splits by a seeded shuffle:
+runs slm, no download. ``prose`` picks both (``all``), the help topics alone (``topics``: the
+continued-pretraining demo's domain) or the docstrings alone (``docstrings``: its base model's general
+text); ``piece_chars`` cuts long documents at paragraph breaks into pieces of about that many
+characters (the 79 help topics become a few hundred documents to deal). Documents are dealt to splits
+by a seeded shuffle:
 
 * ``clean`` (a quarter of the documents): the reference's training text;
 * ``validation`` (5%, held out): clean prose to judge every run on;
@@ -29,6 +33,7 @@ import sysconfig
 from dataclasses import asdict, dataclass
 
 VERSION = 2
+PROSE = ("all", "topics", "docstrings")
 SPLITS = ("train", "clean", "validation")
 JUNK_KINDS = ("base64", "hex", "random_chars", "shuffled_words", "boilerplate", "near_duplicates")
 _PRINTABLE = set(string.printable) - {"\x0b", "\x0c", "\r"}
@@ -51,15 +56,25 @@ class RealTextConfig:
     validation_share: float = 0.05
     min_chars: int = 200  # documents shorter than this are left out
     seed: int = 1234
+    prose: str = "all"  # all | topics (the language reference's help topics) | docstrings (the standard library's)
+    piece_chars: int = 0  # 0: whole documents; else cut at paragraph breaks into pieces of about this many characters
 
     def __post_init__(self):
+        if self.prose not in PROSE:
+            raise ValueError(f"data.realtext.prose must be one of {PROSE}, got {self.prose!r}")
+        if int(self.piece_chars) < 0:
+            raise ValueError(f"data.realtext.piece_chars must be >= 0 (0: whole documents), got {self.piece_chars}")
         if not 0.0 <= self.junk < 1.0:
             raise ValueError(f"data.realtext.junk must be in [0, 1), got {self.junk}")
         if not (0 < self.clean_share and 0 < self.validation_share and self.clean_share + self.validation_share < 1):
             raise ValueError("data.realtext needs clean_share > 0, validation_share > 0 and their sum below 1")
 
     def identity(self) -> dict:
-        return {"version": VERSION, "python": f"{sys.version_info[0]}.{sys.version_info[1]}", **asdict(self)}
+        fields = asdict(self)
+        for name, default in (("prose", "all"), ("piece_chars", 0)):  # corpora made before them keep their hash
+            if fields[name] == default:
+                del fields[name]
+        return {"version": VERSION, "python": f"{sys.version_info[0]}.{sys.version_info[1]}", **fields}
 
 
 def _ascii(text: str) -> str | None:
@@ -68,12 +83,28 @@ def _ascii(text: str) -> str | None:
     return kept if len(kept) >= 0.99 * len(text) else None
 
 
-@functools.lru_cache(maxsize=1)
-def prose_documents(min_chars: int = 200) -> tuple[str, ...]:
-    """The prose documents, in a fixed order: help topics, then docstrings by file and position."""
+@functools.lru_cache(maxsize=3)
+def prose_documents(min_chars: int = 200, prose: str = "all") -> tuple[str, ...]:
+    """The prose documents, in a fixed order: help topics, then docstrings by file and position (``prose``:
+    all, or the topics or docstrings alone)."""
     import pydoc_data.topics
 
-    found = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    topics = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    found = topics + _docstrings() if prose != "topics" else topics
+    if prose == "docstrings":
+        found = found[len(topics) :]
+    out, seen = [], set()
+    for doc in found:
+        doc = _ascii(doc.strip())
+        key = " ".join(doc.split())[:200] if doc else None  # near-duplicates (a docstring per platform) count once
+        if doc and len(doc) >= min_chars and key not in seen:
+            seen.add(key)
+            out.append(doc)
+    return tuple(out)
+
+
+def _docstrings() -> list[str]:
+    found = []
     stdlib = sysconfig.get_paths()["stdlib"]
     for root, dirs, files in os.walk(stdlib):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS)
@@ -88,18 +119,29 @@ def prose_documents(min_chars: int = 200) -> tuple[str, ...]:
                     doc = ast.get_docstring(node)
                     if doc:
                         found.append(doc)
-    out, seen = [], set()
-    for doc in found:
-        doc = _ascii(doc.strip())
-        key = " ".join(doc.split())[:200] if doc else None  # near-duplicates (a docstring per platform) count once
-        if doc and len(doc) >= min_chars and key not in seen:
-            seen.add(key)
-            out.append(doc)
-    return tuple(out)
+    return found
 
 
 def _paragraphs(doc: str) -> list[str]:
     return [p.strip("\n") for p in re.split(r"\n\s*\n", doc) if p.strip()]
+
+
+def pieces(doc: str, chars: int, min_chars: int) -> list[str]:
+    """``doc`` cut at paragraph breaks into pieces of at least ``chars`` characters (a paragraph is never
+    cut); a last piece shorter than ``min_chars`` joins the one before it."""
+    out, current = [], []
+    for para in _paragraphs(doc):
+        current.append(para)
+        if sum(map(len, current)) >= chars:
+            out.append("\n\n".join(current))
+            current = []
+    if current:
+        tail = "\n\n".join(current)
+        if out and len(tail) < min_chars:
+            out[-1] += "\n\n" + tail
+        else:
+            out.append(tail)
+    return out
 
 
 def junk_segment(rng: random.Random, length: int, words: list[str], kind: str | None = None) -> str:
@@ -141,7 +183,9 @@ def realtext_documents(cfg: RealTextConfig, split: str) -> list[dict]:
     """The documents of one split as ``{"text": ...}`` rows (deterministic for ``cfg``)."""
     if split not in SPLITS:
         raise ValueError(f"the realtext corpus has splits {SPLITS}, not {split!r}")
-    docs = list(prose_documents(cfg.min_chars))
+    docs = list(prose_documents(cfg.min_chars, cfg.prose))
+    if cfg.piece_chars:
+        docs = [p for doc in docs for p in pieces(doc, cfg.piece_chars, cfg.min_chars)]
     random.Random(cfg.seed).shuffle(docs)
     n_val, n_clean = int(len(docs) * cfg.validation_share), int(len(docs) * cfg.clean_share)
     if split == "validation":

@@ -5,7 +5,8 @@ validates a composed config, calls a recipe and prints.
 settings.py            RunSettings, ScoreSettings, ReferenceConfig: the frozen settings a recipe runs with
 run.py                 build_run(settings, run_dir) -> Run; train(settings, run_dir): one training run, its records
                        and its final model
-reference_training.py  the reference's own recipe: trained once on its text, cached, shared by every run
+cached_training.py     models trained once on their own text, cached, shared by every run: the reference, the base
+base_model.py          base=train: continued pretraining from a base pretrained once on general text
 references.py          a run's reference values: none | live | stored | trained; stores, eval losses, quality
 store_losses.py        store_losses(settings): a reference's per-token losses stored once (what slm-score runs)
 
@@ -13,11 +14,13 @@ store_losses.py        store_losses(settings): a reference's per-token losses st
     result = train(RunSettings(...), "outputs/my-run")
 """
 
-from slm.recipes.reference_training import HELDOUT, hold_out, train_reference
+from slm.recipes.cached_training import HELDOUT, hold_out, train_reference
 from slm.recipes.references import describe_quality, reference_quality, reference_source, trained_quality
 from slm.recipes.run import Run, build_run, train
 from slm.recipes.settings import (
+    BASE_KINDS,
     REFERENCE_KINDS,
+    BaseConfig,
     ConvergeConfig,
     ReferenceConfig,
     RunSettings,
@@ -29,8 +32,10 @@ from slm.recipes.settings import (
 from slm.recipes.store_losses import StoredLosses, store_losses
 
 __all__ = [
+    "BASE_KINDS",
     "HELDOUT",
     "REFERENCE_KINDS",
+    "BaseConfig",
     "ConvergeConfig",
     "ReferenceConfig",
     "Run",
@@ -38,6 +43,7 @@ __all__ = [
     "ScoreSettings",
     "StoredLosses",
     "build_run",
+    "continue_from_base",
     "config_hash",
     "describe_quality",
     "hold_out",
@@ -47,6 +53,7 @@ __all__ = [
     "store_losses",
     "train",
     "train_reference",
+    "train_stage",
     "trained_quality",
     "typed",
 ]

@@ -1,5 +1,5 @@
 """Where a run's reference values come from: none, a live model, a stored column, or a reference trained once
-on its own text (:mod:`slm.recipes.reference_training`), scored once into a store reused by every run; the
+on its own text (:mod:`slm.recipes.cached_training`), scored once into a store reused by every run; the
 reference's eval losses (cached) and the quality it reached when slm trained it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from accelerate.utils import broadcast_object_list
 
 from slm.data import PackedData, content_hash, tokenizer_identity
-from slm.recipes.reference_training import DONE, HELDOUT, Settings, agreed, job_lock, train_reference
+from slm.recipes.cached_training import DONE, Settings, agreed, job_lock, train_reference
 from slm.recipes.settings import ReferenceConfig, RunSettings, config_hash
 from slm.reference import (
     META_FILE,
@@ -120,7 +120,7 @@ def measured_quality(trained: dict, losses: dict | None, first: str | None) -> d
     -> loss; ``eval/loss`` is the ``first`` set's), its loss on the held-out part of its own text and its steps
     (from its training); where ``losses`` cannot be had, the losses of its training, named as such
     (``measured_on``): the same names can mean other text in another run."""
-    kept = {k: v for k, v in trained.items() if not k.startswith("eval/") or k == f"eval/{HELDOUT}/loss"}
+    kept = {k: v for k, v in trained.items() if not k.startswith("eval/") or k.endswith("_heldout/loss")}
     if not losses:
         return {**trained, "measured_on": MEASURED_THEN}
     here = {f"eval/{name}/loss": round(float(v), 4) for name, v in losses.items()}
@@ -142,8 +142,8 @@ def describe_quality(quality: dict) -> str:
         f"{k}={v}" for k, v in quality.items() if k.startswith("eval/") and (k.count("/") == 2 or v not in named)
     )
     how = f"{losses} (on {quality.get('measured_on', MEASURED_THEN)}"
-    if f"eval/{HELDOUT}/loss" in quality:
-        how += f"; {HELDOUT}: the held-out part of its own text"
+    for heldout in (k.split("/")[1] for k in quality if k.endswith("_heldout/loss")):
+        how += f"; {heldout}: the held-out part of its own text"
     how += f") after {quality['steps']} steps of its own training"
     if quality.get("trained_steps"):
         how += f" (its best held-out loss; it stopped at step {quality['trained_steps']})"

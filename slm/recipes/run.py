@@ -21,6 +21,7 @@ from slm import parallel, runs
 from slm.data import PackedData, build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
 from slm.parallel import CheckpointRefused
+from slm.recipes.base_model import continue_from_base
 from slm.recipes.references import (
     describe_quality,
     measured_quality,
@@ -119,6 +120,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     log.info("data: %s (blocks of %d tokens)", settings.data.source, settings.data.block_size)
     with acc.main_process_first():  # one process packs and caches; the others then load the cache
         data = build(settings.data)
+    settings, base_quality = continue_from_base(settings, data, acc)  # base=train: model.pretrained = the base
     log.info("model: %s", settings.model.name)
     with parallel.model_init():
         model = build_model(settings.model, len(data.tokenizer), settings.seed, data.tokenizer)
@@ -156,6 +158,8 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
         ratio=schedule.start if schedule.is_constant else schedule.label(),
         scores_dir=ref.scores_dir,
         reference_quality=quality,  # a reference slm trained: its eval losses and steps (None otherwise)
+        base=settings.model.pretrained if settings.base.trained else None,  # base=train: the cached base's folder
+        base_quality=base_quality,  # its eval losses and steps (None: no base stage)
         # the loss the model is watched against (None: not watched)
         reference_eval_loss={outgrown.eval_set: outgrown.reference_loss} if outgrown else None,
         passes=_passes(settings, acc, len(train_ds)),  # how many times the run reads its training text
@@ -293,6 +297,8 @@ def _record_start(
         mode=parallel.requested_mode(),
         launch_dir=os.getcwd(),  # where relative data paths of its config start from
         reference_quality=started["reference_quality"],
+        base=started["base"],
+        base_quality=started["base_quality"],
         reference_eval_loss=started["reference_eval_loss"],
         passes=started["passes"],
     )

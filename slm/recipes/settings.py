@@ -116,6 +116,48 @@ class ReferenceConfig:
         return self.kind in ("train", "demo")
 
 
+BASE_KINDS = ("none", "train")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """``base.*``: a base model pretrained once on general text (``base=train``), cached and shared by every run
+    and sweep job that names it; the training model starts from it (continued pretraining), and so does a
+    reference with ``reference.init=pretrained``. The base has ``model.config``'s architecture and the run's
+    tokenizer; it trains until its loss on held-out text stops improving (``converge``), at most
+    ``trainer.max_steps`` steps."""
+
+    kind: str = "none"  # none | train
+    data: SourceSpec | None = None  # its general text (SourceSpec fields)
+    trainer: TrainConfig = field(default_factory=TrainConfig)
+    converge: ConvergeConfig = field(default_factory=ConvergeConfig)
+    seed: int = 0  # its own seed, shared by every seed of a sweep
+
+    init = "scratch"  # what a cached stage starts from (slm.recipes.cached_training)
+
+    def __post_init__(self):
+        if self.kind not in BASE_KINDS:
+            raise ValueError(f"base.kind must be one of {BASE_KINDS}, got {self.kind!r}")
+        data = self.data
+        if isinstance(data, dict) or hasattr(data, "items"):
+            given = {k: v for k, v in dict(data).items() if v is not None or k == "split"}
+            data = typed(SourceSpec, given, "base.data") if given else None
+        if self.kind == "train" and (data is None or not data.source):
+            raise ValueError(
+                "base=train needs base.data.source=<its general text: a file, glob, folder, hub dataset, or realtext "
+                "with base.data.realtext.prose=docstrings>"
+            )
+        object.__setattr__(self, "data", data)
+        if not isinstance(self.trainer, TrainConfig):
+            object.__setattr__(self, "trainer", typed(TrainConfig, self.trainer, "base.trainer", seed=self.seed))
+        if not isinstance(self.converge, ConvergeConfig):
+            object.__setattr__(self, "converge", ConvergeConfig.of(self.converge))
+
+    @property
+    def trained(self) -> bool:
+        return self.kind == "train"
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
     """What ``slm-score`` runs with (``score.yaml``)."""
@@ -149,6 +191,7 @@ class RunSettings:
     experiment_name: str = "default"
     seed: int = 0
     score_batch_size: int = 32
+    base: BaseConfig = field(default_factory=BaseConfig)  # base=train: the model continues from a cached base
 
     @property
     def cache_root(self) -> Path:
@@ -183,20 +226,31 @@ def resolve_block_size(settings: RunSettings | ScoreSettings):
 
 
 def resolve_tokenizer_text(settings: RunSettings) -> RunSettings:
-    """``data.tokenizer=bpe:<n>`` trains on the training text and the reference's clean text: a trained
-    reference's text from another source joins ``data.tokenizer_text`` (a built-in corpus's clean split is
-    in already)."""
+    """``data.tokenizer=bpe:<n>`` trains on the training text, the reference's clean text and a base model's
+    general text: a trained reference's or base's text from another source joins ``data.tokenizer_text`` (a
+    built-in corpus's own clean split is in already)."""
     data, ref = settings.data, settings.reference
     if bpe_size(data.tokenizer) is not None and settings.model.pretrained:
         raise ValueError(
             f"data.tokenizer={data.tokenizer}: a tokenizer trained on this text is for models built from config; "
             f"model.pretrained={settings.model.pretrained} has its own vocabulary (use its tokenizer)"
         )
-    if bpe_size(data.tokenizer) is None or not ref.trained or ref.data is None:
+    if bpe_size(data.tokenizer) is None:
         return settings
-    if (ref.data.source == data.source and data.source in GENERATED) or ref.data in data.tokenizer_text:
-        return settings
-    return replace(settings, data=replace(data, tokenizer_text=(*data.tokenizer_text, ref.data)))
+    base = getattr(settings, "base", None)
+    texts = [ref.data] if ref.trained and ref.data is not None else []
+    texts += [base.data] if base is not None and base.trained else []
+    more = tuple(spec for spec in texts if not own_split(spec, data) and spec not in data.tokenizer_text)
+    return replace(settings, data=replace(data, tokenizer_text=(*data.tokenizer_text, *more))) if more else settings
+
+
+def own_split(spec: SourceSpec, data: DataConfig) -> bool:
+    """Whether ``spec`` names a split of the run's own generated corpus (same source, and no settings of its own
+    or the run's): the run's packed data holds it already."""
+    if spec.source not in GENERATED or spec.source != data.source:
+        return False
+    given, run = (spec.builtin, data.builtin) if spec.source == "builtin" else (spec.realtext, data.realtext)
+    return not given or given == run
 
 
 def config_hash(obj) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from slm import parallel, runs
 from slm.data import build
-from slm.recipes.reference_training import train_reference
+from slm.recipes.cached_training import train_reference
 from slm.recipes.references import (
     check_reference_tokenizer,
     check_score_vocab,

@@ -268,7 +268,7 @@ def test_a_reference_that_never_beats_step_0_reports_the_weights_it_keeps(tmp_pa
 def test_a_converging_reference_holds_out_whole_documents(tmp_path):
     """Issue 37 item 10: the reference's held-out slice shares no document with the text it trains on (it was
     cut from shuffled blocks, so every held-out document also had blocks in training)."""
-    from slm.recipes.reference_training import hold_out, reference_text
+    from slm.recipes.cached_training import hold_out, stage_text
 
     docs = [f"<{i:03d}> " + " ".join(f"w{i:03d}" for _ in range(3 + i % 17)) for i in range(120)]
     (tmp_path / "clean.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -276,7 +276,7 @@ def test_a_converging_reference_holds_out_whole_documents(tmp_path):
                         "reference.converge.holdout=0.2")  # fmt: skip
     settings = validate(cfg)
     data = build(settings.data)
-    packed, _ = reference_text(settings, data, seed=0)
+    packed, _ = stage_text(settings, data, "reference", seed=0)
     train, held = hold_out(packed, 0.2, data.tokenizer.eos_token_id)
 
     def doc_ids(split) -> set[str]:

@@ -1,8 +1,9 @@
-"""The reference's own training recipe (``reference=train``; the built-in ``demo`` trains on the corpus's clean
-split): trained once on its own text, cached by a hash of everything that decides its weights, and reused by
-every run and sweep job. Caches become visible only when complete (a ``DONE`` marker written last), so an
-interrupted run never leaves a cache that breaks the next one; one job of a sweep trains it while the others
-wait on its lock."""
+"""Models slm trains once on their own text, cached, and shares with every run and sweep job that names them: the
+reference (``reference=train``; the built-in ``demo`` trains on the corpus's clean split) and the base model a
+continued-pretraining run starts from (``base=train``). Each is cached by a hash of everything that decides its
+weights. Caches become visible only when complete (a ``DONE`` marker written last), so an interrupted run never
+leaves a cache that breaks the next one (the next run resumes it from its checkpoint); one job of a sweep trains
+it while the others wait on its lock."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from slm import parallel
-from slm.data import GENERATED, CacheLock, PackedData, build_split, wait_for_holder
+from slm.data import CacheLock, PackedData, build_split, wait_for_holder
 from slm.model import SelectiveLM, build_model
-from slm.recipes.settings import RunSettings, ScoreSettings, config_hash
+from slm.recipes.settings import RunSettings, ScoreSettings, config_hash, own_split
 from slm.reference import load_reference
 from slm.runs import Tracker, checkpoints
 from slm.train import EarlyStop, RunInterrupted, Trainer
@@ -52,23 +53,24 @@ def agreed(value: bool) -> bool:
     return box[0]
 
 
-def reference_text(settings: Settings, data: PackedData, seed: int) -> tuple:
-    """(packed training text of a trained reference, its identity). The built-in corpus's own
-    splits come from the run's packed data (in document order); any other source is packed with the run's
-    tokenizer and block size and cached, in document order where the reference holds part of it out (so the
+def stage_text(settings: Settings, data: PackedData, stage: str, seed: int) -> tuple:
+    """(packed training text of a trained reference or base, its identity). The run's own built-in corpus's
+    splits come from its packed data (in document order); any other source is packed with the run's
+    tokenizer and block size and cached, in document order where the stage holds part of it out (so the
     held-out part is whole documents: training order comes from the batch stream's shuffle either way)."""
-    source, own = settings.reference.data, settings.data.source
-    if source.source in GENERATED and source.source == own:  # a split of the run's own corpus
+    cfg = getattr(settings, stage)
+    source, own = cfg.data, settings.data.source
+    if own_split(source, settings.data):  # a split of the run's own corpus
         split = source.split or "clean"
         if split not in data.splits:
-            raise ValueError(f"reference.data.split={split!r}: the {own} corpus has {sorted(data.splits)}")
+            raise ValueError(f"{stage}.data.split={split!r}: the {own} corpus has {sorted(data.splits)}")
         return data[split], {own: data.identity["data_hash"][split]}
     packed = build_split(
         source,
         data.tokenizer,
         data.identity["block_size"],
         settings.data.cache_dir,
-        shuffle_seed=None if settings.reference.converge.holdout else seed,
+        shuffle_seed=None if cfg.converge.holdout else seed,
     )
     return packed, {
         "source": source.identity(settings.data.cache_dir),
@@ -77,20 +79,27 @@ def reference_text(settings: Settings, data: PackedData, seed: int) -> tuple:
     }
 
 
-def _reference_model(settings: Settings, data: PackedData, seed: int):
-    fresh = settings.reference.init == "scratch"
+def _stage_model(settings: Settings, data: PackedData, init: str, seed: int):
+    fresh = init == "scratch"
     return build_model(settings.model, len(data.tokenizer), seed + 1, data.tokenizer, fresh=fresh)
 
 
 def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, torch.nn.Module]:
     """``reference=train`` (and the built-in ``demo``): a reference trained once on its own text
-    (``reference.data``) from scratch or from ``model.pretrained`` (``reference.init``), cached by
-    a hash of everything that decides its weights and reused by every run and sweep job."""
-    rcfg = settings.reference
-    seed = int(rcfg.seed)  # not the run's seed: every seed of a sweep shares one reference
+    (``reference.data``) from scratch or from the training model's starting weights (``reference.init``:
+    ``model.pretrained``, or the base a ``base=train`` run starts from), cached by a hash of everything that
+    decides its weights and reused by every run and sweep job. Returns (its model folder, the model, frozen)."""
+    return train_stage(settings, data, acc, "reference")
+
+
+def train_stage(settings: Settings, data: PackedData, acc, stage: str) -> tuple[str, torch.nn.Module]:
+    """A model trained once on ``<stage>.data`` (``stage``: reference | base), cached and reused: (its model
+    folder, the model loaded frozen)."""
+    rcfg = getattr(settings, stage)
+    seed = int(rcfg.seed)  # not the run's seed: every seed of a sweep shares one
     tcfg = replace(rcfg.trainer, seed=seed)
-    ref_data, data_identity = reference_text(settings, data, seed)
-    # Everything that changes the reference's weights: the global batch depends on the process count.
+    ref_data, data_identity = stage_text(settings, data, stage, seed)
+    # Everything that changes the model's weights: the global batch depends on the process count.
     identity = {
         "model": asdict(settings.model),
         "init": rcfg.init,
@@ -103,42 +112,48 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
     converge = rcfg.converge
     if converge.holdout:  # held out as whole documents (a reference cut from shuffled blocks is another one)
         identity["converge"] = {**asdict(converge), "held_out": "whole documents"}
-    where = settings.cache_root / "reference" / config_hash(identity)
+    where = settings.cache_root / stage / config_hash(identity)
     what = f"{rcfg.data.source} ({rcfg.data.split or 'all'})"
+    heldout_name = f"{stage}_heldout"
     # one job of a sweep trains it; the others wait on its lock (saying so), then reuse it
-    with job_lock(where, f"the reference {where}", acc) as lock:
+    with job_lock(where, f"the {stage} {where}", acc) as lock:
         if agreed((where / DONE).exists()):
             log.info(
-                "reference: reusing the cached reference %s (trained once on %s, shared by every run and "
-                "sweep job with these settings)",
+                "%s: reusing the cached %s %s (trained once on %s, shared by every run and sweep job with these "
+                "settings)",
+                stage,
+                stage,
                 where,
                 what,
             )
         else:
             resume_from = checkpoints.latest(where / "run", warn=False) if where.exists() else None
             if agreed(resume_from is not None):  # an interrupted first run: carry on from its checkpoint
-                log.warning("reference: resuming the interrupted reference from %s", resume_from)
+                log.warning("%s: resuming the interrupted %s from %s", stage, stage, resume_from)
                 tcfg = replace(tcfg, resume=True)
             elif acc.is_main_process and where.exists():
-                log.warning("reference: %s holds a partial reference (an interrupted run); rebuilding it", where)
+                log.warning("%s: %s holds a partial %s (an interrupted run); rebuilding it", stage, where, stage)
                 shutil.rmtree(where)
             acc.wait_for_everyone()
-            log.info("reference: training the reference on %s (first run only) -> %s", what, where)
+            log.info("%s: training the %s on %s (first run only) -> %s", stage, stage, what, where)
             with parallel.model_init(trained=False):  # trained with DDP under DeepSpeed, see below
-                model = _reference_model(settings, data, seed)
+                model = _stage_model(settings, data, rcfg.init, seed)
             lm = SelectiveLM(model, ratio=1.0)
-            # DeepSpeed takes one model per run (the one trained next): the reference trains with DDP.
+            # DeepSpeed takes one model per run (the one trained next): this one trains with DDP.
             mode = "ddp" if parallel.requested_mode() == "deepspeed" else None
             step = checkpoints.read_state(resume_from)["step"] if resume_from is not None else None
             train_text, eval_sets, early = ref_data, data.eval_sets, None
             if converge.holdout:
-                train_text, heldout = hold_out(ref_data, converge.holdout, data.tokenizer.eos_token_id)
-                eval_sets = {**data.eval_sets, HELDOUT: heldout}
+                train_text, heldout = hold_out(
+                    ref_data, converge.holdout, data.tokenizer.eos_token_id, f"{stage}.converge.holdout"
+                )
+                eval_sets = {**data.eval_sets, heldout_name: heldout}
                 best = lambda: t.engine.save_pretrained(where / "model", data.tokenizer)  # noqa: E731 (the best weights)
-                early = EarlyStop(HELDOUT, converge.patience, converge.min_delta, on_best=best)
+                early = EarlyStop(heldout_name, converge.patience, converge.min_delta, on_best=best)
                 log.info(
-                    "reference: trains until its loss on %d held-out blocks of its text stops improving "
+                    "%s: trains until its loss on %d held-out blocks of its text stops improving "
                     "(patience %d evals of %d steps, at most %d steps)",
+                    stage,
                     len(heldout),
                     early.patience,
                     tcfg.eval_every,
@@ -151,7 +166,7 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
                 eval_sets,
                 tcfg,
                 Tracker(where / "run", enabled=acc.is_main_process, resume_step=step),
-                name="reference",
+                name=stage,
                 watchers=[early] if early else [],
                 mode=mode,
             )
@@ -163,7 +178,7 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
                     e.step,
                     e.checkpoint,
                     hint=(
-                        f"interrupted while training the reference model (step {e.step} of {tcfg.max_steps}, "
+                        f"interrupted while training the {stage} model (step {e.step} of {tcfg.max_steps}, "
                         f"checkpointed in its cache {where}); the next run resumes it by itself: run the same command "
                         "again to continue"
                     ),
@@ -180,10 +195,10 @@ def train_reference(settings: Settings, data: PackedData, acc) -> tuple[str, tor
     return str(where / "model"), load_reference(str(where / "model"), device=acc.device)
 
 
-HELDOUT = "reference_heldout"  # the eval set a converging reference is judged on
+HELDOUT = "reference_heldout"  # the eval set a converging reference is judged on (a base's: base_heldout)
 
 
-def hold_out(packed, share: float, eos_id: int) -> tuple:
+def hold_out(packed, share: float, eos_id: int, setting: str = "reference.converge.holdout") -> tuple:
     """(training blocks, held-out blocks) of a packed split in document order: about the last ``share`` of its
     blocks held out as whole documents, so the held-out loss measures text the reference never trained on. The
     document that straddles the cut is in neither part (the blocks from the cut to the first end of a document
@@ -191,13 +206,13 @@ def hold_out(packed, share: float, eos_id: int) -> tuple:
     n = len(packed)
     k = max(1, round(share * n))
     if n - k < 1:
-        raise ValueError(f"reference.converge.holdout={share}: the reference's text has only {n} block(s)")
+        raise ValueError(f"{setting}={share}: its text has only {n} block(s)")
     cut = n - k
     ends = packed.select(range(cut, n))["input_ids"]
     first_end = next((cut + i for i, row in enumerate(ends) if eos_id in row), None)
     if first_end is None or first_end + 1 >= n:
         raise ValueError(
-            f"reference.converge.holdout={share}: the last {k} block(s) of the reference's text are one document; "
+            f"{setting}={share}: the last {k} block(s) of its text are one document; "
             "hold out a larger share or give it more documents"
         )
     return packed.select(range(cut)), packed.select(range(first_end + 1, n))
