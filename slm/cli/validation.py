@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from slm.data import DataConfig
 from slm.model import ModelConfig
 from slm.recipes import BaseConfig, ReferenceConfig, RunSettings, ScoreSettings, typed
-from slm.selection import ratio_schedule
+from slm.selection import AUTO, ratio_schedule
 from slm.train import DownstreamConfig, SelectorConfig, TrainConfig, check_blocks, harness, selects_by
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,13 @@ def validate(cfg: DictConfig) -> RunSettings:
             f"selector.block_score={selector.block_score} ranks blocks with a reference, and reference=none has "
             "none: use selector.block_score=train_loss (or a reference)"
         )
+    if selector.ratio == AUTO and kind == "none":
+        raise ValueError(
+            "selector.ratio=auto chooses the ratio from the reference's losses against the starting model's: it needs "
+            "a reference (reference=train, demo, stored or live), or give selector.ratio a number"
+        )
+    if selector.ratio == AUTO and reference.evolve_every is not None:
+        raise ValueError("selector.ratio=auto is chosen once against a fixed reference: not with reference.evolve_every")
     model = typed(ModelConfig, plain["model"], "model")
     base = typed(BaseConfig, plain.get("base") or {}, "base")
     if base.trained and model.pretrained:

@@ -27,6 +27,7 @@ from slm.recipes.settings import (
     ScoreSettings,
     config_hash,
     resolve_block_size,
+    resolve_tokenizer_text,
     typed,
 )
 from slm.recipes.store_losses import StoredLosses, store_losses
@@ -50,6 +51,7 @@ __all__ = [
     "reference_quality",
     "reference_source",
     "resolve_block_size",
+    "resolve_tokenizer_text",
     "store_losses",
     "train",
     "train_reference",

@@ -21,6 +21,7 @@ from slm import parallel, runs
 from slm.data import PackedData, build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
 from slm.parallel import CheckpointRefused
+from slm.recipes.auto_ratio import choose_ratio
 from slm.recipes.base_model import continue_from_base
 from slm.recipes.references import (
     describe_quality,
@@ -128,6 +129,8 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     log.info("reference: %s", settings.reference.kind)
     train_ds, ref = reference_source(settings, data, acc, model)
     earlier = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None  # every process reads it
+    settings, ratio_auto = choose_ratio(settings, train_ds, ref, model, acc, earlier)  # selector.ratio=auto
+    sel = settings.selector
     eval_sets = _eval_sets(data, (earlier or {}).get("eval_loss_set"))
     first, trained = next(iter(eval_sets)), reference_quality(ref)
     watched, recorded = _ranks_by_reference(settings, ref), (earlier or {}).get("reference_eval_loss")
@@ -156,6 +159,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
         eval_loss_set=next(iter(eval_sets)),  # the set eval/loss follows, for the whole run
         selector=selector,
         ratio=schedule.start if schedule.is_constant else schedule.label(),
+        ratio_auto=ratio_auto,  # selector.ratio=auto: what it chose and the evidence (None otherwise)
         scores_dir=ref.scores_dir,
         reference_quality=quality,  # a reference slm trained: its eval losses and steps (None otherwise)
         base=settings.model.pretrained if settings.base.trained else None,  # base=train: the cached base's folder
@@ -285,6 +289,7 @@ def _record_start(
         experiment=settings.experiment_name,
         selector=started["selector"],
         ratio=started["ratio"],
+        ratio_auto=started["ratio_auto"],
         scope=sel.scope,
         blocks=sel.blocks,
         train_split=settings.data.train_split,

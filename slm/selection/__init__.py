@@ -10,12 +10,15 @@ Per-token tensors follow Hugging Face's label alignment: entry ``t`` scores the 
   batch of every process; the union or intersection of two scores' top-k sets;
 * :mod:`~slm.selection.running` - a threshold over the run (``scope="dataset"``);
 * :mod:`~slm.selection.blocks` - whole blocks ranked and kept (sequence-level selection);
-* :mod:`~slm.selection.scores` - the score functions; :mod:`~slm.selection.schedule` - the ratio over a run.
+* :mod:`~slm.selection.scores` - the score functions; :mod:`~slm.selection.schedule` - the ratio over a run;
+* :mod:`~slm.selection.auto_ratio` - ``ratio=auto``: the learnable share read off a sample's excess losses.
 """
+
+from slm.selection.auto_ratio import RatioEstimate, estimate_ratio, two_modes
 
 from slm.selection.blocks import BLOCK_SCORES, block_scores, select_blocks
 from slm.selection.running import RunningThreshold
-from slm.selection.schedule import SCHEDULES, RatioSchedule, ratio_schedule
+from slm.selection.schedule import AUTO, SCHEDULES, RatioSchedule, ratio_schedule
 from slm.selection.scores import (
     NEEDS,
     SCORERS,
@@ -43,6 +46,7 @@ from slm.selection.topk import (
 )
 
 __all__ = [
+    "AUTO",
     "BLOCK_SCORES",
     "COMBINATIONS",
     "NEEDS",
@@ -51,11 +55,13 @@ __all__ = [
     "SCORERS",
     "TOPK_SCOPES",
     "NonFiniteScores",
+    "RatioEstimate",
     "RatioSchedule",
     "RunningThreshold",
     "block_scores",
     "check_ratio",
     "count_selected",
+    "estimate_ratio",
     "excess_loss",
     "loss_scores",
     "keep_counts",
@@ -71,4 +77,5 @@ __all__ = [
     "select_tokens",
     "to_device_async",
     "train_loss",
+    "two_modes",
 ]

@@ -45,6 +45,9 @@ class RatioSchedule:
         return f"{self.start}" if self.kind == "constant" else f"{self.kind}-{self.start}-{self.end}"
 
 
+AUTO = "auto"  # selector.ratio=auto: chosen from the data before training (slm.recipes.auto_ratio)
+
+
 def ratio_schedule(value) -> RatioSchedule:
     """A schedule from a number (constant) or a mapping ``{schedule, start, end}``."""
     if isinstance(value, RatioSchedule):

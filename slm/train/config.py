@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from slm.model import SCORES, SELECTORS
 from slm.model.sparse_backward import check_sparse_backward
-from slm.selection import BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
+from slm.selection import AUTO, BLOCK_SCORES, COMBINATIONS, NEEDS, SCOPES, check_ratio, ratio_schedule
 from slm.train.watchers import check_outgrown
 
 # "all": every token (selection off); "oracle": exactly the tokens the corpus does not mark as junk (its clean
@@ -22,6 +22,8 @@ def selects_by(name: str, ratio, blocks: float, reference_kind: str) -> str:
     settings not yet validated (a run name is composed before): an invalid ratio leaves ``name``."""
     if name == "oracle":  # the corpus's own clean tokens, whatever the ratio
         return name
+    if ratio == AUTO:  # chosen below 1 from the data (slm.recipes.auto_ratio)
+        return "train_loss" if name == "excess_loss" and reference_kind == "none" else name
     try:
         schedule = ratio_schedule(ratio)
     except ValueError:
@@ -38,7 +40,7 @@ class SelectorConfig:
     """``selector.*``: which tokens a step trains."""
 
     name: str = "excess_loss"  # a score of slm.selection, a combination of two, or all
-    ratio: object = 0.6  # the share kept, in (0, 1], or a schedule (see slm.selection.ratio_schedule)
+    ratio: object = 0.6  # the share kept, in (0, 1], a schedule (see slm.selection.ratio_schedule), or auto
     scope: str = "batch"  # sequence | batch | global | dataset
     blocks: float = 1.0  # the share of candidate blocks a step keeps (1.0: off)
     block_score: str = "excess_loss"  # what ranks the candidate blocks
@@ -49,7 +51,8 @@ class SelectorConfig:
     def __post_init__(self):
         if self.name not in SELECTOR_NAMES:
             raise ValueError(f"selector.name must be one of {SELECTOR_NAMES}, got {self.name!r}")
-        ratio_schedule(self.ratio)  # names selector.ratio when it is not a ratio or a schedule
+        if self.ratio != AUTO:
+            ratio_schedule(self.ratio)  # names selector.ratio when it is not a ratio, a schedule or auto
         object.__setattr__(self, "scores", tuple(self.scores or ()))
         if self.combines and (len(self.scores) != 2 or not set(self.scores) <= set(SCORES)):
             raise ValueError(f"selector={self.name} combines two scores: selector.scores=[a,b] with a, b in {SCORES}")
@@ -85,6 +88,8 @@ class SelectorConfig:
     @property
     def selects(self) -> bool:
         """Whether tokens are selected at all (not every token at a constant ratio 1.0)."""
+        if self.ratio == AUTO:
+            return self.name != "all"
         schedule = ratio_schedule(self.ratio)
         return self.name == "oracle" or (self.name != "all" and not (schedule.is_constant and schedule.start >= 1.0))
 

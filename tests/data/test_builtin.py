@@ -108,3 +108,26 @@ def test_every_junk_token_is_labelled_with_its_kind(corpus):
     got = [k for row in packed for k, m in zip(row["junk_kind"], row["attention_mask"]) if m]
     assert got == expected
     assert set(got) == set(range(len(JUNK_KINDS) + 1))  # every kind occurs
+
+
+def test_the_realtext_prose_splits_into_help_topics_and_docstrings_and_cuts_into_pieces():
+    """prose=topics and prose=docstrings are the two halves of prose=all (the continued-pretraining demo's domain
+    and its base's general text); piece_chars cuts documents at paragraph breaks without losing a character; the
+    default settings keep the corpus identity (and so every cache) of the corpus before these settings."""
+    from slm.data import prose_documents
+    from slm.data.realtext import RealTextConfig, pieces, realtext_documents
+
+    topics, docstrings, every = (set(prose_documents(200, p)) for p in ("topics", "docstrings", "all"))
+    assert topics and docstrings and not topics & docstrings and topics | docstrings == every
+    assert len(topics) < 100 < len(docstrings)  # 79 help topics; thousands of docstrings
+    doc = max(topics, key=len)
+    cut = pieces(doc, 1500, 200)
+    assert len(cut) > 5 and "\n\n".join(cut) == "\n\n".join(p.strip("\n") for p in doc.split("\n\n") if p.strip())
+    assert all(len(p) >= 200 for p in cut) and all(len(p) >= 1500 for p in cut[:-1])
+    cfg = RealTextConfig(prose="topics", piece_chars=1500, validation_share=0.1)
+    val = realtext_documents(cfg, "validation")
+    assert len(val) > 20 and all(any(d["text"].split("\n\n")[0] in t for t in topics) for d in val)
+    assert "prose" not in RealTextConfig().identity() and "piece_chars" not in RealTextConfig().identity()
+    assert cfg.identity()["prose"] == "topics"
+    with pytest.raises(ValueError, match="data.realtext.prose"):
+        RealTextConfig(prose="wiki")
