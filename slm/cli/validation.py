@@ -105,7 +105,7 @@ def validate(cfg: DictConfig) -> RunSettings:
             "a reference (reference=train, demo, stored or live), or give selector.ratio a number"
         )
     if selector.ratio == AUTO and reference.evolve_every is not None:
-        raise ValueError("selector.ratio=auto is chosen once against a fixed reference: not with reference.evolve_every")
+        raise ValueError("selector.ratio=auto is chosen against a fixed reference: not with reference.evolve_every")
     model = typed(ModelConfig, plain["model"], "model")
     base = typed(BaseConfig, plain.get("base") or {}, "base")
     if base.trained and model.pretrained:

@@ -15,7 +15,6 @@ Per-token tensors follow Hugging Face's label alignment: entry ``t`` scores the 
 """
 
 from slm.selection.auto_ratio import RatioEstimate, estimate_ratio, two_modes
-
 from slm.selection.blocks import BLOCK_SCORES, block_scores, select_blocks
 from slm.selection.running import RunningThreshold
 from slm.selection.schedule import AUTO, SCHEDULES, RatioSchedule, ratio_schedule

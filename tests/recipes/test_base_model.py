@@ -30,7 +30,8 @@ def test_a_run_continues_from_the_base_trained_once_and_a_sweep_reuses_it(tmp_pa
     info = json.loads((tmp_path / "a" / "run_info.json").read_text())
     assert info["base"] == str(base / "model")
     quality = info["base_quality"]
-    assert quality["steps"] >= 2 and "eval/base_heldout/loss" in quality and quality["measured_on"] == "this run's eval sets"
+    assert quality["steps"] >= 2 and "eval/base_heldout/loss" in quality
+    assert quality["measured_on"] == "this run's eval sets"
     # the run's first eval is the base's: the training model starts from its weights, not fresh
     assert _step0(tmp_path / "a", "eval/validation/loss") == pytest.approx(quality["eval/validation/loss"], abs=1e-4)
     # the reference (reference.init=pretrained) is the base fine-tuned: its first eval is the base's too
