@@ -11,7 +11,7 @@ from pathlib import Path
 from slm.analysis.audit_report import audit_table, write_audit
 from slm.analysis.efficiency import curves, load_runs
 from slm.analysis.plots import plot
-from slm.analysis.savings import savings_table, write_table
+from slm.analysis.savings import REFERENCE_COLUMNS, REFERENCE_NOTE, savings_table, write_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,4 +96,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"slm-curves: {note}")
     else:
         print(write_table(rows, out))
+        if any(REFERENCE_COLUMNS[0][0] in row for row in rows):
+            print(f"slm-curves: {REFERENCE_NOTE}")
         print(f"slm-curves: wrote {out / 'tokens_to_baseline.csv'} and {out / 'tokens_to_baseline.md'}")

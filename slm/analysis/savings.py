@@ -67,10 +67,11 @@ def _rising_end(base: Curve) -> str:
     )
 
 
-def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None, float | None, str, bool]:
+def _paired(c: Curve, base: Curve, metric: str, axis: str, extra=None) -> tuple[float | None, float | None, str, bool]:
     """(mean, worst) over seeds of: x a seed's run needs to reach its own baseline seed's final
-    metric, over what that baseline run used (both None when a seed never reaches it); a note on
-    seeds without a partner or not reaching; whether any seed had a partner."""
+    metric (plus ``extra(run)``, a cost paid before it: its reference's), over what that baseline run used
+    (both None when a seed never reaches it, or ``extra`` is None for it); a note on seeds without a partner or
+    not reaching; whether any seed had a partner."""
     base_by_seed = {r.seed: _run_curve(r, metric) for r in base.runs}
     fractions, missing, unreached = [], 0, 0
     for r in c.runs:
@@ -80,10 +81,13 @@ def _paired(c: Curve, base: Curve, metric: str, axis: str) -> tuple[float | None
             missing += 1
             continue
         reach = tokens_to_reach(_run_curve(r, metric), float(b.mean[-1]), axis)
+        paid = extra(r) if extra is not None else 0.0
         if reach is None:
             unreached += 1
+        elif paid is None:
+            return None, None, "", True
         else:
-            fractions.append(reach / crossing)
+            fractions.append((reach + paid) / crossing)
     notes = ([f"{missing} seed(s) without a baseline run of the same seed"] if missing else []) + (
         [f"{unreached} of {len(c.runs)} seed(s) never reached it"] if unreached else []
     )
@@ -104,6 +108,7 @@ def savings_table(
         return [], why
     target = float(base.mean[-1])
     base_tokens = first_crossing(base) or 0.0  # where the baseline first reached its final loss
+    charged = any(r.info.get("reference_cost") for c in cs for r in c.runs)
     ratio = lambda a, b: None if a is None or not b else round(a / b, 3)
     rows = []
     for c in cs:
@@ -113,6 +118,14 @@ def savings_table(
         time_mean, time_worst, _, _ = _paired(c, base, metric, "train_time_s")
         flops_mean, _, _, _ = _paired(c, base, metric, "flops")
         rnd = lambda v: None if v is None else round(v, 3)
+        with_ref = {}
+        if charged:  # the reference's training (and its store's scoring) added to what each run paid
+            for col, axis, keys in REFERENCE_COLUMNS:
+                cost = lambda r, keys=keys: _reference_cost(r, keys)  # noqa: E731
+                mean, worst, _, _ = _paired(c, base, metric, axis, extra=cost)
+                with_ref[col] = rnd(mean)
+                if axis == "tokens_seen":
+                    with_ref["worst_seed_fraction_with_reference"] = rnd(worst)
         points = min(len(r.evals(metric)) for r in [*c.runs, *base.runs])
         if points < MIN_EVAL_POINTS:  # a fraction interpolated between two or three points is rough
             note = "; ".join(
@@ -133,12 +146,36 @@ def savings_table(
                 "fraction_of_baseline_time": rnd(time_mean),
                 "worst_seed_time_fraction": rnd(time_worst),
                 "fraction_of_baseline_flops": rnd(flops_mean),
+                **with_ref,
                 "fold_saving": None if not seen or not base_tokens else round(base_tokens / seen, 2),
                 "notes": note,
             }
         )
     _against_oracle(cs, rows)
     return rows, None
+
+
+# (column, axis, the reference's costs added on that axis): tokens count the reference's training tokens (its
+# scoring is a forward, counted in time and FLOPs); a run that does not select with a reference adds nothing
+REFERENCE_COLUMNS = (
+    ("fraction_of_baseline_tokens_with_reference", "tokens_seen", ("train_tokens",)),
+    ("fraction_of_baseline_time_with_reference", "train_time_s", ("train_time_s", "score_time_s")),
+    ("fraction_of_baseline_flops_with_reference", "flops", ("train_flops", "score_flops")),
+)
+REFERENCE_NOTE = (
+    "*_with_reference: each run also charged its reference's whole training and its store's scoring (made once and "
+    "shared by every run of a sweep that selects with them: a sweep of k such arms pays it once, not k times); "
+    "tokens count the reference's training tokens, time and FLOPs also the scoring"
+)
+
+
+def _reference_cost(run: RunRecord, keys: tuple) -> float | None:
+    """The reference's cost on one axis for a run (0 for a run that selects without one; None where a run
+    selects with a reference whose cost was not recorded)."""
+    cost = run.info.get("reference_cost")
+    if cost is None:
+        return None if run.info.get("reference_eval_loss") else 0.0  # watched: it ranks by a reference
+    return float(sum(cost[k] for k in keys))
 
 
 def _against_oracle(cs: list[Curve], rows: list[dict]) -> None:

@@ -46,9 +46,14 @@ class FlopModel:
         ran a live reference on ``reference_tokens`` tokens (default: the ``tokens`` trained on)."""
         flops = (6 * self.body + self.attention) * tokens + 2 * self.head * scored + 6 * self.head * trained
         flops -= 4 * self.sparse * (tokens - min(trained, tokens))
-        flops += (2 * self.body + self.attention // 3 + 2 * self.head) * forward_only
+        flops += self.forward(forward_only)
         flops += 2 * self.reference * (tokens if reference_tokens is None else reference_tokens)
         return float(flops)
+
+    def forward(self, tokens: int) -> float:
+        """FLOPs of a no-grad forward over ``tokens`` tokens, the output layer included (a third of training's
+        decoder terms plus the loss pass): what scoring a store costs."""
+        return float((2 * self.body + self.attention // 3 + 2 * self.head) * tokens)
 
 
 def flop_model(model: nn.Module, seq: int, reference: nn.Module | None = None, sparse: int = 0) -> FlopModel:

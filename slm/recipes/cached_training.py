@@ -183,6 +183,8 @@ def train_stage(settings: Settings, data: PackedData, acc, stage: str) -> tuple[
                         "again to continue"
                     ),
                 ) from e
+            # what it cost (slm-curves charges it to the runs that select with it): time and FLOPs of its steps
+            res = {**res, "train_time_s": round(t.train_time, 3), "flops": t.flops, "processes": acc.num_processes}
             if early is None or early.best_step == 0:  # else model/ holds the best eval's weights already
                 t.engine.save_pretrained(where / "model", data.tokenizer)
             if acc.is_main_process:

@@ -129,6 +129,33 @@ def measured_quality(trained: dict, losses: dict | None, first: str | None) -> d
     return {**here, **kept, "measured_on": MEASURED_HERE}
 
 
+SHARED = "the reference's training and scoring, made once and shared by every run that selects with them"
+
+
+def reference_cost(ref: RefSource) -> dict | None:
+    """What the reference a run's store was scored with cost to make (None: not a store slm scored with a
+    reference it trained, or a record from before costs were kept): its training (tokens, seconds of its steps,
+    FLOPs) and the store's scoring (tokens, seconds, FLOPs). ``slm-curves`` adds it to a run's cost to reach the
+    baseline; it is one cost for every run of a sweep that uses the same reference and store."""
+    meta = ref.store.meta if ref.store is not None else {}
+    name = (meta.get("reference") or {}).get("name")
+    folder = Path(name).parent if name else None
+    if folder is None or not (folder / DONE).exists() or not (folder / "result.json").exists():
+        return None
+    trained = json.loads((folder / "result.json").read_text())
+    if "train_time_s" not in trained or "flops" not in meta:
+        return None
+    return {
+        "train_tokens": trained["tokens_seen"],
+        "train_time_s": trained["train_time_s"],
+        "train_flops": trained["flops"],
+        "score_tokens": meta["rows"] * meta["block_size"],
+        "score_time_s": meta["seconds"],
+        "score_flops": meta["flops"],
+        "shared": SHARED,
+    }
+
+
 def reference_quality(ref: RefSource) -> dict | None:
     """:func:`trained_quality` of the reference a run's store was scored with (None: not one slm trained); a run
     reports it as :func:`measured_quality` with the reference's losses on its own eval sets."""

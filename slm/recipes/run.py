@@ -26,6 +26,7 @@ from slm.recipes.base_model import continue_from_base
 from slm.recipes.references import (
     describe_quality,
     measured_quality,
+    reference_cost,
     reference_quality,
     reference_source,
     run_reference_eval,
@@ -129,10 +130,11 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     log.info("reference: %s", settings.reference.kind)
     train_ds, ref = reference_source(settings, data, acc, model)
     earlier = runs.read_json(run_dir / runs.RUN_INFO) if tcfg.resume else None  # every process reads it
-    settings, ratio_auto = choose_ratio(settings, train_ds, ref, model, acc, earlier)  # selector.ratio=auto
-    sel = settings.selector
     eval_sets = _eval_sets(data, (earlier or {}).get("eval_loss_set"))
     first, trained = next(iter(eval_sets)), reference_quality(ref)
+    # selector.ratio=auto: chosen now from the training text and the clean eval set eval/loss follows
+    settings, ratio_auto = choose_ratio(settings, train_ds, (first, eval_sets[first]), ref, model, acc, earlier)
+    sel = settings.selector
     watched, recorded = _ranks_by_reference(settings, ref), (earlier or {}).get("reference_eval_loss")
     # the reference's losses on the run's eval sets, once, for its quality and for the outgrown watch (a resume
     # watches against the level it recorded at its start, whether or not the reference is still at hand)
@@ -162,6 +164,8 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
         ratio_auto=ratio_auto,  # selector.ratio=auto: what it chose and the evidence (None otherwise)
         scores_dir=ref.scores_dir,
         reference_quality=quality,  # a reference slm trained: its eval losses and steps (None otherwise)
+        # what making the reference and its store cost, where the selection uses them (slm-curves charges it)
+        reference_cost=reference_cost(ref) if watched else None,
         base=settings.model.pretrained if settings.base.trained else None,  # base=train: the cached base's folder
         base_quality=base_quality,  # its eval losses and steps (None: no base stage)
         # the loss the model is watched against (None: not watched)
@@ -302,6 +306,7 @@ def _record_start(
         mode=parallel.requested_mode(),
         launch_dir=os.getcwd(),  # where relative data paths of its config start from
         reference_quality=started["reference_quality"],
+        reference_cost=started["reference_cost"],
         base=started["base"],
         base_quality=started["base_quality"],
         reference_eval_loss=started["reference_eval_loss"],

@@ -141,7 +141,7 @@ class BaseConfig:
         data = self.data
         if isinstance(data, dict) or hasattr(data, "items"):
             given = {k: v for k, v in dict(data).items() if v is not None or k == "split"}
-            data = typed(SourceSpec, given, "base.data") if given else None
+            data = typed(SourceSpec, given, "base.data") if given.get("source") else None
         if self.kind == "train" and (data is None or not data.source):
             raise ValueError(
                 "base=train needs base.data.source=<its general text: a file, glob, folder, hub dataset, or realtext "

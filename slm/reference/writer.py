@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from slm.data import content_hash
-from slm.model import shifted_valid, token_losses
+from slm.model import flop_model, shifted_valid, token_losses
 from slm.parallel import model_init
 from slm.reference import store as stores
 from slm.reference.store import StoredColumns, StoreError
@@ -235,8 +235,9 @@ def write_store(
             **meta,
             "shards": {col: [e[col] for e in entries] for col in columns},
             "processes": world,
-            "seconds": round(seconds, 2),
+            "seconds": round(seconds, 2),  # of this scoring (a resumed one: its last part)
             "tokens_per_s": round(scored_now / seconds) if scored_now and seconds else None,
+            "flops": flop_model(reference, block).forward(len(ds) * block),  # of the whole store's scoring
         }
         stores.write_meta(out_dir, meta)  # last: the store is complete
         shutil.rmtree(parts)

@@ -11,10 +11,10 @@ Per-token tensors follow Hugging Face's label alignment: entry ``t`` scores the 
 * :mod:`~slm.selection.running` - a threshold over the run (``scope="dataset"``);
 * :mod:`~slm.selection.blocks` - whole blocks ranked and kept (sequence-level selection);
 * :mod:`~slm.selection.scores` - the score functions; :mod:`~slm.selection.schedule` - the ratio over a run;
-* :mod:`~slm.selection.auto_ratio` - ``ratio=auto``: the learnable share read off a sample's excess losses.
+* :mod:`~slm.selection.auto_ratio` - ``ratio=auto``: the share of training text whose excess losses look clean.
 """
 
-from slm.selection.auto_ratio import RatioEstimate, estimate_ratio, two_modes
+from slm.selection.auto_ratio import RatioEstimate, estimate_ratio
 from slm.selection.blocks import BLOCK_SCORES, block_scores, select_blocks
 from slm.selection.running import RunningThreshold
 from slm.selection.schedule import AUTO, SCHEDULES, RatioSchedule, ratio_schedule
@@ -76,5 +76,4 @@ __all__ = [
     "select_tokens",
     "to_device_async",
     "train_loss",
-    "two_modes",
 ]

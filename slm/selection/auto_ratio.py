@@ -1,103 +1,93 @@
-"""``selector.ratio=auto``: the share of tokens worth training, read off the data before training.
+"""``selector.ratio=auto``: the share of the training text worth training, read off the data before training.
 
-The excess loss of a token (the starting model's loss minus the reference's) is about zero where neither model can
-predict it (noise: the *irreducible* mode) and positive where the reference, trained on clean text, has learnt
-what the model has not (the *learnable* mode). On a noisy corpus the excess losses of a sample are two modes; a
-two-component Gaussian mixture fitted to them (EM, float64) gives the learnable mode's weight: the ratio. It is
-rounded to ``step`` and kept within ``[low, high]``; where the modes do not separate (Ashman's D below ``min_d``:
-the sample is one mode, nothing to tell apart), the estimate says so and the caller falls back to its default.
+A token's excess loss (the starting model's loss minus the reference's) is high where the reference, trained on
+clean text, has learnt what the model has not, and about zero or below where neither can predict it (noise: the
+irreducible part). Clean held-out text shows what learnable tokens look like: its excess losses. The training
+text is a mixture, ``kappa`` of it distributed as that clean text and the rest lower; ``kappa`` is estimated as
+mixture proportions are (Blanchard, Lee and Scott 2010; Scott 2015): the least, over thresholds ``t`` in the clean
+sample's upper half, of the share of training tokens above ``t`` over the share of clean tokens above ``t``. Where
+the rest has no mass above a threshold, that quotient is ``kappa`` exactly; where it has some, the quotient is
+above it, hence the least. The ratio is ``kappa`` rounded to ``step`` within ``[low, high]``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SEPARATED = 2.0  # Ashman's D above which two Gaussian modes are told apart cleanly
-
-
-@dataclass(frozen=True)
-class Mode:
-    mean: float
-    std: float
-    weight: float
+QUANTILES = (0.5, 0.6, 0.7, 0.8, 0.9)  # thresholds: these quantiles of the clean sample's excess losses
+MIN_TAIL = 100  # clean tokens a threshold must leave above it (fewer: too noisy a quotient)
 
 
 @dataclass(frozen=True)
 class RatioEstimate:
-    """What ``ratio=auto`` chose and why: the two modes of the sample's excess loss, their separation, and the
-    ratio (None where the modes do not separate)."""
+    """What ``ratio=auto`` chose and why."""
 
-    ratio: float | None
-    learnable: Mode
-    irreducible: Mode
-    separation: float  # Ashman's D = |m1 - m2| * sqrt(2 / (s1^2 + s2^2))
-    tokens: int
+    ratio: float
+    kappa: float  # the estimated share of training tokens distributed as clean text's excess losses
+    quotients: dict  # clean-sample quantile -> (share of training tokens above it) / (share of clean tokens above it)
+    threshold: float  # the excess loss (nats) where the least quotient was found
+    train_tokens: int
+    clean_tokens: int
+    train_median: float
+    clean_median: float
 
     def evidence(self) -> dict:
         return {
             "ratio": self.ratio,
-            "tokens": self.tokens,
-            "separation": round(self.separation, 3),
-            "learnable": {k: round(v, 4) for k, v in asdict(self.learnable).items()},
-            "irreducible": {k: round(v, 4) for k, v in asdict(self.irreducible).items()},
+            "kappa": round(self.kappa, 4),
+            "quotients": {str(q): round(v, 4) for q, v in self.quotients.items()},
+            "threshold": round(self.threshold, 4),
+            "train_tokens": self.train_tokens,
+            "clean_tokens": self.clean_tokens,
+            "train_median_excess": round(self.train_median, 4),
+            "clean_median_excess": round(self.clean_median, 4),
         }
 
     def describe(self) -> str:
-        lo, hi = self.irreducible, self.learnable
-        modes = (
-            f"excess loss over {self.tokens:,} tokens: learnable mode {hi.mean:.2f} +- {hi.std:.2f} nats "
-            f"({hi.weight:.1%} of tokens), irreducible mode {lo.mean:.2f} +- {lo.std:.2f} ({lo.weight:.1%}); "
-            f"separation (Ashman's D) {self.separation:.2f}"
+        quotients = ", ".join(f"q{q}: {v:.3f}" for q, v in self.quotients.items())
+        return (
+            f"median excess loss {self.train_median:.2f} nats on {self.train_tokens:,} training tokens, "
+            f"{self.clean_median:.2f} on {self.clean_tokens:,} clean held-out tokens; training tokens above each "
+            f"quantile of the clean ones, over the clean share above it: {quotients}; the least, {self.kappa:.3f} "
+            f"(above {self.threshold:.2f} nats), is the share distributed as clean text: ratio {self.ratio}"
         )
-        if self.ratio is None:
-            return f"{modes}: the modes do not separate"
-        return f"{modes}: ratio {self.ratio}"
-
-
-def two_modes(x: Tensor, iters: int = 300, tol: float = 1e-9) -> tuple[Mode, Mode]:
-    """A two-component 1-D Gaussian mixture fitted to ``x`` by EM (float64; started at the quartiles), as
-    (lower-mean mode, higher-mean mode)."""
-    x = x.detach().reshape(-1).double()
-    if x.numel() < 2:
-        raise ValueError(f"two modes need at least 2 values, got {x.numel()}")
-    mean = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype))
-    spread = x.std().clamp_min(1e-6)
-    std = torch.stack([spread, spread]) / 2
-    weight = torch.tensor([0.5, 0.5], dtype=x.dtype)
-    floor = spread * 1e-3  # a mode never collapses onto a single repeated value
-    last = -math.inf
-    for _ in range(iters):
-        log_p = -0.5 * ((x[:, None] - mean) / std) ** 2 - std.log() + weight.log()
-        total = torch.logsumexp(log_p, dim=1, keepdim=True)
-        resp = (log_p - total).exp()
-        n = resp.sum(0).clamp_min(1e-12)
-        weight = n / x.numel()
-        mean = (resp * x[:, None]).sum(0) / n
-        std = ((resp * (x[:, None] - mean) ** 2).sum(0) / n).sqrt().clamp_min(floor)
-        ll = total.mean().item()
-        if abs(ll - last) < tol:
-            break
-        last = ll
-    lo, hi = sorted(range(2), key=lambda i: mean[i].item())
-    return tuple(Mode(mean[i].item(), std[i].item(), weight[i].item()) for i in (lo, hi))
 
 
 def estimate_ratio(
-    excess: Tensor, low: float = 0.1, high: float = 0.9, step: float = 0.05, min_d: float = SEPARATED
+    train: Tensor, clean: Tensor, low: float = 0.1, high: float = 0.9, step: float = 0.05
 ) -> RatioEstimate:
-    """The learnable mode's share of ``excess`` (per-token excess losses of valid tokens), rounded to ``step``
-    within ``[low, high]``; ``ratio`` is None where the modes' separation is below ``min_d``."""
+    """The ratio from per-token excess losses of valid tokens: ``train`` (a sample of the training text) and
+    ``clean`` (clean held-out text), both against the same starting model and reference."""
     if not 0 < low <= high <= 1:
         raise ValueError(f"need 0 < low <= high <= 1, got low={low}, high={high}")
-    x = excess.detach().reshape(-1)
-    x = x[torch.isfinite(x)]
-    irreducible, learnable = two_modes(x)
-    d = abs(learnable.mean - irreducible.mean) * math.sqrt(2 / (learnable.std**2 + irreducible.std**2))
-    ratio = None
-    if d >= min_d:
-        ratio = round(min(max(round(learnable.weight / step) * step, low), high), 4)
-    return RatioEstimate(ratio, learnable, irreducible, d, int(x.numel()))
+    train, clean = (x.detach().reshape(-1).double() for x in (train, clean))
+    train, clean = train[torch.isfinite(train)], clean[torch.isfinite(clean)]
+    if train.numel() < MIN_TAIL or clean.numel() < 2 * MIN_TAIL:
+        raise ValueError(
+            f"selector.ratio=auto needs at least {MIN_TAIL} training and {2 * MIN_TAIL} clean held-out tokens with a "
+            f"loss, got {train.numel()} and {clean.numel()}"
+        )
+    quotients, at = {}, {}
+    for q in QUANTILES:
+        t = torch.quantile(clean, q).item()
+        above = int((clean > t).sum())
+        if above < MIN_TAIL:
+            continue
+        quotients[q] = float((train > t).double().mean()) / (above / clean.numel())
+        at[q] = t
+    best = min(quotients, key=quotients.get)
+    kappa = quotients[best]
+    ratio = round(min(max(round(kappa / step) * step, low), high), 4)
+    return RatioEstimate(
+        ratio,
+        kappa,
+        quotients,
+        at[best],
+        int(train.numel()),
+        int(clean.numel()),
+        float(train.median()),
+        float(clean.median()),
+    )

@@ -100,7 +100,7 @@ def test_an_interrupted_seed_is_labelled_partial_not_silently_averaged(sweep, tm
     assert "| excess_loss 0.5 (partial) |" in printed
 
 
-def _fake_run(root, name, ratio, seed, losses, max_steps=4, selector=None, width=32, scope=None):
+def _fake_run(root, name, ratio, seed, losses, max_steps=4, selector=None, width=32, scope=None, info=None):
     """A run folder as slm-train writes it, with a chosen eval curve (tokens 100 per step)."""
     from omegaconf import OmegaConf
 
@@ -111,7 +111,7 @@ def _fake_run(root, name, ratio, seed, losses, max_steps=4, selector=None, width
                                      "trainer": {"max_steps": max_steps}, "model": {"width": width}}),
                    run / "config.yaml")  # fmt: skip
     sel = selector or ("all" if ratio == 1.0 else "excess_loss")
-    (run / "run_info.json").write_text(json.dumps({"selector": sel, "ratio": ratio, "seed": seed}))
+    (run / "run_info.json").write_text(json.dumps({"selector": sel, "ratio": ratio, "seed": seed, **(info or {})}))
     (run / "result.json").write_text(json.dumps({"status": "finished"}))
     events = [{"step": s, "tokens_seen": 100 * s, "tokens_selected": int(100 * s * ratio), "train_time_s": 2.0 * s,
                "flops": 1e9 * s * (1 + ratio), "eval/loss": v} for s, v in enumerate(losses)]  # fmt: skip
@@ -313,3 +313,29 @@ def test_figures_read_at_any_length(tmp_path):
     (c,) = curves(load_runs([str(run)]), "eval/clean/loss")
     ax = draw([c], [], "eval/clean/loss").axes[0]
     assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"] == [1.7]
+
+
+def test_the_references_cost_is_charged_to_the_runs_that_select_with_it(tmp_path, capsys):
+    """Issue 39 item 5: beside each fraction of the baseline's cost, the same with the reference's training and
+    its store's scoring added to what the run paid (a run without a reference pays nothing more)."""
+    from slm.analysis import curves, savings_table
+
+    root = tmp_path / "runs"
+    cost = {"train_tokens": 100, "train_time_s": 1.0, "train_flops": 1e9, "score_tokens": 400, "score_time_s": 1.0,
+            "score_flops": 0.5e9, "shared": "..."}  # fmt: skip
+    _fake_run(root, "base", 1.0, 0, [5, 4, 3, 2, 1.0])
+    _fake_run(root, "slm", 0.5, 0, [5, 3, 2, 1.0, 0.8], info={"reference_cost": cost, "reference_eval_loss": {}})
+    _fake_run(root, "random", 0.5, 0, [5, 3.5, 2.5, 1.5, 1.0], selector="random")  # reaches at step 4
+    rows, note = savings_table(curves(load_runs([str(root)])))
+    by = {r["run"].split(" ")[0]: r for r in rows}
+    slm = by["excess_loss"]  # reaches the baseline's 1.0 at step 3: 300 of its 400 tokens, 6 of 8 s
+    assert slm["fraction_of_baseline_tokens"] == 0.75
+    assert slm["fraction_of_baseline_tokens_with_reference"] == pytest.approx((300 + 100) / 400)
+    assert slm["fraction_of_baseline_time_with_reference"] == pytest.approx((6 + 1 + 1) / 8)
+    assert slm["fraction_of_baseline_flops_with_reference"] == pytest.approx((4.5e9 + 1.5e9) / 8e9)
+    assert by["baseline"]["fraction_of_baseline_tokens_with_reference"] == 1.0
+    assert by["random"]["fraction_of_baseline_tokens_with_reference"] == by["random"]["fraction_of_baseline_tokens"]
+    main([str(root), "--out", str(tmp_path / "out")])
+    assert "shared by every run of a sweep" in capsys.readouterr().out
+    rows, _ = savings_table(curves(load_runs([str(root / "base"), str(root / "random")])))
+    assert all("fraction_of_baseline_tokens_with_reference" not in r for r in rows)  # no cost recorded: no column

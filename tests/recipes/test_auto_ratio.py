@@ -7,6 +7,7 @@ import pytest
 import torch
 from support.compose import compose_train
 from support.resume import interrupted_in_step
+from transformers import AutoModelForCausalLM
 
 from slm.cli import train_composed
 from slm.cli.validation import validate
@@ -26,22 +27,27 @@ def test_the_ratio_is_chosen_from_the_data_recorded_and_kept_by_a_resume(tmp_pat
     train_composed(cfg, tmp_path / "run")
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     auto = info["ratio_auto"]
-    assert info["ratio"] == auto["chosen"] and 0 < auto["chosen"] < 1 and auto["rows"] > 0
-    # the same estimate, computed here from the store and a fresh model built as the run builds it
+    assert info["ratio"] == auto["ratio"] and 0 < auto["ratio"] < 1 and auto["rows"] > 0
+    # the same estimate, computed here from the store, the reference and a fresh model built as the run builds it
     settings = validate(cfg)
     data = build(settings.data)
     model = build_model(settings.model, len(data.tokenizer), settings.seed, data.tokenizer).eval()
-    rows = list(range(auto["rows"]))
-    batch = {k: torch.as_tensor(v) for k, v in data["train"].select(rows)[:].items()}
-    mine = token_losses(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
     store = load_stored(info["scores_dir"], {})
-    theirs = store.rows(rows, "ref_loss")
-    est = estimate_ratio((mine - theirs)[shifted_valid(batch["labels"])])
-    assert auto["chosen"] == (est.ratio if est.ratio is not None else auto_ratio.FALLBACK)
-    assert auto["separation"] == pytest.approx(est.separation, abs=1e-3)
+    reference = AutoModelForCausalLM.from_pretrained(store.meta["reference"]["name"]).eval()
+
+    def excess(ds, stored):
+        rows = list(range(min(auto["rows"], len(ds))))
+        batch = {k: torch.as_tensor(v) for k, v in ds.select(rows)[:].items()}
+        ids, labels, am = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        theirs = store.rows(rows, "ref_loss") if stored else token_losses(reference, ids, labels, am)
+        return (token_losses(model, ids, labels, am) - theirs)[shifted_valid(labels)]
+
+    est = estimate_ratio(excess(data["train"], True), excess(data.eval_sets[auto["clean_set"]], False))
+    assert auto["ratio"] == est.ratio and auto["kappa"] == pytest.approx(est.kappa, abs=1e-4)
+    assert auto["clean_set"] == info["eval_loss_set"] == "validation"
     # the run selected at that ratio
     selected = [e["train/selected_frac"] for e in read_metrics(tmp_path / "run") if "train/selected_frac" in e]
-    assert selected and all(f == pytest.approx(auto["chosen"], abs=0.02) for f in selected)
+    assert selected and all(f == pytest.approx(auto["ratio"], abs=0.02) for f in selected)
 
     # interrupted, then resumed: the choice is read back, not made again
     interrupted_in_step(monkeypatch, 3, lambda: train_composed(compose_train(cache, *AUTO), tmp_path / "cut"))

@@ -1,44 +1,49 @@
-"""selector.ratio=auto's estimate (issue 39 item 4): the learnable mode's share of a sample's excess losses."""
+"""selector.ratio=auto's estimate (issue 39 item 4): the share of the training text whose excess losses are
+distributed as clean held-out text's, estimated as a mixture proportion."""
 
 import pytest
 import torch
 
-from slm.selection import estimate_ratio, two_modes
+from slm.selection import estimate_ratio
+from slm.selection.auto_ratio import QUANTILES
 
 
-def _mixture(share: float, n: int = 20000, seed: int = 0, gap: float = 3.0):
-    g = torch.Generator().manual_seed(seed)
+def _normal(n, mean, std, seed):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed)) * std + mean
+
+
+def _train(share: float, n: int = 40000, seed: int = 0):
+    """A training text: ``share`` of its tokens distributed as the clean text (N(3, 1)), the rest irreducible
+    noise around zero (N(0, 0.7))."""
     k = int(share * n)
-    learnable = torch.randn(k, generator=g) * 0.8 + gap
-    irreducible = torch.randn(n - k, generator=g) * 0.5
-    return torch.cat([irreducible, learnable])[torch.randperm(n, generator=g)]
+    return torch.cat([_normal(k, 3.0, 1.0, seed), _normal(n - k, 0.0, 0.7, seed + 1)])
 
 
-@pytest.mark.parametrize("share", [0.3, 0.45, 0.6, 0.75])
-def test_the_learnable_share_of_two_separate_modes_is_the_ratio(share):
-    est = estimate_ratio(_mixture(share))
+@pytest.mark.parametrize("share", [0.3, 0.45, 0.6, 0.8])
+def test_the_share_distributed_as_clean_text_is_the_ratio(share):
+    clean = _normal(20000, 3.0, 1.0, 7)
+    est = estimate_ratio(_train(share), clean)
+    assert est.kappa == pytest.approx(share, abs=0.02)
     assert est.ratio == pytest.approx(round(share / 0.05) * 0.05)
-    assert est.learnable.mean == pytest.approx(3.0, abs=0.05) and est.irreducible.mean == pytest.approx(0.0, abs=0.05)
-    assert est.learnable.weight == pytest.approx(share, abs=0.01) and est.separation > 4
+    # by hand: the least quotient over the thresholds at the clean sample's quantiles
+    by_hand = min(
+        float((_train(share) > torch.quantile(clean.double(), q)).double().mean()) / (1 - q) for q in QUANTILES
+    )
+    assert est.kappa == pytest.approx(by_hand, rel=1e-3)
     ev = est.evidence()
-    assert ev["ratio"] == est.ratio and ev["tokens"] == 20000 and set(ev["learnable"]) == {"mean", "std", "weight"}
+    assert ev["ratio"] == est.ratio and ev["train_tokens"] == 40000 and len(ev["quotients"]) == len(QUANTILES)
 
 
-def test_one_mode_gives_no_ratio_and_bounds_hold():
-    g = torch.Generator().manual_seed(1)
-    one = torch.randn(5000, generator=g)
-    est = estimate_ratio(one)
-    assert est.ratio is None and est.separation < 2 and "do not separate" in est.describe()
-    assert estimate_ratio(_mixture(0.97)).ratio == 0.9  # kept within [low, high]
-    assert estimate_ratio(_mixture(0.02, n=50000)).ratio == 0.1
+def test_noise_reaching_into_the_clean_tail_only_raises_the_quotients_and_bounds_hold():
+    clean = _normal(20000, 3.0, 1.0, 7)
+    wide = torch.cat([_normal(12000, 3.0, 1.0, 0), _normal(28000, 1.0, 1.5, 1)])  # 30% clean-like, a wide rest
+    est = estimate_ratio(wide, clean)
+    assert all(v >= est.kappa for v in est.quotients.values()) and 0.3 <= est.kappa < 0.45
+    assert estimate_ratio(clean, clean).ratio == 0.9  # kept within [low, high]
+    assert estimate_ratio(_train(0.02), clean).ratio == 0.1
+    with_nan = torch.cat([_train(0.5), torch.tensor([float("nan"), float("inf")])])
+    assert estimate_ratio(with_nan, clean).ratio == estimate_ratio(_train(0.5), clean).ratio
     with pytest.raises(ValueError, match="low"):
-        estimate_ratio(one, low=0.0)
-
-
-def test_two_modes_agrees_with_the_mixtures_moments_and_ignores_non_finite_values():
-    x = _mixture(0.4, gap=5.0)
-    lo, hi = two_modes(x)
-    assert (lo.std, hi.std) == (pytest.approx(0.5, abs=0.02), pytest.approx(0.8, abs=0.02))
-    assert lo.weight + hi.weight == pytest.approx(1.0)
-    with_nan = torch.cat([x, torch.tensor([float("nan"), float("inf")])])
-    assert estimate_ratio(with_nan).ratio == estimate_ratio(x).ratio
+        estimate_ratio(_train(0.5), clean, low=0.0)
+    with pytest.raises(ValueError, match="clean held-out tokens"):
+        estimate_ratio(_train(0.5), clean[:50])
