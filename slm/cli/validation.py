@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -154,6 +155,14 @@ def score_settings(cfg: DictConfig) -> ScoreSettings:
         raise ValueError(f"slm-score needs reference=demo, train or live, got reference.kind={reference.kind!r}")
     if plain.get("store_dtype", "float32") not in ("float32", "bfloat16"):
         raise ValueError(f"store_dtype must be float32 or bfloat16, got {plain['store_dtype']!r}")
+    if reference.budget is not None and reference.trained:  # a share of a run's tokens: slm-score has no run
+        log.warning(
+            "reference.budget=%s is a share of a training run's tokens, and slm-score has no run: the reference "
+            "trains at most reference.trainer.max_steps=%d steps (slm-train with the same budget caps it otherwise)",
+            reference.budget,
+            reference.trainer.max_steps,
+        )
+        reference = replace(reference, budget=None)
     return ScoreSettings(
         model=typed(ModelConfig, plain["model"], "model"),
         data=_data(plain),

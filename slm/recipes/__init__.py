@@ -27,6 +27,7 @@ from slm.recipes.settings import (
     ScoreSettings,
     config_hash,
     resolve_block_size,
+    resolve_reference_budget,
     resolve_tokenizer_text,
     typed,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "reference_quality",
     "reference_source",
     "resolve_block_size",
+    "resolve_reference_budget",
     "resolve_tokenizer_text",
     "store_losses",
     "train",

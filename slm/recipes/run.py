@@ -31,7 +31,7 @@ from slm.recipes.references import (
     reference_source,
     run_reference_eval,
 )
-from slm.recipes.settings import RunSettings, resolve_block_size, resolve_tokenizer_text
+from slm.recipes.settings import RunSettings, resolve_block_size, resolve_reference_budget, resolve_tokenizer_text
 from slm.reference import RefSource
 from slm.runs import Tracker, checkpoints
 from slm.selection import ratio_schedule
@@ -113,7 +113,7 @@ def build_run(settings: RunSettings, run_dir, config: dict | None = None, change
     watchers, records, trainer. ``config``: the plain config to save as config.yaml and hand to W&B (default:
     the settings themselves); ``changed``: on a resume, the settings this launch changed (recorded)."""
     run_dir = Path(run_dir)
-    settings = resolve_tokenizer_text(resolve_block_size(settings))
+    settings = resolve_reference_budget(resolve_tokenizer_text(resolve_block_size(settings)))
     tcfg, sel = settings.trainer, settings.selector
     acc = _accelerator(settings)
     runs.claim(run_dir, tcfg.resume, tcfg.overwrite, acc.is_main_process)

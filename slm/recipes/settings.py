@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -69,6 +70,7 @@ class ReferenceConfig:
     trainer: TrainConfig = field(default_factory=TrainConfig)  # train/demo: how it trains (max_steps: the cap)
     converge: ConvergeConfig = field(default_factory=ConvergeConfig)  # train/demo: its early stop
     seed: int = 0  # train/demo: its own seed, shared by every seed of a sweep
+    budget: float | None = None  # train/demo: its cap as a share of the run's training tokens (None: trainer.max_steps)
     evolve_every: int | None = None  # refresh from the training model every N steps (scored live)
     evolve_ema: float = 0.0
 
@@ -94,6 +96,12 @@ class ReferenceConfig:
             )
         if self.init not in ("scratch", "pretrained"):
             raise ValueError(f"reference.init must be scratch or pretrained, got {self.init!r}")
+        if self.budget is not None:
+            if not float(self.budget) > 0:
+                raise ValueError(
+                    f"reference.budget is a share of the run's training tokens (> 0), or null, got {self.budget}"
+                )
+            object.__setattr__(self, "budget", float(self.budget))
         if self.evolve_every is not None:
             if kind not in ("train", "demo", "live"):
                 raise ValueError(
@@ -251,6 +259,26 @@ def own_split(spec: SourceSpec, data: DataConfig) -> bool:
         return False
     given, run = (spec.builtin, data.builtin) if spec.source == "builtin" else (spec.realtext, data.realtext)
     return not given or given == run
+
+
+def resolve_reference_budget(settings: RunSettings) -> RunSettings:
+    """``reference.budget``: a trained reference's cap (``reference.trainer.max_steps``) set to that share of the
+    run's training tokens, so that its cost follows the run it serves (a sweep's arms share one budget and one
+    reference); its held-out early stop (``reference.converge``) still applies within it."""
+    ref, run = settings.reference, settings.trainer
+    if ref.budget is None or not ref.trained:
+        return settings
+    per_step = ref.trainer.batch_size * ref.trainer.grad_accum  # blocks; the block size and process count cancel
+    steps = max(1, math.ceil(ref.budget * run.max_steps * run.batch_size * run.grad_accum / per_step))
+    log.info(
+        "reference.budget=%s: the reference trains at most %d steps (%s of the run's %d steps x %d blocks)",
+        ref.budget,
+        steps,
+        ref.budget,
+        run.max_steps,
+        run.batch_size * run.grad_accum,
+    )
+    return replace(settings, reference=replace(ref, trainer=replace(ref.trainer, max_steps=steps)))
 
 
 def config_hash(obj) -> str:

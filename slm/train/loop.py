@@ -132,7 +132,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
     def _warn_few_eval_points(self) -> None:
         points = 1 + -(-self.cfg.max_steps // self.cfg.eval_every)  # step 0, every eval_every, the last step
-        if points < MIN_EVAL_POINTS and self.name != "reference":
+        if points < MIN_EVAL_POINTS and self.name not in ("reference", "base"):  # a cached stage: not a curve
             every = max(1, self.cfg.max_steps // (MIN_EVAL_POINTS - 1))
             log.warning(
                 "trainer.max_steps=%d with trainer.eval_every=%d gives %d eval points: too few for a data-efficiency "

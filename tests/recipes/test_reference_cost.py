@@ -36,3 +36,22 @@ def test_a_run_records_what_its_reference_cost_and_the_table_charges_it(tmp_path
     assert base["fraction_of_baseline_flops_with_reference"] == 1.0
     if slm["fraction_of_baseline_flops"] is not None:  # a 6-step run may not reach its baseline
         assert slm["fraction_of_baseline_flops_with_reference"] > slm["fraction_of_baseline_flops"]
+
+
+def test_a_reference_budget_follows_the_run_it_serves(tmp_path):
+    """reference.budget: the reference's cap is that share of the run's training tokens: arms of one sweep share
+    one reference; a longer run gets a longer one."""
+    cache = tmp_path / "c"
+    budget = ("reference.budget=0.5", "reference.trainer.max_steps=1000", "trainer.eval_every=3")
+    for i, ratio in enumerate(("0.3", "0.5")):  # two arms of one sweep: 6 steps x 4 blocks -> 3 steps x 4 blocks
+        train_composed(compose_train(cache, *budget, f"selector.ratio={ratio}"), tmp_path / f"arm{i}")
+    (ref,) = (cache / "reference").iterdir()
+    result = json.loads((ref / "result.json").read_text())
+    assert result["step"] == 3 and result["tokens_seen"] == 3 * 4 * 32
+    train_composed(compose_train(cache, *budget, "trainer.max_steps=12"), tmp_path / "longer")
+    steps = sorted(json.loads((r / "result.json").read_text())["step"] for r in (cache / "reference").iterdir())
+    assert steps == [3, 6]
+    with pytest.raises(ValueError, match="reference.budget"):
+        from slm.cli.validation import validate
+
+        validate(compose_train(cache, "reference.budget=0"))
