@@ -108,7 +108,10 @@ class RunRecord:
             return "baseline (all tokens)"
         if self.info.get("selector") == "oracle":
             return "oracle (all but the junk)"
-        return f"{self.info.get('selector', '?')} {self.info.get('ratio', '?')}"
+        ratio = self.info.get("ratio", "?")
+        if self.info.get("ratio_auto"):  # selector.ratio=auto: what it chose
+            ratio = f"auto ({ratio})"
+        return f"{self.info.get('selector', '?')} {ratio}"
 
     @property
     def is_baseline(self) -> bool:

@@ -7,6 +7,7 @@ run.py                 build_run(settings, run_dir) -> Run; train(settings, run_
                        and its final model
 cached_training.py     models trained once on their own text, cached, shared by every run: the reference, the base
 base_model.py          base=train: continued pretraining from a base pretrained once on general text
+ratio_choice.py        selector.ratio=auto: the ratio chosen from the data before training, recorded and resumed
 references.py          a run's reference values: none | live | stored | trained; stores, eval losses, quality
 store_losses.py        store_losses(settings): a reference's per-token losses stored once (what slm-score runs)
 
@@ -14,7 +15,8 @@ store_losses.py        store_losses(settings): a reference's per-token losses st
     result = train(RunSettings(...), "outputs/my-run")
 """
 
-from slm.recipes.cached_training import HELDOUT, hold_out, train_reference
+from slm.recipes.base_model import continue_from_base
+from slm.recipes.cached_training import HELDOUT, hold_out, train_reference, train_stage
 from slm.recipes.references import describe_quality, reference_quality, reference_source, trained_quality
 from slm.recipes.run import Run, build_run, train
 from slm.recipes.settings import (

@@ -21,8 +21,8 @@ from slm import parallel, runs
 from slm.data import PackedData, build, check_block_size
 from slm.model import SELECTORS, SelectiveLM, build_model
 from slm.parallel import CheckpointRefused
-from slm.recipes.auto_ratio import choose_ratio
 from slm.recipes.base_model import continue_from_base
+from slm.recipes.ratio_choice import choose_ratio
 from slm.recipes.references import (
     describe_quality,
     measured_quality,

@@ -45,7 +45,7 @@ class RatioSchedule:
         return f"{self.start}" if self.kind == "constant" else f"{self.kind}-{self.start}-{self.end}"
 
 
-AUTO = "auto"  # selector.ratio=auto: chosen from the data before training (slm.recipes.auto_ratio)
+AUTO = "auto"  # selector.ratio=auto: chosen from the data before training (slm.recipes.ratio_choice)
 
 
 def ratio_schedule(value) -> RatioSchedule:

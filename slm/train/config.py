@@ -22,7 +22,7 @@ def selects_by(name: str, ratio, blocks: float, reference_kind: str) -> str:
     settings not yet validated (a run name is composed before): an invalid ratio leaves ``name``."""
     if name == "oracle":  # the corpus's own clean tokens, whatever the ratio
         return name
-    if ratio == AUTO:  # chosen below 1 from the data (slm.recipes.auto_ratio)
+    if ratio == AUTO:  # chosen below 1 from the data (slm.recipes.ratio_choice)
         return "train_loss" if name == "excess_loss" and reference_kind == "none" else name
     try:
         schedule = ratio_schedule(ratio)

@@ -13,7 +13,7 @@ from slm.cli import train_composed
 from slm.cli.validation import validate
 from slm.data import build
 from slm.model import build_model, shifted_valid, token_losses
-from slm.recipes import auto_ratio
+from slm.recipes import ratio_choice
 from slm.reference import load_stored
 from slm.runs import read_metrics
 from slm.selection import estimate_ratio
@@ -51,7 +51,7 @@ def test_the_ratio_is_chosen_from_the_data_recorded_and_kept_by_a_resume(tmp_pat
 
     # interrupted, then resumed: the choice is read back, not made again
     interrupted_in_step(monkeypatch, 3, lambda: train_composed(compose_train(cache, *AUTO), tmp_path / "cut"))
-    monkeypatch.setattr(auto_ratio, "_measure", lambda *a, **k: pytest.fail("chose the ratio again on a resume"))
+    monkeypatch.setattr(ratio_choice, "_measure", lambda *a, **k: pytest.fail("chose the ratio again on a resume"))
     train_composed(compose_train(cache, *AUTO, "trainer.resume=true"), tmp_path / "cut")
     resumed = json.loads((tmp_path / "cut" / "run_info.json").read_text())
     assert resumed["ratio_auto"] == auto and resumed["status"] == "finished"
