@@ -108,9 +108,7 @@ class RunRecord:
             return "baseline (all tokens)"
         if self.info.get("selector") == "oracle":
             return "oracle (all but the junk)"
-        ratio = self.info.get("ratio", "?")
-        if self.info.get("ratio_auto"):  # selector.ratio=auto: what it chose
-            ratio = f"auto ({ratio})"
+        ratio = "auto" if self.info.get("ratio_auto") else self.info.get("ratio", "?")  # auto: chosen per run
         return f"{self.info.get('selector', '?')} {ratio}"
 
     @property
@@ -309,7 +307,8 @@ def _groups(runs: list[RunRecord]) -> dict[str, list[RunRecord]]:
             for k in differing
             if k in m[0].settings and repr(m[0].settings.get(k)) != usual[k]  # a setting that acts in this group
         )
-        name = m[0].group + (f" [{extra}]" if extra else "")
+        chosen = sorted({r.info["ratio"] for r in m if r.info.get("ratio_auto")})  # what auto chose, per seed
+        name = m[0].group + (f" ({', '.join(map(str, chosen))})" if chosen else "") + (f" [{extra}]" if extra else "")
         while name in out:  # settings that print alike
             name += "'"
         out[name] = m

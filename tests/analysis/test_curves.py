@@ -328,8 +328,11 @@ def test_the_references_cost_is_charged_to_the_runs_that_select_with_it(tmp_path
     _fake_run(root, "random", 0.5, 0, [5, 3.5, 2.5, 1.5, 1.0], selector="random")  # reaches at step 4
     rows, note = savings_table(curves(load_runs([str(root)])))
     by = {r["run"].split(" ")[0]: r for r in rows}
-    _fake_run(root / "more", "auto", 0.4, 0, [5, 3, 2, 1.0, 0.8], info={"ratio_auto": {"ratio": 0.4}})
-    assert curves(load_runs([str(root / "more")]))[0].group == "excess_loss auto (0.4)"
+    for seed, chosen in ((0, 0.4), (1, 0.45)):  # selector.ratio=auto chose per seed: one group, both named
+        info = {"ratio": chosen, "ratio_auto": {"ratio": chosen}}  # the config says auto for both (0.5 here)
+        _fake_run(root / "more", f"auto{seed}", 0.5, seed, [5, 3, 2, 1.0, 0.8], info=info, selector="excess_loss")
+    (auto,) = curves(load_runs([str(root / "more")]))
+    assert auto.group == "excess_loss auto (0.4, 0.45)" and len(auto.runs) == 2
     slm = by["excess_loss"]  # reaches the baseline's 1.0 at step 3: 300 of its 400 tokens, 6 of 8 s
     assert slm["fraction_of_baseline_tokens"] == 0.75
     assert slm["fraction_of_baseline_tokens_with_reference"] == pytest.approx((300 + 100) / 400)
