@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from slm.model import shifted_valid, token_losses
-from slm.recipes.references import _local_reference
+from slm.recipes.references import local_reference
 from slm.recipes.settings import RunSettings
 from slm.reference import RefSource
 from slm.selection import AUTO, estimate_ratio
@@ -55,7 +55,7 @@ def _measure(settings: RunSettings, train_ds, clean: tuple, ref: RefSource, mode
     name, clean_ds = clean
     reference = ref.model if ref.kind == "live" else None
     if reference is None and ref.store is not None:
-        reference = _local_reference(ref.store.meta.get("reference") or {}, device)
+        reference = local_reference(ref.store.meta.get("reference") or {}, device)
     if reference is None:
         raise ValueError(
             "selector.ratio=auto scores clean held-out text with the reference, and the reference this store was "

@@ -190,7 +190,7 @@ def reference_eval(settings: Settings, data: PackedData, acc, identity: dict, mo
         if path.exists():
             losses = json.loads(path.read_text())["losses"]
         else:
-            model = model if model is not None else _local_reference(identity, acc.device)
+            model = model if model is not None else local_reference(identity, acc.device)
             if model is not None:
                 losses = eval_losses(model, data.eval_sets, settings.score_batch_size, acc.device)
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def reference_eval(settings: Settings, data: PackedData, acc, identity: dict, mo
     return box[0]
 
 
-def _local_reference(identity: dict, device):
+def local_reference(identity: dict, device):
     """The reference a store was scored with, when its folder is on this machine with the same weights."""
     name = identity.get("name")
     if not name or not Path(name).is_dir():
