@@ -12,6 +12,7 @@ from dataclasses import replace
 import torch
 from accelerate.utils import broadcast_object_list
 
+from slm.data import GENERATED
 from slm.model import shifted_valid, token_losses
 from slm.recipes.references import local_reference
 from slm.recipes.settings import RunSettings
@@ -53,6 +54,14 @@ def _measure(settings: RunSettings, train_ds, clean: tuple, ref: RefSource, mode
             "it at creation (zero3_init_flag: true): give selector.ratio a number, or build it unpartitioned"
         )
     name, clean_ds = clean
+    if name == "validation" and settings.data.source not in GENERATED:
+        log.warning(
+            "selector.ratio=auto compares the training text with the validation split, which for data.source=%s is "
+            "carved from (or ships with) the training source and is not known to be clean: if it holds the same "
+            "noise, auto counts that noise as learnable and keeps too much. Give clean held-out text as "
+            "data.eval.<name> (it comes first)",
+            settings.data.source,
+        )
     reference = ref.model if ref.kind == "live" else None
     if reference is None and ref.store is not None:
         reference = local_reference(ref.store.meta.get("reference") or {}, device)

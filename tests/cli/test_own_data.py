@@ -276,3 +276,20 @@ def test_a_shared_references_quality_is_measured_on_each_runs_own_eval_sets(corp
             assert quality[f"eval/{name}/loss"] == pytest.approx(plain_eval_loss(model, sets[name]), abs=1e-4), run
     qa, qb = (json.loads((tmp_path / r / "run_info.json").read_text())["reference_quality"] for r in "ab")
     assert qa["eval/validation/loss"] != qb["eval/validation/loss"]  # other validation text, other loss
+
+
+def test_auto_compares_with_the_clean_eval_set_and_warns_when_it_has_only_a_carved_one(corpus, tmp_path, caplog):
+    """selector.ratio=auto on your own files: it reads the clean eval set eval/loss follows (data.eval.clean, first);
+    with only the validation split carved from the noisy training files it says that this split is not known to
+    be clean (its noise would count as learnable)."""
+    ref = ("reference=train", f"reference.data.source={corpus / 'clean.jsonl'}", "reference.trainer.max_steps=4",
+           "reference.trainer.batch_size=4", "reference.trainer.progress=false", "selector.ratio=auto")  # fmt: skip
+    with caplog.at_level("WARNING"):
+        train_composed(compose_train(tmp_path / "c", *_own(corpus, *ref)), tmp_path / "clean")
+    assert json.loads((tmp_path / "clean" / "run_info.json").read_text())["ratio_auto"]["clean_set"] == "clean"
+    assert "not known to be clean" not in caplog.text
+    carved = [o for o in _own(corpus, *ref) if not o.startswith("+data.eval")]
+    with caplog.at_level("WARNING"):
+        train_composed(compose_train(tmp_path / "c", *carved), tmp_path / "carved")
+    assert json.loads((tmp_path / "carved" / "run_info.json").read_text())["ratio_auto"]["clean_set"] == "validation"
+    assert "not known to be clean" in caplog.text and "data.eval.<name>" in caplog.text
