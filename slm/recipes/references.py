@@ -96,14 +96,22 @@ def reference_source(settings: RunSettings, data: PackedData, acc, model) -> tup
     return data["train"], RefSource("stored", scores_dir=str(store), entropy=entropy, store=columns)
 
 
+def trained_result(name: str | None) -> dict | None:
+    """The ``result.json`` a model slm trained and cached left beside its model folder ``name`` (None for any
+    other model, or a cache not complete)."""
+    folder = Path(name).parent if name else None
+    if folder is None or not (folder / DONE).exists() or not (folder / "result.json").exists():
+        return None
+    return json.loads((folder / "result.json").read_text())
+
+
 def trained_quality(name: str | None) -> dict | None:
     """How well a reference slm trained itself (``name``: its model folder in the cache) did when it was
     trained: its eval losses on the eval sets of the run that trained it and its step count (the cache's
     ``result.json``), or None for any other reference."""
-    folder = Path(name).parent if name else None
-    if folder is None or not (folder / DONE).exists() or not (folder / "result.json").exists():
+    result = trained_result(name)
+    if result is None:
         return None
-    result = json.loads((folder / "result.json").read_text())
     losses = {k: round(float(v), 4) for k, v in result.items() if k.startswith("eval/") and k.endswith("loss")}
     quality = {**losses, "steps": result.get("best_step") or result.get("step")}
     if result.get("best_step"):  # trained until its held-out loss stopped improving: the best eval's weights
@@ -138,12 +146,8 @@ def reference_cost(ref: RefSource) -> dict | None:
     FLOPs) and the store's scoring (tokens, seconds, FLOPs). ``slm-curves`` adds it to a run's cost to reach the
     baseline; it is one cost for every run of a sweep that uses the same reference and store."""
     meta = ref.store.meta if ref.store is not None else {}
-    name = (meta.get("reference") or {}).get("name")
-    folder = Path(name).parent if name else None
-    if folder is None or not (folder / DONE).exists() or not (folder / "result.json").exists():
-        return None
-    trained = json.loads((folder / "result.json").read_text())
-    if "train_time_s" not in trained or "flops" not in meta:
+    trained = trained_result((meta.get("reference") or {}).get("name"))
+    if trained is None or "train_time_s" not in trained or "flops" not in meta:
         return None
     return {
         "train_tokens": trained["tokens_seen"],

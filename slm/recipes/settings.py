@@ -112,16 +112,22 @@ class ReferenceConfig:
         if isinstance(data, dict):  # unset fields (null) keep SourceSpec's defaults
             given = {k: v for k, v in data.items() if v is not None or k == "split"}
             data = typed(SourceSpec, given, "reference.data") if data else None
-        object.__setattr__(self, "data", data)
-        if not isinstance(self.trainer, TrainConfig):
-            object.__setattr__(self, "trainer", typed(TrainConfig, self.trainer, "reference.trainer", seed=self.seed))
-        if not isinstance(self.converge, ConvergeConfig):
-            object.__setattr__(self, "converge", ConvergeConfig.of(self.converge))
+        typed_stage(self, "reference", data)
 
     @property
     def trained(self) -> bool:
         """A reference trained once by slm itself (reference=train, or the built-in demo)."""
         return self.kind in ("train", "demo")
+
+
+def typed_stage(cfg, group: str, data: SourceSpec | None) -> None:
+    """Set the typed fields of a model slm trains once and caches (``reference.*``, ``base.*``), from the mappings
+    Hydra gives: its text ``data``, its ``trainer`` (with its own seed) and its early stop ``converge``."""
+    object.__setattr__(cfg, "data", data)
+    if not isinstance(cfg.trainer, TrainConfig):
+        object.__setattr__(cfg, "trainer", typed(TrainConfig, cfg.trainer, f"{group}.trainer", seed=cfg.seed))
+    if not isinstance(cfg.converge, ConvergeConfig):
+        object.__setattr__(cfg, "converge", ConvergeConfig.of(cfg.converge))
 
 
 BASE_KINDS = ("none", "train")
@@ -155,11 +161,7 @@ class BaseConfig:
                 "base=train needs base.data.source=<its general text: a file, glob, folder, hub dataset, or realtext "
                 "with base.data.realtext.prose=docstrings>"
             )
-        object.__setattr__(self, "data", data)
-        if not isinstance(self.trainer, TrainConfig):
-            object.__setattr__(self, "trainer", typed(TrainConfig, self.trainer, "base.trainer", seed=self.seed))
-        if not isinstance(self.converge, ConvergeConfig):
-            object.__setattr__(self, "converge", ConvergeConfig.of(self.converge))
+        typed_stage(self, "base", data)
 
     @property
     def trained(self) -> bool:
